@@ -1,0 +1,45 @@
+# Corral: the Makefile is the contract. `make help` lists the targets.
+
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS     := -s -w -X main.version=$(VERSION)
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+GO          ?= go
+PKGS        := ./...
+
+.PHONY: help build run dev test fmt-check vet staticcheck deps-check gotest bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+build: ## build ./server (version stamped)
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o server ./cmd/server
+
+run: build ## build and run the server with the embedded defaults
+	./server
+
+dev: build ## development mode, same as ./run.sh
+	./run.sh
+
+test: fmt-check vet staticcheck deps-check gotest ## every check CI runs
+
+fmt-check: ## fail when gofmt would change a file
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+vet: ## go vet
+	$(GO) vet $(PKGS)
+
+staticcheck: ## staticcheck, pinned
+	$(GO) run $(STATICCHECK) $(PKGS)
+
+deps-check: ## enforce the import rules of DESIGN.md
+	@./.ci/deps-check
+
+gotest: ## go test -race
+	$(GO) test -race -count=1 -timeout 8m $(PKGS)
+
+bench: build ## benchmarks; figures go to docs/benchmarks.md
+	./bench/run.sh
+
+clean: ## remove build output
+	rm -f server

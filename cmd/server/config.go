@@ -1,0 +1,791 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/netip"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/spf13/pflag"
+)
+
+// config is the whole configuration of one server process. The master and
+// every worker parse the same arguments and environment, so both see the same
+// values. loadConfig is the only place that fills it; docs/configuration.md
+// describes every field and config_test.go keeps that page equal to usage.
+type config struct {
+	Host               string        // --host / HOST, default 0.0.0.0
+	Port               int           // --port / PORT, default 8000; 0 picks a free port
+	Workers            int           // --workers / WORKERS, then WEB_CONCURRENCY, default 4, 1..512
+	WorkersSet         bool          // Workers came from a flag or the environment, not the default
+	Reload             bool          // --reload / RELOAD, default false
+	GracefulTimeout    time.Duration // --timeout-graceful-shutdown, default 75s; 0 = cut in-flight requests at once
+	KeepAliveTimeout   time.Duration // --timeout-keep-alive, default 5s; 0 = no keep-alive
+	HealthcheckTimeout time.Duration // --timeout-worker-healthcheck, default 10s, at least 100ms
+
+	LimitConcurrency       int // --limit-concurrency, per worker, 0 = no limit; over it 503
+	LimitMaxRequests       int // --limit-max-requests, 0 = never recycle a worker
+	LimitMaxRequestsJitter int // --limit-max-requests-jitter, ignored while LimitMaxRequests is 0
+	Backlog                int // --backlog, default 2048, 1..65535
+
+	SocketMode string        // --socket-mode: "reuseport" (default) or "shared", lower case
+	LogLevel   zerolog.Level // --log-level, default info
+	LogFormat  string        // --log-format: "auto" (default, main resolves it), "console" or "json"
+	AccessLog  bool          // --access-log / --no-access-log, default true
+
+	DatabaseURL      string        // --database-url, default sqlite:data/server.db
+	LimitRequestBody int           // --limit-request-body in bytes, default 1 MiB, 1 KiB..1 GiB
+	LLMProvider      string        // --llm-provider: "simulated" or "openai", lower case
+	LLMBaseURL       string        // --llm-base-url, an absolute http(s) URL or ""
+	LLMAPIKey        string        `json:"-"` // LLM_API_KEY only; never printed, see String
+	LLMModel         string        // --llm-model, "" = the provider's default
+	LLMTimeout       time.Duration // --llm-timeout, default 120s, at least 1s
+	LLMIdleTimeout   time.Duration // --llm-idle-timeout, default 60s, at least 1s
+	SimulatedLatency time.Duration // --simulated-latency, default 3s, 0 allowed
+	APITokens        []string      `json:"-"` // API_TOKEN only; nil = none set; never printed
+	CORSOrigins      []string      // --cors-origins, normalised origins or ["*"]; nil = none
+
+	// ShowVersion is set by --version. loadConfig then returns at once with
+	// every other field at its default and nothing else read or validated,
+	// so that --version works whatever the environment holds.
+	ShowVersion bool
+}
+
+// Defaults and bounds. Each is stated once here and shown by usage.
+const (
+	defaultHost               = "0.0.0.0"
+	defaultPort               = 8000
+	defaultWorkers            = 4
+	maxWorkers                = 512
+	defaultGracefulTimeout    = 75 * time.Second
+	defaultKeepAliveTimeout   = 5 * time.Second
+	defaultHealthcheckTimeout = 10 * time.Second
+	minHealthcheckTimeout     = 100 * time.Millisecond
+	defaultBacklog            = 2048
+	defaultDatabaseURL        = "sqlite:data/server.db"
+	defaultLimitRequestBody   = 1 << 20
+	minLimitRequestBody       = 1 << 10
+	// fasthttp holds a whole request body in memory, so a larger limit is a
+	// denial of service waiting for a client rather than a setting.
+	maxLimitRequestBody     = 1 << 30
+	defaultLLMTimeout       = 120 * time.Second
+	defaultLLMIdleTimeout   = 60 * time.Second
+	minLLMTimeout           = time.Second
+	defaultSimulatedLatency = 3 * time.Second
+
+	providerSimulated = "simulated"
+	providerOpenAI    = "openai"
+	socketReuseport   = "reuseport"
+	socketShared      = "shared"
+)
+
+// errHelp is returned by loadConfig for -h and --help; the caller prints
+// usage to stdout and exits 0.
+var errHelp = pflag.ErrHelp
+
+func defaultConfig() config {
+	return config{
+		Host:               defaultHost,
+		Port:               defaultPort,
+		Workers:            defaultWorkers,
+		GracefulTimeout:    defaultGracefulTimeout,
+		KeepAliveTimeout:   defaultKeepAliveTimeout,
+		HealthcheckTimeout: defaultHealthcheckTimeout,
+		Backlog:            defaultBacklog,
+		SocketMode:         socketReuseport,
+		LogLevel:           zerolog.InfoLevel,
+		LogFormat:          "auto",
+		AccessLog:          true,
+		DatabaseURL:        defaultDatabaseURL,
+		LimitRequestBody:   defaultLimitRequestBody,
+		LLMTimeout:         defaultLLMTimeout,
+		LLMIdleTimeout:     defaultLLMIdleTimeout,
+		SimulatedLatency:   defaultSimulatedLatency,
+		// LLMProvider is decided after the base URL is known.
+	}
+}
+
+// addr returns the address to listen on, host:port, with brackets around
+// an IPv6 host.
+func (c config) addr() string {
+	return net.JoinHostPort(c.Host, strconv.Itoa(c.Port))
+}
+
+// String formats c for logs and debugging with LLMAPIKey and APITokens
+// hidden, so that printing a config with %v or %+v never shows a secret.
+func (c config) String() string {
+	type plain config // no methods, so Sprintf below does not recurse
+	p := plain(c)
+	if p.LLMAPIKey != "" {
+		p.LLMAPIKey = "(hidden)"
+	}
+	if len(p.APITokens) > 0 {
+		p.APITokens = []string{fmt.Sprintf("(%d hidden)", len(c.APITokens))}
+	}
+	return fmt.Sprintf("%+v", p)
+}
+
+// GoString hides the same secrets as String for %#v.
+func (c config) GoString() string { return c.String() }
+
+// setting is one value as the user supplied it.
+type setting struct {
+	raw    string // exactly as given; messages quote it
+	from   string // "--port" or "PORT": the only culprit an error names
+	negate bool   // it came from a --no-* form of a switch
+}
+
+// text is the value with surrounding white space removed: " 4" from a
+// hand-edited env file means 4.
+func (s setting) text() string { return strings.TrimSpace(s.raw) }
+
+func (s setting) invalid(want string) error {
+	return fmt.Errorf("invalid %s %q: want %s", s.from, s.raw, want)
+}
+
+// invalidSecret is invalid for a value that must never be echoed.
+func (s setting) invalidSecret(want string) error {
+	return fmt.Errorf("invalid %s (value not shown): want %s", s.from, want)
+}
+
+// invalidURL is invalid for a URL that may carry a password.
+func (s setting) invalidURL(want string) error {
+	return fmt.Errorf("invalid %s %q: want %s", s.from, redact(s.raw), want)
+}
+
+// whole parses a whole number in [lo, hi]. Only digits are accepted, so
+// "+4", "4x", "0x10" and "" are all errors.
+func (s setting) whole(lo, hi int, want string) (int, error) {
+	t := s.text()
+	if t == "" || strings.TrimLeft(t, "0123456789") != "" {
+		return 0, s.invalid(want)
+	}
+	n, err := strconv.ParseUint(t, 10, 63)
+	if err != nil || n < uint64(lo) || n > uint64(hi) {
+		return 0, s.invalid(want)
+	}
+	return int(n), nil
+}
+
+func (s setting) boolean() (bool, error) {
+	var b bool
+	switch strings.ToLower(s.text()) {
+	case "true", "1", "yes", "on":
+		b = true
+	case "false", "0", "no", "off":
+	default:
+		return false, s.invalid("true or false (or 1/0, yes/no, on/off)")
+	}
+	return b != s.negate, nil
+}
+
+// duration parses a Go duration ("1m30s") or a number of seconds ("75",
+// "0.5", as uvicorn takes them) that is at least lo.
+func (s setting) duration(lo time.Duration, atLeast string) (time.Duration, error) {
+	d, ok := parseDuration(s.text())
+	if !ok || d < lo {
+		return 0, s.invalid("a duration like 1m30s, 250ms or 75 (seconds), " + atLeast)
+	}
+	return d, nil
+}
+
+func parseDuration(t string) (time.Duration, bool) {
+	if isDecimal(t) {
+		f, err := strconv.ParseFloat(t, 64)
+		ns := math.Round(f * float64(time.Second))
+		if err != nil || ns >= math.MaxInt64 {
+			return 0, false
+		}
+		return time.Duration(ns), true
+	}
+	d, err := time.ParseDuration(t)
+	if err != nil || d < 0 {
+		return 0, false
+	}
+	return d, true
+}
+
+// isDecimal reports whether t is digits with at most one decimal point,
+// which keeps ParseFloat's "1e3", "inf" and "0x1p4" out.
+func isDecimal(t string) bool {
+	digits, dots := 0, 0
+	for _, r := range t {
+		switch {
+		case r >= '0' && r <= '9':
+			digits++
+		case r == '.':
+			dots++
+		default:
+			return false
+		}
+	}
+	return digits > 0 && dots <= 1
+}
+
+var sizeUnits = map[string]float64{
+	"": 1, "b": 1,
+	"kb": 1e3, "kib": 1 << 10,
+	"mb": 1e6, "mib": 1 << 20,
+	"gb": 1e9, "gib": 1 << 30,
+}
+
+// parseSize parses a byte count, a number with an optional unit (KB is
+// 1000 bytes, KiB 1024), any case, spaces allowed before the unit.
+func parseSize(t string) (int, bool) {
+	i := strings.IndexFunc(t, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+	if i < 0 {
+		i = len(t)
+	}
+	mult, ok := sizeUnits[strings.ToLower(strings.TrimSpace(t[i:]))]
+	if !ok || !isDecimal(t[:i]) {
+		return 0, false
+	}
+	f, err := strconv.ParseFloat(t[:i], 64)
+	n := math.Floor(f * mult)
+	if err != nil || n > math.MaxInt32 {
+		return 0, false
+	}
+	return int(n), true
+}
+
+// parseHost accepts an IP address (an IPv6 one with or without brackets)
+// or a DNS host name, and returns it without brackets.
+func parseHost(t string) (string, bool) {
+	if strings.HasPrefix(t, "[") && strings.HasSuffix(t, "]") {
+		a, err := netip.ParseAddr(t[1 : len(t)-1])
+		return a.String(), err == nil && a.Is6()
+	}
+	if _, err := netip.ParseAddr(t); err == nil {
+		return t, true
+	}
+	if t == "" || len(t) > 253 {
+		return "", false
+	}
+	labels := strings.Split(strings.TrimSuffix(t, "."), ".")
+	for _, l := range labels {
+		if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+			return "", false
+		}
+		for _, r := range l {
+			// Underscores are not DNS but container and compose service
+			// names use them and resolvers accept them.
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+				return "", false
+			}
+		}
+	}
+	// An all-digit last label is a mistyped IPv4 address such as
+	// 10.0.0.300, never a host name (RFC 3696 section 2).
+	if strings.TrimLeft(labels[len(labels)-1], "0123456789") == "" {
+		return "", false
+	}
+	return t, true
+}
+
+// secretParam matches query or key=value parameters that carry secrets.
+var secretParam = regexp.MustCompile(`(?i)(password|passwd|secret|token|api[-_]?key|key)=[^&\s]*`)
+
+// redact masks the user information of a URL and secret-looking parameters,
+// so that a message about a bad DATABASE_URL does not leak its password. It
+// masks up to the last "@" because a password may itself hold "/" or "?".
+func redact(s string) string {
+	if i := strings.Index(s, "://"); i >= 0 {
+		if at := strings.LastIndex(s[i+3:], "@"); at >= 0 {
+			s = s[:i+3] + "xxxxx" + s[i+3+at:]
+		}
+	}
+	return secretParam.ReplaceAllString(s, "${1}=xxxxx")
+}
+
+// isVisibleASCII reports whether t is non-empty and only printable ASCII
+// other than space: what an Authorization header value can carry.
+func isVisibleASCII(t string) bool {
+	for i := 0; i < len(t); i++ {
+		if t[i] <= ' ' || t[i] > '~' {
+			return false
+		}
+	}
+	return t != ""
+}
+
+// parseOrigin returns an origin the way a browser sends it in Origin: lower
+// case scheme and host, no default port, no path.
+func parseOrigin(t string) (string, bool) {
+	u, err := url.Parse(t)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Hostname() == "" || strings.HasSuffix(u.Host, ":") ||
+		u.User != nil || u.Opaque != "" || u.Path != "" || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+		return "", false
+	}
+	host := strings.ToLower(u.Host)
+	if u.Scheme == "https" && u.Port() == "443" || u.Scheme == "http" && u.Port() == "80" {
+		host = strings.ToLower(u.Hostname())
+		if strings.Contains(host, ":") {
+			host = "[" + host + "]"
+		}
+	}
+	return u.Scheme + "://" + host, true
+}
+
+// Usage groups, in the order usage prints them.
+const (
+	groupServer = "Server"
+	groupLimits = "Timeouts and limits"
+	groupLog    = "Logging"
+	groupAPI    = "Agent API"
+)
+
+// option is one setting: where it comes from, how usage shows it, and how
+// its value is checked and stored.
+type option struct {
+	group   string
+	flag    string   // without dashes; "" for a setting read only from the environment
+	negFlag string   // the --no-* form of a switch, or ""
+	arg     string   // placeholder for the value in usage; "" for a switch
+	env     []string // read in this order; the first one set wins
+	def     string   // the default as usage and the docs show it
+	help    string
+	set     func(c *config, s setting) error
+}
+
+var options = []option{
+	{group: groupServer, flag: "host", arg: "ADDR", env: []string{"HOST"}, def: defaultHost,
+		help: "address to listen on; :: = every IPv6 and IPv4 address",
+		set: func(c *config, s setting) error {
+			h, ok := parseHost(s.text())
+			if !ok {
+				return s.invalid("an IP address or a host name")
+			}
+			c.Host = h
+			return nil
+		}},
+	{group: groupServer, flag: "port", arg: "N", env: []string{"PORT"}, def: strconv.Itoa(defaultPort),
+		help: "0 = pick a free port (logged)",
+		set: func(c *config, s setting) (err error) {
+			c.Port, err = s.whole(0, 65535, "a port number from 0 to 65535")
+			return err
+		}},
+	{group: groupServer, flag: "workers", arg: "N", env: []string{"WORKERS", "WEB_CONCURRENCY"}, def: strconv.Itoa(defaultWorkers),
+		help: "worker processes, 1 to 512",
+		set: func(c *config, s setting) (err error) {
+			c.Workers, err = s.whole(1, maxWorkers, "a whole number from 1 to 512")
+			c.WorkersSet = err == nil
+			return err
+		}},
+	{group: groupServer, flag: "reload", env: []string{"RELOAD"}, def: "false",
+		help: "dev mode: one worker, restarted on code changes",
+		set: func(c *config, s setting) (err error) {
+			c.Reload, err = s.boolean()
+			return err
+		}},
+	{group: groupServer, flag: "socket-mode", arg: "MODE", env: []string{"SOCKET_MODE"}, def: socketReuseport,
+		help: "reuseport (a socket per worker) or shared",
+		set: func(c *config, s setting) error {
+			m := strings.ToLower(s.text())
+			if m != socketReuseport && m != socketShared {
+				return s.invalid("reuseport or shared")
+			}
+			c.SocketMode = m
+			return nil
+		}},
+	{group: groupServer, flag: "backlog", arg: "N", env: []string{"BACKLOG"}, def: strconv.Itoa(defaultBacklog),
+		help: "listen queue per socket, 1 to 65535",
+		set: func(c *config, s setting) (err error) {
+			c.Backlog, err = s.whole(1, 65535, "a whole number from 1 to 65535")
+			return err
+		}},
+
+	{group: groupLimits, flag: "timeout-graceful-shutdown", arg: "DUR", env: []string{"TIMEOUT_GRACEFUL_SHUTDOWN"}, def: "75s",
+		help: "drain budget per worker; 0 = cut requests at once",
+		set: func(c *config, s setting) (err error) {
+			c.GracefulTimeout, err = s.duration(0, "0 or more")
+			return err
+		}},
+	{group: groupLimits, flag: "timeout-keep-alive", arg: "DUR", env: []string{"TIMEOUT_KEEP_ALIVE"}, def: "5s",
+		help: "idle connection lifetime; 0 = no keep-alive",
+		set: func(c *config, s setting) (err error) {
+			c.KeepAliveTimeout, err = s.duration(0, "0 or more")
+			return err
+		}},
+	{group: groupLimits, flag: "timeout-worker-healthcheck", arg: "DUR", env: []string{"TIMEOUT_WORKER_HEALTHCHECK"}, def: "10s",
+		help: "replace a worker silent this long; at least 100ms",
+		set: func(c *config, s setting) (err error) {
+			c.HealthcheckTimeout, err = s.duration(minHealthcheckTimeout, "at least 100ms")
+			return err
+		}},
+	{group: groupLimits, flag: "limit-concurrency", arg: "N", env: []string{"LIMIT_CONCURRENCY"}, def: "0",
+		help: "requests in flight per worker, then 503; 0 = none",
+		set: func(c *config, s setting) (err error) {
+			c.LimitConcurrency, err = s.whole(0, math.MaxInt32, "a whole number, 0 for no limit")
+			return err
+		}},
+	{group: groupLimits, flag: "limit-max-requests", arg: "N", env: []string{"LIMIT_MAX_REQUESTS"}, def: "0",
+		help: "recycle a worker after N requests; 0 = never",
+		set: func(c *config, s setting) (err error) {
+			c.LimitMaxRequests, err = s.whole(0, math.MaxInt32, "a whole number, 0 for no limit")
+			return err
+		}},
+	{group: groupLimits, flag: "limit-max-requests-jitter", arg: "N", env: []string{"LIMIT_MAX_REQUESTS_JITTER"}, def: "0",
+		help: "add 0 to N to each worker's max requests",
+		set: func(c *config, s setting) (err error) {
+			c.LimitMaxRequestsJitter, err = s.whole(0, math.MaxInt32, "a whole number, 0 or more")
+			return err
+		}},
+
+	{group: groupLog, flag: "log-level", arg: "LEVEL", env: []string{"LOG_LEVEL"}, def: "info",
+		help: "trace, debug, info, warning, error or critical",
+		set: func(c *config, s setting) error {
+			l, ok := map[string]zerolog.Level{
+				"trace": zerolog.TraceLevel, "debug": zerolog.DebugLevel, "info": zerolog.InfoLevel,
+				"warning": zerolog.WarnLevel, "warn": zerolog.WarnLevel, "error": zerolog.ErrorLevel,
+				"critical": zerolog.FatalLevel, "fatal": zerolog.FatalLevel,
+			}[strings.ToLower(s.text())]
+			if !ok {
+				return s.invalid("trace, debug, info, warning, error or critical")
+			}
+			c.LogLevel = l
+			return nil
+		}},
+	{group: groupLog, flag: "log-format", arg: "FORMAT", env: []string{"LOG_FORMAT"}, def: "auto",
+		help: "auto (console on a terminal, else json), console, json",
+		set: func(c *config, s setting) error {
+			f := strings.ToLower(s.text())
+			if f != "auto" && f != "console" && f != "json" {
+				return s.invalid("auto, console or json")
+			}
+			c.LogFormat = f
+			return nil
+		}},
+	{group: groupLog, flag: "access-log", negFlag: "no-access-log", env: []string{"ACCESS_LOG"}, def: "true",
+		help: "log one line per request",
+		set: func(c *config, s setting) (err error) {
+			c.AccessLog, err = s.boolean()
+			return err
+		}},
+
+	{group: groupAPI, flag: "database-url", arg: "URL", env: []string{"DATABASE_URL"}, def: defaultDatabaseURL,
+		help: "sqlite:PATH or postgres://user@host/db",
+		set: func(c *config, s setting) error {
+			t := s.text()
+			lower := strings.ToLower(t)
+			ok := false
+			switch {
+			case strings.HasPrefix(lower, "sqlite:"):
+				ok = len(t) > len("sqlite:")
+			case strings.HasPrefix(lower, "postgres://"), strings.HasPrefix(lower, "postgresql://"):
+				_, err := url.Parse(t)
+				ok = err == nil
+			}
+			if !ok {
+				return s.invalidURL("sqlite:PATH or a postgres:// URL")
+			}
+			c.DatabaseURL = t
+			return nil
+		}},
+	{group: groupAPI, flag: "limit-request-body", arg: "SIZE", env: []string{"LIMIT_REQUEST_BODY"}, def: "1MiB",
+		help: "largest request body, 1KiB to 1GiB; over it 413",
+		set: func(c *config, s setting) error {
+			n, ok := parseSize(s.text())
+			if !ok || n < minLimitRequestBody || n > maxLimitRequestBody {
+				return s.invalid("a size from 1KiB to 1GiB in bytes or with a unit: KB, KiB, MB, MiB, GB, GiB")
+			}
+			c.LimitRequestBody = n
+			return nil
+		}},
+	{group: groupAPI, flag: "llm-provider", arg: "NAME", env: []string{"LLM_PROVIDER"}, def: providerSimulated,
+		help: "simulated, or openai (default with a base URL)",
+		set: func(c *config, s setting) error {
+			p := strings.ToLower(s.text())
+			if p != providerSimulated && p != providerOpenAI {
+				return s.invalid("simulated or openai")
+			}
+			c.LLMProvider = p
+			return nil
+		}},
+	{group: groupAPI, flag: "llm-base-url", arg: "URL", env: []string{"LLM_BASE_URL"}, def: "(none)",
+		help: "OpenAI-compatible endpoint: https://host/v1",
+		set: func(c *config, s setting) error {
+			t := s.text()
+			if t == "" { // only a flag can be empty: it overrides the variable
+				c.LLMBaseURL = ""
+				return nil
+			}
+			u, err := url.Parse(t)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Opaque != "" {
+				return s.invalidURL("an absolute http:// or https:// URL")
+			}
+			c.LLMBaseURL = t
+			return nil
+		}},
+	{group: groupAPI, flag: "llm-model", arg: "NAME", env: []string{"LLM_MODEL"}, def: "(none)",
+		help: "model name; none = the provider's default",
+		set: func(c *config, s setting) error {
+			c.LLMModel = s.text()
+			return nil
+		}},
+	{group: groupAPI, flag: "llm-timeout", arg: "DUR", env: []string{"LLM_TIMEOUT"}, def: "120s",
+		help: "deadline of one LLM call; at least 1s",
+		set: func(c *config, s setting) (err error) {
+			c.LLMTimeout, err = s.duration(minLLMTimeout, "at least 1s")
+			return err
+		}},
+	{group: groupAPI, flag: "llm-idle-timeout", arg: "DUR", env: []string{"LLM_IDLE_TIMEOUT"}, def: "60s",
+		help: "longest gap between streamed chunks; at least 1s",
+		set: func(c *config, s setting) (err error) {
+			c.LLMIdleTimeout, err = s.duration(minLLMTimeout, "at least 1s")
+			return err
+		}},
+	{group: groupAPI, flag: "simulated-latency", arg: "DUR", env: []string{"SIMULATED_LATENCY"}, def: "3s",
+		help: "reply time of the simulated provider",
+		set: func(c *config, s setting) (err error) {
+			c.SimulatedLatency, err = s.duration(0, "0 or more")
+			return err
+		}},
+	{group: groupAPI, flag: "cors-origins", arg: "LIST", env: []string{"CORS_ORIGINS"}, def: "(none)",
+		help: "browser origins allowed, comma-separated, or *",
+		set: func(c *config, s setting) error {
+			t := s.text()
+			if t == "" { // only a flag can be empty: it overrides the variable
+				c.CORSOrigins = nil
+				return nil
+			}
+			want := "comma-separated origins like https://app.example.com (no path), or * alone"
+			if t == "*" {
+				c.CORSOrigins = []string{"*"}
+				return nil
+			}
+			var origins []string
+			for _, e := range strings.Split(t, ",") {
+				o, ok := parseOrigin(strings.TrimSpace(e))
+				if !ok {
+					return s.invalid(want)
+				}
+				origins = append(origins, o)
+			}
+			c.CORSOrigins = origins
+			return nil
+		}},
+	// Secrets have no flag: a command line is visible to every user through
+	// ps and /proc, the environment only to the owner.
+	{group: groupAPI, env: []string{"LLM_API_KEY"}, def: "(none)",
+		help: "API key for the LLM provider",
+		set: func(c *config, s setting) error {
+			t := s.text()
+			if !isVisibleASCII(t) {
+				return s.invalidSecret("printable ASCII without spaces")
+			}
+			c.LLMAPIKey = t
+			return nil
+		}},
+	{group: groupAPI, env: []string{"API_TOKEN"}, def: "(none)",
+		help: "bearer tokens the API accepts, comma-separated",
+		set: func(c *config, s setting) error {
+			var tokens []string
+			for _, e := range strings.Split(s.text(), ",") {
+				tok := strings.TrimSpace(e)
+				if !isVisibleASCII(tok) {
+					return s.invalidSecret("comma-separated tokens of printable ASCII, none empty")
+				}
+				tokens = append(tokens, tok)
+			}
+			c.APITokens = tokens
+			return nil
+		}},
+}
+
+// flagSlot holds the last value given on the command line for one option;
+// a switch and its --no-* form share one slot, so the later one wins.
+type flagSlot struct {
+	s   setting
+	set bool
+}
+
+// flagValue is the pflag.Value of one flag name. Set only records: every
+// check happens in loadConfig, which words the errors itself.
+type flagValue struct {
+	slot     *flagSlot
+	name     string
+	negate   bool
+	isSwitch bool
+}
+
+func (v *flagValue) Set(raw string) error {
+	*v.slot = flagSlot{s: setting{raw: raw, from: "--" + v.name, negate: v.negate}, set: true}
+	return nil
+}
+
+func (v *flagValue) String() string { return "" }
+
+func (v *flagValue) Type() string {
+	if v.isSwitch {
+		return "bool"
+	}
+	return "string"
+}
+
+func addFlag(fs *pflag.FlagSet, slot *flagSlot, name string, negate, isSwitch bool) {
+	f := fs.VarPF(&flagValue{slot: slot, name: name, negate: negate, isSwitch: isSwitch}, name, "", "")
+	if isSwitch {
+		f.NoOptDefVal = "true"
+	}
+}
+
+// usageError is a command line that does not parse: an unknown flag, a
+// missing flag value or a positional argument. main prints usage after it.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+// isUsageError reports whether err is about the shape of the command line
+// rather than a value, so that the caller should print usage after it.
+func isUsageError(err error) bool {
+	var u usageError
+	return errors.As(err, &u)
+}
+
+// loadConfig decides the configuration from args (without the program name)
+// and getenv: each setting comes from its flag, else its environment
+// variable, else its default, and every value is validated. A variable that
+// is empty or only white space counts as unset; values are trimmed.
+//
+// It returns errHelp for -h and --help, an error for which isUsageError
+// reports true for a command line that does not parse, and otherwise one
+// line "invalid SOURCE "VALUE": want ..." naming the flag or the variable
+// that supplied the first bad value. No error ever contains the value of
+// LLM_API_KEY or API_TOKEN, or a password in a URL.
+func loadConfig(args []string, getenv func(string) string) (config, error) {
+	fs := pflag.NewFlagSet("server", pflag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	fs.SortFlags = false
+	slots := make([]flagSlot, len(options))
+	for i, o := range options {
+		if o.flag != "" {
+			addFlag(fs, &slots[i], o.flag, false, o.arg == "")
+		}
+		if o.negFlag != "" {
+			addFlag(fs, &slots[i], o.negFlag, true, true)
+		}
+	}
+	var version flagSlot
+	addFlag(fs, &version, "version", false, true)
+
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return config{}, errHelp
+		}
+		var ne *pflag.NotExistError
+		if errors.As(err, &ne) && (ne.GetSpecifiedName() == "llm-api-key" || ne.GetSpecifiedName() == "api-token") {
+			env := strings.ToUpper(strings.ReplaceAll(ne.GetSpecifiedName(), "-", "_"))
+			err = fmt.Errorf("%w (set %s in the environment instead: a command line shows in ps)", err, env)
+		}
+		return config{}, usageError{err}
+	}
+	if rest := fs.Args(); len(rest) > 0 {
+		return config{}, usageError{fmt.Errorf("unexpected argument %q: server takes flags only", rest[0])}
+	}
+
+	c := defaultConfig()
+	if version.set {
+		v, err := version.s.boolean()
+		if err != nil {
+			return config{}, err
+		}
+		if v {
+			c.ShowVersion = true
+			return c, nil
+		}
+	}
+	var provider setting
+	for i, o := range options {
+		s, ok := slots[i].s, slots[i].set
+		for _, name := range o.env {
+			if ok {
+				break
+			}
+			if v := getenv(name); strings.TrimSpace(v) != "" {
+				s, ok = setting{raw: v, from: name}, true
+			}
+		}
+		if !ok {
+			continue
+		}
+		if err := o.set(&c, s); err != nil {
+			return config{}, err
+		}
+		if o.flag == "llm-provider" {
+			provider = s
+		}
+	}
+
+	switch {
+	case c.LLMProvider == "" && c.LLMBaseURL != "":
+		c.LLMProvider = providerOpenAI
+	case c.LLMProvider == "":
+		c.LLMProvider = providerSimulated
+	case c.LLMProvider == providerOpenAI && c.LLMBaseURL == "":
+		return config{}, provider.invalid("--llm-base-url or LLM_BASE_URL set as well, or simulated")
+	}
+	return c, nil
+}
+
+// usage writes the --help text: one line per flag with its variable and
+// default, grouped, then the variables that have no flag.
+func usage(w io.Writer) {
+	type row struct{ flag, env, def, help string }
+	var rows []row
+	var groups []string
+	byGroup := map[string][]row{}
+	add := func(group string, r row) {
+		if _, ok := byGroup[group]; !ok {
+			groups = append(groups, group)
+		}
+		byGroup[group] = append(byGroup[group], r)
+		rows = append(rows, r)
+	}
+	for _, o := range options {
+		f := "(no flag)"
+		if o.flag != "" {
+			f = strings.TrimSpace("--" + o.flag + " " + o.arg)
+		}
+		add(o.group, row{f, strings.Join(o.env, ", "), o.def, o.help})
+		if o.negFlag != "" {
+			add(o.group, row{"--" + o.negFlag, "", "", "same as --" + o.flag + "=false"})
+		}
+	}
+	add("Other", row{"-h, --help", "", "", "print this help and exit"})
+	add("Other", row{"--version", "", "", "print the version and exit"})
+
+	wf, we, wd := len("FLAG"), len("VARIABLE"), len("DEFAULT")
+	for _, r := range rows {
+		wf, we, wd = max(wf, len(r.flag)), max(we, len(r.env)), max(wd, len(r.def))
+	}
+	line := func(r row) {
+		fmt.Fprintf(w, "  %-*s  %-*s  %-*s  %s\n", wf, r.flag, we, r.env, wd, r.def, r.help)
+	}
+
+	fmt.Fprint(w, `Usage: server [flags]
+
+Serves the Corral agent API from supervised worker processes. Each setting
+comes from its flag, else its environment variable, else its default; a
+variable set to "" counts as unset. Durations take 1m30s, 250ms or seconds
+(75, 0.5); switches take true/false, 1/0, yes/no, on/off. A bad value exits
+with status 2. See docs/configuration.md.
+
+`)
+	line(row{"FLAG", "VARIABLE", "DEFAULT", "MEANING"})
+	for _, g := range groups {
+		fmt.Fprintf(w, "\n%s:\n", g)
+		for _, r := range byGroup[g] {
+			line(r)
+		}
+	}
+}

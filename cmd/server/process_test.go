@@ -1,0 +1,496 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestWorkersShareThePort(t *testing.T) {
+	for _, tc := range []struct {
+		mode    string
+		sockets int
+	}{{"reuseport", 3}, {"shared", 1}} {
+		t.Run(tc.mode, func(t *testing.T) {
+			s := startServer(t, "WORKERS=3", "SOCKET_MODE="+tc.mode)
+			pids := s.workerPIDs()
+			if len(pids) != 3 {
+				t.Fatalf("worker processes = %v, want 3", pids)
+			}
+			if n := listeningSockets(t, s.port); n != tc.sockets {
+				t.Errorf("listening sockets on port %d = %d, want %d", s.port, n, tc.sockets)
+			}
+			// Many new connections reach every worker.
+			waitFor(t, 10*time.Second, func() error {
+				seen, err := s.pidsServing(60)
+				if err != nil {
+					return err
+				}
+				for _, p := range pids {
+					if seen[p] == 0 {
+						return fmt.Errorf("worker %d answered none of 60 connections: %v", p, seen)
+					}
+				}
+				return nil
+			})
+		})
+	}
+}
+
+func TestProcessTitlesAndGroups(t *testing.T) {
+	s := startServer(t, "WORKERS=2")
+	master := s.cmd.Process.Pid
+	args, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", master))
+	title := strings.TrimRight(strings.ReplaceAll(string(args), "\x00", " "), " ")
+	if !strings.Contains(title, ": master [2 workers, 127.0.0.1:"+strconv.Itoa(s.port)+"]") {
+		t.Errorf("master title = %q, want it to name the role, 2 workers and the address", title)
+	}
+	if comm := readComm(master); !strings.HasSuffix(comm, "-master") {
+		t.Errorf("master comm = %q, want ...-master", comm)
+	}
+	mst, _ := procStat(master)
+	for _, pid := range s.workerPIDs() {
+		args, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if !strings.Contains(string(args), ": worker ") || !strings.Contains(string(args), "/2 [gen 1]") {
+			t.Errorf("worker title = %q, want \"...: worker N/2 [gen 1]\"", args)
+		}
+		if comm := readComm(pid); !strings.HasSuffix(comm, "-worker") {
+			t.Errorf("worker comm = %q, want ...-worker", comm)
+		}
+		// Own process group: a terminal's Ctrl+C reaches the master only.
+		if st, _ := procStat(pid); st.pgid == mst.pgid {
+			t.Errorf("worker %d is in the master's process group %d", pid, mst.pgid)
+		}
+	}
+}
+
+func readComm(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	return strings.TrimSpace(string(b))
+}
+
+func TestKilledWorkerIsReplaced(t *testing.T) {
+	s := startServer(t, "WORKERS=2")
+	before := s.workerPIDs()
+	victim := before[0]
+	syscall.Kill(victim, syscall.SIGKILL)
+	waitFor(t, 10*time.Second, func() error {
+		now := s.workerPIDs()
+		if len(now) != 2 || sameSet(now, before) {
+			return fmt.Errorf("workers %v, want 2 with %d replaced (before %v)", now, victim, before)
+		}
+		return nil
+	})
+	if got := s.logs.find("worker exited", map[string]any{"pid": victim, "reason": "crashed"}); len(got) != 1 {
+		t.Errorf("log has %d 'worker exited' lines for pid %d with reason crashed, want 1", len(got), victim)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		seen, err := s.pidsServing(40)
+		if err != nil {
+			return err
+		}
+		if seen[victim] > 0 || len(seen) != 2 {
+			return fmt.Errorf("pids serving %v, want 2 without %d", seen, victim)
+		}
+		return nil
+	})
+}
+
+func TestStoppedWorkerIsReplacedAndStrandsNothing(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "TIMEOUT_WORKER_HEALTHCHECK=1s")
+	before := s.workerPIDs()
+	victim := before[0]
+	syscall.Kill(victim, syscall.SIGSTOP)
+	t.Cleanup(func() { syscall.Kill(victim, syscall.SIGKILL) })
+	// While it is stopped and before it is replaced, new connections are
+	// answered by the other worker, including those the kernel queues on the
+	// stopped worker's socket.
+	client := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for i := range 40 {
+		h, err := s.health(client)
+		if err != nil {
+			t.Fatalf("request %d while worker %d is stopped: %v", i, victim, err)
+		}
+		if h.PID == victim {
+			t.Fatalf("request %d answered by the stopped worker", i)
+		}
+	}
+	waitFor(t, 10*time.Second, func() error {
+		if alive(victim) {
+			return fmt.Errorf("stopped worker %d still alive", victim)
+		}
+		if n := len(s.workerPIDs()); n != 2 {
+			return fmt.Errorf("%d workers, want 2", n)
+		}
+		return nil
+	})
+	if len(s.logs.find("worker hung, sending SIGQUIT", map[string]any{"pid": victim, "reason": "hung"})) != 1 {
+		t.Errorf("no 'worker hung' line for pid %d; log:\n%s", victim, s.logs)
+	}
+}
+
+// loadLoop runs requests from a few goroutines, half of them on kept-alive
+// connections, until stop closes; it returns the count of requests and of
+// failures with the first failures' errors.
+func loadLoop(s *server, stop <-chan struct{}) func() (int64, int64, []string) {
+	var ok, failed atomic.Int64
+	var mu sync.Mutex
+	var errs []string
+	var wg sync.WaitGroup
+	keep := &http.Client{Timeout: 10 * time.Second}
+	for i := range 4 {
+		c := fresh
+		if i%2 == 0 {
+			c = keep
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := s.health(c); err != nil {
+					failed.Add(1)
+					mu.Lock()
+					if len(errs) < 5 {
+						errs = append(errs, err.Error())
+					}
+					mu.Unlock()
+				} else {
+					ok.Add(1)
+				}
+			}
+		}()
+	}
+	return func() (int64, int64, []string) {
+		wg.Wait()
+		return ok.Load(), failed.Load(), errs
+	}
+}
+
+func TestRollingRestartDropsNothing(t *testing.T) {
+	s := startServer(t, "WORKERS=3")
+	before := s.workerPIDs()
+	stop := make(chan struct{})
+	results := loadLoop(s, stop)
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, 20*time.Second, func() error {
+		now := s.workerPIDs()
+		if len(now) != 3 {
+			return fmt.Errorf("workers %v, want 3", now)
+		}
+		for _, p := range now {
+			for _, b := range before {
+				if p == b {
+					return fmt.Errorf("worker %d not replaced yet", p)
+				}
+			}
+		}
+		return nil
+	})
+	close(stop)
+	ok, failed, errs := results()
+	if failed != 0 || ok == 0 {
+		t.Errorf("during SIGHUP: %d ok, %d failed %v; want 0 failed", ok, failed, errs)
+	}
+	for _, b := range before {
+		if alive(b) {
+			t.Errorf("old worker %d still alive", b)
+		}
+	}
+	if got := len(s.logs.find("worker ready", map[string]any{"reason": "hup"})); got != 3 {
+		t.Errorf("%d workers ready with reason hup, want 3", got)
+	}
+}
+
+func TestScaleUpAndDown(t *testing.T) {
+	s := startServer(t, "WORKERS=2")
+	count := func(want int) func() error {
+		return func() error {
+			if n := len(s.workerPIDs()); n != want {
+				return fmt.Errorf("%d workers, want %d; log:\n%s", n, want, s.logs)
+			}
+			if n := listeningSockets(t, s.port); n != want {
+				return fmt.Errorf("%d listening sockets, want %d", n, want)
+			}
+			seen, err := s.pidsServing(30)
+			if err != nil {
+				return err
+			}
+			if len(seen) != want {
+				return fmt.Errorf("%d pids serving, want %d", len(seen), want)
+			}
+			return nil
+		}
+	}
+	s.cmd.Process.Signal(syscall.SIGTTIN)
+	waitFor(t, 10*time.Second, count(3))
+	// One signal at a time: the kernel merges a signal sent while the same
+	// one is still pending.
+	s.cmd.Process.Signal(syscall.SIGTTOU)
+	waitFor(t, 10*time.Second, count(2))
+	s.cmd.Process.Signal(syscall.SIGTTOU)
+	waitFor(t, 10*time.Second, count(1))
+	// Never below one.
+	s.cmd.Process.Signal(syscall.SIGTTOU)
+	waitFor(t, 5*time.Second, func() error {
+		if len(s.logs.find("scale down refused: at least one worker", nil)) == 0 {
+			return fmt.Errorf("no refusal logged")
+		}
+		return nil
+	})
+	waitFor(t, 5*time.Second, count(1))
+}
+
+func TestTermDrainsInFlightRequest(t *testing.T) {
+	s := startServer(t, "WORKERS=2")
+	type result struct {
+		status int
+		body   string
+		err    error
+	}
+	res := make(chan result, 1)
+	go func() {
+		resp, err := fresh.Get(s.url("/test/slow?ms=1500"))
+		if err != nil {
+			res <- result{err: err}
+			return
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		res <- result{status: resp.StatusCode, body: string(b)}
+	}()
+	// The request is in flight once a worker reports it.
+	waitFor(t, 5*time.Second, func() error {
+		for _, pid := range s.workerPIDs() {
+			if st, _ := procStat(pid); st.state == "" {
+				continue
+			}
+		}
+		if inFlight(t, s) == 0 {
+			return fmt.Errorf("slow request not in flight yet")
+		}
+		return nil
+	})
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	r := <-res
+	if r.err != nil || r.status != 200 || !strings.HasPrefix(r.body, "slow done") {
+		t.Errorf("in-flight request during SIGTERM = %d %q %v, want 200 slow done", r.status, r.body, r.err)
+	}
+	if code := s.wait(15 * time.Second); code != 0 {
+		t.Errorf("exit status = %d, want 0; log:\n%s", code, s.logs)
+	}
+	for _, p := range childrenOf(s.cmd.Process.Pid) {
+		t.Errorf("child %d left after exit", p)
+	}
+}
+
+// inFlight is the in-flight count the workers last reported in heartbeats,
+// read from their health answers... the supervisor logs it on drain; here
+// the simplest observable is the worker's own connection: a TCP connection
+// established to the port with a request pending.
+func inFlight(t *testing.T, s *server) int {
+	t.Helper()
+	n := 0
+	for _, f := range []string{"/proc/net/tcp"} {
+		b, _ := os.ReadFile(f)
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fs := strings.Fields(line)
+			if len(fs) < 4 || fs[3] != "01" {
+				continue
+			}
+			if i := strings.LastIndexByte(fs[1], ':'); i >= 0 {
+				if p, _ := strconv.ParseInt(fs[1][i+1:], 16, 32); int(p) == s.port {
+					n++
+				}
+			}
+		}
+	}
+	return n
+}
+
+func TestSecondTermForces(t *testing.T) {
+	s := startServer(t, "WORKERS=1", "TIMEOUT_GRACEFUL_SHUTDOWN=60s")
+	go fresh.Get(s.url("/test/slow?ms=30000"))
+	waitFor(t, 5*time.Second, func() error {
+		if inFlight(t, s) == 0 {
+			return fmt.Errorf("slow request not in flight yet")
+		}
+		return nil
+	})
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 5*time.Second, func() error {
+		if len(s.logs.find("Shutting down", nil)) == 0 {
+			return fmt.Errorf("no shutdown logged")
+		}
+		return nil
+	})
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	if code := s.wait(5 * time.Second); code != 0 {
+		t.Errorf("exit status = %d, want 0", code)
+	}
+	if len(s.logs.find("worker killed", map[string]any{"reason": "forced"})) != 1 {
+		t.Errorf("no forced kill logged; log:\n%s", s.logs)
+	}
+}
+
+func TestQuitIsImmediate(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "TIMEOUT_GRACEFUL_SHUTDOWN=60s")
+	go fresh.Get(s.url("/test/slow?ms=30000"))
+	workers := s.workerPIDs()
+	s.cmd.Process.Signal(syscall.SIGQUIT)
+	if code := s.wait(5 * time.Second); code != 0 {
+		t.Errorf("exit status = %d, want 0", code)
+	}
+	for _, p := range workers {
+		if alive(p) {
+			t.Errorf("worker %d alive after SIGQUIT of the master", p)
+		}
+	}
+}
+
+func TestMasterKilledTakesWorkersDown(t *testing.T) {
+	s := startServer(t, "WORKERS=3")
+	workers := s.workerPIDs()
+	s.cmd.Process.Signal(syscall.SIGKILL)
+	<-s.done
+	waitFor(t, 2*time.Second, func() error {
+		for _, p := range workers {
+			if alive(p) {
+				return fmt.Errorf("worker %d alive after the master was killed", p)
+			}
+		}
+		return nil
+	})
+}
+
+func TestPanicIsAnswered500AndWorkerSurvives(t *testing.T) {
+	s := startServer(t, "WORKERS=1")
+	pid := s.workerPIDs()[0]
+	resp, err := fresh.Get(s.url("/test/panic"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body struct {
+		Error struct{ Code, Message string } `json:"error"`
+	}
+	json.NewDecoder(resp.Body).Decode(&body)
+	resp.Body.Close()
+	if resp.StatusCode != 500 || body.Error.Code != "internal" {
+		t.Errorf("panic answered %d %+v, want 500 with code internal", resp.StatusCode, body)
+	}
+	h, err := s.health(fresh)
+	if err != nil || h.PID != pid {
+		t.Errorf("after a panic: health = %+v, %v; want the same worker %d", h, err, pid)
+	}
+	if len(s.logs.find("handler panicked", map[string]any{"panic": "test panic"})) != 1 {
+		t.Errorf("panic not logged once; log:\n%s", s.logs)
+	}
+}
+
+func TestMaxRequestsRecyclesWithoutFailures(t *testing.T) {
+	s := startServer(t, "WORKERS=1", "LIMIT_MAX_REQUESTS=30")
+	first := s.workerPIDs()[0]
+	seen := map[int]bool{}
+	waitFor(t, 20*time.Second, func() error {
+		h, err := s.health(fresh)
+		if err != nil {
+			t.Fatalf("request failed during recycling: %v", err)
+		}
+		seen[h.PID] = true
+		if h.PID == first {
+			return fmt.Errorf("still served by the first worker")
+		}
+		return nil
+	})
+	if len(s.logs.find("recycling worker", map[string]any{"reason": "max_requests", "pid": first})) != 1 {
+		t.Errorf("no recycle logged for %d", first)
+	}
+}
+
+func TestLimitConcurrency(t *testing.T) {
+	s := startServer(t, "WORKERS=1", "LIMIT_CONCURRENCY=1")
+	go fresh.Get(s.url("/test/slow?ms=3000"))
+	waitFor(t, 5*time.Second, func() error {
+		resp, err := fresh.Get(s.url("/health"))
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 503 {
+			return fmt.Errorf("GET /health with one slow request in flight = %d, want 503", resp.StatusCode)
+		}
+		if resp.Header.Get("Retry-After") == "" {
+			t.Errorf("503 without Retry-After")
+		}
+		return nil
+	})
+}
+
+func TestBusyPort(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	s := launch(t, "PORT="+port, "WORKERS=2")
+	if code := s.wait(10 * time.Second); code != 1 {
+		t.Errorf("exit status with a busy port = %d, want 1", code)
+	}
+	want := "server: address 127.0.0.1:" + port + " already in use"
+	if !strings.Contains(s.logs.String(), want) {
+		t.Errorf("stderr lacks %q:\n%s", want, s.logs)
+	}
+	// A second copy of the server on the first one's port is refused the same way.
+	first := startServer(t, "WORKERS=1")
+	second := launch(t, "PORT="+strconv.Itoa(first.port), "WORKERS=1")
+	if code := second.wait(10 * time.Second); code != 1 {
+		t.Errorf("second server on a used port: exit %d, want 1", code)
+	}
+	if n := len(childrenOf(second.cmd.Process.Pid)); n != 0 {
+		t.Errorf("second server left %d children", n)
+	}
+}
+
+func TestBootFailureExits3(t *testing.T) {
+	s := launch(t, "WORKERS=2", envFailBoot+"=1")
+	if code := s.wait(20 * time.Second); code != exitBootError {
+		t.Errorf("exit status = %d, want 3; log:\n%s", code, s.logs)
+	}
+	if !strings.Contains(s.logs.String(), "test worker refuses to boot") {
+		t.Errorf("the worker's error is not on stderr:\n%s", s.logs)
+	}
+	if !strings.Contains(s.logs.String(), "failed to boot: exit 3") {
+		t.Errorf("the master does not say which worker failed:\n%s", s.logs)
+	}
+}
+
+func TestBadConfigurationExits2(t *testing.T) {
+	for _, tc := range []struct{ env, want string }{
+		{"WORKERS=abc", `invalid WORKERS "abc"`},
+		{"PORT=99999", `invalid PORT "99999"`},
+		{"SOCKET_MODE=mesh", `invalid SOCKET_MODE "mesh"`},
+	} {
+		s := launch(t, tc.env)
+		if code := s.wait(10 * time.Second); code != 2 {
+			t.Errorf("%s: exit %d, want 2", tc.env, code)
+		}
+		if !strings.Contains(s.logs.String(), "server: "+tc.want) {
+			t.Errorf("%s: stderr lacks %q:\n%s", tc.env, tc.want, s.logs)
+		}
+	}
+}

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/rs/zerolog"
+	"github.com/valyala/fasthttp"
+
+	"github.com/corralhq/corral/handlers"
+	"github.com/corralhq/corral/worker"
+)
+
+// extraRoutes is a test seam: the test binary, standing in for the server,
+// adds test-only routes (slow, panic) here. Nil in production.
+var extraRoutes func(ctx *fasthttp.RequestCtx) bool
+
+func runWorker(cfg config, log zerolog.Logger) int {
+	in, err := worker.Self()
+	if err != nil {
+		if errors.Is(err, worker.ErrNotWorker) {
+			err = fmt.Errorf("%w (unset the CORRAL_* variables)", err)
+		}
+		fmt.Fprintln(os.Stderr, "server:", err)
+		return exitUsage
+	}
+	log = log.With().Int("worker", in.Slot).Int("pid", in.PID).Logger()
+	// A worker drains on TERM and INT; HUP, TTIN and TTOU are the
+	// supervisor's to act on, so a "pkill -HUP server" must not kill workers.
+	signal.Ignore(syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+
+	h := handlers.New(handlers.Config{
+		Worker: handlers.Worker{Slot: in.Slot, Generation: in.Generation, PID: in.PID, Started: in.Started},
+		Logger: log,
+		Extra:  extraRoutes,
+	})
+	err = worker.Run(in, worker.Config{
+		Handler:          h.Serve,
+		Error:            handlers.WriteError,
+		Logger:           log,
+		AccessLog:        cfg.AccessLog,
+		GracefulTimeout:  graceful(cfg),
+		KeepAliveTimeout: cfg.KeepAliveTimeout,
+		DisableKeepAlive: cfg.KeepAliveTimeout == 0,
+		MaxBodySize:      cfg.LimitRequestBody,
+		MaxConcurrency:   cfg.LimitConcurrency,
+		Signals:          sigs,
+	})
+	if err != nil {
+		log.Error().Err(err).Msg("worker failed")
+		fmt.Fprintln(os.Stderr, "server:", err)
+		return exitBootError
+	}
+	return exitOK
+}

@@ -1,0 +1,121 @@
+// Package protocol is the contract between the supervisor and its workers:
+// the environment markers, the inherited file descriptors and the messages
+// that cross the control pipe and the lifeline.
+//
+// It is the one package both sides import (supervisor and worker import
+// neither each other), so a change here is a change of the wire contract and
+// must be reflected in docs/architecture.md.
+//
+// A worker is the server binary re-executed by the supervisor with:
+//
+//	fd 3          ControlFD: pipe, worker writes, supervisor reads (JSON lines)
+//	fd 4          LifelineFD: pipe, supervisor writes, worker reads; EOF means
+//	              the supervisor is gone
+//	fd 5..5+n-1   ListenerFD: the listening sockets to serve (own slot first)
+//
+// and the environment variables below, which the supervisor always sets and
+// overwrites: a marker inherited from the caller's environment never reaches
+// a worker.
+//
+// The worker's first message is Ready, sent once it serves on its listeners
+// and has answered its own /health through the serving path. After that it
+// sends a Heartbeat every HeartbeatInterval(timeout), each one only after a
+// fresh /health probe through the serving path succeeded, so a worker whose
+// handlers are stuck stops heartbeating even if the process still runs.
+package protocol
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+)
+
+// File descriptors a worker inherits.
+const (
+	ControlFD  = 3
+	LifelineFD = 4
+	ListenerFD = 5 // first listener; the worker's own slot socket
+)
+
+// Environment markers set on every worker (and, EnvRole and EnvArgs only, on
+// the master's own re-exec).
+const (
+	// EnvRole is "master" on the supervisor's own re-exec and "worker" on a
+	// worker; unset on a process started by a user.
+	EnvRole = "CORRAL_ROLE"
+	// EnvArgs carries the original command-line arguments as a JSON array, so
+	// argv can hold the process title alone.
+	EnvArgs = "CORRAL_ARGS"
+	// EnvSlot is the worker's slot, 1-based.
+	EnvSlot = "CORRAL_SLOT"
+	// EnvSlots is the number of slots when the worker was started.
+	EnvSlots = "CORRAL_SLOTS"
+	// EnvGeneration is the incarnation of the slot, 1 for the first worker.
+	EnvGeneration = "CORRAL_GENERATION"
+	// EnvListeners is how many listener fds start at ListenerFD.
+	EnvListeners = "CORRAL_LISTENERS"
+	// EnvSupervisorPID is the supervisor's pid; a worker whose parent is no
+	// longer that pid has been orphaned.
+	EnvSupervisorPID = "CORRAL_SUPERVISOR_PID"
+	// EnvHealthcheckTimeout is the supervisor's hang timeout as a Go duration;
+	// the worker heartbeats several times within it.
+	EnvHealthcheckTimeout = "CORRAL_HEALTHCHECK_TIMEOUT"
+	// EnvMaxRequests is the number of requests after which the worker asks to
+	// be recycled (limit plus this worker's jitter); 0 or unset means never.
+	EnvMaxRequests = "CORRAL_MAX_REQUESTS"
+)
+
+// Role values of EnvRole.
+const (
+	RoleMaster = "master"
+	RoleWorker = "worker"
+)
+
+// Message types on the control pipe.
+const (
+	TypeReady     = "ready"
+	TypeHeartbeat = "heartbeat"
+	TypeRecycle   = "recycle"
+)
+
+// Message is one JSON line on the control pipe, worker to supervisor.
+// Fields that do not apply to a type are omitted.
+type Message struct {
+	Type string `json:"type"`
+	PID  int    `json:"pid"`
+	// Requests is the number of requests the worker has finished.
+	Requests uint64 `json:"requests,omitempty"`
+	// InFlight is the number of requests being served now.
+	InFlight int64 `json:"in_flight,omitempty"`
+	// Reason says why a recycle is asked for (e.g. "max_requests").
+	Reason string `json:"reason,omitempty"`
+}
+
+// Encode returns m as one newline-terminated JSON line.
+func (m Message) Encode() []byte {
+	b, err := json.Marshal(m)
+	if err != nil {
+		// Message holds only strings and integers; Marshal cannot fail.
+		panic(fmt.Sprintf("protocol: encode message: %v", err))
+	}
+	return append(b, '\n')
+}
+
+// Decode parses one line written by Encode.
+func Decode(line []byte) (Message, error) {
+	var m Message
+	if err := json.Unmarshal(line, &m); err != nil {
+		return Message{}, fmt.Errorf("protocol: decode message %q: %w", line, err)
+	}
+	if m.Type == "" {
+		return Message{}, fmt.Errorf("protocol: decode message %q: no type", line)
+	}
+	return m, nil
+}
+
+// HeartbeatInterval is how often a worker heartbeats for a supervisor whose
+// hang timeout is timeout: five beats per timeout, so one slow probe is not
+// mistaken for a hang, and never more often than every 50 ms.
+func HeartbeatInterval(timeout time.Duration) time.Duration {
+	return max(timeout/5, 50*time.Millisecond)
+}

@@ -1,0 +1,318 @@
+package supervisor
+
+import (
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+)
+
+// The restart engine. Every trigger (start, crash, hang, SIGHUP,
+// max-requests, scale) goes through replace or spawn: the new worker starts
+// on the same slot, and only once it is ready is the old one asked to drain.
+// The loop never waits for a drain: stop sends SIGTERM and sets a deadline,
+// and tick sends SIGKILL when the deadline passes.
+//
+// Invariant: a slot has at most one worker that is starting (slot.next).
+
+// replace starts a new worker for sl unless one is already starting.
+func (s *Supervisor) replace(sl *slot, why string) {
+	if sl.next != nil || s.stopping {
+		return
+	}
+	sl.restartAt = time.Time{}
+	s.spawn(sl, why)
+}
+
+// spawn starts a worker for sl now. A worker that cannot even be executed
+// counts as a death of the slot.
+func (s *Supervisor) spawn(sl *slot, why string) {
+	p, err := s.start(sl, why, s.listenersFor(sl))
+	if err != nil {
+		s.log.Error().Err(err).Int("worker", sl.n).Str("reason", why).Msg("worker start failed")
+		if !s.booted {
+			s.bootFailed(&BootError{Slot: sl.n, Status: err.Error()})
+			return
+		}
+		s.backoff(sl, why, false)
+		return
+	}
+	sl.next = p
+	s.procs[p.pid] = p
+	s.log.Info().Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).Str("reason", why).Msg("worker started")
+}
+
+// listenersFor returns the sockets a worker of sl serves: in reuseport mode
+// its own and its neighbour's (the next slot, wrapping), so that connections
+// the kernel queues on a dead or stopped worker's socket are still accepted;
+// in shared mode the one socket.
+func (s *Supervisor) listenersFor(sl *slot) []*os.File {
+	if s.shared != nil {
+		return []*os.File{s.shared}
+	}
+	lns := []*os.File{sl.sock}
+	if len(s.slots) > 1 {
+		lns = append(lns, s.slots[sl.n%len(s.slots)].sock)
+	}
+	return lns
+}
+
+func (s *Supervisor) onReady(p *proc) {
+	sl := p.slot
+	if p != sl.next || p.state != starting {
+		return
+	}
+	now := time.Now()
+	p.state, p.readyAt, p.lastBeat = ready, now, now
+	old := sl.current
+	sl.current, sl.next = p, nil
+	s.log.Info().Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).
+		Dur("startup", now.Sub(p.started)).Str("reason", p.why).Msg("worker ready")
+	if old != nil && old.state == ready {
+		s.stop(old, p.why)
+	}
+	if sl.removed() {
+		s.stop(p, "scale_down")
+	}
+	if !s.booted && s.allReady() {
+		s.booted = true
+		s.log.Info().Int("workers", len(s.slots)).Msg("Application startup complete")
+	}
+	if s.rollSlot == sl {
+		s.rollSlot = nil
+		s.roll()
+	}
+}
+
+func (s *Supervisor) allReady() bool {
+	for _, sl := range s.slots {
+		if sl.current == nil {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Supervisor) onExit(p *proc, st *os.ProcessState) {
+	delete(s.procs, p.pid)
+	p.lifeline.Close()
+	sl := p.slot
+	crashed := p.reason == ""
+	ev := s.log.Info()
+	if crashed {
+		ev = s.log.Error()
+	}
+	reason := p.reason
+	if crashed {
+		reason = "crashed"
+		if p.state == starting {
+			reason = "died before ready"
+		}
+	}
+	ev.Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).
+		Str("status", exitStatus(st)).Str("reason", reason).
+		Dur("uptime", time.Since(p.started)).Msg("worker exited")
+	if s.cfg.OnWorkerExit != nil {
+		s.cfg.OnWorkerExit(p.pid, crashed)
+	}
+	switch p {
+	case sl.next:
+		sl.next = nil
+		if !s.booted && !s.stopping {
+			s.bootFailed(&BootError{Slot: sl.n, PID: p.pid, Status: exitStatus(st)})
+			return
+		}
+		s.backoff(sl, "restart", false)
+	case sl.current:
+		sl.current = nil
+		if p.state == ready && crashed {
+			s.backoff(sl, "crash", time.Since(p.readyAt) >= backoffReset)
+		}
+	}
+}
+
+// backoff schedules a replacement for sl after its workers died, unless one
+// is starting already: at once after the first death, then after a delay
+// that doubles from backoffMin to backoffMax, with jitter.
+func (s *Supervisor) backoff(sl *slot, why string, stable bool) {
+	if s.stopping || sl.removed() {
+		return
+	}
+	if stable {
+		sl.failures = 0
+	}
+	sl.failures++
+	if sl.next != nil {
+		return
+	}
+	var delay time.Duration
+	if sl.failures > 1 {
+		delay = min(backoffMin<<(sl.failures-2), backoffMax)
+		delay += time.Duration(s.rng.Int64N(int64(delay)/4+1)) - delay/8
+	}
+	if delay <= 0 {
+		s.spawn(sl, why)
+		return
+	}
+	sl.restartAt, sl.restartWhy = time.Now().Add(delay), why
+	s.log.Warn().Int("worker", sl.n).Int("failures", sl.failures).Dur("delay", delay).Msg("worker restart backed off")
+}
+
+// stop asks p to drain; tick kills it if it outlives its budget.
+func (s *Supervisor) stop(p *proc, reason string) {
+	if p.state == draining || p.state == killing {
+		return
+	}
+	p.reason = reason
+	if p.state == starting {
+		// Not serving yet: nothing to drain.
+		p.state, p.deadline = killing, time.Now().Add(DefaultKillGrace)
+		p.signal(syscall.SIGKILL)
+		if p.slot.next == p {
+			p.slot.next = nil
+		}
+		return
+	}
+	p.state, p.deadline = draining, time.Now().Add(s.cfg.GracefulTimeout+DefaultKillGrace)
+	p.signal(syscall.SIGTERM)
+	s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).Str("reason", reason).Msg("worker draining")
+}
+
+// tick acts on every deadline that has passed.
+func (s *Supervisor) tick(now time.Time) {
+	for _, p := range s.procs {
+		switch {
+		case p.state == starting && now.Sub(p.started) >= s.cfg.HealthcheckTimeout:
+			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Dur("timeout", s.cfg.HealthcheckTimeout).Str("reason", "ready_timeout").Msg("worker not ready in time")
+			if !s.booted && !s.stopping {
+				s.bootFailed(&BootError{Slot: p.slot.n, PID: p.pid, Status: fmt.Sprintf("not ready within %s", s.cfg.HealthcheckTimeout)})
+				return
+			}
+			s.stop(p, "ready_timeout")
+			s.backoff(p.slot, "restart", false)
+		case p.state == ready && now.Sub(p.lastBeat) >= s.cfg.HealthcheckTimeout:
+			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).
+				Dur("silent", now.Sub(p.lastBeat)).Str("reason", "hung").Msg("worker hung, sending SIGQUIT")
+			p.reason, p.state, p.deadline = "hung", killing, now.Add(DefaultKillGrace)
+			p.signal(syscall.SIGQUIT) // Go prints every goroutine's stack to the log
+			p.signal(syscall.SIGCONT) // a stopped process dumps and exits too
+			s.backoff(p.slot, "hung", false)
+		case (p.state == draining || p.state == killing) && now.After(p.deadline):
+			if p.signal(syscall.SIGKILL) {
+				s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Str("reason", p.reason).Msg("worker killed")
+			}
+			p.deadline = now.Add(time.Hour) // once; the exit event follows
+		}
+	}
+	for _, sl := range s.slots {
+		if !sl.restartAt.IsZero() && !now.Before(sl.restartAt) {
+			sl.restartAt = time.Time{}
+			s.replace(sl, sl.restartWhy)
+		}
+	}
+}
+
+// bootFailed stops the server because a first-generation worker could not
+// start: the error is Run's result.
+func (s *Supervisor) bootFailed(err *BootError) {
+	if s.exitErr == nil {
+		s.exitErr = err
+	}
+	s.log.Error().Int("worker", err.Slot).Int("pid", err.PID).Str("status", err.Status).Msg("worker failed to boot, stopping")
+	s.kill("boot_failed")
+}
+
+// roll replaces the next slot of a rolling restart, one at a time.
+func (s *Supervisor) roll() {
+	for s.rollSlot == nil && len(s.rolling) > 0 && !s.stopping {
+		n := s.rolling[0]
+		s.rolling = s.rolling[1:]
+		if n > len(s.slots) {
+			continue
+		}
+		sl := s.slots[n-1]
+		s.rollSlot = sl
+		if sl.next != nil {
+			return // already being replaced; its readiness continues the roll
+		}
+		s.replace(sl, "hup")
+	}
+	if s.rollSlot == nil && len(s.rolling) == 0 {
+		s.log.Debug().Msg("rolling restart done")
+	}
+}
+
+// addSlot creates the next slot and, in reuseport mode, its socket.
+func (s *Supervisor) addSlot() error {
+	sl := &slot{n: len(s.slots) + 1}
+	if s.shared == nil {
+		f, err := listenSocket(s.addr, true, s.cfg.Backlog)
+		if err != nil {
+			if len(s.slots) == 0 {
+				return &AddrError{Addr: s.addr.String(), Err: err}
+			}
+			return slotSocketError(sl.n, err)
+		}
+		sl.sock = f
+	}
+	s.slots = append(s.slots, sl)
+	return nil
+}
+
+func (s *Supervisor) scaleUp() {
+	if s.stopping || len(s.slots) >= MaxWorkers {
+		s.log.Warn().Int("workers", len(s.slots)).Msg("scale up refused")
+		return
+	}
+	if err := s.addSlot(); err != nil {
+		s.log.Error().Err(err).Msg("scale up failed")
+		return
+	}
+	sl := s.slots[len(s.slots)-1]
+	s.log.Info().Int("workers", len(s.slots)).Msg("scaling up")
+	s.setTitle()
+	s.spawn(sl, "scale_up")
+	// The previous last slot served slot 1's socket as its neighbour; roll
+	// it so the new slot's socket gets a second server too.
+	if s.shared == nil && len(s.slots) > 1 {
+		s.replace(s.slots[len(s.slots)-2], "rewire")
+	}
+}
+
+func (s *Supervisor) scaleDown() {
+	if s.stopping || len(s.slots) <= 1 {
+		s.log.Warn().Int("workers", len(s.slots)).Msg("scale down refused: at least one worker")
+		return
+	}
+	sl := s.slots[len(s.slots)-1]
+	s.slots = s.slots[:len(s.slots)-1]
+	sl.gone = true
+	s.log.Info().Int("workers", len(s.slots)).Msg("scaling down")
+	s.setTitle()
+	for _, p := range []*proc{sl.next, sl.current} {
+		if p != nil {
+			s.stop(p, "scale_down")
+		}
+	}
+	sl.restartAt = time.Time{}
+	if sl.sock != nil {
+		sl.sock.Close()
+	}
+	// The new last slot served the removed socket as its neighbour.
+	if s.shared == nil {
+		s.replace(s.slots[len(s.slots)-1], "rewire")
+	}
+}
+
+// removed reports whether sl was scaled away.
+func (sl *slot) removed() bool { return sl.gone }
+
+func exitStatus(st *os.ProcessState) string {
+	if st == nil {
+		return "unknown"
+	}
+	if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return "signal " + ws.Signal().String()
+	}
+	return fmt.Sprintf("exit %d", st.ExitCode())
+}

@@ -1,0 +1,116 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// AddrError reports that the server's address cannot be bound. It unwraps
+// to the system error (syscall.EADDRINUSE, syscall.EACCES, ...).
+type AddrError struct {
+	Addr string
+	Err  error
+}
+
+func (e *AddrError) Error() string {
+	switch {
+	case errors.Is(e.Err, syscall.EADDRINUSE):
+		return "address " + e.Addr + " already in use"
+	case errors.Is(e.Err, syscall.EACCES):
+		return "address " + e.Addr + ": permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+	case errors.Is(e.Err, syscall.EADDRNOTAVAIL):
+		return "address " + e.Addr + ": not an address of this machine"
+	}
+	return "address " + e.Addr + ": " + e.Err.Error()
+}
+
+func (e *AddrError) Unwrap() error { return e.Err }
+
+// probeAddr binds addr without SO_REUSEPORT and releases it, returning the
+// resolved address (with the port the kernel chose when it was 0). Any
+// listener already on the port, including another copy of this server that
+// SO_REUSEPORT would otherwise let us join silently, makes it fail.
+func probeAddr(addr string) (*net.TCPAddr, error) {
+	ta, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil {
+		return nil, &AddrError{Addr: addr, Err: err}
+	}
+	f, err := listenSocket(ta, false, 1)
+	if err != nil {
+		return nil, &AddrError{Addr: addr, Err: err}
+	}
+	defer f.Close()
+	sa, err := unix.Getsockname(int(f.Fd()))
+	if err != nil {
+		return nil, &AddrError{Addr: addr, Err: err}
+	}
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		ta.Port = sa.Port
+	case *unix.SockaddrInet6:
+		ta.Port = sa.Port
+	}
+	return ta, nil
+}
+
+// listenSocket creates a listening TCP socket on addr with the given
+// backlog. The returned file is close-on-exec; it reaches a worker only as
+// one of its ExtraFiles.
+func listenSocket(addr *net.TCPAddr, reuseport bool, backlog int) (*os.File, error) {
+	family, sa := unix.AF_INET, unix.Sockaddr(nil)
+	if ip4 := addr.IP.To4(); ip4 != nil || addr.IP == nil {
+		s := &unix.SockaddrInet4{Port: addr.Port}
+		copy(s.Addr[:], ip4)
+		sa = s
+	} else {
+		family = unix.AF_INET6
+		s := &unix.SockaddrInet6{Port: addr.Port}
+		copy(s.Addr[:], addr.IP.To16())
+		sa = s
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Close(fd)
+		}
+	}()
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return nil, os.NewSyscallError("setsockopt SO_REUSEADDR", err)
+	}
+	if reuseport {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+			return nil, os.NewSyscallError("setsockopt SO_REUSEPORT", err)
+		}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return nil, err // the bare errno, so AddrError can name it
+	}
+	if err := unix.Listen(fd, backlog); err != nil {
+		return nil, os.NewSyscallError("listen", err)
+	}
+	ok = true
+	return os.NewFile(uintptr(fd), "listener "+addr.String()), nil
+}
+
+// migrateReqDisabled reports whether net.ipv4.tcp_migrate_req is 0, in
+// which case closing a SO_REUSEPORT socket resets the connections still
+// queued on it instead of moving them to another socket of the group.
+func migrateReqDisabled() bool {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+	return err == nil && strings.TrimSpace(string(b)) == "0"
+}
+
+// errNoSocket is returned when a slot needs its own socket and cannot get one.
+func slotSocketError(slot int, err error) error {
+	return fmt.Errorf("supervisor: socket for worker %d: %w", slot, err)
+}

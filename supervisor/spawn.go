@@ -1,0 +1,186 @@
+package supervisor
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/corralhq/corral/supervisor/protocol"
+)
+
+// procState is where a worker process is in its life.
+type procState int
+
+const (
+	starting procState = iota // started, not ready yet
+	ready                     // serving and heartbeating
+	draining                  // sent SIGTERM, finishing its requests
+	killing                   // hung or out of budget, sent SIGQUIT or SIGKILL
+)
+
+func (st procState) String() string {
+	return [...]string{"starting", "ready", "draining", "killing"}[st]
+}
+
+// proc is one worker process. It is owned by the supervisor's loop; the
+// goroutines that wait for it only send events.
+type proc struct {
+	slot     *slot
+	gen      int
+	pid      int
+	cmd      *exec.Cmd
+	lifeline *os.File // supervisor's write end; closing it tells the worker we are gone
+	state    procState
+	why      string // why it was started ("start", "crash", "hup", ...)
+	reason   string // why it is being stopped, once it is
+
+	started  time.Time
+	readyAt  time.Time
+	lastBeat time.Time
+	deadline time.Time // draining/killing: SIGKILL at this time
+
+	requests uint64
+	inFlight int64
+}
+
+// event is what the per-process goroutines tell the loop.
+type event struct {
+	p      *proc
+	msg    protocol.Message
+	exited bool
+	status *os.ProcessState
+}
+
+// startThread runs cmd.Start for every worker on one OS thread that never
+// exits: Linux delivers Pdeathsig when the thread that forked the child
+// exits, not the process, so a goroutine that could move threads or end
+// would kill or orphan workers at random.
+var startThread = sync.OnceValue(func() chan<- startReq {
+	reqs := make(chan startReq)
+	go func() {
+		runtime.LockOSThread() // never unlocked, and this goroutine never returns
+		for r := range reqs {
+			r.done <- r.cmd.Start()
+		}
+	}()
+	return reqs
+})
+
+type startReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+// workerEnv is base without any marker the caller may have set (markers are
+// always overwritten, never inherited) and without systemd's variables,
+// which address the supervisor only.
+func workerEnv(base []string, markers map[string]string) []string {
+	env := make([]string, 0, len(base)+len(markers))
+	for _, kv := range base {
+		k, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(k, "CORRAL_") || k == "NOTIFY_SOCKET" || k == "WATCHDOG_PID" || k == "WATCHDOG_USEC" ||
+			k == "LISTEN_FDS" || k == "LISTEN_PID" || k == "LISTEN_FDNAMES" {
+			continue
+		}
+		env = append(env, kv)
+	}
+	for k, v := range markers {
+		env = append(env, k+"="+v)
+	}
+	return env
+}
+
+// start execs a new worker for sl with the given listeners. On success the
+// process runs, its goroutines report to s.events, and p is returned.
+func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, error) {
+	controlR, controlW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: control pipe: %w", err)
+	}
+	lifelineR, lifelineW, err := os.Pipe()
+	if err != nil {
+		controlR.Close()
+		controlW.Close()
+		return nil, fmt.Errorf("supervisor: lifeline pipe: %w", err)
+	}
+	args, _ := json.Marshal(s.cfg.Args)
+	gen := sl.gen + 1
+	maxReq := 0
+	if s.cfg.MaxRequests > 0 {
+		maxReq = s.cfg.MaxRequests + s.jitter(s.cfg.MaxRequestsJitter)
+	}
+	cmd := &exec.Cmd{
+		Path: s.exe,
+		Args: []string{fmt.Sprintf("%s: worker %d/%d [gen %d]", s.cfg.Name, sl.n, len(s.slots), gen)},
+		Env: workerEnv(s.cfg.Env, map[string]string{
+			protocol.EnvRole:               protocol.RoleWorker,
+			protocol.EnvArgs:               string(args),
+			protocol.EnvSlot:               strconv.Itoa(sl.n),
+			protocol.EnvSlots:              strconv.Itoa(len(s.slots)),
+			protocol.EnvGeneration:         strconv.Itoa(gen),
+			protocol.EnvListeners:          strconv.Itoa(len(listeners)),
+			protocol.EnvSupervisorPID:      strconv.Itoa(os.Getpid()),
+			protocol.EnvHealthcheckTimeout: s.cfg.HealthcheckTimeout.String(),
+			protocol.EnvMaxRequests:        strconv.Itoa(maxReq),
+		}),
+		Stdout:     os.Stdout,
+		Stderr:     os.Stderr,
+		ExtraFiles: append([]*os.File{controlW, lifelineR}, listeners...),
+		SysProcAttr: &syscall.SysProcAttr{
+			// Own process group: a terminal's Ctrl+C reaches the supervisor
+			// only, which then drains the workers in order.
+			Setpgid: true,
+			// Backstop for the lifeline; the worker drains briefly on it.
+			Pdeathsig: syscall.SIGTERM,
+		},
+	}
+	done := make(chan error, 1)
+	startThread() <- startReq{cmd: cmd, done: done}
+	err = <-done
+	controlW.Close()
+	lifelineR.Close()
+	if err != nil {
+		controlR.Close()
+		lifelineW.Close()
+		return nil, fmt.Errorf("supervisor: start worker %d: %w", sl.n, err)
+	}
+	sl.gen = gen
+	p := &proc{slot: sl, gen: gen, pid: cmd.Process.Pid, cmd: cmd, lifeline: lifelineW, why: why, started: time.Now()}
+	go s.readControl(p, controlR)
+	go func() {
+		cmd.Wait()
+		s.events <- event{p: p, exited: true, status: cmd.ProcessState}
+	}()
+	return p, nil
+}
+
+// readControl forwards the worker's messages until its end of the pipe
+// closes, which happens at the latest when the worker exits.
+func (s *Supervisor) readControl(p *proc, r *os.File) {
+	defer r.Close()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 4096), 1<<16)
+	for sc.Scan() {
+		m, err := protocol.Decode(sc.Bytes())
+		if err != nil {
+			s.log.Warn().Err(err).Int("pid", p.pid).Msg("bad control message")
+			continue
+		}
+		s.events <- event{p: p, msg: m}
+	}
+}
+
+// signal sends sig to p and reports whether it was delivered. It goes
+// through os.Process, which knows when the process has been reaped, so a
+// late signal never reaches a recycled pid.
+func (p *proc) signal(sig syscall.Signal) bool {
+	return p.cmd.Process.Signal(sig) == nil
+}

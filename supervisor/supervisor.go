@@ -1,0 +1,382 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// SocketMode says how workers share the listening port.
+type SocketMode string
+
+const (
+	// Reuseport gives every worker slot its own SO_REUSEPORT socket, which
+	// the kernel balances evenly; each worker also serves its neighbour's
+	// socket, so a dead or stopped worker strands nothing.
+	Reuseport SocketMode = "reuseport"
+	// Shared gives every worker the same socket, as uvicorn and gunicorn do.
+	Shared SocketMode = "shared"
+)
+
+// Defaults applied by New to zero fields of Config.
+const (
+	DefaultAddr               = "0.0.0.0:8000"
+	DefaultWorkers            = 4
+	DefaultBacklog            = 2048
+	DefaultGracefulTimeout    = 75 * time.Second
+	DefaultHealthcheckTimeout = 10 * time.Second
+	// DefaultKillGrace is how long a worker has between SIGQUIT (stack dump)
+	// or the end of its drain budget and SIGKILL.
+	DefaultKillGrace = time.Second
+	// MaxWorkers bounds the worker count, TTIN included.
+	MaxWorkers = 512
+)
+
+// Backoff of a slot whose workers keep dying: the first crash is replaced
+// at once, the next ones after backoffMin doubling to backoffMax, with
+// jitter; a worker that stayed up for backoffReset resets the count.
+const (
+	backoffMin   = 100 * time.Millisecond
+	backoffMax   = 10 * time.Second
+	backoffReset = time.Minute
+)
+
+// Config configures a Supervisor. The zero value starts DefaultWorkers
+// workers on DefaultAddr.
+type Config struct {
+	// Addr is host:port to serve; port 0 picks a free port. Default DefaultAddr.
+	Addr string
+	// Workers is the initial number of workers. Default DefaultWorkers.
+	Workers int
+	// SocketMode is Reuseport (default) or Shared.
+	SocketMode SocketMode
+	// Backlog is the listen backlog of each socket. Default DefaultBacklog.
+	Backlog int
+	// GracefulTimeout is how long a stopping worker may drain before
+	// SIGKILL. Default DefaultGracefulTimeout.
+	GracefulTimeout time.Duration
+	// HealthcheckTimeout is how long a worker may take to become ready, and
+	// how long a ready worker may go without heartbeat before it is
+	// considered hung. Default DefaultHealthcheckTimeout.
+	HealthcheckTimeout time.Duration
+	// MaxRequests recycles a worker after that many requests, plus a random
+	// 0..MaxRequestsJitter; 0 means never.
+	MaxRequests, MaxRequestsJitter int
+	// Args are the command-line arguments the workers parse, as given to
+	// the server (without the program name).
+	Args []string
+	// Env is the environment of the workers before the markers are added.
+	// Default os.Environ().
+	Env []string
+	// Name prefixes process titles ("NAME: worker 2/4 [gen 1]"). Default
+	// the executable's base name.
+	Name string
+	// Signals delivers the supervisor's signals: SIGINT, SIGTERM, SIGQUIT,
+	// SIGHUP, SIGTTIN, SIGTTOU. Only cmd/ calls signal.Notify.
+	Signals <-chan os.Signal
+	// Logger receives every state change; the zero value discards them.
+	Logger zerolog.Logger
+	// SetTitle rewrites the supervisor's own process title as the worker
+	// count changes. Only a process started with a title in argv[0] (the
+	// master's re-exec) should set it.
+	SetTitle bool
+	// OnWorkerExit, if set, is called from the supervisor's loop after a
+	// worker process exited; crashed is false when the supervisor had asked
+	// it to stop. It must return quickly.
+	OnWorkerExit func(pid int, crashed bool)
+
+	// exe is the worker binary; tests may point it elsewhere. Default
+	// os.Executable().
+	exe string
+}
+
+// BootError reports that a worker of the first generation exited before it
+// became ready, which stops the whole server (exit status 3).
+type BootError struct {
+	Slot   int
+	PID    int
+	Status string // "exit status 3", "signal: killed", "not ready within 10s"
+}
+
+func (e *BootError) Error() string {
+	return fmt.Sprintf("worker %d (pid %d) failed to boot: %s", e.Slot, e.PID, e.Status)
+}
+
+// ErrBoot is what a BootError matches with errors.Is.
+var ErrBoot = errors.New("supervisor: worker failed to boot")
+
+// Is reports whether target is ErrBoot.
+func (e *BootError) Is(target error) bool { return target == ErrBoot }
+
+// slot is one worker position, with its socket in reuseport mode.
+type slot struct {
+	n        int // 1-based position
+	sock     *os.File
+	gen      int   // generation of the newest worker started
+	current  *proc // the serving worker, nil after it died
+	next     *proc // a replacement that is starting
+	failures int   // consecutive deaths, for the backoff
+	// restartAt is when a backed-off replacement starts; zero when none is due.
+	restartAt  time.Time
+	restartWhy string
+	gone       bool // scaled away
+}
+
+// Supervisor starts, watches and replaces worker processes. Create it with
+// New and run it with Run, once.
+type Supervisor struct {
+	cfg    Config
+	log    zerolog.Logger
+	exe    string
+	addr   *net.TCPAddr
+	shared *os.File // Shared mode: the one socket
+
+	slots  []*slot
+	procs  map[int]*proc // every live worker process, by pid
+	events chan event
+
+	booted   bool  // every slot has had a ready worker
+	rolling  []int // slots still to roll for SIGHUP, in order
+	rollSlot *slot // the slot being rolled now
+	stopping bool
+	exitErr  error
+	rng      *rand.Rand
+}
+
+// New validates cfg, binds the listening sockets and returns a Supervisor
+// ready to Run. A busy or forbidden address returns an *AddrError before
+// anything has started.
+func New(cfg Config) (*Supervisor, error) {
+	if cfg.Addr == "" {
+		cfg.Addr = DefaultAddr
+	}
+	if cfg.Workers == 0 {
+		cfg.Workers = DefaultWorkers
+	}
+	if cfg.Workers < 1 || cfg.Workers > MaxWorkers {
+		return nil, fmt.Errorf("supervisor: %d workers: want 1 to %d", cfg.Workers, MaxWorkers)
+	}
+	if cfg.SocketMode == "" {
+		cfg.SocketMode = Reuseport
+	}
+	if cfg.SocketMode != Reuseport && cfg.SocketMode != Shared {
+		return nil, fmt.Errorf("supervisor: socket mode %q: want %q or %q", cfg.SocketMode, Reuseport, Shared)
+	}
+	if cfg.Backlog <= 0 {
+		cfg.Backlog = DefaultBacklog
+	}
+	if cfg.GracefulTimeout <= 0 {
+		cfg.GracefulTimeout = DefaultGracefulTimeout
+	}
+	if cfg.HealthcheckTimeout <= 0 {
+		cfg.HealthcheckTimeout = DefaultHealthcheckTimeout
+	}
+	if cfg.Env == nil {
+		cfg.Env = os.Environ()
+	}
+	exe := cfg.exe
+	if exe == "" {
+		var err error
+		if exe, err = os.Executable(); err != nil {
+			return nil, fmt.Errorf("supervisor: find own executable: %w", err)
+		}
+	}
+	if cfg.Name == "" {
+		cfg.Name = filepath.Base(exe)
+	}
+	s := &Supervisor{
+		cfg:    cfg,
+		log:    cfg.Logger,
+		exe:    exe,
+		procs:  make(map[int]*proc),
+		events: make(chan event, 64),
+		rng:    rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
+	}
+	addr, err := probeAddr(cfg.Addr)
+	if err != nil {
+		return nil, err
+	}
+	s.addr = addr
+	if cfg.SocketMode == Shared {
+		if s.shared, err = listenSocket(addr, false, cfg.Backlog); err != nil {
+			return nil, &AddrError{Addr: addr.String(), Err: err}
+		}
+	}
+	for range cfg.Workers {
+		if err := s.addSlot(); err != nil {
+			s.closeSockets()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// Addr returns the address the server listens on, with the chosen port.
+func (s *Supervisor) Addr() *net.TCPAddr { return s.addr }
+
+// Run starts the workers and supervises them until a shutdown signal has
+// been handled and every worker has been reaped. It returns nil after an
+// orderly or forced shutdown and a *BootError when a first-generation
+// worker could not start. Run must be called once.
+func (s *Supervisor) Run() error {
+	defer s.closeSockets()
+	s.log.Info().Int("pid", os.Getpid()).Msg("Started server process")
+	if s.cfg.SocketMode == Reuseport && migrateReqDisabled() {
+		s.log.Warn().Msg("net.ipv4.tcp_migrate_req is 0: scaling down resets connections queued on the removed worker's socket; set it to 1 to migrate them")
+	}
+	s.log.Info().
+		Str("url", "http://"+s.addr.String()).
+		Int("workers", len(s.slots)).
+		Str("socket_mode", string(s.cfg.SocketMode)).
+		Msg("Corral running, press CTRL+C to quit")
+	s.setTitle()
+	for _, sl := range s.slots {
+		s.spawn(sl, "start")
+	}
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for !(s.stopping && len(s.procs) == 0) {
+		timer.Reset(time.Until(s.nextDeadline()))
+		select {
+		case sig := <-s.cfg.Signals:
+			s.onSignal(sig)
+		case ev := <-s.events:
+			s.onEvent(ev)
+		case <-timer.C:
+		}
+		s.tick(time.Now())
+	}
+	if s.exitErr == nil {
+		s.log.Info().Msg("Finished server process")
+	}
+	return s.exitErr
+}
+
+func (s *Supervisor) onSignal(sig os.Signal) {
+	s.log.Info().Str("signal", sig.String()).Msg("signal received")
+	switch sig {
+	case syscall.SIGINT, syscall.SIGTERM:
+		if s.stopping {
+			s.kill("forced")
+			return
+		}
+		s.shutdown()
+	case syscall.SIGQUIT:
+		s.stopping = true
+		s.kill("quit")
+	case syscall.SIGHUP:
+		if s.stopping {
+			return
+		}
+		s.rolling = s.rolling[:0]
+		for _, sl := range s.slots {
+			s.rolling = append(s.rolling, sl.n)
+		}
+		s.log.Info().Int("workers", len(s.slots)).Msg("rolling restart")
+		s.roll()
+	case syscall.SIGTTIN:
+		s.scaleUp()
+	case syscall.SIGTTOU:
+		s.scaleDown()
+	}
+}
+
+// shutdown starts the orderly stop: every worker drains within the
+// graceful budget and is killed after it.
+func (s *Supervisor) shutdown() {
+	s.stopping = true
+	s.rolling = nil
+	s.log.Info().Dur("budget", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Msg("Shutting down")
+	for _, sl := range s.slots {
+		sl.restartAt = time.Time{}
+	}
+	for _, p := range s.procs {
+		s.stop(p, "shutdown")
+	}
+}
+
+// kill sends SIGKILL to every worker; they are reaped as they exit.
+func (s *Supervisor) kill(reason string) {
+	s.stopping = true
+	for _, p := range s.procs {
+		if p.signal(syscall.SIGKILL) {
+			s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Str("reason", reason).Msg("worker killed")
+		}
+		p.reason = reason
+		p.state = killing
+	}
+}
+
+func (s *Supervisor) onEvent(ev event) {
+	p := ev.p
+	if ev.exited {
+		s.onExit(p, ev.status)
+		return
+	}
+	if _, live := s.procs[p.pid]; !live {
+		return // a message that raced the exit
+	}
+	switch ev.msg.Type {
+	case "ready":
+		s.onReady(p)
+	case "heartbeat":
+		p.lastBeat = time.Now()
+		p.requests, p.inFlight = ev.msg.Requests, ev.msg.InFlight
+	case "recycle":
+		if p == p.slot.current && !s.stopping {
+			s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Uint64("requests", ev.msg.Requests).Str("reason", ev.msg.Reason).Msg("recycling worker")
+			s.replace(p.slot, ev.msg.Reason)
+		}
+	}
+}
+
+// nextDeadline is the earliest time the loop has something to do on its own.
+func (s *Supervisor) nextDeadline() time.Time {
+	next := time.Now().Add(time.Hour)
+	for _, p := range s.procs {
+		var d time.Time
+		switch p.state {
+		case starting:
+			d = p.started.Add(s.cfg.HealthcheckTimeout)
+		case ready:
+			d = p.lastBeat.Add(s.cfg.HealthcheckTimeout)
+		default:
+			d = p.deadline
+		}
+		if d.Before(next) {
+			next = d
+		}
+	}
+	for _, sl := range s.slots {
+		if !sl.restartAt.IsZero() && sl.restartAt.Before(next) {
+			next = sl.restartAt
+		}
+	}
+	return next
+}
+
+func (s *Supervisor) closeSockets() {
+	if s.shared != nil {
+		s.shared.Close()
+	}
+	for _, sl := range s.slots {
+		if sl.sock != nil {
+			sl.sock.Close()
+		}
+	}
+}
+
+// jitter returns a random whole number from 0 to n.
+func (s *Supervisor) jitter(n int) int {
+	if n <= 0 {
+		return 0
+	}
+	return s.rng.IntN(n + 1)
+}

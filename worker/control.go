@@ -1,0 +1,76 @@
+package worker
+
+import (
+	"net"
+	"os"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/corralhq/corral/supervisor/protocol"
+)
+
+// heartbeat proves the serving path to the supervisor: it sends Ready after
+// the first successful self-probe and a Heartbeat after each later one, and
+// asks to be recycled once MaxRequests is reached. It returns when stop
+// closes.
+func (w *worker) heartbeat(stop <-chan struct{}) {
+	interval := protocol.HeartbeatInterval(w.in.HealthcheckTimeout)
+	client := &fasthttp.HostClient{
+		Addr:                "worker",
+		Dial:                func(string) (net.Conn, error) { return w.probeLn.Dial() },
+		MaxIdleConnDuration: time.Minute,
+	}
+	ready := false
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		if w.probe(client, interval*2) {
+			typ := protocol.TypeHeartbeat
+			if !ready {
+				typ, ready = protocol.TypeReady, true
+				w.log.Debug().Msg("worker ready")
+			}
+			w.send(protocol.Message{Type: typ, Requests: w.requests.Load(), InFlight: w.inFlight.Load()})
+		}
+		select {
+		case <-stop:
+			return
+		case <-w.recycle:
+			w.log.Info().Uint64("requests", w.requests.Load()).Str("reason", "max_requests").Msg("worker asks to be recycled")
+			w.send(protocol.Message{Type: protocol.TypeRecycle, Reason: "max_requests"})
+		case <-tick.C:
+		}
+	}
+}
+
+// probe sends GET /health to the worker's own handler through the
+// in-memory listener and reports whether it answered 200 within timeout.
+func (w *worker) probe(c *fasthttp.HostClient, timeout time.Duration) bool {
+	req := fasthttp.AcquireRequest()
+	resp := fasthttp.AcquireResponse()
+	defer fasthttp.ReleaseRequest(req)
+	defer fasthttp.ReleaseResponse(resp)
+	req.SetRequestURI("http://worker/health")
+	req.Header.Set("User-Agent", "corral-probe")
+	if err := c.DoTimeout(req, resp, timeout); err != nil {
+		w.log.Warn().Err(err).Msg("health probe failed")
+		return false
+	}
+	if resp.StatusCode() != fasthttp.StatusOK {
+		w.log.Warn().Int("status", resp.StatusCode()).Msg("health probe failed")
+		return false
+	}
+	return true
+}
+
+// send writes one message to the supervisor. A failed write means the
+// supervisor is gone, which the lifeline reports on its own.
+func (w *worker) send(m protocol.Message) {
+	m.PID = os.Getpid()
+	w.controlMu.Lock()
+	defer w.controlMu.Unlock()
+	if _, err := w.control.Write(m.Encode()); err != nil {
+		w.log.Debug().Err(err).Msg("control write failed")
+	}
+}

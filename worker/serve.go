@@ -1,0 +1,150 @@
+package worker
+
+import (
+	"errors"
+	"net"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/valyala/fasthttp"
+	"github.com/valyala/fasthttp/fasthttputil"
+)
+
+// worker is the state of one running worker process.
+type worker struct {
+	in      Info
+	cfg     Config
+	log     zerolog.Logger
+	srv     *fasthttp.Server
+	probeLn probeListener
+
+	controlMu sync.Mutex // serialises writes to control
+	control   *os.File
+
+	requests atomic.Uint64 // finished requests, the worker's own probes excluded
+	inFlight atomic.Int64
+	conns    atomic.Int64
+	panics   atomic.Uint64
+	draining atomic.Bool
+	recycle  chan struct{} // one token once MaxRequests is reached
+}
+
+// ErrPanic is what the Error hook receives for a request whose handler
+// panicked.
+var ErrPanic = errors.New("worker: handler panicked")
+
+// ErrOverloaded is what the Error hook receives for a request refused by
+// the concurrency limit.
+var ErrOverloaded = errors.New("worker: too many requests in flight")
+
+// serve is the one panic boundary of the worker, and where requests are
+// counted, limited and logged.
+func (w *worker) serve(ctx *fasthttp.RequestCtx) {
+	if isProbe(ctx.Conn()) {
+		w.guard(ctx)
+		return
+	}
+	start := time.Now()
+	n := w.inFlight.Add(1)
+	if w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) {
+		ctx.Response.Header.Set("Retry-After", "1")
+		w.cfg.Error(ctx, fasthttp.StatusServiceUnavailable, ErrOverloaded)
+	} else {
+		w.guard(ctx)
+	}
+	if w.draining.Load() {
+		ctx.SetConnectionClose()
+	}
+	w.inFlight.Add(-1)
+	done := w.requests.Add(1)
+	if max := w.in.MaxRequests; max > 0 && done == max {
+		select {
+		case w.recycle <- struct{}{}:
+		default:
+		}
+	}
+	if w.cfg.AccessLog {
+		w.log.Info().
+			Bytes("method", ctx.Method()).
+			Bytes("path", ctx.Path()).
+			Int("status", ctx.Response.StatusCode()).
+			Dur("duration", time.Since(start)).
+			Int("bytes", len(ctx.Response.Body())).
+			Str("remote", ctx.RemoteIP().String()).
+			Msg("request")
+	}
+}
+
+// guard runs the handler and turns a panic into a logged 500.
+func (w *worker) guard(ctx *fasthttp.RequestCtx) {
+	defer func() {
+		v := recover()
+		if v == nil {
+			return
+		}
+		w.panics.Add(1)
+		w.log.Error().
+			Interface("panic", v).
+			Bytes("method", ctx.Method()).
+			Bytes("path", ctx.Path()).
+			Str("stack", string(debug.Stack())).
+			Msg("handler panicked")
+		// fasthttp buffers the response until the handler returns, so
+		// whatever the handler had set can still be replaced.
+		ctx.Response.Reset()
+		w.cfg.Error(ctx, fasthttp.StatusInternalServerError, ErrPanic)
+	}()
+	w.cfg.Handler(ctx)
+}
+
+// serveError answers a request fasthttp could not read.
+func (w *worker) serveError(ctx *fasthttp.RequestCtx, err error) {
+	status := fasthttp.StatusBadRequest
+	switch {
+	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+		status = fasthttp.StatusRequestEntityTooLarge
+	case isTimeout(err):
+		status = fasthttp.StatusRequestTimeout
+	}
+	ctx.SetConnectionClose()
+	w.cfg.Error(ctx, status, err)
+}
+
+// writeError is the default Config.Error.
+func writeError(ctx *fasthttp.RequestCtx, status int, err error) {
+	code := "error"
+	switch status {
+	case fasthttp.StatusServiceUnavailable:
+		code = "overloaded"
+	case fasthttp.StatusInternalServerError:
+		code = "internal"
+	}
+	ctx.SetStatusCode(status)
+	ctx.SetContentType("application/json")
+	ctx.SetBodyString(`{"error":{"code":"` + code + `","message":` + strconv.Quote(err.Error()) + `}}`)
+}
+
+// probeConn marks connections the worker dialled to itself; they bypass
+// the concurrency limit, the counters and the access log.
+type probeConn struct{ net.Conn }
+
+func isProbe(c net.Conn) bool {
+	_, ok := c.(probeConn)
+	return ok
+}
+
+// probeListener hands out the worker's own in-memory connections, marked.
+type probeListener struct{ *fasthttputil.InmemoryListener }
+
+func (l probeListener) Accept() (net.Conn, error) {
+	c, err := l.InmemoryListener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return probeConn{c}, nil
+}

@@ -1,0 +1,303 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/valyala/fasthttp"
+	"github.com/valyala/fasthttp/fasthttputil"
+
+	"github.com/corralhq/corral/supervisor/protocol"
+)
+
+// Defaults applied by Run to zero fields of Config.
+const (
+	DefaultGracefulTimeout  = 75 * time.Second
+	DefaultOrphanTimeout    = time.Second
+	DefaultKeepAliveTimeout = 5 * time.Second
+	DefaultReadTimeout      = 30 * time.Second
+	DefaultMaxBodySize      = 1 << 20
+	// DefaultCloseLeadIn is how long a draining worker keeps its listeners
+	// open while answering every response with "Connection: close", so that
+	// busy keep-alive clients learn to reconnect instead of finding their
+	// connection closed under a request they just sent.
+	DefaultCloseLeadIn = 500 * time.Millisecond
+)
+
+// Config configures Run. The zero value is usable for every field but Handler.
+type Config struct {
+	// Handler answers every request. Required.
+	Handler fasthttp.RequestHandler
+	// Error writes an error response for the failures the worker answers
+	// itself (panic: 500, over the concurrency limit: 503, unreadable
+	// request: 400, 408 or 413). Nil writes a small JSON body.
+	Error func(ctx *fasthttp.RequestCtx, status int, err error)
+	// Logger receives the worker's events; the zero value discards them.
+	Logger zerolog.Logger
+	// AccessLog logs one line per request at info level.
+	AccessLog bool
+	// GracefulTimeout bounds the drain on SIGTERM. Default 75s.
+	GracefulTimeout time.Duration
+	// OrphanTimeout bounds the drain once the supervisor is gone. Default 1s.
+	OrphanTimeout time.Duration
+	// KeepAliveTimeout closes keep-alive connections idle for longer. Default 5s.
+	KeepAliveTimeout time.Duration
+	// DisableKeepAlive closes every connection after its response.
+	DisableKeepAlive bool
+	// ReadTimeout bounds reading one whole request, so a client that dribbles
+	// its headers cannot hold a connection for ever. Default 30s.
+	ReadTimeout time.Duration
+	// MaxBodySize is the largest request body accepted (413 above). Default 1 MiB.
+	MaxBodySize int
+	// MaxConcurrency is the most requests served at once; more are answered
+	// 503 with Retry-After. 0 means no limit.
+	MaxConcurrency int
+	// Signals delivers SIGTERM/SIGINT (drain). Nil means no signals.
+	Signals <-chan os.Signal
+}
+
+// Info identifies a worker process; Self reads it from the environment the
+// supervisor set.
+type Info struct {
+	Slot, Slots, Generation int
+	PID                     int
+	SupervisorPID           int
+	Started                 time.Time
+	HealthcheckTimeout      time.Duration
+	MaxRequests             uint64
+	Listeners               int
+}
+
+// ErrNotWorker is returned by Self when the process was not started by the
+// supervisor as a worker.
+var ErrNotWorker = errors.New("worker: not started by the supervisor")
+
+// Self returns the identity the supervisor gave this process. It returns an
+// error wrapping ErrNotWorker when the role marker is absent, and an error
+// naming the variable when a marker is malformed.
+func Self() (Info, error) {
+	if os.Getenv(protocol.EnvRole) != protocol.RoleWorker {
+		return Info{}, ErrNotWorker
+	}
+	in := Info{PID: os.Getpid(), Started: time.Now()}
+	ints := []struct {
+		name string
+		dst  *int
+		min  int
+	}{
+		{protocol.EnvSlot, &in.Slot, 1},
+		{protocol.EnvSlots, &in.Slots, 1},
+		{protocol.EnvGeneration, &in.Generation, 1},
+		{protocol.EnvListeners, &in.Listeners, 1},
+		{protocol.EnvSupervisorPID, &in.SupervisorPID, 1},
+	}
+	for _, v := range ints {
+		n, err := strconv.Atoi(os.Getenv(v.name))
+		if err != nil || n < v.min {
+			return Info{}, fmt.Errorf("worker: invalid %s %q: this variable is set by the supervisor", v.name, os.Getenv(v.name))
+		}
+		*v.dst = n
+	}
+	d, err := time.ParseDuration(os.Getenv(protocol.EnvHealthcheckTimeout))
+	if err != nil || d <= 0 {
+		return Info{}, fmt.Errorf("worker: invalid %s %q: this variable is set by the supervisor", protocol.EnvHealthcheckTimeout, os.Getenv(protocol.EnvHealthcheckTimeout))
+	}
+	in.HealthcheckTimeout = d
+	if s := os.Getenv(protocol.EnvMaxRequests); s != "" {
+		n, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			return Info{}, fmt.Errorf("worker: invalid %s %q: this variable is set by the supervisor", protocol.EnvMaxRequests, s)
+		}
+		in.MaxRequests = n
+	}
+	return in, nil
+}
+
+// Run serves cfg.Handler as the worker described by in, on the inherited
+// listeners, until it is told to stop (signal, lifeline EOF) and has drained.
+// It returns nil after a drain, even one cut short by its budget, and an
+// error when the inherited descriptors are unusable or serving fails.
+func Run(in Info, cfg Config) error {
+	if cfg.Handler == nil {
+		return errors.New("worker: no handler")
+	}
+	setDefaults(&cfg)
+	log := cfg.Logger
+
+	lns, err := inheritListeners(in.Listeners)
+	if err != nil {
+		return err
+	}
+	control := os.NewFile(protocol.ControlFD, "control")
+	lifeline := os.NewFile(protocol.LifelineFD, "lifeline")
+	if control == nil || lifeline == nil {
+		return errors.New("worker: control or lifeline descriptor missing")
+	}
+	defer control.Close()
+
+	w := &worker{
+		in:      in,
+		cfg:     cfg,
+		log:     log,
+		control: control,
+		probeLn: probeListener{fasthttputil.NewInmemoryListener()},
+		recycle: make(chan struct{}, 1),
+	}
+	srv := &fasthttp.Server{
+		Handler:               w.serve,
+		ErrorHandler:          w.serveError,
+		Name:                  "corral",
+		NoDefaultServerHeader: true,
+		ReadTimeout:           cfg.ReadTimeout,
+		IdleTimeout:           cfg.KeepAliveTimeout,
+		DisableKeepalive:      cfg.DisableKeepAlive,
+		// WriteTimeout stays 0: it would cut streamed chat replies.
+		MaxRequestBodySize:           cfg.MaxBodySize,
+		CloseOnShutdown:              true,
+		DisablePreParseMultipartForm: true,
+		Logger:                       fasthttpLogger{log},
+		ConnState:                    w.connState,
+	}
+	w.srv = srv
+
+	serveErr := make(chan error, len(lns)+1)
+	for _, ln := range append(lns, net.Listener(w.probeLn)) {
+		go func() { serveErr <- srv.Serve(ln) }()
+	}
+
+	lifelineEOF := make(chan struct{})
+	go watchLifeline(lifeline, lifelineEOF)
+
+	stopBeat := make(chan struct{})
+	beatDone := make(chan struct{})
+	go func() {
+		defer close(beatDone)
+		w.heartbeat(stopBeat)
+	}()
+
+	var budget time.Duration
+	var reason string
+	select {
+	case sig := <-cfg.Signals:
+		budget, reason = cfg.GracefulTimeout, "signal "+sig.String()
+		if os.Getppid() != in.SupervisorPID {
+			budget, reason = cfg.OrphanTimeout, "supervisor gone"
+		}
+	case <-lifelineEOF:
+		budget, reason = cfg.OrphanTimeout, "supervisor gone"
+	case err := <-serveErr:
+		close(stopBeat)
+		<-beatDone
+		return fmt.Errorf("worker: serve: %w", err)
+	}
+	close(stopBeat)
+	<-beatDone
+	log.Info().Str("reason", reason).Dur("budget", budget).Int64("in_flight", w.inFlight.Load()).Msg("drain started")
+	w.drain(budget)
+	log.Info().Uint64("requests", w.requests.Load()).Msg("drain finished")
+	return nil
+}
+
+func setDefaults(cfg *Config) {
+	if cfg.GracefulTimeout <= 0 {
+		cfg.GracefulTimeout = DefaultGracefulTimeout
+	}
+	if cfg.OrphanTimeout <= 0 {
+		cfg.OrphanTimeout = DefaultOrphanTimeout
+	}
+	if cfg.KeepAliveTimeout <= 0 {
+		cfg.KeepAliveTimeout = DefaultKeepAliveTimeout
+	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = DefaultReadTimeout
+	}
+	if cfg.MaxBodySize <= 0 {
+		cfg.MaxBodySize = DefaultMaxBodySize
+	}
+	if cfg.Error == nil {
+		cfg.Error = writeError
+	}
+}
+
+// inheritListeners wraps the n listening sockets starting at ListenerFD. The
+// inherited descriptors are closed once wrapped, so that the worker holds
+// each socket exactly once and fasthttp's Shutdown lets go of it.
+func inheritListeners(n int) ([]net.Listener, error) {
+	lns := make([]net.Listener, 0, n)
+	for i := range n {
+		fd := protocol.ListenerFD + i
+		f := os.NewFile(uintptr(fd), "listener-"+strconv.Itoa(i))
+		if f == nil {
+			return nil, fmt.Errorf("worker: listener fd %d: not open", fd)
+		}
+		ln, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("worker: listener fd %d: %w", fd, err)
+		}
+		lns = append(lns, ln)
+	}
+	return lns, nil
+}
+
+// watchLifeline closes eof when the supervisor's end of the lifeline closes.
+// The supervisor writes nothing yet; anything it writes is read and dropped.
+func watchLifeline(f *os.File, eof chan<- struct{}) {
+	defer close(eof)
+	buf := make([]byte, 512)
+	for {
+		if _, err := f.Read(buf); err != nil {
+			return
+		}
+	}
+}
+
+// drain stops accepting and waits for requests in flight, within budget.
+func (w *worker) drain(budget time.Duration) {
+	deadline := time.Now().Add(budget)
+	w.draining.Store(true)
+	// Phase one: keep accepting but close every connection after its next
+	// response, so busy keep-alive clients move to the new worker cleanly.
+	leadIn := min(DefaultCloseLeadIn, budget/4)
+	for t := time.Now().Add(leadIn); time.Now().Before(t) && w.conns.Load() > 0; {
+		time.Sleep(10 * time.Millisecond) // a bounded wait for a count, not synchronization
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	if err := w.srv.ShutdownWithContext(ctx); err != nil {
+		w.log.Warn().Int64("in_flight", w.inFlight.Load()).Msg("drain budget expired")
+	}
+}
+
+// connState counts client connections (not the worker's own probe) so the
+// drain can tell when the lead-in has nothing left to do.
+func (w *worker) connState(c net.Conn, st fasthttp.ConnState) {
+	if isProbe(c) {
+		return
+	}
+	switch st {
+	case fasthttp.StateNew:
+		w.conns.Add(1)
+	case fasthttp.StateClosed, fasthttp.StateHijacked:
+		w.conns.Add(-1)
+	}
+}
+
+type fasthttpLogger struct{ log zerolog.Logger }
+
+func (l fasthttpLogger) Printf(format string, args ...any) {
+	l.log.Debug().Str("detail", fmt.Sprintf(format, args...)).Msg("fasthttp")
+}
+
+// isTimeout reports whether err is a read deadline.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.ETIMEDOUT)
+}
