@@ -1,16 +1,33 @@
 package handlers
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/corralhq/corral/handlers/llm"
+	"github.com/corralhq/corral/handlers/store"
 )
 
 var (
-	errNotFound = errors.New("no such route")
-	errMethod   = errors.New("method not allowed")
+	errNoRoute      = errors.New("no such route")
+	errMethod       = errors.New("method not allowed")
+	errUnauthorized = errors.New("missing or invalid bearer token")
+	errNoAgent      = errors.New("no such agent")
 )
+
+// requestError is a problem with the request itself; its message is shown
+// to the client as is.
+type requestError struct {
+	status int
+	msg    string
+}
+
+func (e *requestError) Error() string { return e.msg }
+
+func badRequest(msg string) error { return &requestError{fasthttp.StatusBadRequest, msg} }
 
 // codes names the error code of the JSON body for each status.
 var codes = map[int]string{
@@ -27,44 +44,94 @@ var codes = map[int]string{
 	fasthttp.StatusGatewayTimeout:        "upstream_timeout",
 }
 
-type errorBody struct {
-	Error struct {
-		Code    string `json:"code"`
-		Message string `json:"message"`
-	} `json:"error"`
+// errorObject is the one JSON error shape of the API.
+type errorObject struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
 }
 
-// WriteError answers with status and the one JSON error shape of the API,
-// {"error":{"code":"...","message":"..."}}. It is also the worker's hook for
-// the errors it answers itself (panics, overload, unreadable requests), so
-// every error a client sees has that shape.
-func WriteError(ctx *fasthttp.RequestCtx, status int, err error) {
-	var body errorBody
-	body.Error.Code = codes[status]
-	if body.Error.Code == "" {
-		body.Error.Code = "error"
+// statusOf maps an error to the status the client gets and the message it
+// may read. This is the only place where errors become HTTP statuses.
+// Upstream and store details are logged by the caller, never echoed.
+func statusOf(err error) (int, errorObject) {
+	var re *requestError
+	var status int
+	msg := ""
+	switch {
+	case errors.As(err, &re):
+		status, msg = re.status, re.msg
+	case errors.Is(err, errNoRoute), errors.Is(err, errNoAgent), errors.Is(err, store.ErrNotFound):
+		status = fasthttp.StatusNotFound
+		msg = err.Error()
+		if errors.Is(err, store.ErrNotFound) {
+			msg = errNoAgent.Error()
+		}
+	case errors.Is(err, errMethod):
+		status, msg = fasthttp.StatusMethodNotAllowed, err.Error()
+	case errors.Is(err, errUnauthorized):
+		status, msg = fasthttp.StatusUnauthorized, err.Error()
+	case errors.Is(err, store.ErrUnavailable), errors.Is(err, store.ErrClosed):
+		status, msg = fasthttp.StatusServiceUnavailable, "the database is unavailable; try again shortly"
+	case errors.Is(err, llm.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
+		status, msg = fasthttp.StatusGatewayTimeout, "the LLM did not answer in time"
+	case errors.Is(err, llm.ErrUnavailable):
+		status, msg = fasthttp.StatusBadGateway, "the LLM could not be reached"
+	case errors.Is(err, llm.ErrUpstream), errors.Is(err, llm.ErrStreamCut), errors.Is(err, llm.ErrBadResponse):
+		status, msg = fasthttp.StatusBadGateway, "the LLM answered with an error"
+	default:
+		status = fasthttp.StatusInternalServerError
 	}
-	body.Error.Message = publicMessage(status, err)
-	b, _ := json.Marshal(body)
+	if msg == "" {
+		msg = genericMessage(status)
+	}
+	return status, errorObject{Code: code(status), Message: msg}
+}
+
+func code(status int) string {
+	if c := codes[status]; c != "" {
+		return c
+	}
+	return "error"
+}
+
+// WriteError is the worker's hook for the errors it answers itself
+// (panics, overload, unreadable requests): it answers status with the API's
+// one JSON error shape, {"error":{"code":"...","message":"..."}}, and a
+// fixed message for the status, since err may quote raw request bytes.
+func WriteError(ctx *fasthttp.RequestCtx, status int, _ error) {
+	writeErrorObject(ctx, status, errorObject{Code: code(status), Message: genericMessage(status)})
+}
+
+func genericMessage(status int) string {
+	switch status {
+	case fasthttp.StatusInternalServerError:
+		return "internal server error"
+	case fasthttp.StatusRequestEntityTooLarge:
+		return "request body too large"
+	case fasthttp.StatusRequestTimeout:
+		return "request not received in time"
+	case fasthttp.StatusBadRequest:
+		return "malformed HTTP request"
+	case fasthttp.StatusServiceUnavailable:
+		return "too many requests in flight; retry later"
+	}
+	return fasthttp.StatusMessage(status)
+}
+
+// fail answers err with the status statusOf gives it.
+func fail(ctx *fasthttp.RequestCtx, err error) {
+	status, obj := statusOf(err)
+	writeErrorObject(ctx, status, obj)
+}
+
+func writeErrorObject(ctx *fasthttp.RequestCtx, status int, obj errorObject) {
+	b, _ := json.Marshal(struct {
+		Error errorObject `json:"error"`
+	}{obj})
 	ctx.SetStatusCode(status)
 	ctx.SetContentType("application/json")
 	ctx.SetBody(b)
 }
 
-// publicMessage is what a client may read about err: server-side failures
-// are not described, so no internal detail or upstream body leaks.
-func publicMessage(status int, err error) string {
-	switch {
-	case status == fasthttp.StatusInternalServerError:
-		return "internal server error"
-	case status == fasthttp.StatusRequestEntityTooLarge:
-		return "request body too large"
-	case status == fasthttp.StatusRequestTimeout:
-		return "request not received in time"
-	case status == fasthttp.StatusServiceUnavailable && err != nil:
-		return err.Error()
-	case err == nil:
-		return fasthttp.StatusMessage(status)
-	}
-	return err.Error()
-}
+
+var errStreamClosed = errors.New("event stream closed")

@@ -1,25 +1,70 @@
 package handlers
 
 import (
+	"crypto/sha256"
+	"context"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/valyala/fasthttp"
+
+	"github.com/corralhq/corral/handlers/llm"
+	"github.com/corralhq/corral/handlers/store"
 )
+
+// Store is what the API needs of the shared state; *store.Store provides it.
+type Store interface {
+	CreateAgent(ctx context.Context, a store.Agent, by store.Origin) (store.Agent, error)
+	Agent(ctx context.Context, id string) (store.Agent, error)
+	Agents(ctx context.Context) ([]store.Agent, error)
+	DeleteAgent(ctx context.Context, id string, by store.Origin) error
+	StartChat(ctx context.Context, c store.Chat) (store.Activity, error)
+	FinishChat(ctx context.Context, chatID, status string, data map[string]any) (store.Activity, error)
+	Activities(ctx context.Context, f store.Filter) ([]store.Activity, error)
+	LastActivityID(ctx context.Context) (int64, error)
+	WaitActivity(ctx context.Context, after int64) error
+}
+
+// LLM runs chat completions; *llm.Simulated and *llm.OpenAI provide it.
+type LLM interface {
+	Complete(ctx context.Context, req llm.Request, onDelta func(string) error) (llm.Response, error)
+}
 
 // Worker identifies the process serving a request, as /health reports it.
 type Worker struct {
 	Slot, Generation, PID int
-	Started               time.Time
+	Started              time.Time
 }
+
+// KeepAliveInterval is how often an idle event stream gets a comment line,
+// so that proxies and load balancers do not close it.
+const KeepAliveInterval = 15 * time.Second
+
+// DefaultLLMTimeout bounds a chat's LLM call when Config.LLMTimeout is 0.
+const DefaultLLMTimeout = 120 * time.Second
 
 // Config configures New.
 type Config struct {
 	// Worker is reported by /health and stamped on what this worker writes.
 	Worker Worker
+	// Store holds agents, chats and activities. Required for /api routes.
+	Store Store
+	// LLM answers chats. Required for /api/chat.
+	LLM LLM
+	// LLMTimeout bounds one chat's LLM call (504 past it). Default
+	// DefaultLLMTimeout.
+	LLMTimeout time.Duration
 	// Logger receives handler events; the zero value discards them.
 	Logger zerolog.Logger
+	// APITokens, if any, are the bearer tokens /api/ requires.
+	APITokens []string
+	// CORSOrigins are the origins allowed to call the API from a browser;
+	// "*" allows any. None by default.
+	CORSOrigins []string
+	// KeepAliveInterval overrides KeepAliveInterval (tests).
+	KeepAliveInterval time.Duration
 	// Extra, if set, is consulted before the built-in routes and reports
 	// whether it answered. It is a test seam (test-only routes), nil in
 	// production.
@@ -29,33 +74,112 @@ type Config struct {
 // Handler is the API of one worker. Its Serve method may be called
 // concurrently.
 type Handler struct {
-	cfg Config
+	cfg     Config
+	log     zerolog.Logger
+	origin  store.Origin
+	watcher *watcher
+	tokens  [][]byte // SHA-256 of each API token
 }
 
-// New returns the API handler.
+// New returns the API handler. Close releases its background goroutine.
 func New(cfg Config) *Handler {
-	return &Handler{cfg: cfg}
+	if cfg.LLMTimeout <= 0 {
+		cfg.LLMTimeout = DefaultLLMTimeout
+	}
+	if cfg.KeepAliveInterval <= 0 {
+		cfg.KeepAliveInterval = KeepAliveInterval
+	}
+	h := &Handler{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		origin:  store.Origin{Worker: cfg.Worker.Slot, PID: cfg.Worker.PID},
+		watcher: newWatcher(),
+	}
+	for _, t := range cfg.APITokens {
+		sum := sha256.Sum256([]byte(t))
+		h.tokens = append(h.tokens, sum[:])
+	}
+	return h
 }
+
+// Close stops the handler's disconnect watcher. Requests still running see
+// no more disconnects.
+func (h *Handler) Close() { h.watcher.close() }
 
 // Serve answers one request.
 func (h *Handler) Serve(ctx *fasthttp.RequestCtx) {
 	if h.cfg.Extra != nil && h.cfg.Extra(ctx) {
 		return
 	}
-	switch string(ctx.Path()) {
-	case "/health":
-		h.health(ctx)
+	path := string(ctx.Path())
+	if path == "/health" {
+		if allow(ctx, "GET", "HEAD") {
+			h.health(ctx)
+		}
+		return
+	}
+	if !strings.HasPrefix(path, "/api/") {
+		fail(ctx, errNoRoute)
+		return
+	}
+	if h.cors(ctx) {
+		return
+	}
+	if !h.authorized(ctx) {
+		return
+	}
+	switch {
+	case path == "/api/chat":
+		if allow(ctx, "POST") {
+			h.chat(ctx)
+		}
+	case path == "/api/activities":
+		if allow(ctx, "GET", "HEAD") {
+			h.activities(ctx)
+		}
+	case path == "/api/activities/stream":
+		if allow(ctx, "GET") {
+			h.activityStream(ctx)
+		}
+	case path == "/api/agents":
+		switch {
+		case ctx.IsGet() || ctx.IsHead():
+			h.listAgents(ctx)
+		case ctx.IsPost():
+			h.createAgent(ctx)
+		default:
+			allow(ctx, "GET", "HEAD", "POST")
+		}
+	case strings.HasPrefix(path, "/api/agents/") && !strings.Contains(path[len("/api/agents/"):], "/"):
+		id := path[len("/api/agents/"):]
+		switch {
+		case ctx.IsGet() || ctx.IsHead():
+			h.getAgent(ctx, id)
+		case ctx.IsDelete():
+			h.deleteAgent(ctx, id)
+		default:
+			allow(ctx, "GET", "HEAD", "DELETE")
+		}
 	default:
-		WriteError(ctx, fasthttp.StatusNotFound, errNotFound)
+		fail(ctx, errNoRoute)
 	}
 }
 
-func (h *Handler) health(ctx *fasthttp.RequestCtx) {
-	if !ctx.IsGet() && !ctx.IsHead() {
-		ctx.Response.Header.Set("Allow", "GET, HEAD")
-		WriteError(ctx, fasthttp.StatusMethodNotAllowed, errMethod)
-		return
+// allow reports whether the request's method is one of methods, and
+// answers 405 with Allow when it is not.
+func allow(ctx *fasthttp.RequestCtx, methods ...string) bool {
+	m := string(ctx.Method())
+	for _, a := range methods {
+		if m == a {
+			return true
+		}
 	}
+	ctx.Response.Header.Set("Allow", strings.Join(methods, ", "))
+	fail(ctx, errMethod)
+	return false
+}
+
+func (h *Handler) health(ctx *fasthttp.RequestCtx) {
 	w := h.cfg.Worker
 	b := make([]byte, 0, 128)
 	b = append(b, `{"status":"ok","pid":`...)

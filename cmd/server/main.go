@@ -131,6 +131,15 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		}
 		log.Warn().Msg("reload mode is not available yet: running one worker without watching files")
 	}
+	st, err := prepareStore(cfg, log)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "server:", err)
+		return exitBootError
+	}
+	defer st.Close()
+	reaper := newOrphanReaper(st, log)
+	defer reaper.close()
+
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
 	defer signal.Stop(sigs)
@@ -148,6 +157,7 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		Signals:            sigs,
 		Logger:             log,
 		SetTitle:           true,
+		OnWorkerExit:       reaper.workerExited,
 	})
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")

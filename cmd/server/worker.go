@@ -34,11 +34,28 @@ func runWorker(cfg config, log zerolog.Logger) int {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 
+	st, err := openStore(cfg, log)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "server:", err)
+		return exitBootError
+	}
+	defer st.Close()
+	model, err := newLLM(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "server:", err)
+		return exitBootError
+	}
 	h := handlers.New(handlers.Config{
-		Worker: handlers.Worker{Slot: in.Slot, Generation: in.Generation, PID: in.PID, Started: in.Started},
-		Logger: log,
-		Extra:  extraRoutes,
+		Worker:      handlers.Worker{Slot: in.Slot, Generation: in.Generation, PID: in.PID, Started: in.Started},
+		Store:       st,
+		LLM:         model,
+		LLMTimeout:  cfg.LLMTimeout,
+		Logger:      log,
+		APITokens:   cfg.APITokens,
+		CORSOrigins: cfg.CORSOrigins,
+		Extra:       extraRoutes,
 	})
+	defer h.Close()
 	err = worker.Run(in, worker.Config{
 		Handler:          h.Serve,
 		Error:            handlers.WriteError,

@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/corralhq/corral/handlers"
+	"github.com/corralhq/corral/handlers/llm"
+	"github.com/corralhq/corral/handlers/store"
+)
+
+// The store and the LLM client provide what the handlers consume.
+var (
+	_ handlers.Store = (*store.Store)(nil)
+	_ handlers.LLM   = (*llm.Simulated)(nil)
+	_ handlers.LLM   = (*llm.OpenAI)(nil)
+)
+
+// openStore opens the database named by the configuration. Its errors name
+// the file and the problem; the caller exits 3 on them.
+func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log})
+}
+
+// prepareStore runs once in the master before any worker starts: it opens
+// the database, migrates it and marks the chats a previous run left
+// started as failed. The store stays open for the master's own writes.
+func prepareStore(cfg config, log zerolog.Logger) (*store.Store, error) {
+	st, err := openStore(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := st.Migrate(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	n, err := st.FailAllStarted(ctx, "server_restarted")
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	if n > 0 {
+		log.Warn().Int("chats", n).Str("reason", "server_restarted").Msg("chats left running by a previous run marked failed")
+	}
+	log.Info().Str("database", st.Path()).Int("schema", st.SchemaVersion()).Msg("store ready")
+	return st, nil
+}
+
+// newLLM builds the configured provider.
+func newLLM(cfg config) (handlers.LLM, error) {
+	switch cfg.LLMProvider {
+	case llm.ProviderOpenAI:
+		c, err := llm.NewOpenAI(llm.OpenAIConfig{
+			BaseURL:     cfg.LLMBaseURL,
+			APIKey:      cfg.LLMAPIKey,
+			Model:       cfg.LLMModel,
+			Timeout:     cfg.LLMTimeout,
+			IdleTimeout: cfg.LLMIdleTimeout,
+		})
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	case llm.ProviderSimulated, "":
+		return llm.NewSimulated(llm.SimulatedConfig{Latency: cfg.SimulatedLatency, Model: cfg.LLMModel}), nil
+	}
+	return nil, fmt.Errorf("unknown LLM provider %q", cfg.LLMProvider)
+}
+
+// orphanReaper records as failed the chats of workers that died in the
+// middle of them. The supervisor's loop hands it pids and never waits: the
+// buffer absorbs bursts, and a pid that does not fit is caught by the next
+// start's FailAllStarted.
+type orphanReaper struct {
+	st   *store.Store
+	log  zerolog.Logger
+	pids chan int
+	done chan struct{}
+}
+
+func newOrphanReaper(st *store.Store, log zerolog.Logger) *orphanReaper {
+	r := &orphanReaper{st: st, log: log, pids: make(chan int, 1024), done: make(chan struct{})}
+	go r.run()
+	return r
+}
+
+// workerExited is the supervisor's OnWorkerExit hook.
+func (r *orphanReaper) workerExited(pid int, _ bool) {
+	select {
+	case r.pids <- pid:
+	default:
+		r.log.Warn().Int("pid", pid).Msg("orphaned chats not checked: queue full")
+	}
+}
+
+func (r *orphanReaper) run() {
+	defer close(r.done)
+	for pid := range r.pids {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		n, err := r.st.FailOrphanedChats(ctx, pid, "worker_died")
+		cancel()
+		switch {
+		case err != nil:
+			r.log.Error().Err(err).Int("pid", pid).Msg("orphaned chats not recorded")
+		case n > 0:
+			r.log.Warn().Int("pid", pid).Int("chats", n).Str("reason", "worker_died").Msg("chats of a dead worker marked failed")
+		}
+	}
+}
+
+// close stops the reaper after it has handled every pid it was given.
+func (r *orphanReaper) close() {
+	close(r.pids)
+	<-r.done
+}

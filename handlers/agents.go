@@ -1,0 +1,92 @@
+package handlers
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/corralhq/corral/handlers/store"
+)
+
+// storeTimeout bounds one store call made for a request.
+const storeTimeout = 15 * time.Second
+
+func (h *Handler) listAgents(ctx *fasthttp.RequestCtx) {
+	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	agents, err := h.cfg.Store.Agents(c)
+	if err != nil {
+		h.storeFailed(ctx, "list agents", err)
+		return
+	}
+	if agents == nil {
+		agents = []store.Agent{}
+	}
+	writeJSON(ctx, fasthttp.StatusOK, struct {
+		Agents []store.Agent `json:"agents"`
+	}{agents})
+}
+
+func (h *Handler) createAgent(ctx *fasthttp.RequestCtx) {
+	if !requireJSON(ctx) {
+		return
+	}
+	req, err := decodeAgent(ctx.PostBody())
+	if err != nil {
+		fail(ctx, err)
+		return
+	}
+	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	a, err := h.cfg.Store.CreateAgent(c, store.Agent{Name: req.Name, SystemPrompt: req.SystemPrompt, Model: req.Model}, h.origin)
+	if err != nil {
+		h.storeFailed(ctx, "create agent", err)
+		return
+	}
+	ctx.Response.Header.Set("Location", "/api/agents/"+a.ID)
+	writeJSON(ctx, fasthttp.StatusCreated, a)
+}
+
+func (h *Handler) getAgent(ctx *fasthttp.RequestCtx, id string) {
+	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	a, err := h.cfg.Store.Agent(c, id)
+	if err != nil {
+		h.storeFailed(ctx, "read agent", err)
+		return
+	}
+	writeJSON(ctx, fasthttp.StatusOK, a)
+}
+
+func (h *Handler) deleteAgent(ctx *fasthttp.RequestCtx, id string) {
+	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	if err := h.cfg.Store.DeleteAgent(c, id, h.origin); err != nil {
+		h.storeFailed(ctx, "delete agent", err)
+		return
+	}
+	ctx.SetStatusCode(fasthttp.StatusNoContent)
+}
+
+// storeFailed logs a store error that is not the client's doing and
+// answers it.
+func (h *Handler) storeFailed(ctx *fasthttp.RequestCtx, op string, err error) {
+	if status, _ := statusOf(err); status >= 500 {
+		h.log.Error().Err(err).Str("op", op).Msg("store call failed")
+	}
+	fail(ctx, err)
+}
+
+// writeJSON answers status with v as JSON.
+func writeJSON(ctx *fasthttp.RequestCtx, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		fail(ctx, err)
+		return
+	}
+	ctx.SetStatusCode(status)
+	ctx.SetContentType("application/json")
+	ctx.SetBody(b)
+}

@@ -1,0 +1,169 @@
+package handlers
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/corralhq/corral/handlers/llm"
+	"github.com/corralhq/corral/handlers/store"
+)
+
+// chatResult is the answer to a chat, and the payload of the stream's
+// final "done" event.
+type chatResult struct {
+	ID         string    `json:"id"`
+	AgentID    string    `json:"agent_id"`
+	Reply      string    `json:"reply"`
+	Provider   string    `json:"provider"`
+	Model      string    `json:"model"`
+	Usage      chatUsage `json:"usage"`
+	DurationMS int64     `json:"duration_ms"`
+	Worker     int       `json:"worker"`
+}
+
+type chatUsage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+}
+
+// chatCall is one chat between its start in the store and its finish.
+type chatCall struct {
+	h       *Handler
+	id      string
+	agent   store.Agent
+	req     llm.Request
+	started time.Time
+}
+
+// chat runs POST /api/chat: record the start, call the LLM (streaming the
+// reply as server-sent events when asked), record exactly one finish.
+func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
+	if !requireJSON(ctx) {
+		return
+	}
+	req, err := decodeChat(ctx.PostBody())
+	if err != nil {
+		fail(ctx, err)
+		return
+	}
+	sc, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	agent, err := h.cfg.Store.Agent(sc, req.AgentID)
+	if err != nil {
+		h.storeFailed(ctx, "read agent", err)
+		return
+	}
+	act, err := h.cfg.Store.StartChat(sc, store.Chat{AgentID: agent.ID, Message: req.Message, Origin: h.origin})
+	if err != nil {
+		h.storeFailed(ctx, "start chat", err)
+		return
+	}
+	call := &chatCall{
+		h:     h,
+		id:    act.ChatID,
+		agent: agent,
+		req: llm.Request{Model: agent.Model, Messages: []llm.Message{
+			{Role: "system", Content: agent.SystemPrompt},
+			{Role: "user", Content: req.Message},
+		}},
+		started: time.Now(),
+	}
+	// The call outlives nothing of ctx: its context is its own, cancelled
+	// when the client goes away or the deadline passes.
+	callCtx, stop := context.WithTimeout(context.Background(), h.cfg.LLMTimeout)
+	unwatch := h.watcher.watch(ctx.Conn(), stop)
+	if !req.Stream {
+		defer stop()
+		defer unwatch()
+		resp, err := h.cfg.LLM.Complete(callCtx, call.req, nil)
+		res, err := call.finish(resp, err, callCtx.Err() == context.Canceled)
+		if err != nil {
+			if errors.Is(err, context.Canceled) {
+				ctx.SetConnectionClose() // the client is gone; nothing to answer
+				return
+			}
+			fail(ctx, err)
+			return
+		}
+		writeJSON(ctx, fasthttp.StatusOK, res)
+		return
+	}
+	startSSE(ctx)
+	interval := h.cfg.KeepAliveInterval
+	ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
+		defer stop()
+		defer unwatch()
+		sw := newSSEWriter(w, interval)
+		defer sw.close()
+		resp, err := h.cfg.LLM.Complete(callCtx, call.req, func(text string) error {
+			b, _ := json.Marshal(struct {
+				Text string `json:"text"`
+			}{text})
+			return sw.event(0, "delta", b)
+		})
+		res, err := call.finish(resp, err, sw.gone() || callCtx.Err() == context.Canceled)
+		if err != nil {
+			if !errors.Is(err, context.Canceled) {
+				_, obj := statusOf(err)
+				b, _ := json.Marshal(struct {
+					Error errorObject `json:"error"`
+				}{obj})
+				sw.event(0, "error", b)
+			}
+			return
+		}
+		b, _ := json.Marshal(res)
+		sw.event(0, "done", b)
+	})
+}
+
+// finish records how the call ended, exactly once, and returns the result
+// to send or the error to answer. clientGone says the client went away,
+// which makes the chat cancelled whatever the LLM returned.
+func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (chatResult, error) {
+	h := c.h
+	d := time.Since(c.started)
+	status, data := store.ChatCompleted, map[string]any{"duration_ms": d.Milliseconds()}
+	switch {
+	case clientGone:
+		status, callErr = store.ChatCancelled, context.Canceled
+		data["reason"] = "client_disconnected"
+	case callErr != nil:
+		code, obj := statusOf(callErr)
+		status = store.ChatFailed
+		data["reason"], data["status"] = obj.Code, code
+		h.log.Warn().Err(callErr).Str("chat_id", c.id).Int("status", code).Dur("duration", d).Msg("chat failed")
+	default:
+		data["provider"], data["model"] = resp.Provider, resp.Model
+		data["usage"] = map[string]int{"prompt_tokens": resp.Usage.PromptTokens, "completion_tokens": resp.Usage.CompletionTokens}
+	}
+	// The request may be over; recording its end must not depend on it.
+	sc, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	if _, err := h.cfg.Store.FinishChat(sc, c.id, status, data); err != nil {
+		h.log.Error().Err(err).Str("chat_id", c.id).Str("chat_status", status).Msg("chat finish not recorded")
+		if callErr == nil {
+			// A reply whose completion is not recorded is not given: the
+			// client's view and the activity feed must agree.
+			callErr = err
+		}
+	}
+	if callErr != nil {
+		return chatResult{}, callErr
+	}
+	return chatResult{
+		ID:         c.id,
+		AgentID:    c.agent.ID,
+		Reply:      resp.Text,
+		Provider:   resp.Provider,
+		Model:      resp.Model,
+		Usage:      chatUsage{resp.Usage.PromptTokens, resp.Usage.CompletionTokens},
+		DurationMS: d.Milliseconds(),
+		Worker:     h.cfg.Worker.Slot,
+	}, nil
+}

@@ -1,0 +1,132 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Agent is a named system prompt and model that chats run against.
+type Agent struct {
+	ID           string    `json:"id"`
+	Name         string    `json:"name"`
+	SystemPrompt string    `json:"system_prompt"`
+	Model        string    `json:"model"` // "" means the provider's default
+	CreatedAt    time.Time `json:"created_at"`
+}
+
+// Origin says who wrote a row: the worker slot (0 for the supervisor) and
+// the process id.
+type Origin struct {
+	Worker int `json:"worker"`
+	PID    int `json:"pid"`
+}
+
+// CreateAgent stores a and an "agent.created" activity in one transaction
+// and returns the stored agent. An empty a.ID gets a random 16-hex-character
+// id; a taken one returns ErrExists. a.CreatedAt is ignored and set now.
+// Validating names and prompts is the caller's job.
+func (s *Store) CreateAgent(ctx context.Context, a Agent, by Origin) (Agent, error) {
+	if a.ID == "" {
+		a.ID = newID()
+	}
+	var act Activity
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		var err error
+		a, act, err = s.insertAgent(ctx, tx, a, by)
+		return err
+	})
+	if err != nil {
+		return Agent{}, s.wrap(ctx, "create agent "+a.ID, err)
+	}
+	s.feed.advance(act.ID)
+	return a, nil
+}
+
+// insertAgent inserts a and its "agent.created" activity in tx.
+func (s *Store) insertAgent(ctx context.Context, tx *sql.Tx, a Agent, by Origin) (Agent, Activity, error) {
+	a.CreatedAt = now()
+	res, err := tx.ExecContext(ctx, s.q(`INSERT INTO agents (id, name, system_prompt, model, created_at)
+VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
+		a.ID, a.Name, a.SystemPrompt, a.Model, timeArg(a.CreatedAt))
+	if err != nil {
+		return Agent{}, Activity{}, err
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return Agent{}, Activity{}, err
+	} else if n == 0 {
+		return Agent{}, Activity{}, ErrExists
+	}
+	act := Activity{
+		Time: a.CreatedAt, Type: "agent.created", AgentID: a.ID,
+		Worker: by.Worker, PID: by.PID, Data: map[string]any{"name": a.Name},
+	}
+	if err := s.insertActivity(ctx, tx, &act); err != nil {
+		return Agent{}, Activity{}, err
+	}
+	return a, act, nil
+}
+
+// Agent returns the agent with id, or an error matching ErrNotFound.
+func (s *Store) Agent(ctx context.Context, id string) (Agent, error) {
+	a := Agent{ID: id}
+	err := s.db.QueryRowContext(ctx, s.q(`SELECT name, system_prompt, model, created_at FROM agents WHERE id = ?`), id).
+		Scan(&a.Name, &a.SystemPrompt, &a.Model, dbTime{&a.CreatedAt})
+	if errors.Is(err, sql.ErrNoRows) {
+		err = ErrNotFound
+	}
+	if err != nil {
+		return Agent{}, s.wrap(ctx, "read agent "+id, err)
+	}
+	return a, nil
+}
+
+// Agents returns every agent, oldest first (ties by id); never nil.
+func (s *Store) Agents(ctx context.Context) ([]Agent, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT id, name, system_prompt, model, created_at FROM agents ORDER BY created_at, id`)
+	if err != nil {
+		return nil, s.wrap(ctx, "list agents", err)
+	}
+	defer rows.Close()
+	agents := []Agent{}
+	for rows.Next() {
+		var a Agent
+		if err := rows.Scan(&a.ID, &a.Name, &a.SystemPrompt, &a.Model, dbTime{&a.CreatedAt}); err != nil {
+			return nil, s.wrap(ctx, "list agents", err)
+		}
+		agents = append(agents, a)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.wrap(ctx, "list agents", err)
+	}
+	return agents, nil
+}
+
+// DeleteAgent deletes the agent with id and writes an "agent.deleted"
+// activity in the same transaction; ErrNotFound if there is none. Its chats
+// and activities stay: they are history.
+func (s *Store) DeleteAgent(ctx context.Context, id string, by Origin) error {
+	var act Activity
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		var name string
+		err := tx.QueryRowContext(ctx, s.q(`DELETE FROM agents WHERE id = ? RETURNING name`), id).Scan(&name)
+		if errors.Is(err, sql.ErrNoRows) {
+			return ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		act = Activity{
+			Time: now(), Type: "agent.deleted", AgentID: id,
+			Worker: by.Worker, PID: by.PID, Data: map[string]any{"name": name},
+		}
+		return s.insertActivity(ctx, tx, &act)
+	})
+	if err != nil {
+		return s.wrap(ctx, fmt.Sprintf("delete agent %s", id), err)
+	}
+	s.feed.advance(act.ID)
+	return nil
+}

@@ -1,0 +1,234 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/ncruces/go-sqlite3"
+	"github.com/ncruces/go-sqlite3/driver"
+)
+
+// This file holds everything that is specific to SQLite: URL forms, the DSN
+// and its pragmas, the open-time checks, the schema DDL and which errors mean
+// "unavailable". The other files speak the SQL subset SQLite and PostgreSQL
+// share (INSERT ... RETURNING, ON CONFLICT DO NOTHING, ? placeholders passed
+// through dialect.rebind), so a PostgreSQL dialect is one more file like this.
+
+// dialect is what differs between database engines.
+type dialect struct {
+	name string
+	// migrations[i] moves the schema from version i to version i+1. The
+	// schema_version table itself is created by migrate.go, before them.
+	migrations []string
+	// rebind rewrites ?-placeholders into the engine's style.
+	rebind func(query string) string
+	// unavailable reports whether err means the database cannot serve now
+	// (ErrUnavailable) rather than a bug or a bad request.
+	unavailable func(err error) bool
+	// hasTable is a query with one argument, a table name, returning 1 if
+	// that table exists and 0 otherwise.
+	hasTable string
+}
+
+var sqliteDialect = dialect{
+	name:        "sqlite",
+	migrations:  sqliteMigrations,
+	rebind:      func(q string) string { return q },
+	unavailable: sqliteUnavailable,
+	hasTable:    `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?`,
+}
+
+// sqliteMigrations is the schema history; append, never edit a released step.
+var sqliteMigrations = []string{
+	// 1: agents, chats, activities.
+	`
+CREATE TABLE agents (
+	id            TEXT PRIMARY KEY,
+	name          TEXT NOT NULL,
+	system_prompt TEXT NOT NULL,
+	model         TEXT NOT NULL DEFAULT '',
+	created_at    TEXT NOT NULL
+);
+CREATE INDEX agents_created ON agents (created_at, id);
+
+-- No foreign key to agents: a chat's history outlives its agent.
+CREATE TABLE chats (
+	id          TEXT PRIMARY KEY,
+	agent_id    TEXT NOT NULL,
+	message     TEXT NOT NULL,
+	status      TEXT NOT NULL CHECK (status IN ('started', 'completed', 'failed', 'cancelled')),
+	worker      INTEGER NOT NULL,
+	pid         INTEGER NOT NULL,
+	host        TEXT NOT NULL,
+	created_at  TEXT NOT NULL,
+	finished_at TEXT
+);
+CREATE INDEX chats_started ON chats (host, pid) WHERE status = 'started';
+
+-- AUTOINCREMENT: ids strictly increase and are never reused, so a reader's
+-- "id > cursor" never misses or repeats a row.
+CREATE TABLE activities (
+	id       INTEGER PRIMARY KEY AUTOINCREMENT,
+	time     TEXT NOT NULL,
+	type     TEXT NOT NULL,
+	agent_id TEXT NOT NULL DEFAULT '',
+	chat_id  TEXT NOT NULL DEFAULT '',
+	worker   INTEGER NOT NULL,
+	pid      INTEGER NOT NULL,
+	host     TEXT NOT NULL,
+	data     TEXT
+);
+CREATE INDEX activities_agent ON activities (agent_id, id);
+CREATE INDEX activities_type ON activities (type, id);
+`,
+}
+
+// sqliteUnavailable reports whether err is one of SQLite's "not now" codes.
+func sqliteUnavailable(err error) bool {
+	for _, code := range []sqlite3.ErrorCode{
+		sqlite3.BUSY, sqlite3.LOCKED, sqlite3.READONLY, sqlite3.FULL,
+		sqlite3.IOERR, sqlite3.CANTOPEN, sqlite3.PROTOCOL,
+	} {
+		if errors.Is(err, code) {
+			return true
+		}
+	}
+	return false
+}
+
+// sqlitePath returns the database file named by an SQLite URL. Accepted:
+//
+//	sqlite:data/server.db      relative to the working directory
+//	sqlite:/var/lib/x.db       absolute
+//	sqlite://data/server.db    same as sqlite:data/server.db
+//	sqlite:///var/lib/x.db     same as sqlite:/var/lib/x.db
+//	sqlite3:... file:...       aliases of sqlite:
+//	data/server.db             a bare path (no scheme)
+//
+// Query parameters are refused rather than ignored: the pragmas are fixed
+// (see sqliteDSN), and a silently dropped "?mode=ro" would surprise.
+func sqlitePath(rawURL, rest string) (string, error) {
+	p := strings.TrimPrefix(rest, "//")
+	if strings.ContainsAny(p, "?#") {
+		return "", fmt.Errorf("open store %q: query parameters are not supported in sqlite urls", rawURL)
+	}
+	if p == "" || p == ":memory:" || strings.HasPrefix(p, ":memory:") {
+		return "", fmt.Errorf("open store %q: want a file path, as in sqlite:data/server.db (workers share the store through the file)", rawURL)
+	}
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", fmt.Errorf("open store %q: %w", rawURL, err)
+	}
+	return abs, nil
+}
+
+// sqliteDSN returns the driver's data source name for path. The pragmas are
+// the team's measured settings (DESIGN.md, Libraries): WAL so readers never
+// block the writer; a 10 s busy timeout so writers from every worker queue
+// instead of failing; NORMAL sync, which in WAL mode loses at most the last
+// commits on power loss and never corrupts; BEGIN IMMEDIATE for every
+// read-write transaction, because a deferred transaction that reads and then
+// writes cannot wait on the busy timeout and fails with SQLITE_BUSY.
+// busy_timeout goes first so the others already wait on locks.
+func sqliteDSN(path string) string {
+	u := url.URL{Scheme: "file", OmitHost: true, Path: path}
+	q := url.Values{}
+	q.Add("_pragma", "busy_timeout(10000)")
+	q.Add("_pragma", "journal_mode(WAL)")
+	q.Add("_pragma", "synchronous(NORMAL)")
+	q.Add("_pragma", "foreign_keys(1)")
+	q.Set("_txlock", "immediate")
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// openSQLite opens the database file at path, creating it and its folder if
+// needed, and checks at once what would otherwise fail on the first request:
+// a folder that cannot be created, a file that is not a database, a file or
+// folder we cannot write, a file system without WAL support.
+func openSQLite(ctx context.Context, path string, maxConns int) (*sql.DB, error) {
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return nil, fmt.Errorf("open sqlite database %s: is a directory", path)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("open sqlite database %s: create folder: %w", path, unwrapPathError(err))
+	}
+	db, err := driver.Open(sqliteDSN(path))
+	if err != nil {
+		return nil, fmt.Errorf("open sqlite database %s: %w", path, err)
+	}
+	db.SetMaxOpenConns(maxConns)
+	db.SetMaxIdleConns(maxConns)
+	if err := checkSQLite(ctx, db); err != nil {
+		db.Close()
+		if errors.Is(err, sqlite3.READONLY) {
+			// SQLite's "attempt to write a readonly database" also covers a
+			// writable file in a folder where -wal and -shm cannot be made.
+			return nil, fmt.Errorf("open sqlite database %s: file and folder must be writable (SQLite keeps %s-wal and %s-shm next to it): %w",
+				path, filepath.Base(path), filepath.Base(path), err)
+		}
+		return nil, fmt.Errorf("open sqlite database %s: %w", path, err)
+	}
+	return db, nil
+}
+
+func checkSQLite(ctx context.Context, db *sql.DB) error {
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return sqliteCause(err)
+	}
+	defer conn.Close()
+	var mode string
+	if err := conn.QueryRowContext(ctx, `PRAGMA journal_mode`).Scan(&mode); err != nil {
+		return sqliteCause(err)
+	}
+	if !strings.EqualFold(mode, "wal") {
+		return fmt.Errorf("journal mode is %q, want wal (is the file system local?)", mode)
+	}
+	var n int
+	if err := conn.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master`).Scan(&n); err != nil {
+		return sqliteCause(err)
+	}
+	// SQLite quietly opens a file it may not write read-only; say so now.
+	return conn.Raw(func(dc any) error {
+		c, ok := dc.(driver.Conn)
+		if !ok {
+			return nil
+		}
+		if ro, _ := c.Raw().ReadOnly("main"); ro {
+			return sqlite3.READONLY
+		}
+		return nil
+	})
+}
+
+// sqliteCause drops the driver's context ("sqlite3: invalid _pragma: ...",
+// said of a file that is not a database) and keeps SQLite's error: its code,
+// message and the operating system's error.
+func sqliteCause(err error) error {
+	var serr *sqlite3.Error
+	if errors.As(err, &serr) {
+		return serr
+	}
+	var code sqlite3.ExtendedErrorCode
+	if errors.As(err, &code) {
+		return code
+	}
+	return err
+}
+
+// unwrapPathError drops the *os.PathError's op and path when they repeat
+// what the caller's message says.
+func unwrapPathError(err error) error {
+	var perr *os.PathError
+	if errors.As(err, &perr) {
+		return fmt.Errorf("%s: %w", perr.Path, perr.Err)
+	}
+	return err
+}

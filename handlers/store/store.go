@@ -1,0 +1,247 @@
+package store
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// Defaults applied by Open for zero Options fields.
+const (
+	// DefaultMaxOpenConns is the connection pool size per process. Reads run
+	// in parallel under WAL; writes serialize in SQLite anyway.
+	DefaultMaxOpenConns = 6
+	// DefaultPollInterval is how often WaitActivity's poller looks for
+	// commits by other processes while anyone waits.
+	DefaultPollInterval = 50 * time.Millisecond
+)
+
+// Options configures Open. The zero value works.
+type Options struct {
+	// Logger receives the store's events. The zero value logs nothing.
+	Logger zerolog.Logger
+	// Host identifies this machine in chat rows, so FailOrphanedChats and
+	// FailAllStarted only touch chats this machine ran. Default: os.Hostname,
+	// or "localhost" if that fails.
+	Host string
+	// MaxOpenConns caps this process's connections. Default
+	// DefaultMaxOpenConns.
+	MaxOpenConns int
+	// PollInterval is the poller's period. Default DefaultPollInterval.
+	PollInterval time.Duration
+}
+
+// Store holds agents, chats and activities in a database every worker
+// process opens. Its methods may be called from any number of goroutines.
+type Store struct {
+	db   *sql.DB
+	d    dialect
+	path string
+	host string
+	log  zerolog.Logger
+
+	// writing admits one read-write transaction of this Store at a time.
+	// SQLite runs one writer at a time anyway; queuing here, in FIFO-ish Go
+	// order and with ctx honoured, keeps at most one connection per process
+	// in SQLite's busy handler, which sleeps and retries and is not fair.
+	writing chan struct{}
+
+	feed      feed
+	pollEvery time.Duration
+	done      chan struct{} // closed by Close
+	polled    chan struct{} // closed when the poller returns
+	stopPoll  context.CancelFunc
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Open opens the store named by url and checks it can serve: the file is
+// created if missing (with its folder), must be a writable SQLite database,
+// and must not have been migrated by a newer binary (ErrSchemaTooNew). Open
+// does not migrate; the supervisor calls Migrate once before workers start.
+//
+// URL forms: "sqlite:data/server.db" (relative to the working directory),
+// "sqlite:/abs/server.db", "sqlite://path" and "sqlite:///abs/path" (the "//"
+// is dropped), "sqlite3:" and "file:" as aliases, or a bare path. Query
+// parameters are refused. "postgres://" and "postgresql://" return an error
+// matching ErrUnsupported until that backend is built; so does any other
+// scheme. Errors never echo the URL of a server database (it may hold a
+// password); they name the file of an SQLite one.
+//
+// The caller must Close the Store.
+func Open(ctx context.Context, url string, opts Options) (*Store, error) {
+	scheme, rest := splitScheme(url)
+	var (
+		d    dialect
+		path string
+		db   *sql.DB
+		err  error
+	)
+	switch scheme {
+	case "postgres", "postgresql":
+		return nil, fmt.Errorf("open store: %s is not built yet: %w", scheme, ErrUnsupported)
+	case "", "sqlite", "sqlite3", "file":
+		d = sqliteDialect
+		if path, err = sqlitePath(url, rest); err != nil {
+			return nil, err
+		}
+		if opts.MaxOpenConns <= 0 {
+			opts.MaxOpenConns = DefaultMaxOpenConns
+		}
+		if db, err = openSQLite(ctx, path, opts.MaxOpenConns); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("open store: scheme %q (want sqlite: or postgres://): %w", scheme, ErrUnsupported)
+	}
+
+	if opts.Host == "" {
+		if opts.Host, err = os.Hostname(); err != nil {
+			opts.Host = "localhost"
+		}
+	}
+	if opts.PollInterval <= 0 {
+		opts.PollInterval = DefaultPollInterval
+	}
+	pollCtx, stopPoll := context.WithCancel(context.Background())
+	s := &Store{
+		db:        db,
+		d:         d,
+		path:      path,
+		host:      opts.Host,
+		log:       opts.Logger,
+		writing:   make(chan struct{}, 1),
+		pollEvery: opts.PollInterval,
+		done:      make(chan struct{}),
+		polled:    make(chan struct{}),
+		stopPoll:  stopPoll,
+	}
+	s.feed.init()
+
+	v, err := s.schemaVersion(ctx, db)
+	if err != nil {
+		err = s.wrap(ctx, "read schema version of "+path, err)
+	} else {
+		err = s.checkVersion(v)
+	}
+	if err != nil {
+		stopPoll()
+		db.Close()
+		return nil, err
+	}
+	go s.poll(pollCtx)
+	s.log.Debug().Str("path", path).Str("backend", d.name).Int("schema_version", v).Msg("store opened")
+	return s, nil
+}
+
+// splitScheme splits "scheme:rest". A colon after the first slash, or a
+// "scheme" that is not one, means there is no scheme: a bare path.
+func splitScheme(url string) (scheme, rest string) {
+	i := strings.IndexByte(url, ':')
+	if i <= 0 || strings.ContainsRune(url[:i], '/') {
+		return "", url
+	}
+	for _, r := range url[:i] {
+		if !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || r == '+' || r == '-' || r == '.') {
+			return "", url
+		}
+	}
+	return strings.ToLower(url[:i]), url[i+1:]
+}
+
+// Path returns the database file, absolute, for messages.
+func (s *Store) Path() string { return s.path }
+
+// Close stops the poller, wakes WaitActivity callers with ErrClosed and
+// closes the database. Calls after the first return the first result.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		close(s.done)
+		s.stopPoll()
+		<-s.polled
+		if err := s.db.Close(); err != nil {
+			s.closeErr = fmt.Errorf("close store %s: %w", s.path, err)
+		}
+	})
+	return s.closeErr
+}
+
+// q returns query with its placeholders in the dialect's style.
+func (s *Store) q(query string) string { return s.d.rebind(query) }
+
+// write runs fn in one read-write transaction (BEGIN IMMEDIATE on SQLite)
+// and commits it; fn's error rolls it back and is returned unwrapped.
+func (s *Store) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	select {
+	case s.writing <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.done:
+		return ErrClosed
+	}
+	defer func() { <-s.writing }()
+
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// newID returns 16 random hex characters: url-safe, and 64 bits make a
+// collision unlikely enough that callers need not retry.
+func newID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// timeLayout is fixed-width UTC with microseconds (PostgreSQL's precision),
+// so text order is time order and a value reads back equal.
+const timeLayout = "2006-01-02T15:04:05.000000Z"
+
+// now returns the current time as stored: UTC, whole microseconds.
+func now() time.Time { return time.Now().UTC().Truncate(time.Microsecond) }
+
+// dbTime stores a time.Time as timeLayout text and scans text or a driver's
+// time.Time back.
+type dbTime struct{ t *time.Time }
+
+func (d dbTime) Scan(src any) error {
+	switch v := src.(type) {
+	case time.Time:
+		*d.t = v.UTC()
+		return nil
+	case string:
+		return d.parse(v)
+	case []byte:
+		return d.parse(string(v))
+	case nil:
+		*d.t = time.Time{}
+		return nil
+	}
+	return fmt.Errorf("scan time: unexpected %T", src)
+}
+
+func (d dbTime) parse(v string) error {
+	t, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil {
+		return fmt.Errorf("scan time: %w", err)
+	}
+	*d.t = t.UTC()
+	return nil
+}
+
+func timeArg(t time.Time) string { return t.UTC().Format(timeLayout) }
