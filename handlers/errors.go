@@ -133,5 +133,4 @@ func writeErrorObject(ctx *fasthttp.RequestCtx, status int, obj errorObject) {
 	ctx.SetBody(b)
 }
 
-
 var errStreamClosed = errors.New("event stream closed")

@@ -1,8 +1,8 @@
 package handlers
 
 import (
-	"crypto/sha256"
 	"context"
+	"crypto/sha256"
 	"strconv"
 	"strings"
 	"time"
@@ -35,7 +35,7 @@ type LLM interface {
 // Worker identifies the process serving a request, as /health reports it.
 type Worker struct {
 	Slot, Generation, PID int
-	Started              time.Time
+	Started               time.Time
 }
 
 // KeepAliveInterval is how often an idle event stream gets a comment line,
