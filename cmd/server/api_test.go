@@ -1,0 +1,252 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+type chatAnswer struct {
+	ID      string `json:"id"`
+	AgentID string `json:"agent_id"`
+	Reply   string `json:"reply"`
+	Worker  int    `json:"worker"`
+}
+
+type activity struct {
+	ID      int64          `json:"id"`
+	Type    string         `json:"type"`
+	AgentID string         `json:"agent_id"`
+	ChatID  string         `json:"chat_id"`
+	Worker  int            `json:"worker"`
+	PID     int            `json:"pid"`
+	Data    map[string]any `json:"data"`
+}
+
+type activityPage struct {
+	Activities []activity `json:"activities"`
+	NextAfter  int64      `json:"next_after"`
+}
+
+// postJSON posts body to path on a new connection and decodes a 2xx answer
+// into out.
+func (s *server) postJSON(path string, body any, out any) (int, error) {
+	b, _ := json.Marshal(body)
+	resp, err := fresh.Post(s.url(path), "application/json", bytes.NewReader(b))
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode/100 != 2 {
+		return resp.StatusCode, fmt.Errorf("POST %s = %d %s", path, resp.StatusCode, raw)
+	}
+	return resp.StatusCode, json.Unmarshal(raw, out)
+}
+
+func (s *server) activities(query string) (activityPage, error) {
+	var p activityPage
+	resp, err := fresh.Get(s.url("/api/activities?" + query))
+	if err != nil {
+		return p, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return p, fmt.Errorf("GET /api/activities?%s = %d", query, resp.StatusCode)
+	}
+	return p, json.NewDecoder(resp.Body).Decode(&p)
+}
+
+// allActivities pages through the whole feed.
+func (s *server) allActivities(t *testing.T) []activity {
+	t.Helper()
+	var all []activity
+	after := int64(0)
+	for {
+		p, err := s.activities(fmt.Sprintf("after=%d&limit=500", after))
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, p.Activities...)
+		if len(p.Activities) < 500 {
+			return all
+		}
+		after = p.NextAfter
+	}
+}
+
+func TestConcurrentChatsOnFourWorkers(t *testing.T) {
+	s := startServer(t, "WORKERS=4", "SIMULATED_LATENCY=0")
+	const chats = 800
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var failures []string
+	workers := map[int]int{}
+	start := make(chan struct{})
+	for i := range chats {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			var a chatAnswer
+			_, err := s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": fmt.Sprintf("chat %d", i)}, &a)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				failures = append(failures, err.Error())
+				return
+			}
+			workers[a.Worker]++
+		}()
+	}
+	close(start)
+	wg.Wait()
+	if len(failures) > 0 {
+		t.Fatalf("%d of %d chats failed; first: %s", len(failures), chats, failures[0])
+	}
+	if len(workers) != 4 {
+		t.Errorf("chats answered by workers %v, want all 4", workers)
+	}
+	counts := map[string]int{}
+	last := int64(0)
+	for _, a := range s.allActivities(t) {
+		if a.ID <= last {
+			t.Fatalf("activity id %d after %d: ids must strictly increase", a.ID, last)
+		}
+		last = a.ID
+		counts[a.Type]++
+	}
+	if counts["chat.started"] != chats || counts["chat.completed"] != chats {
+		t.Errorf("activities %v, want %d chat.started and %d chat.completed", counts, chats, chats)
+	}
+}
+
+func TestAgentIsSeenByEveryWorker(t *testing.T) {
+	s := startServer(t, "WORKERS=3", "SIMULATED_LATENCY=0")
+	var agent struct{ ID string }
+	if _, err := s.postJSON("/api/agents", map[string]any{"name": "shared", "system_prompt": "be brief"}, &agent); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	waitFor(t, 20*time.Second, func() error {
+		var a chatAnswer
+		if _, err := s.postJSON("/api/chat", map[string]any{"agent_id": agent.ID, "message": "hi"}, &a); err != nil {
+			t.Fatalf("a worker does not know agent %s: %v", agent.ID, err)
+		}
+		seen[a.Worker] = true
+		if len(seen) < 3 {
+			return fmt.Errorf("agent used on workers %v, want all 3", seen)
+		}
+		return nil
+	})
+}
+
+func TestLongPollIsWokenByAnotherWorker(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=0", "ACCESS_LOG=true")
+	for attempt := 1; ; attempt++ {
+		all := s.allActivities(t)
+		after := all[len(all)-1].ID
+		type polled struct {
+			page activityPage
+			err  error
+		}
+		res := make(chan polled, 1)
+		query := fmt.Sprintf("after=%d&wait=30&type=chat.completed", after)
+		go func() {
+			p, err := s.activities(query)
+			res <- polled{p, err}
+		}()
+		// The poll is waiting once its connection is open.
+		waitFor(t, 5*time.Second, func() error {
+			if inFlight(t, s) == 0 {
+				return fmt.Errorf("long-poll not connected yet")
+			}
+			return nil
+		})
+		var a chatAnswer
+		wrote := time.Now()
+		if _, err := s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": "wake up"}, &a); err != nil {
+			t.Fatal(err)
+		}
+		var r polled
+		select {
+		case r = <-res:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("long-poll not woken 10s after a chat completed")
+		}
+		if r.err != nil || len(r.page.Activities) == 0 || r.page.Activities[0].ChatID != a.ID {
+			t.Fatalf("long-poll answered %+v, %v; want the completion of chat %s", r.page, r.err, a.ID)
+		}
+		t.Logf("woken %s after the chat was sent", time.Since(wrote))
+		pollWorker := -1
+		waitFor(t, 5*time.Second, func() error {
+			for _, l := range s.logs.find("request", map[string]any{"path": "/api/activities"}) {
+				if w, ok := l["worker"].(float64); ok {
+					pollWorker = int(w)
+				}
+			}
+			if pollWorker < 0 {
+				return fmt.Errorf("no access log line for the long-poll")
+			}
+			return nil
+		})
+		if pollWorker != a.Worker {
+			return // woken by a write made on the other worker
+		}
+		if attempt == 10 {
+			t.Fatalf("in 10 attempts the long-poll and the chat always met on one worker")
+		}
+	}
+}
+
+func TestChatOfKilledWorkerIsRecordedFailed(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=60s")
+	go s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": "long"}, &chatAnswer{})
+	var started activity
+	waitFor(t, 10*time.Second, func() error {
+		p, err := s.activities("type=chat.started")
+		if err != nil || len(p.Activities) == 0 {
+			return fmt.Errorf("no chat.started yet (%v)", err)
+		}
+		started = p.Activities[0]
+		return nil
+	})
+	syscall.Kill(started.PID, syscall.SIGKILL)
+	waitFor(t, 10*time.Second, func() error {
+		p, err := s.activities("type=chat.failed")
+		if err != nil {
+			return err
+		}
+		for _, a := range p.Activities {
+			if a.ChatID == started.ChatID && a.Data["reason"] == "worker_died" {
+				return nil
+			}
+		}
+		return fmt.Errorf("chat %s of killed worker %d not failed with worker_died: %+v", started.ChatID, started.PID, p.Activities)
+	})
+}
+
+func TestUnusableDatabaseExits3(t *testing.T) {
+	dir := t.TempDir()
+	notDir := filepath.Join(dir, "file")
+	os.WriteFile(notDir, []byte("x"), 0o644)
+	garbage := filepath.Join(dir, "garbage.db")
+	os.WriteFile(garbage, bytes.Repeat([]byte("not a database "), 1000), 0o644)
+	for _, path := range []string{filepath.Join(notDir, "server.db"), garbage} {
+		s := launch(t, "DATABASE_URL=sqlite:"+path)
+		if code := s.wait(20 * time.Second); code != exitBootError {
+			t.Errorf("DATABASE_URL=sqlite:%s: exit %d, want 3", path, code)
+		}
+		if out := s.logs.String(); !strings.Contains(out, "server: ") || !strings.Contains(out, path) {
+			t.Errorf("DATABASE_URL=sqlite:%s: stderr does not name the file:\n%s", path, out)
+		}
+	}
+}
