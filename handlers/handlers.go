@@ -3,6 +3,7 @@ package handlers
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"strconv"
 	"strings"
 	"time"
@@ -38,6 +39,12 @@ type Worker struct {
 	Started               time.Time
 }
 
+// ReloadStatus is the last reload build's outcome, as /health shows it.
+type ReloadStatus struct {
+	Build string `json:"build"`           // "ok" or "failed"
+	Error string `json:"error,omitempty"` // first line of the compiler output
+}
+
 // KeepAliveInterval is how often an idle event stream gets a comment line,
 // so that proxies and load balancers do not close it.
 const KeepAliveInterval = 15 * time.Second
@@ -65,6 +72,9 @@ type Config struct {
 	CORSOrigins []string
 	// KeepAliveInterval overrides KeepAliveInterval (tests).
 	KeepAliveInterval time.Duration
+	// Reload, if set, reports the state of the last reload build, which
+	// /health then includes; nil outside reload mode.
+	Reload func() *ReloadStatus
 	// Extra, if set, is consulted before the built-in routes and reports
 	// whether it answered. It is a test seam (test-only routes), nil in
 	// production.
@@ -190,6 +200,13 @@ func (h *Handler) health(ctx *fasthttp.RequestCtx) {
 	b = strconv.AppendInt(b, int64(w.Generation), 10)
 	b = append(b, `,"uptime_s":`...)
 	b = strconv.AppendFloat(b, time.Since(w.Started).Seconds(), 'f', 3, 64)
+	if h.cfg.Reload != nil {
+		if st := h.cfg.Reload(); st != nil {
+			rb, _ := json.Marshal(st)
+			b = append(b, `,"reload":`...)
+			b = append(b, rb...)
+		}
+	}
 	b = append(b, '}')
 	ctx.SetContentType("application/json")
 	ctx.SetBody(b)

@@ -74,6 +74,12 @@ func (s *Supervisor) onReady(p *proc) {
 	if sl.removed() {
 		s.stop(p, "scale_down")
 	}
+	if s.reload != nil && s.reload.status.Type != "" {
+		p.tell(s.reload.status)
+	}
+	if s.reload != nil && p.why == "reload" {
+		s.log.Info().Int("pid", p.pid).Dur("since_change", now.Sub(s.reload.lastChange)).Msg("reloaded")
+	}
 	if !s.booted && s.allReady() {
 		s.booted = true
 		s.log.Info().Int("workers", len(s.slots)).Msg("Application startup complete")
@@ -173,7 +179,12 @@ func (s *Supervisor) stop(p *proc, reason string) {
 		}
 		return
 	}
-	p.state, p.deadline = draining, time.Now().Add(s.cfg.GracefulTimeout+DefaultKillGrace)
+	budget := s.cfg.GracefulTimeout + DefaultKillGrace
+	if reason == "reload" {
+		// A dev reload does not wait for a 60 s chat to finish.
+		budget = s.reload.cfg.Drain
+	}
+	p.state, p.deadline = draining, time.Now().Add(budget)
 	p.signal(syscall.SIGTERM)
 	s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).Str("reason", reason).Msg("worker draining")
 }

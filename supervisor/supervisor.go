@@ -87,6 +87,8 @@ type Config struct {
 	// count changes. Only a process started with a title in argv[0] (the
 	// master's re-exec) should set it.
 	SetTitle bool
+	// Reload, if set, turns on development reload (see ReloadConfig).
+	Reload *ReloadConfig
 	// OnWorkerExit, if set, is called from the supervisor's loop after a
 	// worker process exited; crashed is false when the supervisor had asked
 	// it to stop. It must return quickly.
@@ -148,6 +150,7 @@ type Supervisor struct {
 	stopping bool
 	exitErr  error
 	rng      *rand.Rand
+	reload   *reloadState // nil unless Config.Reload is set
 }
 
 // New validates cfg, binds the listening sockets and returns a Supervisor
@@ -199,6 +202,11 @@ func New(cfg Config) (*Supervisor, error) {
 		events: make(chan event, 64),
 		rng:    rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
 	}
+	if cfg.Reload != nil {
+		rc := *cfg.Reload
+		rc.setDefaults()
+		s.reload = &reloadState{cfg: rc, changes: make(chan []string), builds: make(chan buildResult)}
+	}
 	addr, err := probeAddr(cfg.Addr)
 	if err != nil {
 		return nil, err
@@ -237,6 +245,17 @@ func (s *Supervisor) Run() error {
 		Str("socket_mode", string(s.cfg.SocketMode)).
 		Msg("Corral running, press CTRL+C to quit")
 	s.setTitle()
+	var changes <-chan []string
+	var builds <-chan buildResult
+	if s.reload != nil {
+		stop := make(chan struct{})
+		defer close(stop)
+		if err := s.startReload(stop); err != nil {
+			return err
+		}
+		defer s.endReload()
+		changes, builds = s.reload.changes, s.reload.builds
+	}
 	for _, sl := range s.slots {
 		s.spawn(sl, "start")
 	}
@@ -249,6 +268,10 @@ func (s *Supervisor) Run() error {
 			s.onSignal(sig)
 		case ev := <-s.events:
 			s.onEvent(ev)
+		case paths := <-changes:
+			s.onChanges(paths)
+		case res := <-builds:
+			s.onBuild(res)
 		case <-timer.C:
 		}
 		s.tick(time.Now())

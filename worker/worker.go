@@ -1,9 +1,11 @@
 package worker
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -61,6 +63,9 @@ type Config struct {
 	MaxConcurrency int
 	// Signals delivers SIGTERM/SIGINT (drain). Nil means no signals.
 	Signals <-chan os.Signal
+	// OnMessage, if set, receives the supervisor's messages on the lifeline
+	// (such as the reload build status), from one goroutine, in order.
+	OnMessage func(protocol.Message)
 }
 
 // Info identifies a worker process; Self reads it from the environment the
@@ -173,7 +178,7 @@ func Run(in Info, cfg Config) error {
 	}
 
 	lifelineEOF := make(chan struct{})
-	go watchLifeline(lifeline, lifelineEOF)
+	go watchLifeline(lifeline, lifelineEOF, cfg.OnMessage, log)
 
 	stopBeat := make(chan struct{})
 	beatDone := make(chan struct{})
@@ -247,16 +252,24 @@ func inheritListeners(n int) ([]net.Listener, error) {
 	return lns, nil
 }
 
-// watchLifeline closes eof when the supervisor's end of the lifeline closes.
-// The supervisor writes nothing yet; anything it writes is read and dropped.
-func watchLifeline(f *os.File, eof chan<- struct{}) {
+// watchLifeline hands the supervisor's messages to onMessage and closes eof
+// when the supervisor's end of the lifeline closes.
+func watchLifeline(f *os.File, eof chan<- struct{}, onMessage func(protocol.Message), log zerolog.Logger) {
 	defer close(eof)
-	buf := make([]byte, 512)
-	for {
-		if _, err := f.Read(buf); err != nil {
-			return
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 0, 1024), 1<<16)
+	for sc.Scan() {
+		m, err := protocol.Decode(sc.Bytes())
+		if err != nil {
+			log.Warn().Err(err).Msg("bad lifeline message")
+			continue
+		}
+		if onMessage != nil {
+			onMessage(m)
 		}
 	}
+	// A line too long for the buffer stops the scanner: drain to EOF.
+	io.Copy(io.Discard, f)
 }
 
 // drain stops accepting and waits for requests in flight, within budget.

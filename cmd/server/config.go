@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
+	"path"
 	"regexp"
 	"strconv"
 	"strings"
@@ -53,6 +55,14 @@ type config struct {
 	APITokens        []string      `json:"-"` // API_TOKEN only; nil = none set; never printed
 	CORSOrigins      []string      // --cors-origins, normalised origins or ["*"]; nil = none
 
+	ReloadDirs     []string      // --reload-dir (repeatable) / RELOAD_DIRS, default ["."]
+	ReloadInclude  []string      // --reload-include (repeatable) / RELOAD_INCLUDE, added to the defaults
+	ReloadExclude  []string      // --reload-exclude (repeatable) / RELOAD_EXCLUDE, added to the defaults
+	ReloadDelay    time.Duration // --reload-delay, default 250ms
+	ReloadBuild    string        // --reload-build; "" = no build
+	ReloadBuildSet bool          // ReloadBuild was given (even empty); else main picks the default
+	ReloadDrain    time.Duration // --reload-drain, default 5s
+
 	// ShowVersion is set by --version. loadConfig then returns at once with
 	// every other field at its default and nothing else read or validated,
 	// so that --version works whatever the environment holds.
@@ -76,6 +86,8 @@ const (
 	// fasthttp holds a whole request body in memory, so a larger limit is a
 	// denial of service waiting for a client rather than a setting.
 	maxLimitRequestBody     = 1 << 30
+	defaultReloadDelay      = 250 * time.Millisecond
+	defaultReloadDrain      = 5 * time.Second
 	defaultLLMTimeout       = 120 * time.Second
 	defaultLLMIdleTimeout   = 60 * time.Second
 	minLLMTimeout           = time.Second
@@ -109,6 +121,9 @@ func defaultConfig() config {
 		LLMTimeout:         defaultLLMTimeout,
 		LLMIdleTimeout:     defaultLLMIdleTimeout,
 		SimulatedLatency:   defaultSimulatedLatency,
+		ReloadDirs:         []string{"."},
+		ReloadDelay:        defaultReloadDelay,
+		ReloadDrain:        defaultReloadDrain,
 		// LLMProvider is decided after the base URL is known.
 	}
 }
@@ -340,6 +355,7 @@ const (
 	groupLimits = "Timeouts and limits"
 	groupLog    = "Logging"
 	groupAPI    = "Agent API"
+	groupReload = "Reload (development)"
 )
 
 // option is one setting: where it comes from, how usage shows it, and how
@@ -352,7 +368,12 @@ type option struct {
 	env     []string // read in this order; the first one set wins
 	def     string   // the default as usage and the docs show it
 	help    string
-	set     func(c *config, s setting) error
+	// repeat lets the flag be given several times; the values add up, as a
+	// comma list does in the variable.
+	repeat bool
+	// keepEmpty makes a variable set to "" a value rather than unset.
+	keepEmpty bool
+	set       func(c *config, s setting) error
 }
 
 var options = []option{
@@ -572,6 +593,57 @@ var options = []option{
 			c.CORSOrigins = origins
 			return nil
 		}},
+
+	{group: groupReload, flag: "reload-dir", arg: "DIR", env: []string{"RELOAD_DIRS"}, def: ".", repeat: true,
+		help: "folder to watch, recursively; repeatable",
+		set: func(c *config, s setting) error {
+			var dirs []string
+			for _, d := range splitList(s.text()) {
+				if fi, err := os.Stat(d); err != nil || !fi.IsDir() {
+					return s.invalid("existing folders, comma-separated")
+				}
+				dirs = append(dirs, d)
+			}
+			if len(dirs) == 0 {
+				return s.invalid("existing folders, comma-separated")
+			}
+			c.ReloadDirs = dirs
+			return nil
+		}},
+	{group: groupReload, flag: "reload-include", arg: "GLOB", env: []string{"RELOAD_INCLUDE"}, repeat: true,
+		def:  "*.go go.mod go.sum *.json *.yaml *.yml *.toml .env",
+		help: "more file names that trigger a reload; repeatable",
+		set: func(c *config, s setting) (err error) {
+			c.ReloadInclude, err = globs(s)
+			return err
+		}},
+	{group: groupReload, flag: "reload-exclude", arg: "GLOB", env: []string{"RELOAD_EXCLUDE"}, repeat: true,
+		def:  ".git data vendor node_modules .* *_test.go *.swp *.swx *~ 4913 .#*",
+		help: "more names never watched; repeatable",
+		set: func(c *config, s setting) (err error) {
+			c.ReloadExclude, err = globs(s)
+			return err
+		}},
+	{group: groupReload, flag: "reload-delay", arg: "DUR", env: []string{"RELOAD_DELAY"}, def: "250ms",
+		help: "quiet time after the last change before reloading",
+		set: func(c *config, s setting) (err error) {
+			c.ReloadDelay, err = s.duration(10*time.Millisecond, "at least 10ms")
+			return err
+		}},
+	{group: groupReload, flag: "reload-build", arg: "CMD", env: []string{"RELOAD_BUILD"}, keepEmpty: true,
+		def:  `go build -o "$OUTPUT" ./cmd/server`,
+		help: `build command (with go.mod in the first dir); "" = no build`,
+		set: func(c *config, s setting) error {
+			c.ReloadBuild, c.ReloadBuildSet = strings.TrimSpace(s.raw), true
+			return nil
+		}},
+	{group: groupReload, flag: "reload-drain", arg: "DUR", env: []string{"RELOAD_DRAIN"}, def: "5s",
+		help: "how long the old worker may finish after a reload",
+		set: func(c *config, s setting) (err error) {
+			c.ReloadDrain, err = s.duration(0, "0 or more")
+			return err
+		}},
+
 	// Secrets have no flag: a command line is visible to every user through
 	// ps and /proc, the environment only to the owner.
 	{group: groupAPI, env: []string{"LLM_API_KEY"}, def: "(none)",
@@ -614,9 +686,13 @@ type flagValue struct {
 	name     string
 	negate   bool
 	isSwitch bool
+	repeat   bool
 }
 
 func (v *flagValue) Set(raw string) error {
+	if v.repeat && v.slot.set {
+		raw = v.slot.s.raw + "," + raw
+	}
 	*v.slot = flagSlot{s: setting{raw: raw, from: "--" + v.name, negate: v.negate}, set: true}
 	return nil
 }
@@ -630,8 +706,8 @@ func (v *flagValue) Type() string {
 	return "string"
 }
 
-func addFlag(fs *pflag.FlagSet, slot *flagSlot, name string, negate, isSwitch bool) {
-	f := fs.VarPF(&flagValue{slot: slot, name: name, negate: negate, isSwitch: isSwitch}, name, "", "")
+func addFlag(fs *pflag.FlagSet, slot *flagSlot, name string, negate, isSwitch, repeat bool) {
+	f := fs.VarPF(&flagValue{slot: slot, name: name, negate: negate, isSwitch: isSwitch, repeat: repeat}, name, "", "")
 	if isSwitch {
 		f.NoOptDefVal = "true"
 	}
@@ -652,7 +728,7 @@ func isUsageError(err error) bool {
 }
 
 // loadConfig decides the configuration from args (without the program name)
-// and getenv: each setting comes from its flag, else its environment
+// and lookupEnv (os.LookupEnv): each setting comes from its flag, else its environment
 // variable, else its default, and every value is validated. A variable that
 // is empty or only white space counts as unset; values are trimmed.
 //
@@ -661,7 +737,7 @@ func isUsageError(err error) bool {
 // line "invalid SOURCE "VALUE": want ..." naming the flag or the variable
 // that supplied the first bad value. No error ever contains the value of
 // LLM_API_KEY or API_TOKEN, or a password in a URL.
-func loadConfig(args []string, getenv func(string) string) (config, error) {
+func loadConfig(args []string, lookupEnv func(string) (string, bool)) (config, error) {
 	fs := pflag.NewFlagSet("server", pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
@@ -669,14 +745,14 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 	slots := make([]flagSlot, len(options))
 	for i, o := range options {
 		if o.flag != "" {
-			addFlag(fs, &slots[i], o.flag, false, o.arg == "")
+			addFlag(fs, &slots[i], o.flag, false, o.arg == "", o.repeat)
 		}
 		if o.negFlag != "" {
-			addFlag(fs, &slots[i], o.negFlag, true, true)
+			addFlag(fs, &slots[i], o.negFlag, true, true, false)
 		}
 	}
 	var version flagSlot
-	addFlag(fs, &version, "version", false, true)
+	addFlag(fs, &version, "version", false, true, false)
 
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
@@ -711,7 +787,7 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 			if ok {
 				break
 			}
-			if v := getenv(name); strings.TrimSpace(v) != "" {
+			if v, set := lookupEnv(name); set && (strings.TrimSpace(v) != "" || o.keepEmpty) {
 				s, ok = setting{raw: v, from: name}, true
 			}
 		}
@@ -735,6 +811,29 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 		return config{}, provider.invalid("--llm-base-url or LLM_BASE_URL set as well, or simulated")
 	}
 	return c, nil
+}
+
+// splitList splits a comma list, dropping blank entries.
+func splitList(s string) []string {
+	var out []string
+	for _, e := range strings.Split(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// globs parses a comma list of file name patterns.
+func globs(s setting) ([]string, error) {
+	var out []string
+	for _, g := range splitList(s.text()) {
+		if _, err := path.Match(g, ""); err != nil {
+			return nil, s.invalid("file name patterns such as *.tmpl, comma-separated")
+		}
+		out = append(out, g)
+	}
+	return out, nil
 }
 
 // usage writes the --help text: one line per flag with its variable and

@@ -17,12 +17,15 @@ import (
 )
 
 // fakeEnv returns a getenv over the given name, value pairs.
-func fakeEnv(kv ...string) func(string) string {
+func fakeEnv(kv ...string) func(string) (string, bool) {
 	m := map[string]string{}
 	for i := 0; i+1 < len(kv); i += 2 {
 		m[kv[i]] = kv[i+1]
 	}
-	return func(name string) string { return m[name] }
+	return func(name string) (string, bool) {
+		v, ok := m[name]
+		return v, ok
+	}
 }
 
 func TestConfigDefaults(t *testing.T) {
@@ -48,6 +51,9 @@ func TestConfigDefaults(t *testing.T) {
 		LLMTimeout:         120 * time.Second,
 		LLMIdleTimeout:     60 * time.Second,
 		SimulatedLatency:   3 * time.Second,
+		ReloadDirs:         []string{"."},
+		ReloadDelay:        250 * time.Millisecond,
+		ReloadDrain:        5 * time.Second,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("loadConfig(nil, no env) =\n%+v\nwant\n%+v", got, want)
@@ -96,6 +102,12 @@ func TestConfigPrecedence(t *testing.T) {
 		{"llm-idle-timeout", []string{"LLM_IDLE_TIMEOUT", "10s"}, []string{"--llm-idle-timeout", "20s"}, field("LLMIdleTimeout"), 10 * time.Second, 20 * time.Second},
 		{"simulated-latency", []string{"SIMULATED_LATENCY", "0"}, []string{"--simulated-latency", "250ms"}, field("SimulatedLatency"), time.Duration(0), 250 * time.Millisecond},
 		{"cors-origins", []string{"CORS_ORIGINS", "https://a.example.com"}, []string{"--cors-origins", "*"}, field("CORSOrigins"), []string{"https://a.example.com"}, []string{"*"}},
+		{"reload-dir", []string{"RELOAD_DIRS", "/tmp, /"}, []string{"--reload-dir", "/", "--reload-dir=/tmp"}, field("ReloadDirs"), []string{"/tmp", "/"}, []string{"/", "/tmp"}},
+		{"reload-include", []string{"RELOAD_INCLUDE", "*.tmpl"}, []string{"--reload-include", "*.html", "--reload-include", "*.css"}, field("ReloadInclude"), []string{"*.tmpl"}, []string{"*.html", "*.css"}},
+		{"reload-exclude", []string{"RELOAD_EXCLUDE", "gen,*.pb.go"}, []string{"--reload-exclude", "tmp"}, field("ReloadExclude"), []string{"gen", "*.pb.go"}, []string{"tmp"}},
+		{"reload-delay", []string{"RELOAD_DELAY", "100ms"}, []string{"--reload-delay", "1"}, field("ReloadDelay"), 100 * time.Millisecond, time.Second},
+		{"reload-build", []string{"RELOAD_BUILD", ""}, []string{"--reload-build", "make build"}, field("ReloadBuild"), "", "make build"},
+		{"reload-drain", []string{"RELOAD_DRAIN", "0"}, []string{"--reload-drain", "10s"}, field("ReloadDrain"), time.Duration(0), 10 * time.Second},
 		{"LLM_API_KEY", []string{"LLM_API_KEY", "sk-test"}, nil, field("LLMAPIKey"), "sk-test", nil},
 		{"API_TOKEN", []string{"API_TOKEN", "a, b"}, nil, field("APITokens"), []string{"a", "b"}, nil},
 	}

@@ -50,7 +50,7 @@ func run(stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "server:", err)
 		return exitUsage
 	}
-	cfg, err := loadConfig(args, os.Getenv)
+	cfg, err := loadConfig(args, os.LookupEnv)
 	switch {
 	case errors.Is(err, errHelp):
 		usage(stdout)
@@ -129,7 +129,6 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		if cfg.WorkersSet && cfg.Workers > 1 {
 			log.Warn().Int("workers", cfg.Workers).Msg("RELOAD/--reload runs one worker; WORKERS/--workers is ignored")
 		}
-		log.Warn().Msg("reload mode is not available yet: running one worker without watching files")
 	}
 	st, err := prepareStore(cfg, log)
 	if err != nil {
@@ -158,6 +157,7 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		Logger:             log,
 		SetTitle:           true,
 		OnWorkerExit:       reaper.workerExited,
+		Reload:             reloadConfig(cfg, st.Path()),
 	})
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
@@ -173,6 +173,33 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 	}
 	return exitOK
 }
+
+// reloadConfig is the supervisor's reload configuration, nil unless reload
+// mode is on. The database's folder is never watched, so its writes never
+// trigger a reload.
+func reloadConfig(cfg config, dbPath string) *supervisor.ReloadConfig {
+	if !cfg.Reload {
+		return nil
+	}
+	build := cfg.ReloadBuild
+	if !cfg.ReloadBuildSet {
+		if _, err := os.Stat(filepath.Join(cfg.ReloadDirs[0], "go.mod")); err == nil {
+			build = defaultReloadBuild
+		}
+	}
+	return &supervisor.ReloadConfig{
+		Dirs:        cfg.ReloadDirs,
+		Include:     cfg.ReloadInclude,
+		Exclude:     cfg.ReloadExclude,
+		ExcludeDirs: []string{filepath.Dir(dbPath)},
+		Delay:       cfg.ReloadDelay,
+		Build:       build,
+		Drain:       max(cfg.ReloadDrain, time.Nanosecond),
+	}
+}
+
+// defaultReloadBuild builds this server into the path the supervisor gives.
+const defaultReloadBuild = `go build -o "$OUTPUT" ./cmd/server`
 
 // graceful is the drain budget. The libraries read a zero budget as "use
 // the default", so "cut requests at once" (0) becomes the smallest budget.

@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/rs/zerolog"
 	"github.com/valyala/fasthttp"
 
 	"github.com/corralhq/corral/handlers"
+	"github.com/corralhq/corral/supervisor/protocol"
 	"github.com/corralhq/corral/worker"
 )
 
@@ -45,7 +47,10 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		fmt.Fprintln(os.Stderr, "server:", err)
 		return exitBootError
 	}
+	// The supervisor tells the worker how the last reload build went.
+	var reload atomic.Pointer[handlers.ReloadStatus]
 	h := handlers.New(handlers.Config{
+		Reload:      reload.Load,
 		Worker:      handlers.Worker{Slot: in.Slot, Generation: in.Generation, PID: in.PID, Started: in.Started},
 		Store:       st,
 		LLM:         model,
@@ -67,6 +72,11 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		MaxBodySize:      cfg.LimitRequestBody,
 		MaxConcurrency:   cfg.LimitConcurrency,
 		Signals:          sigs,
+		OnMessage: func(m protocol.Message) {
+			if m.Type == protocol.TypeReload {
+				reload.Store(&handlers.ReloadStatus{Build: m.Build, Error: m.Error})
+			}
+		},
 	})
 	if err != nil {
 		log.Error().Err(err).Msg("worker failed")

@@ -76,9 +76,13 @@ const (
 	TypeReady     = "ready"
 	TypeHeartbeat = "heartbeat"
 	TypeRecycle   = "recycle"
+	// TypeReload travels on the lifeline, supervisor to worker: the state of
+	// the last reload build, which the worker shows in /health.
+	TypeReload = "reload"
 )
 
-// Message is one JSON line on the control pipe, worker to supervisor.
+// Message is one JSON line on the control pipe (worker to supervisor) or on
+// the lifeline (supervisor to worker).
 // Fields that do not apply to a type are omitted.
 type Message struct {
 	Type string `json:"type"`
@@ -89,6 +93,10 @@ type Message struct {
 	InFlight int64 `json:"in_flight,omitempty"`
 	// Reason says why a recycle is asked for (e.g. "max_requests").
 	Reason string `json:"reason,omitempty"`
+	// Build is "ok" or "failed" on a TypeReload message.
+	Build string `json:"build,omitempty"`
+	// Error is the first line of a failed build's output.
+	Error string `json:"error,omitempty"`
 }
 
 // Encode returns m as one newline-terminated JSON line.
