@@ -72,6 +72,9 @@ type Config struct {
 	CORSOrigins []string
 	// KeepAliveInterval overrides KeepAliveInterval (tests).
 	KeepAliveInterval time.Duration
+	// Draining, if set, reports whether the server is about to stop; /health
+	// then answers 503 {"status":"draining"} so load balancers move away.
+	Draining func() bool
 	// Reload, if set, reports the state of the last reload build, which
 	// /health then includes; nil outside reload mode.
 	Reload func() *ReloadStatus
@@ -192,7 +195,12 @@ func allow(ctx *fasthttp.RequestCtx, methods ...string) bool {
 func (h *Handler) health(ctx *fasthttp.RequestCtx) {
 	w := h.cfg.Worker
 	b := make([]byte, 0, 128)
-	b = append(b, `{"status":"ok","pid":`...)
+	if h.cfg.Draining != nil && h.cfg.Draining() {
+		ctx.SetStatusCode(fasthttp.StatusServiceUnavailable)
+		b = append(b, `{"status":"draining","pid":`...)
+	} else {
+		b = append(b, `{"status":"ok","pid":`...)
+	}
 	b = strconv.AppendInt(b, int64(w.PID), 10)
 	b = append(b, `,"worker":`...)
 	b = strconv.AppendInt(b, int64(w.Slot), 10)

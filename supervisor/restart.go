@@ -39,6 +39,10 @@ func (s *Supervisor) spawn(sl *slot, why string) {
 	}
 	sl.next = p
 	s.procs[p.pid] = p
+	if why != "start" && why != "scale_up" {
+		sl.restarts++
+		sl.lastReason = why
+	}
 	s.log.Info().Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).Str("reason", why).Msg("worker started")
 }
 
@@ -48,7 +52,7 @@ func (s *Supervisor) spawn(sl *slot, why string) {
 // in shared mode the one socket.
 func (s *Supervisor) listenersFor(sl *slot) []*os.File {
 	if s.shared != nil {
-		return []*os.File{s.shared}
+		return s.shared
 	}
 	lns := []*os.File{sl.sock}
 	if len(s.slots) > 1 {
@@ -83,6 +87,7 @@ func (s *Supervisor) onReady(p *proc) {
 	if !s.booted && s.allReady() {
 		s.booted = true
 		s.log.Info().Int("workers", len(s.slots)).Msg("Application startup complete")
+		s.notify.ready()
 	}
 	if s.rollSlot == sl {
 		s.rollSlot = nil
@@ -221,6 +226,11 @@ func (s *Supervisor) tick(now time.Time) {
 			s.replace(sl, sl.restartWhy)
 		}
 	}
+	if !s.drainUntil.IsZero() && !now.Before(s.drainUntil) {
+		s.drainUntil = time.Time{}
+		s.shutdown()
+	}
+	s.notify.tick(now)
 }
 
 // bootFailed stops the server because a first-generation worker could not
@@ -248,8 +258,9 @@ func (s *Supervisor) roll() {
 		}
 		s.replace(sl, "hup")
 	}
-	if s.rollSlot == nil && len(s.rolling) == 0 {
-		s.log.Debug().Msg("rolling restart done")
+	if s.rollSlot == nil && len(s.rolling) == 0 && !s.stopping {
+		s.log.Info().Msg("rolling restart done")
+		s.notify.ready()
 	}
 }
 

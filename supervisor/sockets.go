@@ -114,3 +114,18 @@ func migrateReqDisabled() bool {
 func slotSocketError(slot int, err error) error {
 	return fmt.Errorf("supervisor: socket for worker %d: %w", slot, err)
 }
+
+// socketAddr returns the address an inherited listening socket is bound to.
+func socketAddr(f *os.File) (*net.TCPAddr, error) {
+	sa, err := unix.Getsockname(int(f.Fd()))
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: inherited socket %s: %w", f.Name(), err)
+	}
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}, nil
+	case *unix.SockaddrInet6:
+		return &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}, nil
+	}
+	return nil, fmt.Errorf("supervisor: inherited socket %s is not a TCP socket", f.Name())
+}

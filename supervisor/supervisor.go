@@ -7,10 +7,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/corralhq/corral/supervisor/protocol"
 )
 
 // SocketMode says how workers share the listening port.
@@ -89,6 +92,21 @@ type Config struct {
 	SetTitle bool
 	// Reload, if set, turns on development reload (see ReloadConfig).
 	Reload *ReloadConfig
+	// Listeners, if any, are listening sockets inherited from systemd's
+	// socket activation: every worker serves all of them (shared mode) and
+	// the supervisor binds nothing.
+	Listeners []*os.File
+	// DrainDelay is how long, on SIGTERM, workers keep serving with /health
+	// answering 503 before they stop accepting, so load balancers move
+	// away first. Default 0.
+	DrainDelay time.Duration
+	// ControlSocket is the path of the control socket; "" means none.
+	ControlSocket string
+	// MaxMemory recycles a worker whose resident memory exceeds it, in
+	// bytes; 0 means no limit.
+	MaxMemory uint64
+	// Version, Store and LLM describe the server in Status.
+	Version, Store, LLM string
 	// OnWorkerExit, if set, is called from the supervisor's loop after a
 	// worker process exited; crashed is false when the supervisor had asked
 	// it to stop. It must return quickly.
@@ -128,7 +146,9 @@ type slot struct {
 	// restartAt is when a backed-off replacement starts; zero when none is due.
 	restartAt  time.Time
 	restartWhy string
-	gone       bool // scaled away
+	gone       bool   // scaled away
+	restarts   int    // workers started after the first
+	lastReason string // why the last one was started
 }
 
 // Supervisor starts, watches and replaces worker processes. Create it with
@@ -138,7 +158,7 @@ type Supervisor struct {
 	log    zerolog.Logger
 	exe    string
 	addr   *net.TCPAddr
-	shared *os.File // Shared mode: the one socket
+	shared []*os.File // Shared mode: the one socket, or every activated one
 
 	slots  []*slot
 	procs  map[int]*proc // every live worker process, by pid
@@ -151,6 +171,11 @@ type Supervisor struct {
 	exitErr  error
 	rng      *rand.Rand
 	reload   *reloadState // nil unless Config.Reload is set
+
+	started    time.Time
+	controls   chan control
+	notify     *notifier
+	drainUntil time.Time // end of the drain delay; zero when none runs
 }
 
 // New validates cfg, binds the listening sockets and returns a Supervisor
@@ -195,17 +220,31 @@ func New(cfg Config) (*Supervisor, error) {
 		cfg.Name = filepath.Base(exe)
 	}
 	s := &Supervisor{
-		cfg:    cfg,
-		log:    cfg.Logger,
-		exe:    exe,
-		procs:  make(map[int]*proc),
-		events: make(chan event, 64),
-		rng:    rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		exe:      exe,
+		procs:    make(map[int]*proc),
+		events:   make(chan event, 64),
+		rng:      rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
+		controls: make(chan control),
+		started:  time.Now(),
 	}
+	s.notify = newNotifier(s)
 	if cfg.Reload != nil {
 		rc := *cfg.Reload
 		rc.setDefaults()
 		s.reload = &reloadState{cfg: rc, changes: make(chan []string), builds: make(chan buildResult)}
+	}
+	if len(cfg.Listeners) > 0 {
+		addr, err := socketAddr(cfg.Listeners[0])
+		if err != nil {
+			return nil, err
+		}
+		s.addr, s.shared, s.cfg.SocketMode = addr, cfg.Listeners, Shared
+		for range cfg.Workers {
+			s.slots = append(s.slots, &slot{n: len(s.slots) + 1})
+		}
+		return s, nil
 	}
 	addr, err := probeAddr(cfg.Addr)
 	if err != nil {
@@ -213,9 +252,11 @@ func New(cfg Config) (*Supervisor, error) {
 	}
 	s.addr = addr
 	if cfg.SocketMode == Shared {
-		if s.shared, err = listenSocket(addr, false, cfg.Backlog); err != nil {
+		f, err := listenSocket(addr, false, cfg.Backlog)
+		if err != nil {
 			return nil, &AddrError{Addr: addr.String(), Err: err}
 		}
+		s.shared = []*os.File{f}
 	}
 	for range cfg.Workers {
 		if err := s.addSlot(); err != nil {
@@ -256,6 +297,19 @@ func (s *Supervisor) Run() error {
 		defer s.endReload()
 		changes, builds = s.reload.changes, s.reload.builds
 	}
+	if s.cfg.ControlSocket != "" {
+		ln, err := listenControl(s.cfg.ControlSocket)
+		if err != nil {
+			return err
+		}
+		done := make(chan struct{})
+		defer func() {
+			close(done)
+			ln.Close() // also removes the socket file
+		}()
+		go s.serveControl(ln, done)
+		s.log.Info().Str("path", s.cfg.ControlSocket).Msg("control socket ready")
+	}
 	for _, sl := range s.slots {
 		s.spawn(sl, "start")
 	}
@@ -272,6 +326,8 @@ func (s *Supervisor) Run() error {
 			s.onChanges(paths)
 		case res := <-builds:
 			s.onBuild(res)
+		case ctl := <-s.controls:
+			s.onControl(ctl)
 		case <-timer.C:
 		}
 		s.tick(time.Now())
@@ -290,6 +346,16 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 			s.kill("forced")
 			return
 		}
+		s.notify.stopping()
+		if s.cfg.DrainDelay > 0 {
+			// Keep serving, /health answering 503, so load balancers
+			// move away before the listeners close; tick ends it.
+			s.stopping, s.drainUntil = true, time.Now().Add(s.cfg.DrainDelay)
+			s.rolling = nil
+			s.tellWorkers(protocol.Message{Type: protocol.TypeDrain})
+			s.log.Info().Dur("delay", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
+			return
+		}
 		s.shutdown()
 	case syscall.SIGQUIT:
 		s.stopping = true
@@ -303,6 +369,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 			s.rolling = append(s.rolling, sl.n)
 		}
 		s.log.Info().Int("workers", len(s.slots)).Msg("rolling restart")
+		s.notify.reloading()
 		s.roll()
 	case syscall.SIGTTIN:
 		s.scaleUp()
@@ -352,6 +419,7 @@ func (s *Supervisor) onEvent(ev event) {
 	case "heartbeat":
 		p.lastBeat = time.Now()
 		p.requests, p.inFlight = ev.msg.Requests, ev.msg.InFlight
+		s.checkMemory(p)
 	case "recycle":
 		if p == p.slot.current && !s.stopping {
 			s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Uint64("requests", ev.msg.Requests).Str("reason", ev.msg.Reason).Msg("recycling worker")
@@ -382,12 +450,45 @@ func (s *Supervisor) nextDeadline() time.Time {
 			next = sl.restartAt
 		}
 	}
+	if !s.drainUntil.IsZero() && s.drainUntil.Before(next) {
+		next = s.drainUntil
+	}
+	if d := s.notify.deadline(time.Now()); d.Before(next) {
+		next = d
+	}
 	return next
 }
 
+// sortedProcs returns the live workers by slot, then generation.
+func (s *Supervisor) sortedProcs() []*proc {
+	ps := make([]*proc, 0, len(s.procs))
+	for _, p := range s.procs {
+		ps = append(ps, p)
+	}
+	slices.SortFunc(ps, func(a, b *proc) int {
+		if a.slot.n != b.slot.n {
+			return a.slot.n - b.slot.n
+		}
+		return a.gen - b.gen
+	})
+	return ps
+}
+
+// checkMemory recycles p once its resident memory passes MaxMemory.
+func (s *Supervisor) checkMemory(p *proc) {
+	if s.cfg.MaxMemory == 0 || p != p.slot.current || p.slot.next != nil {
+		return
+	}
+	if rss := readRSS(p.pid); rss > s.cfg.MaxMemory {
+		s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Uint64("rss", rss).Uint64("limit", s.cfg.MaxMemory).
+			Str("reason", "max_memory").Msg("recycling worker")
+		s.replace(p.slot, "max_memory")
+	}
+}
+
 func (s *Supervisor) closeSockets() {
-	if s.shared != nil {
-		s.shared.Close()
+	for _, f := range s.shared {
+		f.Close()
 	}
 	for _, sl := range s.slots {
 		if sl.sock != nil {

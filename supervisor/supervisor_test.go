@@ -7,6 +7,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func TestMatcherWatched(t *testing.T) {
@@ -135,5 +136,24 @@ func TestNewRejectsBadConfig(t *testing.T) {
 			s.closeSockets()
 			t.Errorf("New(%+v) = nil error", cfg)
 		}
+	}
+}
+
+func TestServingGatesTheWatchdog(t *testing.T) {
+	now := time.Now()
+	s := &Supervisor{cfg: Config{HealthcheckTimeout: time.Second}}
+	fresh := &proc{state: ready, lastBeat: now.Add(-100 * time.Millisecond)}
+	stale := &proc{state: ready, lastBeat: now.Add(-2 * time.Second)}
+	s.slots = []*slot{{n: 1, current: stale}, {n: 2}}
+	if !s.serving(now) {
+		t.Errorf("serving() before boot = false, want true (systemd's start timeout covers boot)")
+	}
+	s.booted = true
+	if s.serving(now) {
+		t.Errorf("serving() with only a silent worker = true, want false")
+	}
+	s.slots[1].current = fresh
+	if !s.serving(now) {
+		t.Errorf("serving() with one heartbeating worker = false, want true")
 	}
 }

@@ -25,7 +25,9 @@ func (w *worker) heartbeat(stop <-chan struct{}) {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
-		if w.probe(client, interval*2) {
+		// Ready needs a 200; a heartbeat only needs an answer, which proves
+		// the serving path (a draining server's /health answers 503).
+		if st := w.probe(client, interval*2); st == fasthttp.StatusOK || ready && st != 0 {
 			typ := protocol.TypeHeartbeat
 			if !ready {
 				typ, ready = protocol.TypeReady, true
@@ -45,8 +47,9 @@ func (w *worker) heartbeat(stop <-chan struct{}) {
 }
 
 // probe sends GET /health to the worker's own handler through the
-// in-memory listener and reports whether it answered 200 within timeout.
-func (w *worker) probe(c *fasthttp.HostClient, timeout time.Duration) bool {
+// in-memory listener and returns the status it answered within timeout, or
+// 0 when it did not.
+func (w *worker) probe(c *fasthttp.HostClient, timeout time.Duration) int {
 	req := fasthttp.AcquireRequest()
 	resp := fasthttp.AcquireResponse()
 	defer fasthttp.ReleaseRequest(req)
@@ -55,13 +58,9 @@ func (w *worker) probe(c *fasthttp.HostClient, timeout time.Duration) bool {
 	req.Header.Set("User-Agent", "corral-probe")
 	if err := c.DoTimeout(req, resp, timeout); err != nil {
 		w.log.Warn().Err(err).Msg("health probe failed")
-		return false
+		return 0
 	}
-	if resp.StatusCode() != fasthttp.StatusOK {
-		w.log.Warn().Int("status", resp.StatusCode()).Msg("health probe failed")
-		return false
-	}
-	return true
+	return resp.StatusCode()
 }
 
 // send writes one message to the supervisor. A failed write means the

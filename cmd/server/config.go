@@ -55,6 +55,10 @@ type config struct {
 	APITokens        []string      `json:"-"` // API_TOKEN only; nil = none set; never printed
 	CORSOrigins      []string      // --cors-origins, normalised origins or ["*"]; nil = none
 
+	DrainDelay     time.Duration // --drain-delay, default 0
+	ControlSocket  string        // --control-socket; "" = $RUNTIME_DIRECTORY/server.sock or the data folder's
+	LimitMaxMemory int64         // --limit-max-memory in bytes, 0 = none
+
 	ReloadDirs     []string      // --reload-dir (repeatable) / RELOAD_DIRS, default ["."]
 	ReloadInclude  []string      // --reload-include (repeatable) / RELOAD_INCLUDE, added to the defaults
 	ReloadExclude  []string      // --reload-exclude (repeatable) / RELOAD_EXCLUDE, added to the defaults
@@ -458,6 +462,29 @@ var options = []option{
 		set: func(c *config, s setting) (err error) {
 			c.LimitMaxRequestsJitter, err = s.whole(0, math.MaxInt32, "a whole number, 0 or more")
 			return err
+		}},
+
+	{group: groupLimits, flag: "limit-max-memory", arg: "SIZE", env: []string{"LIMIT_MAX_MEMORY"}, def: "0",
+		help: "recycle a worker whose memory (RSS) passes SIZE; 0 = none",
+		set: func(c *config, s setting) (err error) {
+			n, ok := parseSize(s.text())
+			if !ok || n != 0 && (n < 16<<20 || n > 1<<40) {
+				return s.invalid("0 or a size from 16MiB to 1TiB, such as 512MiB")
+			}
+			c.LimitMaxMemory = int64(n)
+			return nil
+		}},
+	{group: groupLimits, flag: "drain-delay", arg: "DUR", env: []string{"DRAIN_DELAY"}, def: "0s",
+		help: "on SIGTERM, fail /health this long before draining",
+		set: func(c *config, s setting) (err error) {
+			c.DrainDelay, err = s.duration(0, "0 or more")
+			return err
+		}},
+	{group: groupServer, flag: "control-socket", arg: "PATH", env: []string{"CONTROL_SOCKET"}, def: "(see docs)",
+		help: "unix socket for `server status` and friends",
+		set: func(c *config, s setting) error {
+			c.ControlSocket = s.text()
+			return nil
 		}},
 
 	{group: groupLog, flag: "log-level", arg: "LEVEL", env: []string{"LOG_LEVEL"}, def: "info",

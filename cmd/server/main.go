@@ -8,10 +8,12 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -20,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/mattn/go-isatty"
 	"github.com/rs/zerolog"
 
@@ -45,6 +48,9 @@ func main() {
 // run is the whole program; it returns the exit status.
 func run(stdout, stderr io.Writer) int {
 	role := os.Getenv(protocol.EnvRole)
+	if role == "" && len(os.Args) > 1 && subcommands[os.Args[1]] != "" {
+		return runCLI(os.Args[1], os.Args[2:], stdout, stderr)
+	}
 	args, err := programArgs(role)
 	if err != nil {
 		fmt.Fprintln(stderr, "server:", err)
@@ -143,7 +149,19 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
 	defer signal.Stop(sigs)
 
+	// Socket activation: systemd passed the listening socket(s).
+	listeners := activation.Files(true)
+	if len(listeners) > 0 {
+		log.Info().Int("sockets", len(listeners)).Msg("using sockets from systemd")
+	}
 	sup, err := supervisor.New(supervisor.Config{
+		Listeners:          listeners,
+		DrainDelay:         cfg.DrainDelay,
+		ControlSocket:      controlPath(cfg.ControlSocket, cfg.DatabaseURL),
+		MaxMemory:          uint64(cfg.LimitMaxMemory),
+		Version:            version,
+		Store:              "sqlite:" + st.Path(),
+		LLM:                describeLLM(cfg),
 		Addr:               cfg.addr(),
 		Workers:            workers,
 		SocketMode:         supervisor.SocketMode(cfg.SocketMode),
@@ -172,6 +190,21 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		return exitError
 	}
 	return exitOK
+}
+
+// describeLLM names the provider for status output, without secrets.
+func describeLLM(cfg config) string {
+	switch {
+	case cfg.LLMProvider == "openai":
+		host := cfg.LLMBaseURL
+		if u, err := url.Parse(cfg.LLMBaseURL); err == nil {
+			host = u.Host
+		}
+		return "openai at " + host + " (model " + cmp.Or(cfg.LLMModel, "default") + ")"
+	case cfg.SimulatedLatency > 0:
+		return "simulated (" + cfg.SimulatedLatency.String() + " per reply)"
+	}
+	return "simulated"
 }
 
 // reloadConfig is the supervisor's reload configuration, nil unless reload

@@ -32,6 +32,9 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// held keeps /test/alloc's memory alive.
+var held [][]byte
+
 // testRoutes are served only by the test binary.
 func testRoutes(ctx *fasthttp.RequestCtx) bool {
 	switch string(ctx.Path()) {
@@ -39,6 +42,15 @@ func testRoutes(ctx *fasthttp.RequestCtx) bool {
 		ms, _ := strconv.Atoi(string(ctx.QueryArgs().Peek("ms")))
 		time.Sleep(time.Duration(ms) * time.Millisecond) // the slow work itself
 		ctx.SetBodyString("slow done pid=" + strconv.Itoa(os.Getpid()))
+	case "/test/alloc":
+		// Memory the worker holds and touches, so its RSS grows.
+		mb, _ := strconv.Atoi(string(ctx.QueryArgs().Peek("mb")))
+		b := make([]byte, mb<<20)
+		for i := range b {
+			b[i] = byte(i)
+		}
+		held = append(held, b)
+		ctx.SetBodyString("held " + strconv.Itoa(mb) + " MiB")
 	case "/test/panic":
 		ctx.SetBodyString("partial")
 		panic("test panic")

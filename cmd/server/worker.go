@@ -49,8 +49,10 @@ func runWorker(cfg config, log zerolog.Logger) int {
 	}
 	// The supervisor tells the worker how the last reload build went.
 	var reload atomic.Pointer[handlers.ReloadStatus]
+	var draining atomic.Bool
 	h := handlers.New(handlers.Config{
 		Reload:      reload.Load,
+		Draining:    draining.Load,
 		Worker:      handlers.Worker{Slot: in.Slot, Generation: in.Generation, PID: in.PID, Started: in.Started},
 		Store:       st,
 		LLM:         model,
@@ -73,8 +75,11 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		MaxConcurrency:   cfg.LimitConcurrency,
 		Signals:          sigs,
 		OnMessage: func(m protocol.Message) {
-			if m.Type == protocol.TypeReload {
+			switch m.Type {
+			case protocol.TypeReload:
 				reload.Store(&handlers.ReloadStatus{Build: m.Build, Error: m.Error})
+			case protocol.TypeDrain:
+				draining.Store(true)
 			}
 		},
 	})

@@ -142,6 +142,19 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	return s, nil
 }
 
+// FilePath returns the absolute path of the database file an SQLite URL
+// names, and false for a server database (postgres://) or a URL Open would
+// refuse.
+func FilePath(url string) (string, bool) {
+	scheme, rest := splitScheme(url)
+	switch scheme {
+	case "", "sqlite", "sqlite3", "file":
+		p, err := sqlitePath(url, rest)
+		return p, err == nil
+	}
+	return "", false
+}
+
 // splitScheme splits "scheme:rest". A colon after the first slash, or a
 // "scheme" that is not one, means there is no scheme: a bare path.
 func splitScheme(url string) (scheme, rest string) {

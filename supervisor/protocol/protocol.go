@@ -79,6 +79,9 @@ const (
 	// TypeReload travels on the lifeline, supervisor to worker: the state of
 	// the last reload build, which the worker shows in /health.
 	TypeReload = "reload"
+	// TypeDrain travels on the lifeline: the server is about to stop, so
+	// /health should fail while the worker keeps serving.
+	TypeDrain = "drain"
 )
 
 // Message is one JSON line on the control pipe (worker to supervisor) or on

@@ -1,0 +1,244 @@
+package supervisor
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The control socket: a unix socket (mode 0600) on which `server status`,
+// `server reload`, `server scale N` and `server stop` talk to the
+// supervisor. One JSON request line, one JSON response line, then close.
+
+// Request is one command on the control socket.
+type Request struct {
+	// Cmd is "status", "reload", "scale" or "stop".
+	Cmd string `json:"cmd"`
+	// Workers is the target count for "scale".
+	Workers int `json:"workers,omitempty"`
+	// Force makes "stop" kill the workers at once.
+	Force bool `json:"force,omitempty"`
+}
+
+// Response answers a Request.
+type Response struct {
+	OK     bool    `json:"ok"`
+	Error  string  `json:"error,omitempty"`
+	Status *Status `json:"status,omitempty"`
+}
+
+// Status is a snapshot of the supervisor and its workers.
+type Status struct {
+	Version    string         `json:"version"`
+	PID        int            `json:"pid"`
+	Started    time.Time      `json:"started"`
+	UptimeS    float64        `json:"uptime_s"`
+	Addr       string         `json:"addr"`
+	SocketMode string         `json:"socket_mode"`
+	State      string         `json:"state"` // starting, running, rolling, stopping
+	Store      string         `json:"store,omitempty"`
+	LLM        string         `json:"llm,omitempty"`
+	Workers    []WorkerStatus `json:"workers"`
+}
+
+// WorkerStatus describes one worker process. A slot has one, or two while
+// a replacement starts or an old worker drains.
+type WorkerStatus struct {
+	Slot        int     `json:"slot"`
+	PID         int     `json:"pid"`
+	Generation  int     `json:"generation"`
+	State       string  `json:"state"`
+	UptimeS     float64 `json:"uptime_s"`
+	Requests    uint64  `json:"requests"`
+	InFlight    int64   `json:"in_flight"`
+	RSS         uint64  `json:"rss_bytes"`
+	CPUS        float64 `json:"cpu_s"`
+	FDs         int     `json:"fds"`
+	Restarts    int     `json:"restarts"`
+	LastReason  string  `json:"last_restart_reason,omitempty"`
+	HeartbeatS  float64 `json:"last_heartbeat_s"` // seconds ago; -1 before the first
+	StartReason string  `json:"start_reason"`
+}
+
+// control is a request from a control connection to the loop.
+type control struct {
+	req   Request
+	reply chan Response
+}
+
+// ErrControlInUse is returned when another running server answers on the
+// control socket path.
+var ErrControlInUse = errors.New("supervisor: control socket in use by a running server")
+
+// listenControl creates the control socket at path, readable and writable
+// by the owner only. A stale socket left by a dead server is replaced; a
+// live one is an error.
+func listenControl(path string) (*net.UnixListener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("listen %s: %w", path, ErrControlInUse)
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		os.Remove(path)
+	}
+	old := syscall.Umask(0o177)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("supervisor: control socket: %w", err)
+	}
+	return ln, nil
+}
+
+// serveControl accepts control connections until ln closes.
+func (s *Supervisor) serveControl(ln *net.UnixListener, done <-chan struct{}) {
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		go s.handleControl(c, done)
+	}
+}
+
+func (s *Supervisor) handleControl(c *net.UnixConn, done <-chan struct{}) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	resp := Response{}
+	if err := sameUser(c); err != nil {
+		resp.Error = err.Error()
+	} else if line, err := bufio.NewReader(c).ReadBytes('\n'); err != nil {
+		resp.Error = "read request: " + err.Error()
+	} else {
+		var req Request
+		if err := json.Unmarshal(line, &req); err != nil {
+			resp.Error = "bad request: " + err.Error()
+		} else {
+			ctl := control{req: req, reply: make(chan Response, 1)}
+			select {
+			case s.controls <- ctl:
+				resp = <-ctl.reply
+			case <-done:
+				resp.Error = "server is stopping"
+			}
+		}
+	}
+	b, _ := json.Marshal(resp)
+	c.Write(append(b, '\n'))
+}
+
+// sameUser refuses peers other than the server's own user and root; the
+// socket's mode already keeps others out, this holds if it is loosened.
+func sameUser(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if cerr != nil {
+		return cerr
+	}
+	if cred.Uid != 0 && int(cred.Uid) != os.Getuid() {
+		return fmt.Errorf("uid %d may not control a server run by uid %d", cred.Uid, os.Getuid())
+	}
+	return nil
+}
+
+// onControl runs a control request in the loop.
+func (s *Supervisor) onControl(ctl control) {
+	r := Response{OK: true}
+	switch ctl.req.Cmd {
+	case "status":
+		r.Status = s.status()
+	case "reload":
+		if s.stopping {
+			r = Response{Error: "server is stopping"}
+			break
+		}
+		s.onSignal(syscall.SIGHUP)
+	case "scale":
+		n := ctl.req.Workers
+		if n < 1 || n > MaxWorkers {
+			r = Response{Error: fmt.Sprintf("scale to %d workers: want 1 to %d", n, MaxWorkers)}
+			break
+		}
+		if s.stopping {
+			r = Response{Error: "server is stopping"}
+			break
+		}
+		for len(s.slots) < n {
+			before := len(s.slots)
+			s.scaleUp()
+			if len(s.slots) == before {
+				r = Response{Error: "scale up failed; see the server log"}
+				break
+			}
+		}
+		for len(s.slots) > n {
+			s.scaleDown()
+		}
+	case "stop":
+		if ctl.req.Force {
+			s.kill("forced")
+			break
+		}
+		s.onSignal(syscall.SIGTERM)
+	default:
+		r = Response{Error: fmt.Sprintf("unknown command %q: want status, reload, scale or stop", ctl.req.Cmd)}
+	}
+	ctl.reply <- r
+}
+
+// status snapshots the supervisor for `server status`.
+func (s *Supervisor) status() *Status {
+	now := time.Now()
+	st := &Status{
+		Version:    s.cfg.Version,
+		PID:        os.Getpid(),
+		Started:    s.started,
+		UptimeS:    now.Sub(s.started).Seconds(),
+		Addr:       s.addr.String(),
+		SocketMode: string(s.cfg.SocketMode),
+		State:      "running",
+		Store:      s.cfg.Store,
+		LLM:        s.cfg.LLM,
+		Workers:    []WorkerStatus{},
+	}
+	switch {
+	case s.stopping:
+		st.State = "stopping"
+	case !s.booted:
+		st.State = "starting"
+	case s.rollSlot != nil || len(s.rolling) > 0:
+		st.State = "rolling"
+	}
+	for _, p := range s.sortedProcs() {
+		u := readUsage(p.pid)
+		w := WorkerStatus{
+			Slot: p.slot.n, PID: p.pid, Generation: p.gen, State: p.state.String(),
+			UptimeS: now.Sub(p.started).Seconds(), Requests: p.requests, InFlight: p.inFlight,
+			RSS: u.RSS, CPUS: u.CPU.Seconds(), FDs: u.FDs,
+			Restarts: p.slot.restarts, LastReason: p.slot.lastReason, HeartbeatS: -1, StartReason: p.why,
+		}
+		if !p.lastBeat.IsZero() {
+			w.HeartbeatS = now.Sub(p.lastBeat).Seconds()
+		}
+		st.Workers = append(st.Workers, w)
+	}
+	return st
+}
