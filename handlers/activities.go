@@ -46,7 +46,8 @@ func parseActivityQuery(args *fasthttp.Args) (activityQuery, error) {
 	}
 	if v := args.Peek("wait"); len(v) > 0 {
 		f, err := strconv.ParseFloat(string(v), 64)
-		if err != nil || f < 0 || f > maxWait.Seconds() {
+		// Negated so that NaN, which compares false to everything, is refused.
+		if err != nil || !(f >= 0 && f <= maxWait.Seconds()) {
 			return q, badRequest(fmt.Sprintf("parameter wait=%q: want seconds from 0 to %d", v, int(maxWait.Seconds())))
 		}
 		q.wait = time.Duration(f * float64(time.Second))
@@ -98,16 +99,19 @@ func (h *Handler) waitActivities(ctx *fasthttp.RequestCtx, q activityQuery) ([]s
 	stopOnShutdown := context.AfterFunc(ctx, cancel)
 	defer stopOnShutdown()
 	for {
+		// The last id is read before the query, never after: an activity
+		// committed between an empty query and a later read of the last id
+		// would be counted as seen and the poll would sleep past it.
 		last, err := h.cfg.Store.LastActivityID(wc)
 		if err != nil {
-			return nil, ignoreDone(wc, err)
-		}
-		if err := h.cfg.Store.WaitActivity(wc, max(last, q.filter.After)); err != nil {
 			return nil, ignoreDone(wc, err)
 		}
 		acts, err := h.cfg.Store.Activities(wc, q.filter)
 		if err != nil || len(acts) > 0 {
 			return acts, ignoreDone(wc, err)
+		}
+		if err := h.cfg.Store.WaitActivity(wc, max(last, q.filter.After)); err != nil {
+			return nil, ignoreDone(wc, err)
 		}
 	}
 }
@@ -154,6 +158,12 @@ func (h *Handler) activityStream(ctx *fasthttp.RequestCtx) {
 			return
 		}
 		for {
+			// The last id is read before the query, as in waitActivities,
+			// so that nothing committed in between is waited past.
+			last, err := h.cfg.Store.LastActivityID(sc)
+			if err != nil {
+				return
+			}
 			acts, err := h.cfg.Store.Activities(sc, q.filter)
 			if err != nil {
 				if sc.Err() == nil {
@@ -170,10 +180,6 @@ func (h *Handler) activityStream(ctx *fasthttp.RequestCtx) {
 			}
 			if len(acts) == q.filter.Limit {
 				continue
-			}
-			last, err := h.cfg.Store.LastActivityID(sc)
-			if err != nil {
-				return
 			}
 			if h.cfg.Store.WaitActivity(sc, max(last, q.filter.After)) != nil {
 				return

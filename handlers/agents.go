@@ -45,6 +45,7 @@ func (h *Handler) createAgent(ctx *fasthttp.RequestCtx) {
 		h.storeFailed(ctx, "create agent", err)
 		return
 	}
+	h.m.activity("agent.created")
 	ctx.Response.Header.Set("Location", "/api/agents/"+a.ID)
 	writeJSON(ctx, fasthttp.StatusCreated, a)
 }
@@ -67,6 +68,7 @@ func (h *Handler) deleteAgent(ctx *fasthttp.RequestCtx, id string) {
 		h.storeFailed(ctx, "delete agent", err)
 		return
 	}
+	h.m.activity("agent.deleted")
 	ctx.SetStatusCode(fasthttp.StatusNoContent)
 }
 
@@ -74,6 +76,7 @@ func (h *Handler) deleteAgent(ctx *fasthttp.RequestCtx, id string) {
 // answers it.
 func (h *Handler) storeFailed(ctx *fasthttp.RequestCtx, op string, err error) {
 	if status, _ := statusOf(err); status >= 500 {
+		h.m.storeError(op)
 		h.log.Error().Err(err).Str("op", op).Msg("store call failed")
 	}
 	fail(ctx, err)

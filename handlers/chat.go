@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -63,6 +64,8 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 		h.storeFailed(ctx, "start chat", err)
 		return
 	}
+	h.m.activity(act.Type)
+	h.m.chatStarted()
 	call := &chatCall{
 		h:     h,
 		id:    act.ChatID,
@@ -142,10 +145,15 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 		data["provider"], data["model"] = resp.Provider, resp.Model
 		data["usage"] = map[string]int{"prompt_tokens": resp.Usage.PromptTokens, "completion_tokens": resp.Usage.CompletionTokens}
 	}
+	h.m.chatEnded()
+	h.m.llmCall(cmp.Or(resp.Provider, "unknown"), status, d, resp.Usage.PromptTokens, resp.Usage.CompletionTokens)
 	// The request may be over; recording its end must not depend on it.
 	sc, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
-	if _, err := h.cfg.Store.FinishChat(sc, c.id, status, data); err != nil {
+	if act, err := h.cfg.Store.FinishChat(sc, c.id, status, data); err == nil {
+		h.m.activity(act.Type)
+	} else {
+		h.m.storeError("finish chat")
 		h.log.Error().Err(err).Str("chat_id", c.id).Str("chat_status", status).Msg("chat finish not recorded")
 		if callErr == nil {
 			// A reply whose completion is not recorded is not given: the

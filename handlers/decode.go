@@ -108,7 +108,9 @@ func decodeJSON(body []byte, v any) error {
 		}
 		return badRequest("invalid JSON")
 	}
-	if dec.More() {
+	// Not dec.More: it reports false for a stray "}" or "]", which would
+	// accept `{...}}` as valid JSON.
+	if len(bytes.TrimLeft(body[dec.InputOffset():], " \t\r\n")) > 0 {
 		return badRequest("invalid JSON: more than one value in the body")
 	}
 	return nil

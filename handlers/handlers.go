@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"github.com/VictoriaMetrics/metrics"
 	"strconv"
 	"strings"
 	"time"
@@ -78,6 +79,13 @@ type Config struct {
 	// Reload, if set, reports the state of the last reload build, which
 	// /health then includes; nil outside reload mode.
 	Reload func() *ReloadStatus
+	// Metrics, if set, receives the API's metrics (requests by route and
+	// status, durations, in flight, LLM calls and tokens, activities
+	// written, store errors).
+	Metrics *metrics.Set
+	// Internal, if set, reports requests to leave out of the metrics (the
+	// worker's own health probes).
+	Internal func(ctx *fasthttp.RequestCtx) bool
 	// Extra, if set, is consulted before the built-in routes and reports
 	// whether it answered. It is a test seam (test-only routes), nil in
 	// production.
@@ -91,6 +99,7 @@ type Handler struct {
 	log     zerolog.Logger
 	origin  store.Origin
 	watcher *watcher
+	m       *meters
 	tokens  [][]byte // SHA-256 of each API token
 }
 
@@ -107,6 +116,7 @@ func New(cfg Config) *Handler {
 		log:     cfg.Logger,
 		origin:  store.Origin{Worker: cfg.Worker.Slot, PID: cfg.Worker.PID},
 		watcher: newWatcher(),
+		m:       newMeters(cfg.Metrics),
 	}
 	for _, t := range cfg.APITokens {
 		sum := sha256.Sum256([]byte(t))
@@ -121,6 +131,17 @@ func (h *Handler) Close() { h.watcher.close() }
 
 // Serve answers one request.
 func (h *Handler) Serve(ctx *fasthttp.RequestCtx) {
+	if h.m == nil || h.cfg.Internal != nil && h.cfg.Internal(ctx) {
+		h.serve(ctx)
+		return
+	}
+	route := routeOf(string(ctx.Path()))
+	start := h.m.begin(route)
+	h.serve(ctx)
+	h.m.end(route, ctx.Response.StatusCode(), start)
+}
+
+func (h *Handler) serve(ctx *fasthttp.RequestCtx) {
 	if h.cfg.Extra != nil && h.cfg.Extra(ctx) {
 		return
 	}

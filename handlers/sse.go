@@ -32,7 +32,11 @@ func startSSE(ctx *fasthttp.RequestCtx) {
 
 func newSSEWriter(w *bufio.Writer, interval time.Duration) *sseWriter {
 	s := &sseWriter{w: w, interval: interval}
+	// Under mu: keepAlive reads s.timer, and the timer may fire before
+	// this assignment would otherwise be visible to it.
+	s.mu.Lock()
 	s.timer = time.AfterFunc(interval, s.keepAlive)
+	s.mu.Unlock()
 	return s
 }
 

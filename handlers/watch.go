@@ -105,17 +105,21 @@ func (w *watcher) close() {
 func peerClosed(raw syscall.RawConn) bool {
 	var closed bool
 	var buf [1]byte
-	err := raw.Read(func(fd uintptr) bool {
+	// Control, not Read: RawConn.Read fails with ErrDeadlineExceeded once
+	// the read deadline fasthttp set for the request (Server.ReadTimeout)
+	// has passed, which would look like a disconnect in the middle of
+	// every chat longer than ReadTimeout. MSG_DONTWAIT keeps the peek from
+	// blocking without the poller.
+	err := raw.Control(func(fd uintptr) {
 		n, _, err := syscall.Recvfrom(int(fd), buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 		switch {
 		case err == nil:
 			closed = n == 0
-		case errors.Is(err, syscall.EAGAIN):
+		case errors.Is(err, syscall.EAGAIN), errors.Is(err, syscall.EINTR):
 			closed = false
 		default:
 			closed = true
 		}
-		return true
 	})
 	return closed || err != nil
 }

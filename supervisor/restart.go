@@ -42,6 +42,7 @@ func (s *Supervisor) spawn(sl *slot, why string) {
 	if why != "start" && why != "scale_up" {
 		sl.restarts++
 		sl.lastReason = why
+		s.restartsBy[why]++
 	}
 	s.log.Info().Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).Str("reason", why).Msg("worker started")
 }

@@ -49,6 +49,7 @@ type proc struct {
 
 	requests uint64
 	inFlight int64
+	metrics  []byte // the worker's last metrics text, when metrics are on
 }
 
 // event is what the per-process goroutines tell the loop.
@@ -130,6 +131,7 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 			protocol.EnvSupervisorPID:      strconv.Itoa(os.Getpid()),
 			protocol.EnvHealthcheckTimeout: s.cfg.HealthcheckTimeout.String(),
 			protocol.EnvMaxRequests:        strconv.Itoa(maxReq),
+			protocol.EnvMetrics:            strconv.FormatBool(s.cfg.MetricsAddr != ""),
 		}),
 		Stdout:     os.Stdout,
 		Stderr:     os.Stderr,
@@ -167,7 +169,7 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 func (s *Supervisor) readControl(p *proc, r *os.File) {
 	defer r.Close()
 	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 4096), 1<<16)
+	sc.Buffer(make([]byte, 0, 4096), protocol.MaxMessage)
 	for sc.Scan() {
 		m, err := protocol.Decode(sc.Bytes())
 		if err != nil {

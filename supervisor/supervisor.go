@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -105,6 +106,13 @@ type Config struct {
 	// MaxMemory recycles a worker whose resident memory exceeds it, in
 	// bytes; 0 means no limit.
 	MaxMemory uint64
+	// MetricsAddr, if set, is host:port of the metrics and status page
+	// server; see metrics.go.
+	MetricsAddr string
+	// MetricsToken, if set, is required by the metrics server.
+	MetricsToken string
+	// Recent, if set, returns the latest activities for the status page.
+	Recent func(ctx context.Context) (any, error)
 	// Version, Store and LLM describe the server in Status.
 	Version, Store, LLM string
 	// OnWorkerExit, if set, is called from the supervisor's loop after a
@@ -174,6 +182,8 @@ type Supervisor struct {
 
 	started    time.Time
 	controls   chan control
+	snapshots  chan snapshotReq
+	restartsBy map[string]uint64 // workers started after the first, by reason
 	notify     *notifier
 	drainUntil time.Time // end of the drain delay; zero when none runs
 }
@@ -220,14 +230,16 @@ func New(cfg Config) (*Supervisor, error) {
 		cfg.Name = filepath.Base(exe)
 	}
 	s := &Supervisor{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		exe:      exe,
-		procs:    make(map[int]*proc),
-		events:   make(chan event, 64),
-		rng:      rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
-		controls: make(chan control),
-		started:  time.Now(),
+		cfg:        cfg,
+		log:        cfg.Logger,
+		exe:        exe,
+		procs:      make(map[int]*proc),
+		events:     make(chan event, 64),
+		rng:        rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
+		controls:   make(chan control),
+		snapshots:  make(chan snapshotReq),
+		restartsBy: make(map[string]uint64),
+		started:    time.Now(),
 	}
 	s.notify = newNotifier(s)
 	if cfg.Reload != nil {
@@ -310,6 +322,16 @@ func (s *Supervisor) Run() error {
 		go s.serveControl(ln, done)
 		s.log.Info().Str("path", s.cfg.ControlSocket).Msg("control socket ready")
 	}
+	if s.cfg.MetricsAddr != "" {
+		ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("supervisor: metrics address %s: %w", s.cfg.MetricsAddr, err)
+		}
+		done := make(chan struct{})
+		defer close(done)
+		go s.serveMetrics(ln, done)
+		s.log.Info().Str("url", "http://"+ln.Addr().String()+"/").Msg("metrics and status page ready")
+	}
 	for _, sl := range s.slots {
 		s.spawn(sl, "start")
 	}
@@ -328,6 +350,8 @@ func (s *Supervisor) Run() error {
 			s.onBuild(res)
 		case ctl := <-s.controls:
 			s.onControl(ctl)
+		case req := <-s.snapshots:
+			s.onSnapshot(req)
 		case <-timer.C:
 		}
 		s.tick(time.Now())
@@ -419,6 +443,9 @@ func (s *Supervisor) onEvent(ev event) {
 	case "heartbeat":
 		p.lastBeat = time.Now()
 		p.requests, p.inFlight = ev.msg.Requests, ev.msg.InFlight
+		if ev.msg.Metrics != "" {
+			p.metrics = []byte(ev.msg.Metrics)
+		}
 		s.checkMemory(p)
 	case "recycle":
 		if p == p.slot.current && !s.stopping {

@@ -3,6 +3,7 @@ package worker
 import (
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -33,7 +34,13 @@ func (w *worker) heartbeat(stop <-chan struct{}) {
 				typ, ready = protocol.TypeReady, true
 				w.log.Debug().Msg("worker ready")
 			}
-			w.send(protocol.Message{Type: typ, Requests: w.requests.Load(), InFlight: w.inFlight.Load()})
+			m := protocol.Message{Type: typ, Requests: w.requests.Load(), InFlight: w.inFlight.Load()}
+			if w.in.Metrics && w.cfg.Metrics != nil {
+				var b strings.Builder
+				w.cfg.Metrics(&b)
+				m.Metrics = b.String()
+			}
+			w.send(m)
 		}
 		select {
 		case <-stop:

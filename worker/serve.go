@@ -133,6 +133,10 @@ func writeError(ctx *fasthttp.RequestCtx, status int, err error) {
 // the concurrency limit, the counters and the access log.
 type probeConn struct{ net.Conn }
 
+// IsProbe reports whether ctx is the worker's own health probe, which
+// handlers may leave out of their metrics.
+func IsProbe(ctx *fasthttp.RequestCtx) bool { return isProbe(ctx.Conn()) }
+
 func isProbe(c net.Conn) bool {
 	_, ok := c.(probeConn)
 	return ok

@@ -63,6 +63,9 @@ type Config struct {
 	MaxConcurrency int
 	// Signals delivers SIGTERM/SIGINT (drain). Nil means no signals.
 	Signals <-chan os.Signal
+	// Metrics, if set, writes the worker's metrics in Prometheus text; they
+	// go to the supervisor with each heartbeat when Info.Metrics is true.
+	Metrics func(w io.Writer)
 	// OnMessage, if set, receives the supervisor's messages on the lifeline
 	// (such as the reload build status), from one goroutine, in order.
 	OnMessage func(protocol.Message)
@@ -78,6 +81,9 @@ type Info struct {
 	HealthcheckTimeout      time.Duration
 	MaxRequests             uint64
 	Listeners               int
+	// Metrics is true when the supervisor serves metrics and wants the
+	// worker's with every heartbeat.
+	Metrics bool
 }
 
 // ErrNotWorker is returned by Self when the process was not started by the
@@ -115,6 +121,7 @@ func Self() (Info, error) {
 		return Info{}, fmt.Errorf("worker: invalid %s %q: this variable is set by the supervisor", protocol.EnvHealthcheckTimeout, os.Getenv(protocol.EnvHealthcheckTimeout))
 	}
 	in.HealthcheckTimeout = d
+	in.Metrics = os.Getenv(protocol.EnvMetrics) == "true"
 	if s := os.Getenv(protocol.EnvMaxRequests); s != "" {
 		n, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {

@@ -74,6 +74,17 @@ func newLLM(cfg config) (handlers.LLM, error) {
 	return nil, fmt.Errorf("unknown LLM provider %q", cfg.LLMProvider)
 }
 
+// recentActivities lists the last activities for the status page.
+func recentActivities(st *store.Store) func(ctx context.Context) (any, error) {
+	return func(ctx context.Context) (any, error) {
+		last, err := st.LastActivityID(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return st.Activities(ctx, store.Filter{After: max(0, last-20), Limit: 20})
+	}
+}
+
 // orphanReaper records as failed the chats of workers that died in the
 // middle of them. The supervisor's loop hands it pids and never waits: the
 // buffer absorbs bursts, and a pid that does not fit is caught by the next

@@ -55,6 +55,8 @@ type config struct {
 	APITokens        []string      `json:"-"` // API_TOKEN only; nil = none set; never printed
 	CORSOrigins      []string      // --cors-origins, normalised origins or ["*"]; nil = none
 
+	MetricsAddr    string        // --metrics-addr, host:port; "" = no metrics server
+	MetricsToken   string        `json:"-"` // METRICS_TOKEN only; never printed
 	DrainDelay     time.Duration // --drain-delay, default 0
 	ControlSocket  string        // --control-socket; "" = $RUNTIME_DIRECTORY/server.sock or the data folder's
 	LimitMaxMemory int64         // --limit-max-memory in bytes, 0 = none
@@ -148,6 +150,9 @@ func (c config) String() string {
 	}
 	if len(p.APITokens) > 0 {
 		p.APITokens = []string{fmt.Sprintf("(%d hidden)", len(c.APITokens))}
+	}
+	if p.MetricsToken != "" {
+		p.MetricsToken = "(hidden)"
 	}
 	return fmt.Sprintf("%+v", p)
 }
@@ -479,6 +484,28 @@ var options = []option{
 		set: func(c *config, s setting) (err error) {
 			c.DrainDelay, err = s.duration(0, "0 or more")
 			return err
+		}},
+	{group: groupServer, flag: "metrics-addr", arg: "ADDR", env: []string{"METRICS_ADDR"}, def: "(off)",
+		help: "host:port for /metrics and the status page, e.g. 127.0.0.1:9100",
+		set: func(c *config, s setting) error {
+			host, port, err := net.SplitHostPort(s.text())
+			if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 0 || n > 65535 {
+				return s.invalid("host:port such as 127.0.0.1:9100")
+			}
+			if _, ok := parseHost(host); host != "" && !ok {
+				return s.invalid("host:port such as 127.0.0.1:9100")
+			}
+			c.MetricsAddr = s.text()
+			return nil
+		}},
+	{group: groupServer, env: []string{"METRICS_TOKEN"}, def: "(none)",
+		help: "bearer token the metrics address requires",
+		set: func(c *config, s setting) error {
+			if !isVisibleASCII(s.text()) {
+				return s.invalidSecret("printable ASCII without spaces")
+			}
+			c.MetricsToken = s.text()
+			return nil
 		}},
 	{group: groupServer, flag: "control-socket", arg: "PATH", env: []string{"CONTROL_SOCKET"}, def: "(see docs)",
 		help: "unix socket for `server status` and friends",

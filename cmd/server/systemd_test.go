@@ -101,14 +101,13 @@ func TestSystemdServiceSecurity(t *testing.T) {
 func TestSystemdServiceContract(t *testing.T) {
 	unit := unitSettings(t, serviceUnit)
 	want := map[string]string{
-		"Type":                     "notify",
-		"NotifyAccess":             "main",
-		"ExecReload":               "/bin/kill -HUP $MAINPID",
-		"KillMode":                 "mixed",
-		"RestartPreventExitStatus": strconv.Itoa(exitUsage),
-		"StateDirectory":           "corral",
-		"RuntimeDirectory":         "corral",
-		"EnvironmentFile":          "-/etc/corral/server.env",
+		"Type":             "notify",
+		"NotifyAccess":     "main",
+		"ExecReload":       "/bin/kill -HUP $MAINPID",
+		"KillMode":         "mixed",
+		"StateDirectory":   "corral",
+		"RuntimeDirectory": "corral",
+		"EnvironmentFile":  "-/etc/corral/server.env",
 	}
 	for key, v := range want {
 		if got := unit[key]; len(got) != 1 || got[0] != v {

@@ -3,11 +3,13 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"sync/atomic"
 	"syscall"
 
+	"github.com/VictoriaMetrics/metrics"
 	"github.com/rs/zerolog"
 	"github.com/valyala/fasthttp"
 
@@ -50,7 +52,10 @@ func runWorker(cfg config, log zerolog.Logger) int {
 	// The supervisor tells the worker how the last reload build went.
 	var reload atomic.Pointer[handlers.ReloadStatus]
 	var draining atomic.Bool
+	set := metrics.NewSet()
 	h := handlers.New(handlers.Config{
+		Metrics:     set,
+		Internal:    worker.IsProbe,
 		Reload:      reload.Load,
 		Draining:    draining.Load,
 		Worker:      handlers.Worker{Slot: in.Slot, Generation: in.Generation, PID: in.PID, Started: in.Started},
@@ -74,6 +79,10 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		MaxBodySize:      cfg.LimitRequestBody,
 		MaxConcurrency:   cfg.LimitConcurrency,
 		Signals:          sigs,
+		Metrics: func(w io.Writer) {
+			set.WritePrometheus(w)
+			metrics.WriteProcessMetrics(w)
+		},
 		OnMessage: func(m protocol.Message) {
 			switch m.Type {
 			case protocol.TypeReload:

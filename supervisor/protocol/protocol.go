@@ -60,6 +60,9 @@ const (
 	// EnvHealthcheckTimeout is the supervisor's hang timeout as a Go duration;
 	// the worker heartbeats several times within it.
 	EnvHealthcheckTimeout = "CORRAL_HEALTHCHECK_TIMEOUT"
+	// EnvMetrics is "true" when the supervisor serves metrics: the worker
+	// then sends its metrics text with every heartbeat.
+	EnvMetrics = "CORRAL_METRICS"
 	// EnvMaxRequests is the number of requests after which the worker asks to
 	// be recycled (limit plus this worker's jitter); 0 or unset means never.
 	EnvMaxRequests = "CORRAL_MAX_REQUESTS"
@@ -100,7 +103,13 @@ type Message struct {
 	Build string `json:"build,omitempty"`
 	// Error is the first line of a failed build's output.
 	Error string `json:"error,omitempty"`
+	// Metrics is the worker's Prometheus text, on heartbeats when
+	// EnvMetrics is "true".
+	Metrics string `json:"metrics,omitempty"`
 }
+
+// MaxMessage bounds one encoded message.
+const MaxMessage = 4 << 20
 
 // Encode returns m as one newline-terminated JSON line.
 func (m Message) Encode() []byte {

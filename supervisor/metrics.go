@@ -1,0 +1,232 @@
+package supervisor
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The metrics address serves, for operators and Prometheus:
+//
+//	GET /metrics       Prometheus text: every ready worker's metrics with a
+//	                   worker="N" label, and the supervisor's own
+//	GET /status.json   the Status of `server status`, plus recent activities
+//	GET /              a live status page (status.html, polling the two above)
+//
+// Workers send their metrics text with their heartbeats when metrics are
+// on, so a scrape never waits on a worker.
+
+//go:embed status.html
+var statusPage []byte
+
+// snapshot is what a metrics request asks of the loop.
+type snapshot struct {
+	status   *Status
+	workers  map[int][]byte // slot -> current worker's metrics text
+	restarts map[string]uint64
+}
+
+type snapshotReq chan snapshot
+
+// serveMetrics runs the metrics HTTP server until done closes.
+func (s *Supervisor) serveMetrics(ln net.Listener, done <-chan struct{}) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	mux.HandleFunc("GET /status.json", s.handleStatusJSON)
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.Header().Set("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+		w.Write(statusPage)
+	})
+	srv := &http.Server{
+		Handler:           s.metricsAuth(mux),
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      10 * time.Second,
+	}
+	go func() {
+		<-done
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		s.log.Error().Err(err).Msg("metrics server stopped")
+	}
+}
+
+// metricsAuth requires METRICS_TOKEN, when set, as a bearer token or as
+// ?token= (for the status page opened in a browser).
+func (s *Supervisor) metricsAuth(next http.Handler) http.Handler {
+	if s.cfg.MetricsToken == "" {
+		return next
+	}
+	want := sha256.Sum256([]byte(s.cfg.MetricsToken))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok := r.URL.Query().Get("token")
+		if a := r.Header.Get("Authorization"); len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
+			tok = a[7:]
+		}
+		got := sha256.Sum256([]byte(tok))
+		if subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="corral metrics"`)
+			http.Error(w, "missing or invalid token", http.StatusUnauthorized)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// snapshot asks the loop for its state; it fails when the loop is gone.
+func (s *Supervisor) snapshot(r *http.Request) (snapshot, bool) {
+	req := make(snapshotReq, 1)
+	select {
+	case s.snapshots <- req:
+	case <-r.Context().Done():
+		return snapshot{}, false
+	}
+	select {
+	case snap := <-req:
+		return snap, true
+	case <-r.Context().Done():
+		return snapshot{}, false
+	}
+}
+
+// onSnapshot answers a snapshot request in the loop.
+func (s *Supervisor) onSnapshot(req snapshotReq) {
+	snap := snapshot{status: s.status(), workers: map[int][]byte{}, restarts: maps(s.restartsBy)}
+	for _, sl := range s.slots {
+		if p := sl.current; p != nil && p.state == ready && p.metrics != nil {
+			snap.workers[sl.n] = p.metrics
+		}
+	}
+	req <- snap
+}
+
+func maps(m map[string]uint64) map[string]uint64 {
+	c := make(map[string]uint64, len(m))
+	for k, v := range m {
+		c[k] = v
+	}
+	return c
+}
+
+func (s *Supervisor) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	snap, ok := s.snapshot(r)
+	if !ok {
+		http.Error(w, "server stopping", http.StatusServiceUnavailable)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	w.Write(renderMetrics(snap))
+}
+
+// renderMetrics writes the supervisor's metrics and every worker's, each
+// worker's samples labelled worker="N", grouped by metric name as the
+// exposition format wants.
+func renderMetrics(snap snapshot) []byte {
+	var b bytes.Buffer
+	st := snap.status
+	fmt.Fprintf(&b, "corral_supervisor_uptime_seconds %g\n", st.UptimeS)
+	states := map[string]int{"starting": 0, "ready": 0, "draining": 0, "killing": 0}
+	for _, wk := range st.Workers {
+		states[wk.State]++
+	}
+	for _, k := range sortedKeys(states) {
+		fmt.Fprintf(&b, "corral_workers{state=%q} %d\n", k, states[k])
+	}
+	for _, k := range sortedKeys(snap.restarts) {
+		fmt.Fprintf(&b, "corral_worker_restarts_total{reason=%q} %d\n", k, snap.restarts[k])
+	}
+	var lines [][]byte
+	for _, slot := range sortedKeys(snap.workers) {
+		label := []byte(`worker="` + strconv.Itoa(slot) + `"`)
+		for _, line := range bytes.Split(snap.workers[slot], []byte("\n")) {
+			if len(line) == 0 || line[0] == '#' {
+				continue
+			}
+			lines = append(lines, withLabel(line, label))
+		}
+	}
+	// Stable by name: each family's samples end up together, worker order
+	// kept within it.
+	slices.SortStableFunc(lines, func(x, y []byte) int { return bytes.Compare(metricName(x), metricName(y)) })
+	for _, l := range lines {
+		b.Write(l)
+		b.WriteByte('\n')
+	}
+	return b.Bytes()
+}
+
+// withLabel adds label as the first label of one sample line.
+func withLabel(line, label []byte) []byte {
+	i := bytes.IndexAny(line, "{ ")
+	if i < 0 {
+		return line
+	}
+	out := make([]byte, 0, len(line)+len(label)+3)
+	out = append(out, line[:i]...)
+	out = append(out, '{')
+	out = append(out, label...)
+	if line[i] == '{' {
+		if line[i+1] != '}' {
+			out = append(out, ',')
+		}
+		out = append(out, line[i+1:]...)
+	} else {
+		out = append(out, '}')
+		out = append(out, line[i:]...)
+	}
+	return out
+}
+
+func metricName(line []byte) []byte {
+	if i := bytes.IndexAny(line, "{ "); i >= 0 {
+		return line[:i]
+	}
+	return line
+}
+
+func sortedKeys[K int | string, V any](m map[K]V) []K {
+	ks := make([]K, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}
+
+func (s *Supervisor) handleStatusJSON(w http.ResponseWriter, r *http.Request) {
+	snap, ok := s.snapshot(r)
+	if !ok {
+		http.Error(w, "server stopping", http.StatusServiceUnavailable)
+		return
+	}
+	body := struct {
+		*Status
+		Activities any `json:"activities"`
+	}{Status: snap.status}
+	if s.cfg.Recent != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		acts, err := s.cfg.Recent(ctx)
+		cancel()
+		if err != nil {
+			s.log.Warn().Err(err).Msg("recent activities unavailable")
+		}
+		body.Activities = acts
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	json.NewEncoder(w).Encode(body)
+}
