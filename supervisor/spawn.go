@@ -123,6 +123,7 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 		Args: []string{fmt.Sprintf("%s: worker %d/%d [gen %d]", s.cfg.Name, sl.n, len(s.slots), gen)},
 		Env: workerEnv(s.cfg.Env, map[string]string{
 			protocol.EnvRole:               protocol.RoleWorker,
+			protocol.EnvProtocol:           protocol.Version,
 			protocol.EnvArgs:               string(args),
 			protocol.EnvSlot:               strconv.Itoa(sl.n),
 			protocol.EnvSlots:              strconv.Itoa(len(s.slots)),

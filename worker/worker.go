@@ -90,12 +90,19 @@ type Info struct {
 // supervisor as a worker.
 var ErrNotWorker = errors.New("worker: not started by the supervisor")
 
+// ErrProtocol is returned by Self when the supervisor speaks another
+// version of the protocol.
+var ErrProtocol = errors.New("worker: protocol mismatch")
+
 // Self returns the identity the supervisor gave this process. It returns an
 // error wrapping ErrNotWorker when the role marker is absent, and an error
 // naming the variable when a marker is malformed.
 func Self() (Info, error) {
 	if os.Getenv(protocol.EnvRole) != protocol.RoleWorker {
 		return Info{}, ErrNotWorker
+	}
+	if v := os.Getenv(protocol.EnvProtocol); v != protocol.Version {
+		return Info{}, fmt.Errorf("%w: the supervisor speaks protocol %q, this binary %q; the binary was replaced on disk with an incompatible one: restart the server", ErrProtocol, v, protocol.Version)
 	}
 	in := Info{PID: os.Getpid(), Started: time.Now()}
 	ints := []struct {

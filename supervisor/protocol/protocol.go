@@ -30,6 +30,11 @@ import (
 	"time"
 )
 
+// Version is the version of this contract. A worker refuses to start under
+// a supervisor of another version: after the binary is replaced on disk,
+// new workers run the new binary while the master runs the old one.
+const Version = "1"
+
 // File descriptors a worker inherits.
 const (
 	ControlFD  = 3
@@ -43,6 +48,8 @@ const (
 	// EnvRole is "master" on the supervisor's own re-exec and "worker" on a
 	// worker; unset on a process started by a user.
 	EnvRole = "CORRAL_ROLE"
+	// EnvProtocol is the supervisor's Version.
+	EnvProtocol = "CORRAL_PROTOCOL"
 	// EnvArgs carries the original command-line arguments as a JSON array, so
 	// argv can hold the process title alone.
 	EnvArgs = "CORRAL_ARGS"

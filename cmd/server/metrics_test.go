@@ -1,0 +1,160 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// metricsURL is the metrics address the server logged.
+func (s *server) metricsURL(t *testing.T) string {
+	t.Helper()
+	l := s.logs.find("metrics and status page ready", nil)
+	if len(l) == 0 {
+		t.Fatalf("no metrics address logged:\n%s", s.logs)
+	}
+	return l[0]["url"].(string)
+}
+
+func get(t *testing.T, url, token string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := fresh.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// sample returns the value of the metric line that starts with series.
+func sample(text, series string) (float64, bool) {
+	for _, l := range strings.Split(text, "\n") {
+		if strings.HasPrefix(l, series+" ") {
+			v, err := strconv.ParseFloat(l[len(series)+1:], 64)
+			return v, err == nil
+		}
+	}
+	return 0, false
+}
+
+func TestMetricsAggregateWorkers(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "METRICS_ADDR=127.0.0.1:0", "METRICS_TOKEN=s3cret", "SIMULATED_LATENCY=0")
+	base := s.metricsURL(t)
+	if code, _ := get(t, base+"metrics", ""); code != 401 {
+		t.Errorf("GET /metrics without the token = %d, want 401", code)
+	}
+	for range 20 {
+		if _, err := s.health(fresh); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": "count me"}, &chatAnswer{}); err != nil {
+		t.Fatal(err)
+	}
+	var text string
+	waitFor(t, 10*time.Second, func() error {
+		_, text = get(t, base+"metrics", "s3cret")
+		total := 0.0
+		for _, w := range []string{"1", "2"} {
+			v, _ := sample(text, `corral_http_requests_total{worker="`+w+`",route="/health",status="200"}`)
+			total += v
+		}
+		// The workers' own probes are not counted: exactly our 20.
+		if total != 20 {
+			return fmt.Errorf("/health requests counted %v, want 20", total)
+		}
+		return nil
+	})
+	for _, series := range []string{
+		`corral_workers{state="ready"}`,
+		`process_resident_memory_bytes{worker="1"}`,
+		`go_goroutines{worker="2"}`,
+	} {
+		if v, ok := sample(text, series); !ok || v <= 0 {
+			t.Errorf("metric %s = %v, %v; want a positive value in:\n%s", series, v, ok, text)
+		}
+	}
+	if !strings.Contains(text, `corral_llm_call_duration_seconds_bucket{worker="`) || !strings.Contains(text, `le="120"`) {
+		t.Errorf("no LLM call histogram with a 120 s bucket")
+	}
+	if !strings.Contains(text, `corral_activities_written_total{worker="`) {
+		t.Errorf("no activities counter")
+	}
+	syscall.Kill(s.workerPIDs()[0], syscall.SIGKILL)
+	waitFor(t, 10*time.Second, func() error {
+		_, text = get(t, base+"metrics", "s3cret")
+		if v, _ := sample(text, `corral_worker_restarts_total{reason="crash"}`); v != 1 {
+			return fmt.Errorf("restarts by reason crash = %v, want 1", v)
+		}
+		return nil
+	})
+}
+
+func TestStatusPageInChromium(t *testing.T) {
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Skip("chromium not installed (Debian package chromium; .ci/run installs it)")
+	}
+	s := startServer(t, "WORKERS=2", "METRICS_ADDR=127.0.0.1:0")
+	page := s.metricsURL(t)
+	pids := s.workerPIDs()
+	browse := func(extra ...string) string {
+		t.Helper()
+		args := append([]string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+			"--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+			"--disable-quic", "--user-data-dir=" + t.TempDir(), "--virtual-time-budget=4000"}, extra...)
+		cmd := exec.Command(chromium, append(args, page)...)
+		var out, errOut bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errOut
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("chromium: %v\n%s", err, errOut.String())
+		}
+		return out.String()
+	}
+	// The page fills the worker table from /status.json: wait until it lists
+	// the live worker pids.
+	waitFor(t, 60*time.Second, func() error {
+		dom := browse("--dump-dom")
+		for _, pid := range pids {
+			if !strings.Contains(dom, `data-pid="`+strconv.Itoa(pid)+`"`) {
+				return fmt.Errorf("status page does not list worker %d:\n%.2000s", pid, dom)
+			}
+		}
+		return nil
+	})
+	shot := filepath.Join(artifactDir(t), "status-page.png")
+	browse("--window-size=1280,800", "--screenshot="+shot)
+	if fi, err := os.Stat(shot); err != nil || fi.Size() < 5000 {
+		t.Fatalf("screenshot %s: %v", shot, err)
+	}
+	t.Logf("status page screenshot: %s", shot)
+}
+
+// artifactDir is where tests leave files for people to look at: the
+// ARTIFACTS folder if set, else artifacts/ at the repository root.
+func artifactDir(t *testing.T) string {
+	t.Helper()
+	dir := os.Getenv("ARTIFACTS")
+	if dir == "" {
+		dir = filepath.Join("..", "..", "artifacts")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	abs, _ := filepath.Abs(dir)
+	return abs
+}
