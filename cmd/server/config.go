@@ -32,6 +32,7 @@ type config struct {
 	GracefulTimeout    time.Duration // --timeout-graceful-shutdown, default 75s; 0 = cut in-flight requests at once
 	KeepAliveTimeout   time.Duration // --timeout-keep-alive, default 5s; 0 = no keep-alive
 	HealthcheckTimeout time.Duration // --timeout-worker-healthcheck, default 10s, at least 100ms
+	ReadTimeout        time.Duration // --timeout-read-request, default 30s, at least 100ms
 
 	LimitConcurrency       int // --limit-concurrency, per worker, 0 = no limit; over it 503
 	LimitMaxRequests       int // --limit-max-requests, 0 = never recycle a worker
@@ -85,6 +86,7 @@ const (
 	defaultKeepAliveTimeout   = 5 * time.Second
 	defaultHealthcheckTimeout = 10 * time.Second
 	minHealthcheckTimeout     = 100 * time.Millisecond
+	defaultReadTimeout        = 30 * time.Second
 	defaultBacklog            = 2048
 	defaultDatabaseURL        = "sqlite:data/server.db"
 	defaultLimitRequestBody   = 1 << 20
@@ -117,6 +119,7 @@ func defaultConfig() config {
 		GracefulTimeout:    defaultGracefulTimeout,
 		KeepAliveTimeout:   defaultKeepAliveTimeout,
 		HealthcheckTimeout: defaultHealthcheckTimeout,
+		ReadTimeout:        defaultReadTimeout,
 		Backlog:            defaultBacklog,
 		SocketMode:         socketReuseport,
 		LogLevel:           zerolog.InfoLevel,
@@ -448,6 +451,12 @@ var options = []option{
 		help: "replace a worker silent this long; at least 100ms",
 		set: func(c *config, s setting) (err error) {
 			c.HealthcheckTimeout, err = s.duration(minHealthcheckTimeout, "at least 100ms")
+			return err
+		}},
+	{group: groupLimits, flag: "timeout-read-request", arg: "DUR", env: []string{"TIMEOUT_READ_REQUEST"}, def: "30s",
+		help: "time to read one request's headers and body; at least 100ms",
+		set: func(c *config, s setting) (err error) {
+			c.ReadTimeout, err = s.duration(100*time.Millisecond, "at least 100ms")
 			return err
 		}},
 	{group: groupLimits, flag: "limit-concurrency", arg: "N", env: []string{"LIMIT_CONCURRENCY"}, def: "0",

@@ -75,6 +75,7 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		AccessLog:        cfg.AccessLog,
 		GracefulTimeout:  graceful(cfg),
 		KeepAliveTimeout: cfg.KeepAliveTimeout,
+		ReadTimeout:      cfg.ReadTimeout,
 		DisableKeepAlive: cfg.KeepAliveTimeout == 0,
 		MaxBodySize:      cfg.LimitRequestBody,
 		MaxConcurrency:   cfg.LimitConcurrency,
