@@ -106,6 +106,8 @@ func TestConfigPrecedence(t *testing.T) {
 		{"cors-origins", []string{"CORS_ORIGINS", "https://a.example.com"}, []string{"--cors-origins", "*"}, field("CORSOrigins"), []string{"https://a.example.com"}, []string{"*"}},
 		{"limit-max-memory", []string{"LIMIT_MAX_MEMORY", "512MiB"}, []string{"--limit-max-memory", "1GiB"}, field("LimitMaxMemory"), int64(512 << 20), int64(1 << 30)},
 		{"drain-delay", []string{"DRAIN_DELAY", "5s"}, []string{"--drain-delay", "0"}, field("DrainDelay"), 5 * time.Second, time.Duration(0)},
+		{"metrics-addr", []string{"METRICS_ADDR", "127.0.0.1:9100"}, []string{"--metrics-addr", ":9200"}, field("MetricsAddr"), "127.0.0.1:9100", ":9200"},
+		{"METRICS_TOKEN", []string{"METRICS_TOKEN", "tok"}, nil, field("MetricsToken"), "tok", nil},
 		{"control-socket", []string{"CONTROL_SOCKET", "/run/a.sock"}, []string{"--control-socket", "/tmp/b.sock"}, field("ControlSocket"), "/run/a.sock", "/tmp/b.sock"},
 		{"reload-dir", []string{"RELOAD_DIRS", "/tmp, /"}, []string{"--reload-dir", "/", "--reload-dir=/tmp"}, field("ReloadDirs"), []string{"/tmp", "/"}, []string{"/", "/tmp"}},
 		{"reload-include", []string{"RELOAD_INCLUDE", "*.tmpl"}, []string{"--reload-include", "*.html", "--reload-include", "*.css"}, field("ReloadInclude"), []string{"*.tmpl"}, []string{"*.html", "*.css"}},
