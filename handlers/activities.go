@@ -143,7 +143,8 @@ func (h *Handler) activityStream(ctx *fasthttp.RequestCtx) {
 	}
 	q.filter.Limit = maxActivityLimit
 	sc, cancel := context.WithCancel(context.Background())
-	unwatch := h.watcher.watch(ctx.Conn(), cancel)
+	conn := ctx.Conn()
+	unwatch := h.watcher.watch(conn, cancel)
 	stopOnShutdown := context.AfterFunc(ctx, cancel)
 	interval := h.cfg.KeepAliveInterval
 	startSSE(ctx)
@@ -151,7 +152,7 @@ func (h *Handler) activityStream(ctx *fasthttp.RequestCtx) {
 		defer cancel()
 		defer unwatch()
 		defer stopOnShutdown()
-		sw := newSSEWriter(w, interval)
+		sw := newSSEWriter(w, interval, conn)
 		defer sw.close()
 		// Reconnect soon after a worker drains; the id resumes the feed.
 		if sw.retry(time.Second) != nil {

@@ -37,12 +37,17 @@ func (h *Handler) authorized(ctx *fasthttp.RequestCtx) bool {
 // requests; it reports whether it answered. Origins not on the list get no
 // CORS headers, so browsers refuse them.
 func (h *Handler) cors(ctx *fasthttp.RequestCtx) bool {
+	if len(h.cfg.CORSOrigins) == 0 {
+		return false
+	}
+	// The answer depends on Origin whether or not it is allowed, so caches
+	// must key on it either way.
+	ctx.Response.Header.Add("Vary", "Origin")
 	origin := string(ctx.Request.Header.Peek("Origin"))
 	if origin == "" || !h.originAllowed(origin) {
 		return false
 	}
 	ctx.Response.Header.Set("Access-Control-Allow-Origin", origin)
-	ctx.Response.Header.Add("Vary", "Origin")
 	if !ctx.IsOptions() || len(ctx.Request.Header.Peek("Access-Control-Request-Method")) == 0 {
 		return false
 	}

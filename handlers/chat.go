@@ -79,7 +79,9 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	// The call outlives nothing of ctx: its context is its own, cancelled
 	// when the client goes away or the deadline passes.
 	callCtx, stop := context.WithTimeout(context.Background(), h.cfg.LLMTimeout)
-	unwatch := h.watcher.watch(ctx.Conn(), stop)
+	conn := ctx.Conn()
+	unwatch := h.watcher.watch(conn, stop)
+	ctx.Response.Header.Set("X-Chat-Id", call.id)
 	if !req.Stream {
 		defer stop()
 		defer unwatch()
@@ -101,7 +103,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
 		defer stop()
 		defer unwatch()
-		sw := newSSEWriter(w, interval)
+		sw := newSSEWriter(w, interval, conn)
 		defer sw.close()
 		resp, err := h.cfg.LLM.Complete(callCtx, call.req, func(text string) error {
 			b, _ := json.Marshal(struct {

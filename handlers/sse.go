@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"bufio"
+	"net"
 	"strconv"
 	"sync"
 	"time"
@@ -19,7 +20,13 @@ type sseWriter struct {
 	closed   bool
 	interval time.Duration
 	timer    *time.Timer
+	conn     net.Conn // for write deadlines; nil when none can be set
 }
+
+// sseWriteTimeout cuts a stream whose client stopped reading: a write that
+// cannot complete in this time ends the stream, so a stalled client does
+// not hold its goroutine and connection for ever.
+const sseWriteTimeout = 30 * time.Second
 
 // startSSE sets the headers of an event stream.
 func startSSE(ctx *fasthttp.RequestCtx) {
@@ -30,8 +37,8 @@ func startSSE(ctx *fasthttp.RequestCtx) {
 	ctx.Response.Header.Set("X-Accel-Buffering", "no")
 }
 
-func newSSEWriter(w *bufio.Writer, interval time.Duration) *sseWriter {
-	s := &sseWriter{w: w, interval: interval}
+func newSSEWriter(w *bufio.Writer, interval time.Duration, conn net.Conn) *sseWriter {
+	s := &sseWriter{w: w, interval: interval, conn: conn}
 	// Under mu: keepAlive reads s.timer, and the timer may fire before
 	// this assignment would otherwise be visible to it.
 	s.mu.Lock()
@@ -58,7 +65,7 @@ func (s *sseWriter) event(id int64, name string, data []byte) error {
 	s.w.WriteString("\ndata: ")
 	s.w.Write(data) // JSON from encoding/json holds no raw newline
 	s.w.WriteString("\n\n")
-	s.err = s.w.Flush()
+	s.err = s.flushLocked()
 	s.timer.Reset(s.interval)
 	return s.errLocked()
 }
@@ -82,7 +89,7 @@ func (s *sseWriter) field(prefix, text string) error {
 	s.w.WriteString(prefix)
 	s.w.WriteString(text)
 	s.w.WriteString("\n\n")
-	s.err = s.w.Flush()
+	s.err = s.flushLocked()
 	return s.errLocked()
 }
 
@@ -94,6 +101,13 @@ func (s *sseWriter) keepAlive() {
 		}
 		s.mu.Unlock()
 	}
+}
+
+func (s *sseWriter) flushLocked() error {
+	if s.conn != nil {
+		s.conn.SetWriteDeadline(time.Now().Add(sseWriteTimeout))
+	}
+	return s.w.Flush()
 }
 
 // gone reports whether a write failed, which means the client went away.
@@ -113,11 +127,16 @@ func (s *sseWriter) errLocked() error {
 	return nil
 }
 
-// close stops the keep-alive timer; the writer must not be used after the
-// stream writer function returns, and close guarantees it is not.
+// close stops the keep-alive timer and clears the write deadline, which a
+// kept-alive connection's next response must not inherit; the writer must
+// not be used after the stream writer function returns, and close
+// guarantees it is not.
 func (s *sseWriter) close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
 	s.timer.Stop()
+	if s.conn != nil {
+		s.conn.SetWriteDeadline(time.Time{})
+	}
 }

@@ -69,12 +69,18 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 		}
 	}
 	if w.cfg.AccessLog {
+		// A streamed body is written after the handler returns; asking its
+		// length here would read the whole stream into memory first.
+		size := -1
+		if !ctx.Response.IsBodyStream() {
+			size = len(ctx.Response.Body())
+		}
 		w.log.Info().
 			Bytes("method", ctx.Method()).
 			Bytes("path", ctx.Path()).
 			Int("status", ctx.Response.StatusCode()).
 			Dur("duration", time.Since(start)).
-			Int("bytes", len(ctx.Response.Body())).
+			Int("bytes", size).
 			Str("remote", ctx.RemoteIP().String()).
 			Msg("request")
 	}

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -248,5 +250,22 @@ func TestUnusableDatabaseExits3(t *testing.T) {
 		if out := s.logs.String(); !strings.Contains(out, "server: ") || !strings.Contains(out, path) {
 			t.Errorf("DATABASE_URL=sqlite:%s: stderr does not name the file:\n%s", path, out)
 		}
+	}
+}
+
+func TestStreamsFlowWithAccessLog(t *testing.T) {
+	s := startServer(t, "WORKERS=1", "ACCESS_LOG=true", "SIMULATED_LATENCY=30s")
+	// A buffered stream would send nothing for 30 s; the client gives up
+	// at 15.
+	client := &http.Client{Timeout: 15 * time.Second}
+	resp, err := client.Post(s.url("/api/chat"), "application/json",
+		strings.NewReader(`{"agent_id":"default","message":"stream it","stream":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	line, err := bufio.NewReader(resp.Body).ReadString('\n')
+	if err != nil || line != "event: delta\n" {
+		t.Fatalf("first line of the stream = %q, %v; want event: delta before the reply is over", line, err)
 	}
 }

@@ -106,7 +106,10 @@ func (s *Store) maxActivityID(ctx context.Context) (int64, error) {
 	return id.Int64, err
 }
 
-// insertActivity inserts a in tx and sets a.ID. a.Time must be set.
+// insertActivity inserts a in tx and sets a.ID. a.Time must be set. Call it
+// last in a transaction: on PostgreSQL it takes the activity lock, held
+// until the transaction ends (see postgresDialect), and whatever the
+// transaction does after it lengthens every writer's wait.
 func (s *Store) insertActivity(ctx context.Context, tx *sql.Tx, a *Activity) error {
 	var data sql.NullString
 	if len(a.Data) > 0 {
@@ -115,6 +118,11 @@ func (s *Store) insertActivity(ctx context.Context, tx *sql.Tx, a *Activity) err
 			return fmt.Errorf("encode %s data: %w", a.Type, err)
 		}
 		data = sql.NullString{String: string(b), Valid: true}
+	}
+	if s.d.lockActivities != "" {
+		if _, err := tx.ExecContext(ctx, s.d.lockActivities); err != nil {
+			return err
+		}
 	}
 	return tx.QueryRowContext(ctx, s.q(`INSERT INTO activities (time, type, agent_id, chat_id, worker, pid, host, data)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id`),

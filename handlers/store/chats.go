@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Chat statuses. A chat is "started" until it finishes exactly once.
@@ -140,7 +141,7 @@ func (s *Store) FailAllStarted(ctx context.Context, reason string) (int, error) 
 func (s *Store) failStarted(ctx context.Context, reason, cond string, args ...any) (int, error) {
 	type orphan struct {
 		act     Activity
-		started string // created_at, fixed-width text
+		started time.Time // created_at
 	}
 	var found []orphan
 	err := s.write(ctx, func(tx *sql.Tx) error {
@@ -160,7 +161,7 @@ func (s *Store) failStarted(ctx context.Context, reason, cond string, args ...an
 		defer rows.Close()
 		for rows.Next() {
 			o := orphan{act: Activity{Time: t, Type: "chat." + ChatFailed, Data: map[string]any{"reason": reason}}}
-			if err := rows.Scan(&o.act.ChatID, &o.act.AgentID, &o.act.Worker, &o.act.PID, &o.started); err != nil {
+			if err := rows.Scan(&o.act.ChatID, &o.act.AgentID, &o.act.Worker, &o.act.PID, dbTime{&o.started}); err != nil {
 				return err
 			}
 			found = append(found, o)
@@ -171,7 +172,7 @@ func (s *Store) failStarted(ctx context.Context, reason, cond string, args ...an
 		rows.Close()
 		// RETURNING order is unspecified; the feed lists the oldest chat first.
 		slices.SortFunc(found, func(a, b orphan) int {
-			return cmp.Or(strings.Compare(a.started, b.started), strings.Compare(a.act.ChatID, b.act.ChatID))
+			return cmp.Or(a.started.Compare(b.started), strings.Compare(a.act.ChatID, b.act.ChatID))
 		})
 		for i := range found {
 			if err := s.insertActivity(ctx, tx, &found[i].act); err != nil {

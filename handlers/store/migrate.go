@@ -21,7 +21,9 @@ func (s *Store) SchemaVersion() int { return len(s.d.migrations) }
 // Migrate brings the schema to SchemaVersion and creates the default agent
 // if it is absent (so deleting it lasts until the next Migrate). It runs in
 // one read-write transaction: a concurrent Migrate from another process
-// waits, then finds nothing to do, and running it twice is harmless. A
+// waits (SQLite's write lock; on PostgreSQL an advisory lock taken first, so
+// several hosts starting at once migrate exactly once), then finds nothing
+// to do, and running it twice is harmless. A
 // database migrated by a newer binary returns an error matching
 // ErrSchemaTooNew and is left untouched.
 //
@@ -31,6 +33,11 @@ func (s *Store) Migrate(ctx context.Context) error {
 	var from int
 	var created bool
 	err := s.write(ctx, func(tx *sql.Tx) error {
+		if s.d.lockMigrate != "" {
+			if _, err := tx.ExecContext(ctx, s.d.lockMigrate); err != nil {
+				return err
+			}
+		}
 		if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (
 	version    INTEGER PRIMARY KEY,
 	applied_at TEXT NOT NULL

@@ -58,16 +58,20 @@ func TestOpenURLs(t *testing.T) {
 		}
 	}
 
+	// Port 1 on loopback refuses at once: PostgreSQL down at start.
 	for _, tc := range []struct {
 		url         string
 		unsupported bool
+		unavailable bool
+		names       string // the error must say this
 	}{
-		{"postgres://corral:s3cret@db.example/corral", true},
-		{"postgresql://corral:s3cret@db.example/corral", true},
-		{"mysql://corral:s3cret@db.example/corral", true},
-		{"sqlite:", false},
-		{"sqlite::memory:", false},
-		{"sqlite:data/x.db?mode=ro", false},
+		{"postgres://corral:s3cret@127.0.0.1:1/corral", false, true, "127.0.0.1:1/corral"},
+		{"postgresql://corral:s3cret@127.0.0.1:1/corral?sslmode=disable", false, true, "127.0.0.1:1/corral"},
+		{"postgres://corral:s3cret@127.0.0.1:1/corral?sslmode=bogus", false, false, "sslmode"},
+		{"mysql://corral:s3cret@db.example/corral", true, false, "mysql"},
+		{"sqlite:", false, false, "file path"},
+		{"sqlite::memory:", false, false, "file path"},
+		{"sqlite:data/x.db?mode=ro", false, false, "query parameters"},
 	} {
 		s, err := Open(t.Context(), tc.url, Options{})
 		if err == nil {
@@ -75,14 +79,15 @@ func TestOpenURLs(t *testing.T) {
 			t.Errorf("Open(%q) = nil error", tc.url)
 			continue
 		}
-		if errors.Is(err, ErrUnsupported) != tc.unsupported {
-			t.Errorf("Open(%q) = %v, ErrUnsupported %v, want %v", tc.url, err, !tc.unsupported, tc.unsupported)
+		if errors.Is(err, ErrUnsupported) != tc.unsupported || errors.Is(err, ErrUnavailable) != tc.unavailable {
+			t.Errorf("Open(%q) = %v, ErrUnsupported %v ErrUnavailable %v, want %v and %v", tc.url, err,
+				errors.Is(err, ErrUnsupported), errors.Is(err, ErrUnavailable), tc.unsupported, tc.unavailable)
 		}
 		if strings.Contains(err.Error(), "s3cret") {
 			t.Errorf("Open(%q) = %v, which echoes the password", tc.url, err)
 		}
-		if strings.HasPrefix(tc.url, "postgres") && !strings.Contains(err.Error(), "not built yet") {
-			t.Errorf("Open(%q) = %v, want it to say postgres is not built yet", tc.url, err)
+		if !strings.Contains(err.Error(), tc.names) {
+			t.Errorf("Open(%q) = %v, want it to say %q", tc.url, err, tc.names)
 		}
 	}
 }

@@ -31,12 +31,12 @@ type writerResult struct {
 // runWriter is a worker under load: on "go" it runs CHATS chats, each
 // StartChat then FinishChat(completed), on GOROUTINES goroutines.
 func runWriter() int {
-	path := os.Getenv("STORE_PATH")
+	url := os.Getenv("STORE_URL")
 	slot, _ := strconv.Atoi(os.Getenv("WORKER"))
 	chats, _ := strconv.Atoi(os.Getenv("CHATS"))
 	goroutines, _ := strconv.Atoi(os.Getenv("GOROUTINES"))
 	ctx := context.Background()
-	s, err := Open(ctx, "sqlite:"+path, Options{Host: "test-host"})
+	s, err := Open(ctx, url, Options{Host: "test-host"})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -106,7 +106,7 @@ feed:
 // (Unix nanoseconds) right after each commit returned.
 func runWaker() int {
 	ctx := context.Background()
-	s, err := Open(ctx, "sqlite:"+os.Getenv("STORE_PATH"), Options{Host: "waker-host"})
+	s, err := Open(ctx, os.Getenv("STORE_URL"), Options{Host: "waker-host"})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -230,9 +230,13 @@ func (w *tWriter) Write(p []byte) (int, error) {
 // TestProcessesWriteConcurrently runs 4 writer processes x 200 chats, 25
 // goroutines each, on one file, and checks nothing is lost or reordered.
 func TestProcessesWriteConcurrently(t *testing.T) {
-	const procs, chats, goroutines = 4, 200, 25
 	path := filepath.Join(t.TempDir(), "data", "server.db")
-	s := openSQLiteTest(t, path, "test-host")
+	testProcessesWriteConcurrently(t, "sqlite:"+path, openSQLiteTest(t, path, "test-host"))
+}
+
+// testProcessesWriteConcurrently runs the writers on url, which s has open.
+func testProcessesWriteConcurrently(t *testing.T, url string, s *Store) {
+	const procs, chats, goroutines = 4, 200, 25
 	if err := s.Migrate(t.Context()); err != nil {
 		t.Fatalf("Migrate() = %v", err)
 	}
@@ -240,7 +244,7 @@ func TestProcessesWriteConcurrently(t *testing.T) {
 
 	helpers := make([]*helper, procs)
 	for i := range helpers {
-		helpers[i] = startHelper(t, "writer", "STORE_PATH="+path, fmt.Sprintf("WORKER=%d", i+1),
+		helpers[i] = startHelper(t, "writer", "STORE_URL="+url, fmt.Sprintf("WORKER=%d", i+1),
 			fmt.Sprintf("CHATS=%d", chats), fmt.Sprintf("GOROUTINES=%d", goroutines))
 	}
 	t0 := time.Now()
@@ -321,13 +325,18 @@ func TestProcessesWriteConcurrently(t *testing.T) {
 // TestWaitActivityWakesAcrossProcesses measures how long a waiter takes to
 // see a commit made by another process.
 func TestWaitActivityWakesAcrossProcesses(t *testing.T) {
-	const rounds = 10
 	path := filepath.Join(t.TempDir(), "data", "server.db")
-	s := openSQLiteTest(t, path, "test-host")
+	testWaitActivityWakesAcrossProcesses(t, "sqlite:"+path, openSQLiteTest(t, path, "test-host"))
+}
+
+// testWaitActivityWakesAcrossProcesses runs the waker on url, which s has
+// open.
+func testWaitActivityWakesAcrossProcesses(t *testing.T, url string, s *Store) {
+	const rounds = 10
 	if err := s.Migrate(t.Context()); err != nil {
 		t.Fatalf("Migrate() = %v", err)
 	}
-	h := startHelper(t, "waker", "STORE_PATH="+path)
+	h := startHelper(t, "waker", "STORE_URL="+url)
 
 	var lat []time.Duration
 	for range rounds {
@@ -365,6 +374,6 @@ func TestWaitActivityWakesAcrossProcesses(t *testing.T) {
 		lat = append(lat, d)
 	}
 	slices.Sort(lat)
-	t.Logf("cross-process wake latency over %d rounds (poll interval %v): min %v, median %v, max %v",
-		rounds, DefaultPollInterval, lat[0].Round(time.Microsecond), lat[rounds/2].Round(time.Microsecond), lat[rounds-1].Round(time.Microsecond))
+	t.Logf("cross-process wake latency over %d rounds (%s): min %v, median %v, max %v",
+		rounds, s.d.name, lat[0].Round(time.Microsecond), lat[rounds/2].Round(time.Microsecond), lat[rounds-1].Round(time.Microsecond))
 }

@@ -18,7 +18,7 @@ import (
 // and its pragmas, the open-time checks, the schema DDL and which errors mean
 // "unavailable". The other files speak the SQL subset SQLite and PostgreSQL
 // share (INSERT ... RETURNING, ON CONFLICT DO NOTHING, ? placeholders passed
-// through dialect.rebind), so a PostgreSQL dialect is one more file like this.
+// through dialect.rebind); postgres.go is the PostgreSQL counterpart.
 
 // dialect is what differs between database engines.
 type dialect struct {
@@ -34,6 +34,15 @@ type dialect struct {
 	// hasTable is a query with one argument, a table name, returning 1 if
 	// that table exists and 0 otherwise.
 	hasTable string
+	// queueWrites makes a Store admit one of its read-write transactions at
+	// a time (see Store.writing): right for an engine with one writer.
+	queueWrites bool
+	// lockMigrate, if set, runs first in Migrate's transaction so that
+	// concurrent Migrates from several hosts run one after the other.
+	lockMigrate string
+	// lockActivities, if set, runs in a transaction right before each
+	// activity insert, so that activity ids commit in id order.
+	lockActivities string
 }
 
 var sqliteDialect = dialect{
@@ -42,6 +51,8 @@ var sqliteDialect = dialect{
 	rebind:      func(q string) string { return q },
 	unavailable: sqliteUnavailable,
 	hasTable:    `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?`,
+	// BEGIN IMMEDIATE already serializes migrations and activity inserts.
+	queueWrites: true,
 }
 
 // sqliteMigrations is the schema history; append, never edit a released step.

@@ -11,16 +11,19 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
 )
 
 // Defaults applied by Open for zero Options fields.
 const (
-	// DefaultMaxOpenConns is the connection pool size per process. Reads run
-	// in parallel under WAL; writes serialize in SQLite anyway.
+	// DefaultMaxOpenConns is the SQLite connection pool size per process.
+	// Reads run in parallel under WAL; writes serialize in SQLite anyway.
+	// (PostgreSQL: DefaultPostgresMaxConns.)
 	DefaultMaxOpenConns = 6
 	// DefaultPollInterval is how often WaitActivity's poller looks for
-	// commits by other processes while anyone waits.
+	// commits by other processes while anyone waits (SQLite only;
+	// PostgreSQL wakes waiters through LISTEN/NOTIFY).
 	DefaultPollInterval = 50 * time.Millisecond
 )
 
@@ -32,10 +35,12 @@ type Options struct {
 	// FailAllStarted only touch chats this machine ran. Default: os.Hostname,
 	// or "localhost" if that fails.
 	Host string
-	// MaxOpenConns caps this process's connections. Default
-	// DefaultMaxOpenConns.
+	// MaxOpenConns caps this process's pooled connections. Default
+	// DefaultMaxOpenConns for SQLite, DefaultPostgresMaxConns for
+	// PostgreSQL, which also holds one more connection for LISTEN.
 	MaxOpenConns int
-	// PollInterval is the poller's period. Default DefaultPollInterval.
+	// PollInterval is the SQLite poller's period. Default
+	// DefaultPollInterval.
 	PollInterval time.Duration
 }
 
@@ -44,50 +49,63 @@ type Options struct {
 type Store struct {
 	db   *sql.DB
 	d    dialect
-	path string
+	path string      // the SQLite file, or postgres://user@host:port/db
+	pg   *pgDatabase // nil on SQLite
 	host string
 	log  zerolog.Logger
 
-	// writing admits one read-write transaction of this Store at a time.
-	// SQLite runs one writer at a time anyway; queuing here, in FIFO-ish Go
-	// order and with ctx honoured, keeps at most one connection per process
-	// in SQLite's busy handler, which sleeps and retries and is not fair.
+	// writing admits one read-write transaction of this Store at a time;
+	// nil on PostgreSQL. SQLite runs one writer at a time anyway; queuing
+	// here, in FIFO-ish Go order and with ctx honoured, keeps at most one
+	// connection per process in SQLite's busy handler, which sleeps and
+	// retries and is not fair.
 	writing chan struct{}
 
 	feed      feed
 	pollEvery time.Duration
 	done      chan struct{} // closed by Close
-	polled    chan struct{} // closed when the poller returns
+	polled    chan struct{} // closed when the poller (or listener) returns
 	stopPoll  context.CancelFunc
 	closeOnce sync.Once
 	closeErr  error
 }
 
-// Open opens the store named by url and checks it can serve: the file is
-// created if missing (with its folder), must be a writable SQLite database,
-// and must not have been migrated by a newer binary (ErrSchemaTooNew). Open
-// does not migrate; the supervisor calls Migrate once before workers start.
+// Open opens the store named by url and checks it can serve: an SQLite file
+// is created if missing (with its folder) and must be a writable SQLite
+// database; a PostgreSQL server must answer and accept the connection. The
+// schema must not have been migrated by a newer binary (ErrSchemaTooNew).
+// Open does not migrate; the supervisor calls Migrate once before workers
+// start.
 //
-// URL forms: "sqlite:data/server.db" (relative to the working directory),
-// "sqlite:/abs/server.db", "sqlite://path" and "sqlite:///abs/path" (the "//"
-// is dropped), "sqlite3:" and "file:" as aliases, or a bare path. Query
-// parameters are refused. "postgres://" and "postgresql://" return an error
-// matching ErrUnsupported until that backend is built; so does any other
-// scheme. Errors never echo the URL of a server database (it may hold a
-// password); they name the file of an SQLite one.
+// SQLite URL forms: "sqlite:data/server.db" (relative to the working
+// directory), "sqlite:/abs/server.db", "sqlite://path" and
+// "sqlite:///abs/path" (the "//" is dropped), "sqlite3:" and "file:" as
+// aliases, or a bare path. Query parameters are refused.
 //
-// The caller must Close the Store.
+// PostgreSQL: "postgres://" or "postgresql://" URLs in libpq's form (key=value
+// parameters such as sslmode, connect_timeout, application_name are
+// honoured; connect_timeout defaults to 5 s). A server that cannot be
+// reached or refuses the connection is an error matching ErrUnavailable that
+// names the host and database. Any other scheme matches ErrUnsupported.
+//
+// Errors never echo the password of a server database URL; they name the
+// file of an SQLite one. The caller must Close the Store.
 func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	scheme, rest := splitScheme(url)
 	var (
 		d    dialect
 		path string
 		db   *sql.DB
+		pg   *pgDatabase
 		err  error
 	)
 	switch scheme {
 	case "postgres", "postgresql":
-		return nil, fmt.Errorf("open store: %s is not built yet: %w", scheme, ErrUnsupported)
+		d = postgresDialect
+		if pg, err = openPostgres(ctx, url, opts.MaxOpenConns); err != nil {
+			return nil, err
+		}
+		db, path = pg.db, pg.name
 	case "", "sqlite", "sqlite3", "file":
 		d = sqliteDialect
 		if path, err = sqlitePath(url, rest); err != nil {
@@ -116,13 +134,16 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		db:        db,
 		d:         d,
 		path:      path,
+		pg:        pg,
 		host:      opts.Host,
 		log:       opts.Logger,
-		writing:   make(chan struct{}, 1),
 		pollEvery: opts.PollInterval,
 		done:      make(chan struct{}),
 		polled:    make(chan struct{}),
 		stopPoll:  stopPoll,
+	}
+	if d.queueWrites {
+		s.writing = make(chan struct{}, 1)
 	}
 	s.feed.init()
 
@@ -132,12 +153,25 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	} else {
 		err = s.checkVersion(v)
 	}
+	var listenConn *pgx.Conn
+	if err == nil && pg != nil {
+		if listenConn, err = s.listenConnect(ctx); err != nil {
+			err = s.wrap(ctx, "open store "+path+": listen", err)
+		}
+	}
 	if err != nil {
 		stopPoll()
 		db.Close()
+		if pg != nil {
+			pg.pool.Close()
+		}
 		return nil, err
 	}
-	go s.poll(pollCtx)
+	if pg != nil {
+		go s.listen(pollCtx, listenConn)
+	} else {
+		go s.poll(pollCtx)
+	}
 	s.log.Debug().Str("path", path).Str("backend", d.name).Int("schema_version", v).Msg("store opened")
 	return s, nil
 }
@@ -170,11 +204,13 @@ func splitScheme(url string) (scheme, rest string) {
 	return strings.ToLower(url[:i]), url[i+1:]
 }
 
-// Path returns the database file, absolute, for messages.
+// Path returns the database file, absolute, or for PostgreSQL
+// "postgres://user@host:port/database" (never the password); for messages.
 func (s *Store) Path() string { return s.path }
 
-// Close stops the poller, wakes WaitActivity callers with ErrClosed and
-// closes the database. Calls after the first return the first result.
+// Close stops the poller or listener, wakes WaitActivity callers with
+// ErrClosed and closes the database. Calls after the first return the first
+// result.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		close(s.done)
@@ -183,6 +219,9 @@ func (s *Store) Close() error {
 		if err := s.db.Close(); err != nil {
 			s.closeErr = fmt.Errorf("close store %s: %w", s.path, err)
 		}
+		if s.pg != nil {
+			s.pg.pool.Close()
+		}
 	})
 	return s.closeErr
 }
@@ -190,17 +229,26 @@ func (s *Store) Close() error {
 // q returns query with its placeholders in the dialect's style.
 func (s *Store) q(query string) string { return s.d.rebind(query) }
 
-// write runs fn in one read-write transaction (BEGIN IMMEDIATE on SQLite)
-// and commits it; fn's error rolls it back and is returned unwrapped.
+// write runs fn in one read-write transaction (BEGIN IMMEDIATE on SQLite,
+// READ COMMITTED on PostgreSQL) and commits it; fn's error rolls it back and
+// is returned unwrapped.
 func (s *Store) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
-	select {
-	case s.writing <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-s.done:
-		return ErrClosed
+	if s.writing != nil {
+		select {
+		case s.writing <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.done:
+			return ErrClosed
+		}
+		defer func() { <-s.writing }()
+	} else {
+		select {
+		case <-s.done:
+			return ErrClosed
+		default:
+		}
 	}
-	defer func() { <-s.writing }()
 
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {

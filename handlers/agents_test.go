@@ -1,0 +1,134 @@
+package handlers
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/corralhq/corral/handlers/store"
+)
+
+func TestDefaultAgentAfterMigrate(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+
+	r := a.get("/api/agents/default")
+	wantStatus(t, "GET /api/agents/default", r, http.StatusOK)
+	got := decodeBody[store.Agent](t, "GET /api/agents/default", r)
+	if got.ID != store.DefaultAgentID || got.Name != store.DefaultAgentName || got.SystemPrompt != store.DefaultAgentSystemPrompt {
+		t.Errorf("default agent = %+v, want id %q, name %q and the default prompt", got, store.DefaultAgentID, store.DefaultAgentName)
+	}
+
+	r = a.get("/api/agents")
+	wantStatus(t, "GET /api/agents", r, http.StatusOK)
+	list := decodeBody[struct {
+		Agents []store.Agent `json:"agents"`
+	}](t, "GET /api/agents", r)
+	if len(list.Agents) != 1 || list.Agents[0].ID != store.DefaultAgentID {
+		t.Errorf("GET /api/agents = %+v, want just the default agent", list.Agents)
+	}
+}
+
+func TestAgentLifecycle(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	cursor := lastActivity(t, a.st)
+
+	before := time.Now().Add(-time.Second)
+	r := a.post("/api/agents", `{"name": "  Researcher ", "system_prompt": "You research.", "model": "gpt-x"}`)
+	wantStatus(t, "POST /api/agents", r, http.StatusCreated)
+	created := decodeBody[store.Agent](t, "POST /api/agents", r)
+	if created.ID == "" || created.Name != "Researcher" || created.SystemPrompt != "You research." || created.Model != "gpt-x" {
+		t.Errorf("created agent = %+v, want a new id, name %q (trimmed), the prompt and model gpt-x", created, "Researcher")
+	}
+	if created.CreatedAt.Before(before) || created.CreatedAt.After(time.Now().Add(time.Second)) {
+		t.Errorf("created_at = %v, want about now", created.CreatedAt)
+	}
+	if loc, want := r.header.Get("Location"), "/api/agents/"+created.ID; loc != want {
+		t.Errorf("Location = %q, want %q", loc, want)
+	}
+	for _, field := range []string{`"id"`, `"name"`, `"system_prompt"`, `"model"`, `"created_at"`} {
+		if !strings.Contains(string(r.body), field) {
+			t.Errorf("POST /api/agents answer %s has no %s field", r.body, field)
+		}
+	}
+
+	r = a.get("/api/agents/" + created.ID)
+	wantStatus(t, "GET agent", r, http.StatusOK)
+	if got := decodeBody[store.Agent](t, "GET agent", r); !got.CreatedAt.Equal(created.CreatedAt) || got.Name != created.Name || got.Model != created.Model {
+		t.Errorf("GET agent = %+v, want %+v", got, created)
+	}
+
+	list := decodeBody[struct {
+		Agents []store.Agent `json:"agents"`
+	}](t, "GET /api/agents", a.get("/api/agents"))
+	if len(list.Agents) != 2 || list.Agents[1].ID != created.ID {
+		t.Errorf("agents = %+v, want the default agent then %s", list.Agents, created.ID)
+	}
+
+	r = a.do(http.MethodDelete, "/api/agents/"+created.ID, nil)
+	if r.status != http.StatusNoContent || len(r.body) != 0 {
+		t.Fatalf("DELETE agent = %d %q, want 204 with no body", r.status, r.body)
+	}
+	wantError(t, "GET deleted agent", a.get("/api/agents/"+created.ID), http.StatusNotFound, "not_found", "no such agent")
+	wantError(t, "DELETE deleted agent", a.do(http.MethodDelete, "/api/agents/"+created.ID, nil), http.StatusNotFound, "not_found", "no such agent")
+
+	acts := activitiesAfter(t, a.st, cursor)
+	if len(acts) != 2 || acts[0].Type != "agent.created" || acts[1].Type != "agent.deleted" ||
+		acts[0].AgentID != created.ID || acts[1].AgentID != created.ID {
+		t.Fatalf("activities = %+v, want agent.created then agent.deleted of %s", acts, created.ID)
+	}
+	if acts[0].Worker != testWorkerSlot || acts[0].PID != 4242 {
+		t.Errorf("agent.created by worker %d pid %d, want worker %d pid 4242", acts[0].Worker, acts[0].PID, testWorkerSlot)
+	}
+}
+
+func TestCreateAgentModelIsOptional(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	r := a.post("/api/agents", `{"name": "n", "system_prompt": "p", "unknown_future_field": [1, {"x": null}]}`)
+	wantStatus(t, "POST /api/agents without model", r, http.StatusCreated)
+	if got := decodeBody[store.Agent](t, "POST /api/agents", r); got.Model != "" {
+		t.Errorf("model = %q, want empty (the provider's default)", got.Model)
+	}
+}
+
+func TestCreateAgentValidation(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	cursor := lastActivity(t, a.st)
+	long := strings.Repeat("é", 101) // 202 bytes
+	for _, tc := range []struct {
+		name, body string
+		want       []string // parts of the message
+	}{
+		{"no name", `{"system_prompt": "p"}`, []string{`"name"`, "required"}},
+		{"null name", `{"name": null, "system_prompt": "p"}`, []string{`"name"`, "required"}},
+		{"blank name", `{"name": " \t\n", "system_prompt": "p"}`, []string{`"name"`, "must not be empty"}},
+		{"name not a string", `{"name": 7, "system_prompt": "p"}`, []string{`"name"`, "must be a string"}},
+		{"name too long", `{"name": "` + long + `", "system_prompt": "p"}`, []string{`"name"`, "longer than 200 bytes"}},
+		{"no system_prompt", `{"name": "n"}`, []string{`"system_prompt"`, "required"}},
+		{"system_prompt an object", `{"name": "n", "system_prompt": {"a": 1}}`, []string{`"system_prompt"`, "must be a string"}},
+		{"model not a string", `{"name": "n", "system_prompt": "p", "model": true}`, []string{`"model"`, "must be a string"}},
+		{"blank model", `{"name": "n", "system_prompt": "p", "model": ""}`, []string{`"model"`, "must not be empty"}},
+		{"array body", `[{"name": "n", "system_prompt": "p"}]`, []string{"must be a JSON object"}},
+		{"string body", `"agent"`, []string{"must be a JSON object"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := a.on(t)
+			wantError(t, "POST /api/agents "+tc.body, a.post("/api/agents", tc.body), http.StatusBadRequest, "bad_request", tc.want...)
+		})
+	}
+	if acts := activitiesAfter(t, a.st, cursor); len(acts) != 0 {
+		t.Errorf("invalid requests wrote activities %+v, want none", acts)
+	}
+}
+
+func TestAgentNotFound(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	wantError(t, "GET unknown agent", a.get("/api/agents/nope"), http.StatusNotFound, "not_found", "no such agent")
+	wantError(t, "GET empty agent id", a.get("/api/agents/"), http.StatusNotFound, "not_found")
+	wantError(t, "GET agent sub-path", a.get("/api/agents/default/chats"), http.StatusNotFound, "not_found", "no such route")
+}

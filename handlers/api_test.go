@@ -1,0 +1,266 @@
+package handlers
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestHealth(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	r := a.get("/health")
+	wantStatus(t, "GET /health", r, http.StatusOK)
+	h := decodeBody[map[string]any](t, "GET /health", r)
+	if h["status"] != "ok" || h["worker"] != float64(testWorkerSlot) || h["pid"] != float64(4242) || h["generation"] != float64(1) || h["uptime_s"] == nil {
+		t.Errorf("GET /health = %v, want status ok, worker %d, pid 4242, generation 1 and uptime_s", h, testWorkerSlot)
+	}
+	if r := a.do(http.MethodHead, "/health", nil); r.status != http.StatusOK || len(r.body) != 0 {
+		t.Errorf("HEAD /health = %d %q, want 200 and no body", r.status, r.body)
+	}
+}
+
+func TestMethodNotAllowed(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	for _, tc := range []struct{ method, path, allow string }{
+		{http.MethodPost, "/health", "GET, HEAD"},
+		{http.MethodGet, "/api/chat", "POST"},
+		{http.MethodDelete, "/api/chat", "POST"},
+		{http.MethodPut, "/api/agents", "GET, HEAD, POST"},
+		{http.MethodDelete, "/api/agents", "GET, HEAD, POST"},
+		{http.MethodPost, "/api/agents/default", "GET, HEAD, DELETE"},
+		{http.MethodPatch, "/api/agents/default", "GET, HEAD, DELETE"},
+		{http.MethodPost, "/api/activities", "GET, HEAD"},
+		{http.MethodPost, "/api/activities/stream", "GET"},
+		{http.MethodOptions, "/api/agents", "GET, HEAD, POST"},
+	} {
+		what := tc.method + " " + tc.path
+		r := a.do(tc.method, tc.path, nil)
+		wantError(t, what, r, http.StatusMethodNotAllowed, "method_not_allowed")
+		if got := r.header.Get("Allow"); got != tc.allow {
+			t.Errorf("%s: Allow = %q, want %q", what, got, tc.allow)
+		}
+	}
+	// The default agent survived the DELETE-less tries above.
+	wantStatus(t, "GET /api/agents/default", a.get("/api/agents/default"), http.StatusOK)
+}
+
+func TestNoRoute(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	for _, path := range []string{"/", "/nope", "/api", "/api/", "/api/nope", "/api/chat/x", "/api/activities/x", "/healthz"} {
+		wantError(t, "GET "+path, a.get(path), http.StatusNotFound, "not_found", "no such route")
+	}
+}
+
+func TestUnsupportedMediaType(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	body := []byte(`{"agent_id": "default", "message": "hi"}`)
+	for _, ct := range []string{"", "text/plain", "application/x-www-form-urlencoded", "application/jsonx", "multipart/form-data; boundary=x"} {
+		for _, path := range []string{"/api/chat", "/api/agents"} {
+			what := "POST " + path + " with Content-Type " + ct
+			r := a.do(http.MethodPost, path, body, "Content-Type", ct)
+			wantError(t, what, r, http.StatusUnsupportedMediaType, "unsupported_media_type", "application/json")
+		}
+	}
+	for _, ct := range []string{"application/json; charset=utf-8", "Application/JSON", " application/json "} {
+		r := a.do(http.MethodPost, "/api/chat", body, "Content-Type", ct)
+		wantStatus(t, "POST /api/chat with Content-Type "+ct, r, http.StatusOK)
+	}
+}
+
+func TestMalformedBodies(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	cursor := lastActivity(t, a.st)
+	deep := strings.Repeat(`{"a":`, 20000) + `1` + strings.Repeat(`}`, 20000)
+	deepArray := `{"agent_id": "default", "message": "hi", "extra": ` + strings.Repeat("[", 100000) + strings.Repeat("]", 100000) + `}`
+	for _, tc := range []struct {
+		name string
+		body []byte
+		want string
+	}{
+		{"empty", []byte(""), "empty"},
+		{"blank", []byte(" \r\n\t"), "empty"},
+		{"truncated", []byte(`{"agent_id": "default", "message": "hi"`), "invalid JSON"},
+		{"syntax", []byte(`{"agent_id": "default", message: "hi"}`), "invalid JSON at byte"},
+		{"trailing comma", []byte(`{"agent_id": "default", "message": "hi",}`), "invalid JSON"},
+		{"two values", []byte(`{"agent_id": "default", "message": "hi"} {}`), "more than one value"},
+		{"stray brace", []byte(`{"agent_id": "default", "message": "hi"}}`), "more than one value"},
+		{"stray bracket", []byte(`{"agent_id": "default", "message": "hi"}]`), "more than one value"},
+		{"deeply nested object", []byte(deep), "invalid JSON"},
+		{"deeply nested unknown field", []byte(deepArray), "invalid JSON"},
+		{"invalid UTF-8", []byte("{\"agent_id\": \"default\", \"message\": \"h\xffi\"}"), "UTF-8"},
+		{"overlong UTF-8", []byte("{\"agent_id\": \"default\", \"message\": \"\xc0\xaf\"}"), "UTF-8"},
+		{"number body", []byte(`42`), "JSON object"},
+		{"null body", []byte(`null`), `"agent_id" is required`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := a.on(t)
+			for _, path := range []string{"/api/chat", "/api/agents"} {
+				want := tc.want
+				if path == "/api/agents" && tc.name == "null body" {
+					want = `"name" is required`
+				}
+				r := a.do(http.MethodPost, path, tc.body)
+				e := wantError(t, "POST "+path+" "+tc.name, r, http.StatusBadRequest, "bad_request", want)
+				if bytes.Contains(r.body, []byte("\xff")) || !strings.HasPrefix(e.Error.Message, strings.ToLower(e.Error.Message[:1])) {
+					t.Errorf("POST %s %s: message %q, want lowercase valid text", path, tc.name, e.Error.Message)
+				}
+			}
+		})
+	}
+	if acts := activitiesAfter(t, a.st, cursor); len(acts) != 0 {
+		t.Errorf("malformed requests wrote %+v, want nothing", acts)
+	}
+}
+
+// TestBodyTooLarge: the worker package answers 413 through WriteError (the
+// test server wires it the same way); the answer has the one error shape
+// and does not echo fasthttp's error. Only the headers are sent: a server
+// that refuses a body closes the connection, and a client still writing
+// it would get a reset instead of the answer.
+func TestBodyTooLarge(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	c, err := net.Dial("tcp", a.addr)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", 2<<20)
+	res, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("read answer to a 2 MiB body: %v", err)
+	}
+	defer res.Body.Close()
+	body, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatalf("read body: %v", err)
+	}
+	r := response{status: res.StatusCode, header: res.Header, body: body}
+	wantError(t, "POST /api/chat of 2 MiB", r, http.StatusRequestEntityTooLarge, "body_too_large", "too large")
+	if bytes.Contains(body, []byte("body size exceeds")) {
+		t.Errorf("413 answer %s quotes fasthttp's error", body)
+	}
+}
+
+func TestAuth(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{APITokens: []string{"tok-one", "tok-two-longer"}})
+	for _, tc := range []struct{ name, auth string }{
+		{"none", ""},
+		{"wrong token", "Bearer tok-three"},
+		{"prefix of a token", "Bearer tok-"},
+		{"token plus more", "Bearer tok-onex"},
+		{"no scheme", "tok-one"},
+		{"basic scheme", "Basic dG9rLW9uZTo="},
+		{"empty bearer", "Bearer "},
+	} {
+		for _, path := range []string{"/api/agents", "/api/activities", "/api/nope"} {
+			var hdr []string
+			if tc.auth != "" {
+				hdr = []string{"Authorization", tc.auth}
+			}
+			r := a.get(path, hdr...)
+			wantError(t, "GET "+path+" with "+tc.name, r, http.StatusUnauthorized, "unauthorized", "bearer token")
+			if got := r.header.Get("WWW-Authenticate"); !strings.HasPrefix(got, "Bearer") {
+				t.Errorf("GET %s with %s: WWW-Authenticate = %q, want a Bearer challenge", path, tc.name, got)
+			}
+		}
+	}
+	r := a.post("/api/chat", `{"agent_id": "default", "message": "hi"}`)
+	wantError(t, "POST /api/chat without a token", r, http.StatusUnauthorized, "unauthorized")
+
+	for _, auth := range []string{"Bearer tok-one", "Bearer tok-two-longer", "bearer tok-one", "BEARER  tok-two-longer "} {
+		wantStatus(t, "GET /api/agents with "+auth, a.get("/api/agents", "Authorization", auth), http.StatusOK)
+	}
+	r = a.post("/api/chat", `{"agent_id": "default", "message": "hi"}`, "Authorization", "Bearer tok-two-longer")
+	wantStatus(t, "POST /api/chat with a token", r, http.StatusOK)
+
+	wantStatus(t, "GET /health without a token", a.get("/health"), http.StatusOK)
+	// Outside /api/ there is nothing to protect: a 404 says so.
+	wantError(t, "GET /nope without a token", a.get("/nope"), http.StatusNotFound, "not_found")
+}
+
+func TestCORS(t *testing.T) {
+	t.Parallel()
+	const allowed = "https://app.example.com"
+	a := newAPI(t, Config{CORSOrigins: []string{allowed}, APITokens: []string{"tok"}})
+	auth := []string{"Authorization", "Bearer tok"}
+
+	r := a.get("/api/agents", append(auth, "Origin", allowed)...)
+	wantStatus(t, "GET from an allowed origin", r, http.StatusOK)
+	if got := r.header.Get("Access-Control-Allow-Origin"); got != allowed {
+		t.Errorf("allowed origin: Access-Control-Allow-Origin = %q, want %q", got, allowed)
+	}
+	if got := r.header.Values("Vary"); !contains(got, "Origin") {
+		t.Errorf("allowed origin: Vary = %q, want Origin", got)
+	}
+
+	// A preflight carries no credentials and must not need any.
+	r = a.do(http.MethodOptions, "/api/chat", nil, "Origin", allowed,
+		"Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "authorization, content-type")
+	if r.status != http.StatusNoContent {
+		t.Fatalf("preflight from an allowed origin = %d %s, want 204", r.status, r.body)
+	}
+	for h, want := range map[string]string{
+		"Access-Control-Allow-Origin":  allowed,
+		"Access-Control-Allow-Methods": "POST",
+		"Access-Control-Allow-Headers": "Authorization",
+		"Access-Control-Max-Age":       "600",
+	} {
+		if got := r.header.Get(h); !strings.Contains(got, want) {
+			t.Errorf("preflight %s = %q, want it to contain %q", h, got, want)
+		}
+	}
+	if !strings.Contains(r.header.Get("Access-Control-Allow-Headers"), "Content-Type") {
+		t.Errorf("preflight Access-Control-Allow-Headers = %q, want Content-Type", r.header.Get("Access-Control-Allow-Headers"))
+	}
+
+	for _, origin := range []string{"https://evil.example.com", "http://app.example.com", "https://app.example.com.evil.net", "null"} {
+		r = a.get("/api/agents", append(auth, "Origin", origin)...)
+		wantStatus(t, "GET from "+origin, r, http.StatusOK)
+		if got := r.header.Get("Access-Control-Allow-Origin"); got != "" {
+			t.Errorf("GET from %s: Access-Control-Allow-Origin = %q, want none", origin, got)
+		}
+		r = a.do(http.MethodOptions, "/api/chat", nil, "Origin", origin, "Access-Control-Request-Method", "POST")
+		if r.status == http.StatusNoContent || r.header.Get("Access-Control-Allow-Origin") != "" || r.header.Get("Access-Control-Allow-Methods") != "" {
+			t.Errorf("preflight from %s = %d with CORS headers %v, want a refusal without them", origin, r.status, r.header)
+		}
+	}
+
+	// No list: no CORS headers for anyone.
+	b := newAPI(t, Config{})
+	r = b.do(http.MethodOptions, "/api/chat", nil, "Origin", allowed, "Access-Control-Request-Method", "POST")
+	if r.status == http.StatusNoContent || r.header.Get("Access-Control-Allow-Origin") != "" {
+		t.Errorf("preflight with no CORS list = %d %v, want a refusal without CORS headers", r.status, r.header)
+	}
+
+	// "*" allows any origin, echoed.
+	c := newAPI(t, Config{CORSOrigins: []string{"*"}})
+	r = c.get("/api/agents", "Origin", "http://localhost:5173")
+	if got := r.header.Get("Access-Control-Allow-Origin"); got != "http://localhost:5173" {
+		t.Errorf("CORS *: Access-Control-Allow-Origin = %q, want the origin echoed", got)
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		for _, part := range strings.Split(v, ",") {
+			if strings.TrimSpace(part) == s {
+				return true
+			}
+		}
+	}
+	return false
+}
