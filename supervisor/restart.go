@@ -85,6 +85,10 @@ func (s *Supervisor) onReady(p *proc) {
 	if s.reload != nil && p.why == "reload" {
 		s.log.Info().Int("pid", p.pid).Dur("since_change", now.Sub(s.reload.lastChange)).Msg("reloaded")
 	}
+	if p.exe != s.exe {
+		// A newer build landed while this worker was starting.
+		s.replace(sl, "reload")
+	}
 	if !s.booted && s.allReady() {
 		s.booted = true
 		s.log.Info().Int("workers", len(s.slots)).Msg("Application startup complete")

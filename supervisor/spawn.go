@@ -37,6 +37,7 @@ type proc struct {
 	gen      int
 	pid      int
 	cmd      *exec.Cmd
+	exe      string   // the binary it runs
 	lifeline *os.File // supervisor's write end; closing it tells the worker we are gone
 	state    procState
 	why      string // why it was started ("start", "crash", "hup", ...)
@@ -156,7 +157,7 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 		return nil, fmt.Errorf("supervisor: start worker %d: %w", sl.n, err)
 	}
 	sl.gen = gen
-	p := &proc{slot: sl, gen: gen, pid: cmd.Process.Pid, cmd: cmd, lifeline: lifelineW, why: why, started: time.Now()}
+	p := &proc{slot: sl, gen: gen, pid: cmd.Process.Pid, cmd: cmd, exe: s.exe, lifeline: lifelineW, why: why, started: time.Now()}
 	go s.readControl(p, controlR)
 	go func() {
 		cmd.Wait()
