@@ -247,17 +247,22 @@ func graceful(cfg config) time.Duration {
 // otherwise, unless the configuration says which.
 func newLogger(cfg config, stderr io.Writer) zerolog.Logger {
 	var w io.Writer = stderr
+	f, isFile := stderr.(*os.File)
+	terminal := isFile && isatty.IsTerminal(f.Fd())
 	format := cfg.LogFormat
 	if format == "auto" {
 		format = "json"
-		if f, ok := stderr.(*os.File); ok && isatty.IsTerminal(f.Fd()) {
+		if terminal {
 			format = "console"
 		}
 	}
 	if format == "console" {
-		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000"}
+		// Colours only on a terminal: a journal or a file gets plain text.
+		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal}
 	}
 	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
+	// Durations (uptime, startup, budget, delay) in seconds, as a float.
+	zerolog.DurationFieldUnit = time.Second
 	return zerolog.New(w).Level(cfg.LogLevel).With().Timestamp().Logger()
 }
 
