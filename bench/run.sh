@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Benchmarks of the process model (make bench runs this after make build).
+# Installs wrk if missing, builds the baseline and the driver into
+# bench/out/bin, runs every scenario (about 5 minutes) and prints the summary.
+# Raw results: bench/out/ (results.json, summary.md, wrk reports, CSVs, logs).
+# Arguments are passed to the driver: bench/run.sh -run crash,hang
+# SERVER=path/to/server measures another build than ./server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+server="${SERVER:-./server}"
+
+if ! command -v wrk >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq wrk
+fi
+[ -x "$server" ] || { echo "bench: $server missing: run make build first" >&2; exit 1; }
+
+out=bench/out
+mkdir -p "$out/bin"
+rm -rf "$out/logs" "$out"/*.txt "$out"/*.csv
+go build -o "$out/bin/baseline" ./bench/baseline
+go build -o "$out/bin/procbench" ./bench/procbench
+
+exec "$out/bin/procbench" -server "$server" -baseline "$out/bin/baseline" -out "$out" "$@"
