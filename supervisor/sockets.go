@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -128,4 +129,43 @@ func socketAddr(f *os.File) (*net.TCPAddr, error) {
 		return &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}, nil
 	}
 	return nil, fmt.Errorf("supervisor: inherited socket %s is not a TCP socket", f.Name())
+}
+
+// foreignListeners counts the listening TCP sockets on port that are none
+// of ours. SO_REUSEPORT lets any process of the same user join our group;
+// the probe-bind stops another copy of the server at start, but two copies
+// started at the same instant can both probe a free port before either
+// binds it. Each checks after binding, so at least one of them sees the
+// other and stops.
+func foreignListeners(port int, ours []*os.File) int {
+	mine := map[uint64]bool{}
+	for _, f := range ours {
+		var st unix.Stat_t
+		if unix.Fstat(int(f.Fd()), &st) == nil {
+			mine[st.Ino] = true
+		}
+	}
+	n := 0
+	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(table)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			// sl local_address rem_address st ... inode is field 10.
+			if len(f) < 10 || f[3] != "0A" {
+				continue
+			}
+			i := strings.LastIndexByte(f[1], ':')
+			p, err := strconv.ParseUint(f[1][i+1:], 16, 16)
+			if err != nil || int(p) != port {
+				continue
+			}
+			if ino, err := strconv.ParseUint(f[9], 10, 64); err == nil && !mine[ino] {
+				n++
+			}
+		}
+	}
+	return n
 }

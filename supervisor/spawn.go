@@ -113,6 +113,14 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 		controlW.Close()
 		return nil, fmt.Errorf("supervisor: lifeline pipe: %w", err)
 	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		controlR.Close()
+		controlW.Close()
+		lifelineR.Close()
+		lifelineW.Close()
+		return nil, fmt.Errorf("supervisor: output pipe: %w", err)
+	}
 	args, _ := json.Marshal(s.cfg.Args)
 	gen := sl.gen + 1
 	maxReq := 0
@@ -136,8 +144,8 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 			protocol.EnvMetrics:            strconv.FormatBool(s.cfg.MetricsAddr != ""),
 		}),
 		Stdout:     os.Stdout,
-		Stderr:     os.Stderr,
-		ExtraFiles: append([]*os.File{controlW, lifelineR}, listeners...),
+		Stderr:     outW,
+		ExtraFiles: append([]*os.File{controlW, lifelineR, os.Stderr}, listeners...),
 		SysProcAttr: &syscall.SysProcAttr{
 			// Own process group: a terminal's Ctrl+C reaches the supervisor
 			// only, which then drains the workers in order.
@@ -151,14 +159,17 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 	err = <-done
 	controlW.Close()
 	lifelineR.Close()
+	outW.Close()
 	if err != nil {
 		controlR.Close()
 		lifelineW.Close()
+		outR.Close()
 		return nil, fmt.Errorf("supervisor: start worker %d: %w", sl.n, err)
 	}
 	sl.gen = gen
 	p := &proc{slot: sl, gen: gen, pid: cmd.Process.Pid, cmd: cmd, exe: s.exe, lifeline: lifelineW, why: why, started: time.Now()}
 	go s.readControl(p, controlR)
+	go s.readOutput(p, outR)
 	go func() {
 		cmd.Wait()
 		s.events <- event{p: p, exited: true, status: cmd.ProcessState}
@@ -179,6 +190,17 @@ func (s *Supervisor) readControl(p *proc, r *os.File) {
 			continue
 		}
 		s.events <- event{p: p, msg: m}
+	}
+}
+
+// readOutput logs what the worker writes to its stderr (runtime panics,
+// goroutine dumps, start-up errors), a line per event, until it exits.
+func (s *Supervisor) readOutput(p *proc, r *os.File) {
+	defer r.Close()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 4096), 1<<20)
+	for sc.Scan() {
+		s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Str("line", sc.Text()).Msg("worker output")
 	}
 }
 

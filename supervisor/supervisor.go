@@ -276,6 +276,10 @@ func New(cfg Config) (*Supervisor, error) {
 			return nil, err
 		}
 	}
+	if n := foreignListeners(addr.Port, s.sockets()); n > 0 {
+		s.closeSockets()
+		return nil, &AddrError{Addr: addr.String(), Err: syscall.EADDRINUSE}
+	}
 	return s, nil
 }
 
@@ -511,6 +515,17 @@ func (s *Supervisor) checkMemory(p *proc) {
 			Str("reason", "max_memory").Msg("recycling worker")
 		s.replace(p.slot, "max_memory")
 	}
+}
+
+// sockets returns every listening socket the supervisor owns.
+func (s *Supervisor) sockets() []*os.File {
+	fs := append([]*os.File(nil), s.shared...)
+	for _, sl := range s.slots {
+		if sl.sock != nil {
+			fs = append(fs, sl.sock)
+		}
+	}
+	return fs
 }
 
 func (s *Supervisor) closeSockets() {

@@ -3,6 +3,7 @@ package supervisor
 import (
 	"errors"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"syscall"
@@ -155,5 +156,26 @@ func TestServingGatesTheWatchdog(t *testing.T) {
 	s.slots[1].current = fresh
 	if !s.serving(now) {
 		t.Errorf("serving() with one heartbeating worker = false, want true")
+	}
+}
+
+func TestNewRefusesAPortAnotherGroupJoined(t *testing.T) {
+	// Another process of the same user already listening with SO_REUSEPORT
+	// on the port the probe found free: simulated by binding one ourselves
+	// after the probe, which is what a racing second server does.
+	free, err := probeAddr("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := listenSocket(free, true, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if n := foreignListeners(free.Port, nil); n != 1 {
+		t.Errorf("foreignListeners(%d, none of ours) = %d, want 1", free.Port, n)
+	}
+	if n := foreignListeners(free.Port, []*os.File{other}); n != 0 {
+		t.Errorf("foreignListeners(%d, ours) = %d, want 0", free.Port, n)
 	}
 }

@@ -73,7 +73,15 @@ func run(stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "server %s (%s, %s/%s)\n", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return exitOK
 	}
-	log := newLogger(cfg, stderr)
+	logOut := stderr
+	if role == protocol.RoleWorker {
+		// The supervisor hands the worker its own stderr for whole log
+		// lines; the worker's fd 2 is a pipe for everything else.
+		if f := os.NewFile(protocol.LogFD, "log"); f != nil {
+			logOut = f
+		}
+	}
+	log := newLogger(cfg, logOut)
 	switch role {
 	case protocol.RoleWorker:
 		setComm("worker")

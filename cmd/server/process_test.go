@@ -137,6 +137,16 @@ func TestStoppedWorkerIsReplacedAndStrandsNothing(t *testing.T) {
 	if len(s.logs.find("worker hung, sending SIGQUIT", map[string]any{"pid": victim, "reason": "hung"})) != 1 {
 		t.Errorf("no 'worker hung' line for pid %d; log:\n%s", victim, s.logs)
 	}
+	// Its goroutine dump reaches the log as whole JSON events, one a line.
+	dumped := false
+	for _, l := range s.logs.find("worker output", map[string]any{"pid": victim}) {
+		if line, _ := l["line"].(string); strings.HasPrefix(line, "goroutine ") {
+			dumped = true
+		}
+	}
+	if !dumped {
+		t.Errorf("no goroutine dump of the hung worker %d logged as worker output", victim)
+	}
 }
 
 // loadLoop runs requests from a few goroutines, half of them on kept-alive

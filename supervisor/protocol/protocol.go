@@ -8,10 +8,15 @@
 //
 // A worker is the server binary re-executed by the supervisor with:
 //
+//	fd 2          stderr: a pipe the supervisor reads line by line and logs
+//	              as "worker output", so runtime panics and goroutine dumps
+//	              never split another process's JSON log line
 //	fd 3          ControlFD: pipe, worker writes, supervisor reads (JSON lines)
 //	fd 4          LifelineFD: pipe, supervisor writes, worker reads; EOF means
 //	              the supervisor is gone
-//	fd 5..5+n-1   ListenerFD: the listening sockets to serve (own slot first)
+//	fd 5          LogFD: the supervisor's own stderr, where the worker's
+//	              logger writes whole lines
+//	fd 6..6+n-1   ListenerFD: the listening sockets to serve (own slot first)
 //
 // and the environment variables below, which the supervisor always sets and
 // overwrites: a marker inherited from the caller's environment never reaches
@@ -33,13 +38,14 @@ import (
 // Version is the version of this contract. A worker refuses to start under
 // a supervisor of another version: after the binary is replaced on disk,
 // new workers run the new binary while the master runs the old one.
-const Version = "1"
+const Version = "2"
 
 // File descriptors a worker inherits.
 const (
 	ControlFD  = 3
 	LifelineFD = 4
-	ListenerFD = 5 // first listener; the worker's own slot socket
+	LogFD      = 5
+	ListenerFD = 6 // first listener; the worker's own slot socket
 )
 
 // Environment markers set on every worker (and, EnvRole and EnvArgs only, on
