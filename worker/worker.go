@@ -186,6 +186,11 @@ func Run(in Info, cfg Config) error {
 	}
 	w.srv = srv
 
+	// The first listener is the worker's own slot; any other is a
+	// neighbour's, served only when the neighbour leaves it waiting.
+	for i := 1; i < len(lns); i++ {
+		lns[i] = newStandbyListener(lns[i])
+	}
 	serveErr := make(chan error, len(lns)+1)
 	for _, ln := range append(lns, net.Listener(w.probeLn)) {
 		go func() { serveErr <- srv.Serve(ln) }()
