@@ -24,7 +24,7 @@ var (
 func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log})
+	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log, Host: cfg.InstanceID, MaxOpenConns: cfg.DatabaseMaxConns})
 }
 
 // prepareStore runs once in the master before any worker starts: it opens

@@ -56,11 +56,13 @@ type config struct {
 	APITokens        []string      `json:"-"` // API_TOKEN only; nil = none set; never printed
 	CORSOrigins      []string      // --cors-origins, normalised origins or ["*"]; nil = none
 
-	MetricsAddr    string        // --metrics-addr, host:port; "" = no metrics server
-	MetricsToken   string        `json:"-"` // METRICS_TOKEN only; never printed
-	DrainDelay     time.Duration // --drain-delay, default 0
-	ControlSocket  string        // --control-socket; "" = $RUNTIME_DIRECTORY/server.sock or the data folder's
-	LimitMaxMemory int64         // --limit-max-memory in bytes, 0 = none
+	MetricsAddr      string        // --metrics-addr, host:port; "" = no metrics server
+	MetricsToken     string        `json:"-"` // METRICS_TOKEN only; never printed
+	DatabaseMaxConns int           // --database-max-conns, 0 = the store's default
+	InstanceID       string        // --instance-id, "" = the host name
+	DrainDelay       time.Duration // --drain-delay, default 0
+	ControlSocket    string        // --control-socket; "" = $RUNTIME_DIRECTORY/server.sock or the data folder's
+	LimitMaxMemory   int64         // --limit-max-memory in bytes, 0 = none
 
 	ReloadDirs     []string      // --reload-dir (repeatable) / RELOAD_DIRS, default ["."]
 	ReloadInclude  []string      // --reload-include (repeatable) / RELOAD_INCLUDE, added to the defaults
@@ -571,6 +573,22 @@ var options = []option{
 				return s.invalidURL("sqlite:PATH or a postgres:// URL")
 			}
 			c.DatabaseURL = t
+			return nil
+		}},
+	{group: groupAPI, flag: "database-max-conns", arg: "N", env: []string{"DATABASE_MAX_CONNS"}, def: "0",
+		help: "database connections per worker; 0 = 4 (PostgreSQL), 6 (SQLite)",
+		set: func(c *config, s setting) (err error) {
+			c.DatabaseMaxConns, err = s.whole(0, 1000, "a whole number from 0 to 1000")
+			return err
+		}},
+	{group: groupAPI, flag: "instance-id", arg: "ID", env: []string{"INSTANCE_ID"}, def: "(host name)",
+		help: "names this server in the store; distinct per server sharing a database",
+		set: func(c *config, s setting) error {
+			t := s.text()
+			if len(t) > 200 || !isVisibleASCII(t) {
+				return s.invalid("printable ASCII without spaces, at most 200 bytes")
+			}
+			c.InstanceID = t
 			return nil
 		}},
 	{group: groupAPI, flag: "limit-request-body", arg: "SIZE", env: []string{"LIMIT_REQUEST_BODY"}, def: "1MiB",

@@ -96,6 +96,8 @@ func TestConfigPrecedence(t *testing.T) {
 		{"access-log", []string{"ACCESS_LOG", "false"}, []string{"--access-log"}, field("AccessLog"), false, true},
 		{"access-log", []string{"ACCESS_LOG", "true"}, []string{"--no-access-log"}, field("AccessLog"), true, false},
 		{"database-url", []string{"DATABASE_URL", "postgres://u@db/x"}, []string{"--database-url", "sqlite:/tmp/x.db"}, field("DatabaseURL"), "postgres://u@db/x", "sqlite:/tmp/x.db"},
+		{"database-max-conns", []string{"DATABASE_MAX_CONNS", "8"}, []string{"--database-max-conns", "2"}, field("DatabaseMaxConns"), 8, 2},
+		{"instance-id", []string{"INSTANCE_ID", "web-1"}, []string{"--instance-id", "web-2"}, field("InstanceID"), "web-1", "web-2"},
 		{"limit-request-body", []string{"LIMIT_REQUEST_BODY", "2MiB"}, []string{"--limit-request-body", "4096"}, field("LimitRequestBody"), 2 << 20, 4096},
 		{"llm-provider", []string{"LLM_PROVIDER", "openai", "LLM_BASE_URL", "http://llm:8080/v1"}, []string{"--llm-provider", "simulated"}, field("LLMProvider"), "openai", "simulated"},
 		{"llm-base-url", []string{"LLM_BASE_URL", "http://a:1/v1"}, []string{"--llm-base-url", "https://b/v1"}, field("LLMBaseURL"), "http://a:1/v1", "https://b/v1"},

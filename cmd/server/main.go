@@ -171,7 +171,7 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		MetricsToken:       cfg.MetricsToken,
 		Recent:             recentActivities(st),
 		Version:            version,
-		Store:              "sqlite:" + st.Path(),
+		Store:              describeStore(st.Path()),
 		LLM:                describeLLM(cfg),
 		Addr:               cfg.addr(),
 		Workers:            workers,
@@ -201,6 +201,15 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		return exitError
 	}
 	return exitOK
+}
+
+// describeStore names the database for status output: an SQLite file, or
+// the PostgreSQL URL the store gives without its password.
+func describeStore(path string) string {
+	if strings.Contains(path, "://") {
+		return path
+	}
+	return "sqlite:" + path
 }
 
 // describeLLM names the provider for status output, without secrets.

@@ -119,12 +119,6 @@ func (s *Store) insertActivity(ctx context.Context, tx *sql.Tx, a *Activity) err
 		}
 		data = sql.NullString{String: string(b), Valid: true}
 	}
-	if s.d.lockActivities != "" {
-		if _, err := tx.ExecContext(ctx, s.d.lockActivities); err != nil {
-			return err
-		}
-	}
-	return tx.QueryRowContext(ctx, s.q(`INSERT INTO activities (time, type, agent_id, chat_id, worker, pid, host, data)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id`),
+	return tx.QueryRowContext(ctx, s.q(s.d.insertActivity),
 		timeArg(a.Time), a.Type, a.AgentID, a.ChatID, a.Worker, a.PID, s.host, data).Scan(&a.ID)
 }

@@ -21,16 +21,33 @@
 //
 // Everything SQLite-specific (URL forms, pragmas, schema DDL, which errors
 // mean "unavailable") is in sqlite.go behind the dialect type; the queries
-// elsewhere use SQL that PostgreSQL also speaks, with ? placeholders that a
-// PostgreSQL dialect rebinds. That backend is not built yet: Open refuses
-// postgres:// URLs with ErrUnsupported.
+// elsewhere use SQL that PostgreSQL also speaks, with ? placeholders that
+// the PostgreSQL dialect rebinds to $n.
+//
+// A postgres:// or postgresql:// URL selects PostgreSQL (postgres.go):
+// github.com/jackc/pgx/v5 with a pgxpool.Pool of Options.MaxOpenConns
+// connections (default DefaultPostgresMaxConns) under database/sql, so the
+// same queries run on both engines. Migrate takes an advisory lock first,
+// so several hosts starting at once migrate exactly once. WaitActivity is
+// woken through LISTEN/NOTIFY instead of polling (postgres_wait.go): a
+// trigger notifies each new activity id on channel "corral_activity", and
+// each Store keeps one dedicated LISTEN connection that turns notified ids
+// into wake-ups; waiters then re-read by cursor. When that connection
+// breaks it reconnects with backoff (100 ms doubling to 5 s, jittered),
+// then reads the highest id, which wakes the waiters that missed something
+// meanwhile; a silent connection is pinged every 30 s.
 //
 // # Invariants
 //
 //   - Activity ids strictly increase in commit order and are never reused,
 //     so a reader that remembers the last id it saw and asks for "id > last"
 //     misses nothing and sees nothing twice. (SQLite has one writer at a
-//     time, so an id is never committed after a larger one.)
+//     time, so an id is never committed after a larger one. PostgreSQL
+//     draws ids from a sequence before commit, so each activity insert
+//     takes a database-wide advisory lock held until its transaction ends:
+//     ids are drawn and committed in one order. That serializes the tail of
+//     every write transaction, from the activity insert to the end of the
+//     commit; see docs/deploy.md for the measured cost.)
 //   - Every state change writes its activity in the same transaction:
 //     "agent.created", "agent.deleted", "chat.started", and exactly one of
 //     "chat.completed", "chat.failed", "chat.cancelled" per chat.
@@ -53,5 +70,14 @@
 // a local file system (WAL needs shared memory between the processes).
 //
 // Errors that mean the database cannot serve now (busy past the timeout,
-// read-only, disk full, I/O) match ErrUnavailable, for a 503.
+// read-only, disk full, I/O; for PostgreSQL also unreachable, refusing
+// connections, shutting down, a broken connection) match ErrUnavailable, for
+// a 503. A PostgreSQL Store recovers by itself when the server returns:
+// the pool replaces dead connections on the next call, and the listener
+// reconnects. Errors name postgres://user@host:port/database, never the
+// password. Chats record Options.Host, so FailOrphanedChats and
+// FailAllStarted on one host never touch another host's chats.
+//
+// Connections per PostgreSQL Store: Options.MaxOpenConns pooled plus one
+// for LISTEN. A server runs one Store per worker and one in the master.
 package store

@@ -61,9 +61,10 @@ const activityChannel = "corral_activity"
 // Ordering of activity ids: a sequence hands out ids when rows are inserted,
 // not when they commit, so two concurrent transactions can commit ids 8 and
 // 7 in that order, and a reader that saw 8 and then asks for "id > 8" would
-// never see 7. lockActivities closes that gap: every transaction takes one
-// advisory lock right before it inserts an activity and keeps it until it
-// ends, so ids are drawn and committed in one order, database-wide.
+// never see 7. postgresInsertActivity closes that gap: every transaction
+// takes one advisory lock (activityLockKey) as it inserts an activity, and
+// keeps it until it ends, so ids are drawn and committed in one order,
+// database-wide.
 // PostgreSQL releases transaction locks only after the commit is visible to
 // new snapshots, so when a reader sees id n every smaller id is either
 // visible or was rolled back for good. The cost: writers of activities
@@ -77,8 +78,17 @@ var postgresDialect = dialect{
 	unavailable:    postgresUnavailable,
 	hasTable:       `SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema() AND tablename = ?`,
 	lockMigrate:    fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d)`, migrateLockKey),
-	lockActivities: fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d)`, activityLockKey),
+	insertActivity: postgresInsertActivity,
 }
+
+// postgresInsertActivity takes the activity lock and inserts in one round
+// trip. The lock is in a MATERIALIZED CTE that the insert reads its one row
+// from, so the executor must run it before it evaluates the row's identity
+// default (nextval): the id is drawn under the lock. (A separate statement
+// would work too, at one more round trip spent holding the lock.)
+var postgresInsertActivity = fmt.Sprintf(`WITH activity_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock(%d))
+INSERT INTO activities (time, type, agent_id, chat_id, worker, pid, host, data)
+SELECT ?::timestamptz, ?, ?, ?, ?::integer, ?::integer, ?, ?::jsonb FROM activity_lock RETURNING id`, activityLockKey)
 
 // postgresMigrations is the schema history; append, never edit a released
 // step. Version numbers match sqliteMigrations step for step.

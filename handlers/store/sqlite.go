@@ -40,9 +40,11 @@ type dialect struct {
 	// lockMigrate, if set, runs first in Migrate's transaction so that
 	// concurrent Migrates from several hosts run one after the other.
 	lockMigrate string
-	// lockActivities, if set, runs in a transaction right before each
-	// activity insert, so that activity ids commit in id order.
-	lockActivities string
+	// insertActivity inserts one activity and returns its id; its arguments
+	// are time, type, agent_id, chat_id, worker, pid, host, data. On an
+	// engine where ids could commit out of order it also takes the lock
+	// that prevents it.
+	insertActivity string
 }
 
 var sqliteDialect = dialect{
@@ -53,6 +55,8 @@ var sqliteDialect = dialect{
 	hasTable:    `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?`,
 	// BEGIN IMMEDIATE already serializes migrations and activity inserts.
 	queueWrites: true,
+	insertActivity: `INSERT INTO activities (time, type, agent_id, chat_id, worker, pid, host, data)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id`,
 }
 
 // sqliteMigrations is the schema history; append, never edit a released step.

@@ -44,7 +44,8 @@ func (f *feed) hasWaiters() bool {
 // nil; or until ctx is done, returning ctx.Err(); or until Close, returning
 // ErrClosed. Commits by this Store wake waiters at once; commits by any
 // other process or Store on the same database within about one
-// PollInterval (50 ms by default). It returns at once, without a query, when
+// PollInterval (50 ms by default) on SQLite, and as soon as the NOTIFY
+// arrives on PostgreSQL. It returns at once, without a query, when
 // the Store already knows of a newer activity.
 func (s *Store) WaitActivity(ctx context.Context, after int64) error {
 	f := &s.feed
