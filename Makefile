@@ -6,7 +6,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 GO          ?= go
 PKGS        := ./...
 
-.PHONY: help build run dev test fmt-check vet staticcheck deps-check gotest bench clean
+.PHONY: help build run dev test fmt-check vet staticcheck deps-check gotest bench chaos fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,14 @@ gotest: ## go test -race
 
 bench: build ## benchmarks; figures go to docs/benchmarks.md
 	./bench/run.sh
+
+chaos: ## the 60 s chaos run; writes its table to bench/out/chaos.md
+	mkdir -p bench/out
+	CORRAL_CHAOS_DURATION=60s CORRAL_CHAOS_REPORT=bench/out/chaos.md \
+		$(GO) test -race -count=1 -run '^TestChaos$$' -v -timeout 10m ./cmd/server/
+
+fuzz: ## every fuzz target for FUZZTIME each (default 20s)
+	./bench/fuzz.sh
 
 clean: ## remove build output
 	rm -f server

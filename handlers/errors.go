@@ -31,17 +31,18 @@ func badRequest(msg string) error { return &requestError{fasthttp.StatusBadReque
 
 // codes names the error code of the JSON body for each status.
 var codes = map[int]string{
-	fasthttp.StatusBadRequest:            "bad_request",
-	fasthttp.StatusUnauthorized:          "unauthorized",
-	fasthttp.StatusNotFound:              "not_found",
-	fasthttp.StatusMethodNotAllowed:      "method_not_allowed",
-	fasthttp.StatusRequestTimeout:        "request_timeout",
-	fasthttp.StatusRequestEntityTooLarge: "body_too_large",
-	fasthttp.StatusUnsupportedMediaType:  "unsupported_media_type",
-	fasthttp.StatusInternalServerError:   "internal",
-	fasthttp.StatusBadGateway:            "upstream_error",
-	fasthttp.StatusServiceUnavailable:    "unavailable",
-	fasthttp.StatusGatewayTimeout:        "upstream_timeout",
+	fasthttp.StatusBadRequest:                  "bad_request",
+	fasthttp.StatusUnauthorized:                "unauthorized",
+	fasthttp.StatusNotFound:                    "not_found",
+	fasthttp.StatusMethodNotAllowed:            "method_not_allowed",
+	fasthttp.StatusRequestTimeout:              "request_timeout",
+	fasthttp.StatusRequestEntityTooLarge:       "body_too_large",
+	fasthttp.StatusUnsupportedMediaType:        "unsupported_media_type",
+	fasthttp.StatusRequestHeaderFieldsTooLarge: "headers_too_large",
+	fasthttp.StatusInternalServerError:         "internal",
+	fasthttp.StatusBadGateway:                  "upstream_error",
+	fasthttp.StatusServiceUnavailable:          "unavailable",
+	fasthttp.StatusGatewayTimeout:              "upstream_timeout",
 }
 
 // errorObject is the one JSON error shape of the API.
@@ -112,6 +113,8 @@ func genericMessage(status int) string {
 		return "request not received in time"
 	case fasthttp.StatusBadRequest:
 		return "malformed HTTP request"
+	case fasthttp.StatusRequestHeaderFieldsTooLarge:
+		return "request line or headers too large"
 	case fasthttp.StatusServiceUnavailable:
 		return "too many requests in flight; retry later"
 	}

@@ -296,9 +296,6 @@ func (s *Supervisor) scaleUp() {
 		return
 	}
 	sl := s.slots[len(s.slots)-1]
-	if n := foreignListeners(s.addr.Port, s.sockets()); n > 0 {
-		s.log.Error().Int("sockets", n).Str("addr", s.addr.String()).Msg("another process listens on our port with SO_REUSEPORT and takes part of the traffic")
-	}
 	s.log.Info().Int("workers", len(s.slots)).Msg("scaling up")
 	s.setTitle()
 	s.spawn(sl, "scale_up")

@@ -111,9 +111,13 @@ func (w *worker) guard(ctx *fasthttp.RequestCtx) {
 // serveError answers a request fasthttp could not read.
 func (w *worker) serveError(ctx *fasthttp.RequestCtx, err error) {
 	status := fasthttp.StatusBadRequest
+	var small *fasthttp.ErrSmallBuffer
 	switch {
 	case errors.Is(err, fasthttp.ErrBodyTooLarge):
 		status = fasthttp.StatusRequestEntityTooLarge
+	case errors.As(err, &small):
+		// The request line or the headers do not fit the read buffer.
+		status = fasthttp.StatusRequestHeaderFieldsTooLarge
 	case isTimeout(err):
 		status = fasthttp.StatusRequestTimeout
 	}

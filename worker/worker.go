@@ -183,6 +183,14 @@ func Run(in Info, cfg Config) error {
 		DisablePreParseMultipartForm: true,
 		Logger:                       fasthttpLogger{log},
 		ConnState:                    w.connState,
+		// A body announced over the limit is refused before the client
+		// sends it, not after a 100 Continue.
+		ExpectHandler: func(ctx *fasthttp.RequestCtx) int {
+			if ctx.Request.Header.ContentLength() > cfg.MaxBodySize {
+				return fasthttp.StatusRequestEntityTooLarge
+			}
+			return fasthttp.StatusContinue
+		},
 	}
 	w.srv = srv
 

@@ -799,6 +799,16 @@ func addFlag(fs *pflag.FlagSet, slot *flagSlot, name string, negate, isSwitch, r
 type usageError struct{ err error }
 
 func (e usageError) Error() string { return e.err.Error() }
+
+// oneLine keeps pflag's message on one line: it quotes an unknown flag
+// raw, control characters included.
+type oneLine struct{ err error }
+
+func (e oneLine) Error() string {
+	return strings.NewReplacer("\n", `\n`, "\r", `\r`).Replace(strings.TrimRight(e.err.Error(), "\n"))
+}
+
+func (e oneLine) Unwrap() error    { return e.err }
 func (e usageError) Unwrap() error { return e.err }
 
 // isUsageError reports whether err is about the shape of the command line
@@ -844,7 +854,7 @@ func loadConfig(args []string, lookupEnv func(string) (string, bool)) (config, e
 			env := strings.ToUpper(strings.ReplaceAll(ne.GetSpecifiedName(), "-", "_"))
 			err = fmt.Errorf("%w (set %s in the environment instead: a command line shows in ps)", err, env)
 		}
-		return config{}, usageError{err}
+		return config{}, usageError{oneLine{err}}
 	}
 	if rest := fs.Args(); len(rest) > 0 {
 		return config{}, usageError{fmt.Errorf("unexpected argument %q: server takes flags only", rest[0])}

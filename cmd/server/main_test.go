@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"testing"
 	"time"
@@ -20,16 +22,45 @@ const envAsServer = "CORRALTEST_AS_SERVER"
 // envFailBoot makes a worker of the test binary exit 3 before it is ready.
 const envFailBoot = "CORRALTEST_FAIL_BOOT"
 
+// envFailBootAfterGen, set to N, makes a worker whose slot generation is
+// above N exit 3 before it is ready: the first N incarnations of a slot
+// boot, later ones never do (supervisor faults, faults_test.go).
+const envFailBootAfterGen = "CORRALTEST_FAIL_BOOT_AFTER_GEN"
+
+// envCrashAfter, a Go duration, makes a worker of generation 2 or later
+// exit 1 that long after it started: a slot whose replacements keep
+// crashing. The first generation is spared so that the server boots.
+const envCrashAfter = "CORRALTEST_CRASH_AFTER"
+
 func TestMain(m *testing.M) {
 	if os.Getenv(envAsServer) == "1" {
 		if os.Getenv(envFailBoot) == "1" && os.Getenv(protocol.EnvRole) == protocol.RoleWorker {
 			fmt.Fprintln(os.Stderr, "server: test worker refuses to boot")
 			os.Exit(exitBootError)
 		}
+		if os.Getenv(protocol.EnvRole) == protocol.RoleWorker {
+			testWorkerFaults()
+		}
 		extraRoutes = testRoutes
 		os.Exit(run(os.Stdout, os.Stderr))
 	}
 	os.Exit(m.Run())
+}
+
+// testWorkerFaults applies envFailBootAfterGen and envCrashAfter to a
+// worker of the test binary.
+func testWorkerFaults() {
+	gen, _ := strconv.Atoi(os.Getenv(protocol.EnvGeneration))
+	if n, err := strconv.Atoi(os.Getenv(envFailBootAfterGen)); err == nil && gen > n {
+		fmt.Fprintf(os.Stderr, "server: test worker of generation %d refuses to boot\n", gen)
+		os.Exit(exitBootError)
+	}
+	if d, err := time.ParseDuration(os.Getenv(envCrashAfter)); err == nil && gen > 1 {
+		time.AfterFunc(d, func() {
+			fmt.Fprintf(os.Stderr, "server: test worker crashes %s after start\n", d)
+			os.Exit(1)
+		})
+	}
 }
 
 // held keeps /test/alloc's memory alive.
@@ -51,6 +82,26 @@ func testRoutes(ctx *fasthttp.RequestCtx) bool {
 		}
 		held = append(held, b)
 		ctx.SetBodyString("held " + strconv.Itoa(mb) + " MiB")
+	case "/test/goroutines":
+		// "N M": runtime.NumGoroutine and how many of those are fasthttp
+		// pool workers parked idle, which fasthttp keeps for up to 10 s
+		// after a burst; leak checks compare N-M.
+		buf := make([]byte, 1<<20)
+		for {
+			n := runtime.Stack(buf, true)
+			if n < len(buf) {
+				buf = buf[:n]
+				break
+			}
+			buf = make([]byte, 2*len(buf))
+		}
+		idle := 0
+		for _, g := range bytes.Split(buf, []byte("\n\n")) {
+			if bytes.Contains(g, []byte("(*workerPool).workerFunc")) && !bytes.Contains(g, []byte("serveConn")) {
+				idle++
+			}
+		}
+		ctx.SetBodyString(strconv.Itoa(runtime.NumGoroutine()) + " " + strconv.Itoa(idle))
 	case "/test/panic":
 		ctx.SetBodyString("partial")
 		panic("test panic")

@@ -83,6 +83,7 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		Metrics: func(w io.Writer) {
 			set.WritePrometheus(w)
 			metrics.WriteProcessMetrics(w)
+			metrics.WriteFDMetrics(w)
 		},
 		OnMessage: func(m protocol.Message) {
 			switch m.Type {
