@@ -94,6 +94,12 @@ var healthRequest = []byte("GET /health HTTP/1.1\r\nHost: bench\r\nUser-Agent: p
 // get sends one GET /health on a new connection and reads the response to
 // EOF, within timeout overall.
 func get(addr string, timeout time.Duration) request {
+	return send(addr, healthRequest, timeout)
+}
+
+// send writes the raw request req, which must ask "Connection: close", on
+// a new connection and reads the response to EOF, within timeout overall.
+func send(addr string, req []byte, timeout time.Duration) request {
 	r := request{Start: time.Now()}
 	deadline := r.Start.Add(timeout)
 	fail := func(kind string, err error) request {
@@ -111,7 +117,7 @@ func get(addr string, timeout time.Duration) request {
 	}
 	defer c.Close()
 	c.SetDeadline(deadline)
-	if _, err := c.Write(healthRequest); err != nil {
+	if _, err := c.Write(req); err != nil {
 		return fail("write", err)
 	}
 	body, err := io.ReadAll(io.LimitReader(c, 64<<10))

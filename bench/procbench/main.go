@@ -2,7 +2,9 @@
 // prefork fasthttp server (bench/baseline) on this machine: throughput with
 // and without the access log, a worker crash, a hung worker, a rolling
 // restart under load, startup time, idle memory and how evenly a burst of
-// connections spreads over the processes.
+// connections spreads over the processes. It also measures the server alone
+// for three issues: the Agent API with thousands of long chats in flight
+// (api), development reloads (reload) and the cost of the metrics (metrics).
 //
 // Usage (bench/run.sh builds everything and runs this):
 //
@@ -23,6 +25,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -36,6 +39,16 @@ type bench struct {
 	wrkDur           time.Duration
 	kills, starts    int
 	rate             int
+
+	// api, reload, metrics (apibench.go, reloadbench.go, metricsbench.go)
+	chatWaves     []int
+	probes        int
+	rateChats     int
+	rateClients   int
+	rateRounds    int
+	src           string
+	reloads       int
+	metricsRounds int
 
 	seq  int
 	live map[*target]bool
@@ -52,8 +65,24 @@ func main() {
 	flag.IntVar(&b.kills, "kills", 5, "crash: number of SIGKILLs (one fresh server each)")
 	flag.IntVar(&b.starts, "starts", 10, "startup: number of starts")
 	flag.IntVar(&b.rate, "rate", 200, "crash, hang, hup: open-loop requests per second")
-	run := flag.String("run", "throughput,crash,hang,hup,startup,rss,spread", "comma-separated scenarios to run")
+	waves := flag.String("chats", "1000,10000", "api: chats held in flight, one fresh server per wave")
+	flag.IntVar(&b.probes, "probes", 300, "api: sequential GET /health and GET /api/activities per measurement")
+	flag.IntVar(&b.rateChats, "rate-chats", 3000, "api: chats per round with SIMULATED_LATENCY=0")
+	flag.IntVar(&b.rateClients, "rate-clients", 32, "api: concurrent clients with SIMULATED_LATENCY=0")
+	flag.IntVar(&b.rateRounds, "rate-rounds", 3, "api: rounds with SIMULATED_LATENCY=0")
+	flag.StringVar(&b.src, "src", ".", "reload: repository whose Go sources are copied and rebuilt")
+	flag.IntVar(&b.reloads, "reloads", 5, "reload: timed reloads of each kind")
+	flag.IntVar(&b.metricsRounds, "metrics-rounds", 5, "metrics: wrk runs per variant (alternated)")
+	run := flag.String("run", "throughput,crash,hang,hup,startup,rss,spread,api,reload,metrics", "comma-separated scenarios to run")
 	flag.Parse()
+	for _, w := range strings.Split(*waves, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(w))
+		if err != nil || n < 1 {
+			fmt.Fprintf(os.Stderr, "procbench: invalid -chats %q: want whole numbers from 1, comma-separated\n", *waves)
+			os.Exit(2)
+		}
+		b.chatWaves = append(b.chatWaves, n)
+	}
 
 	if err := b.setup(); err != nil {
 		fmt.Fprintln(os.Stderr, "procbench:", err)
@@ -77,6 +106,9 @@ func main() {
 		"startup":    b.startup,
 		"rss":        b.rss,
 		"spread":     b.spread,
+		"api":        b.api,
+		"reload":     b.reload,
+		"metrics":    b.metrics,
 	}
 	failed := false
 	for _, name := range strings.Split(*run, ",") {
@@ -108,7 +140,7 @@ func main() {
 }
 
 func (b *bench) setup() error {
-	for _, p := range []*string{&b.server, &b.baseline} {
+	for _, p := range []*string{&b.server, &b.baseline, &b.src} {
 		abs, err := filepath.Abs(*p)
 		if err != nil {
 			return err

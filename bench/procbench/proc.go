@@ -165,6 +165,9 @@ type serverOpts struct {
 	// db names the SQLite file (and control socket) in the run's temporary
 	// folder; "" is the label, a fresh database.
 	db string
+	// env is added last, so it overrides the settings above
+	// (SIMULATED_LATENCY, METRICS_ADDR, RELOAD=true, ...).
+	env []string
 }
 
 // freePort returns a loopback port that was free a moment ago.
@@ -221,6 +224,8 @@ func (b *bench) launchServer(label string, o serverOpts) (*target, error) {
 	if o.healthcheck > 0 {
 		env = append(env, "TIMEOUT_WORKER_HEALTHCHECK="+o.healthcheck.String())
 	}
+	// exec.Cmd keeps the last value of a duplicated variable.
+	env = append(env, o.env...)
 	cmd := exec.Command(b.server)
 	cmd.Env = env
 	t := &target{name: label, cmd: cmd, addr: "127.0.0.1:" + strconv.Itoa(port), procs: o.workers}

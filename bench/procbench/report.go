@@ -190,6 +190,16 @@ func (r results) markdown() string {
 		p("\n")
 	}
 
+	if r.API != nil {
+		r.API.markdown(p)
+	}
+	if r.Reload != nil {
+		r.Reload.markdown(p)
+	}
+	if len(r.Metrics) > 0 {
+		metricsMarkdown(r.Metrics, p)
+	}
+
 	if r.MixedLogLines > 0 {
 		p("- %d server log line(s) arrived glued to goroutine-dump text on the shared stderr (see the hang scenario).\n", r.MixedLogLines)
 	}

@@ -26,6 +26,9 @@ type results struct {
 	Startup    *startupResult  `json:",omitempty"`
 	RSS        *rssResult      `json:",omitempty"`
 	Spread     []spreadResult  `json:",omitempty"`
+	API        *apiResult      `json:",omitempty"`
+	Reload     *reloadResult   `json:",omitempty"`
+	Metrics    []metricsRow    `json:",omitempty"`
 	Errors     []string        `json:",omitempty"`
 	// MixedLogLines counts server log lines that arrived glued to the text
 	// of a goroutine dump (a worker killed with SIGQUIT) on shared stderr.
@@ -658,24 +661,27 @@ func slug(s string) string {
 	return string(out)
 }
 
-// startupField reads the "startup" field (milliseconds, as zerolog writes
-// durations) of a worker ready line.
+// startupField reads the "startup" field of a worker ready line: seconds,
+// as the server sets zerolog's duration unit.
 func startupField(raw string) (time.Duration, bool) {
-	const key = `"startup":`
-	i := strings.Index(raw, key)
+	v, ok := numField(raw, "startup")
+	return time.Duration(v * float64(time.Second)), ok
+}
+
+// numField reads the number in field key of a JSON log line.
+func numField(raw, key string) (float64, bool) {
+	k := `"` + key + `":`
+	i := strings.Index(raw, k)
 	if i < 0 {
 		return 0, false
 	}
-	rest := raw[i+len(key):]
+	rest := raw[i+len(k):]
 	j := 0
-	for j < len(rest) && (rest[j] == '.' || rest[j] >= '0' && rest[j] <= '9') {
+	for j < len(rest) && (rest[j] == '.' || rest[j] == '-' || rest[j] == 'e' || rest[j] >= '0' && rest[j] <= '9') {
 		j++
 	}
 	v, err := strconv.ParseFloat(rest[:j], 64)
-	if err != nil {
-		return 0, false
-	}
-	return time.Duration(v * float64(time.Millisecond)), true
+	return v, err == nil
 }
 
 // loadAvg1 returns the 1-minute load average.

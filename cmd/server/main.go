@@ -244,11 +244,32 @@ func reloadConfig(cfg config, dbPath string) *supervisor.ReloadConfig {
 		Dirs:        cfg.ReloadDirs,
 		Include:     cfg.ReloadInclude,
 		Exclude:     cfg.ReloadExclude,
-		ExcludeDirs: []string{filepath.Dir(dbPath)},
+		ExcludeDirs: dataDirsBelow(filepath.Dir(dbPath), cfg.ReloadDirs),
 		Delay:       cfg.ReloadDelay,
 		Build:       build,
 		Drain:       max(cfg.ReloadDrain, time.Nanosecond),
 	}
+}
+
+// dataDirsBelow returns dir when it lies inside one of the reload folders,
+// so that the database's writes are never watched. A database folder that
+// holds a reload folder (data/ around src/) excludes nothing: excluding it
+// would silence the whole tree.
+func dataDirsBelow(dir string, roots []string) []string {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil
+	}
+	for _, r := range roots {
+		ar, err := filepath.Abs(r)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(ar, abs); err == nil && rel != "." && !strings.HasPrefix(rel, "..") {
+			return []string{abs}
+		}
+	}
+	return nil
 }
 
 // defaultReloadBuild builds this server into the path the supervisor gives.

@@ -248,3 +248,20 @@ func TestReload(t *testing.T) {
 		})
 	})
 }
+
+func TestDataDirsBelow(t *testing.T) {
+	for _, tt := range []struct {
+		db    string
+		roots []string
+		want  []string
+	}{
+		{"/src/data", []string{"/src"}, []string{"/src/data"}},
+		{"/tmp/db", []string{"/tmp/db/src"}, nil}, // holds the tree: never exclude it
+		{"/var/lib/corral", []string{"/src"}, nil},
+		{"/src", []string{"/src"}, nil},
+	} {
+		if got := dataDirsBelow(tt.db, tt.roots); fmt.Sprint(got) != fmt.Sprint(tt.want) {
+			t.Errorf("dataDirsBelow(%q, %q) = %q, want %q", tt.db, tt.roots, got, tt.want)
+		}
+	}
+}

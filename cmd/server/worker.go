@@ -52,7 +52,11 @@ func runWorker(cfg config, log zerolog.Logger) int {
 	// The supervisor tells the worker how the last reload build went.
 	var reload atomic.Pointer[handlers.ReloadStatus]
 	var draining atomic.Bool
-	set := metrics.NewSet()
+	// Requests are counted only when the master serves metrics.
+	var set *metrics.Set
+	if in.Metrics {
+		set = metrics.NewSet()
+	}
 	h := handlers.New(handlers.Config{
 		Metrics:     set,
 		Internal:    worker.IsProbe,
@@ -81,6 +85,9 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		MaxConcurrency:   cfg.LimitConcurrency,
 		Signals:          sigs,
 		Metrics: func(w io.Writer) {
+			if set == nil {
+				return
+			}
 			set.WritePrometheus(w)
 			metrics.WriteProcessMetrics(w)
 			metrics.WriteFDMetrics(w)
