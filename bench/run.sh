@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks of the process model, the Agent API, reload and metrics (make
+# Benchmarks of the process model, the Agent API, reload, metrics and
+# PostgreSQL (make
 # bench runs this after make build). Installs wrk if missing, builds the
 # baseline and the driver into bench/out/bin, runs every scenario (about 12
 # minutes) and prints the summary.
@@ -27,4 +28,14 @@ rm -rf "$out/logs" "$out"/*.txt "$out"/*.csv
 go build -o "$out/bin/baseline" ./bench/baseline
 go build -o "$out/bin/procbench" ./bench/procbench
 
-exec "$out/bin/procbench" -server "$server" -baseline "$out/bin/baseline" -out "$out" "$@"
+"$out/bin/procbench" -server "$server" -baseline "$out/bin/baseline" -out "$out" "$@"
+
+# Past one machine: SQLite against PostgreSQL, one and two hosts. Runs with
+# the full suite (no arguments) when PostgreSQL answers.
+if [ "$#" -eq 0 ]; then
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    go run ./bench/pgbench -server "$server" -out "$out"
+  else
+    echo "bench: PostgreSQL not reachable on 127.0.0.1:5432: pgbench skipped" >&2
+  fi
+fi
