@@ -183,6 +183,11 @@ func freePort() (int, error) {
 // startServer starts ./server and waits until every worker is ready.
 func (b *bench) startServer(label string, o serverOpts) (*target, error) {
 	t, err := b.launchServer(label, o)
+	return b.ready(label, t, err)
+}
+
+// ready waits until a launched target serves; on failure it stops it.
+func (b *bench) ready(label string, t *target, err error) (*target, error) {
 	if err != nil {
 		return nil, err
 	}
@@ -238,15 +243,7 @@ func (b *bench) launchServer(label string, o serverOpts) (*target, error) {
 // startBaseline starts the baseline with n processes and waits for all.
 func (b *bench) startBaseline(label string, n int) (*target, error) {
 	t, err := b.launchBaseline(label, n)
-	if err != nil {
-		return nil, err
-	}
-	if err := t.waitReady(15 * time.Second); err != nil {
-		t.stop()
-		delete(b.live, t)
-		return nil, fmt.Errorf("%s: %w", label, err)
-	}
-	return t, nil
+	return b.ready(label, t, err)
 }
 
 // launchBaseline starts the baseline on a free loopback port and returns at once.
