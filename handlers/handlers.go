@@ -7,6 +7,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -27,6 +28,7 @@ type Store interface {
 	Activities(ctx context.Context, f store.Filter) ([]store.Activity, error)
 	LastActivityID(ctx context.Context) (int64, error)
 	WaitActivity(ctx context.Context, after int64) error
+	Ping(ctx context.Context) error
 }
 
 // LLM runs chat completions; *llm.Simulated and *llm.OpenAI provide it.
@@ -100,6 +102,7 @@ type Handler struct {
 	origin  store.Origin
 	watcher *watcher
 	m       *meters
+	store   storeHealth
 	tokens  [][]byte // SHA-256 of each API token
 }
 
@@ -199,6 +202,32 @@ func (h *Handler) serve(ctx *fasthttp.RequestCtx) {
 	}
 }
 
+// storeHealth is the store's state as /health reports it: "ok" or "down",
+// from a ping made in the background at most once per storePingEvery, so
+// that /health itself never waits on the database.
+type storeHealth struct {
+	down     atomic.Bool
+	pingedAt atomic.Int64 // unix nanoseconds of the last ping started
+}
+
+const storePingEvery = time.Second
+
+func (sh *storeHealth) state(st Store) string {
+	now := time.Now().UnixNano()
+	last := sh.pingedAt.Load()
+	if now-last >= int64(storePingEvery) && sh.pingedAt.CompareAndSwap(last, now) {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), storePingEvery)
+			defer cancel()
+			sh.down.Store(st.Ping(ctx) != nil)
+		}()
+	}
+	if sh.down.Load() {
+		return "down"
+	}
+	return "ok"
+}
+
 // allow reports whether the request's method is one of methods, and
 // answers 405 with Allow when it is not.
 func allow(ctx *fasthttp.RequestCtx, methods ...string) bool {
@@ -229,6 +258,11 @@ func (h *Handler) health(ctx *fasthttp.RequestCtx) {
 	b = strconv.AppendInt(b, int64(w.Generation), 10)
 	b = append(b, `,"uptime_s":`...)
 	b = strconv.AppendFloat(b, time.Since(w.Started).Seconds(), 'f', 3, 64)
+	if h.cfg.Store != nil {
+		b = append(b, `,"store":"`...)
+		b = append(b, h.store.state(h.cfg.Store)...)
+		b = append(b, '"')
+	}
 	if h.cfg.Reload != nil {
 		if st := h.cfg.Reload(); st != nil {
 			rb, _ := json.Marshal(st)

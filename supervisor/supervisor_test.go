@@ -4,11 +4,15 @@ import (
 	"errors"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"github.com/rs/zerolog"
 )
 
 func TestMatcherWatched(t *testing.T) {
@@ -177,5 +181,26 @@ func TestNewRefusesAPortAnotherGroupJoined(t *testing.T) {
 	}
 	if n := foreignListeners(free.Port, []*os.File{other}); n != 0 {
 		t.Errorf("foreignListeners(%d, ours) = %d, want 0", free.Port, n)
+	}
+}
+
+func TestWatchLimitNamesTheSysctlAndTheFolder(t *testing.T) {
+	root := t.TempDir()
+	full := filepath.Join(root, "a", "b")
+	if err := os.MkdirAll(full, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	real := addWatch
+	t.Cleanup(func() { addWatch = real })
+	addWatch = func(w *fsnotify.Watcher, p string) error {
+		if p == full {
+			return syscall.ENOSPC // what inotify_add_watch says past max_user_watches
+		}
+		return real(w, p)
+	}
+	m := &matcher{include: DefaultReloadInclude, exclude: DefaultReloadExclude}
+	_, err := newWatcher([]string{root}, m, DefaultReloadDelay, zerolog.Nop())
+	if !errors.Is(err, ErrWatchLimit) || !strings.Contains(err.Error(), "fs.inotify.max_user_watches") || !strings.Contains(err.Error(), full) {
+		t.Errorf("newWatcher with a full watch table = %v; want ErrWatchLimit naming fs.inotify.max_user_watches and %s", err, full)
 	}
 }

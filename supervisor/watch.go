@@ -97,6 +97,10 @@ type watcher struct {
 	log   zerolog.Logger
 }
 
+// addWatch adds one inotify watch; tests replace it to simulate a full
+// watch table.
+var addWatch = (*fsnotify.Watcher).Add
+
 // ErrWatchLimit is wrapped by the error returned when the kernel refuses
 // another inotify watch.
 var ErrWatchLimit = errors.New("supervisor: inotify watch limit reached (raise fs.inotify.max_user_watches)")
@@ -131,7 +135,7 @@ func (w *watcher) addTree(dir string) error {
 		if p != dir && w.skipDir(p) {
 			return filepath.SkipDir
 		}
-		if err := w.fs.Add(p); err != nil {
+		if err := addWatch(w.fs, p); err != nil {
 			if errors.Is(err, syscall.ENOSPC) {
 				return fmt.Errorf("watch %s: %w", p, ErrWatchLimit)
 			}

@@ -306,3 +306,10 @@ func (d dbTime) parse(v string) error {
 }
 
 func timeArg(t time.Time) string { return t.UTC().Format(timeLayout) }
+
+// Ping reports whether the database answers a trivial query now. Its error
+// matches ErrUnavailable when the database cannot be reached.
+func (s *Store) Ping(ctx context.Context) error {
+	var one int
+	return s.wrap(ctx, "ping "+s.path, s.db.QueryRowContext(ctx, "SELECT 1").Scan(&one))
+}
