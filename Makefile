@@ -36,7 +36,7 @@ deps-check: ## enforce the import rules of DESIGN.md
 	@./.ci/deps-check
 
 gotest: ## go test -race
-	$(GO) test -race -count=1 -timeout 8m $(PKGS)
+	$(GO) test -race -count=1 -timeout 15m $(PKGS)
 
 bench: build ## benchmarks; figures go to docs/benchmarks.md
 	./bench/run.sh

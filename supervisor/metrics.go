@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/VictoriaMetrics/metrics"
 	"net"
 	"net/http"
 	"slices"
@@ -150,6 +151,16 @@ func renderMetrics(snap snapshot) []byte {
 		fmt.Fprintf(&b, "corral_worker_restarts_total{reason=%q} %d\n", k, snap.restarts[k])
 	}
 	var lines [][]byte
+	// The master's own process and Go metrics, labelled worker="master",
+	// so its goroutines, fds and memory are watched like the workers'.
+	var own bytes.Buffer
+	metrics.WriteProcessMetrics(&own)
+	metrics.WriteFDMetrics(&own)
+	for _, line := range bytes.Split(own.Bytes(), []byte("\n")) {
+		if len(line) > 0 && line[0] != '#' {
+			lines = append(lines, withLabel(line, []byte(`worker="master"`)))
+		}
+	}
 	for _, slot := range sortedKeys(snap.workers) {
 		label := []byte(`worker="` + strconv.Itoa(slot) + `"`)
 		for _, line := range bytes.Split(snap.workers[slot], []byte("\n")) {

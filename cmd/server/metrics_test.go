@@ -83,6 +83,8 @@ func TestMetricsAggregateWorkers(t *testing.T) {
 		`corral_workers{state="ready"}`,
 		`process_resident_memory_bytes{worker="1"}`,
 		`go_goroutines{worker="2"}`,
+		`go_goroutines{worker="master"}`,
+		`process_open_fds{worker="master"}`,
 	} {
 		if v, ok := sample(text, series); !ok || v <= 0 {
 			t.Errorf("metric %s = %v, %v; want a positive value in:\n%s", series, v, ok, text)
