@@ -122,17 +122,22 @@ func TestChaos(t *testing.T) {
 		"DATABASE_URL=sqlite:"+db, "CONTROL_SOCKET="+filepath.Join(t.TempDir(), "server.sock"))
 	master := s.cmd.Process.Pid
 
-	// The master's fds and threads once it has settled (two equal
-	// readings). Its goroutines are not observable from outside without
-	// killing it (SIGQUIT); fds and threads are what we measure.
-	var fds0, threads0 int
+	// The master's fds, threads and goroutines (from its own
+	// go_goroutines{worker="master"} on /metrics) once it has settled: two
+	// equal readings.
+	goroutines := func() int {
+		_, text := get(t, s.metricsURL(t)+"metrics", "")
+		v, _ := sample(text, `go_goroutines{worker="master"}`)
+		return int(v)
+	}
+	var fds0, threads0, goroutines0 int
 	waitFor(t, 10*time.Second, func() error {
-		a, b := procFDs(master), procValue(master, "Threads")
+		a, b, g := procFDs(master), procValue(master, "Threads"), goroutines()
 		time.Sleep(300 * time.Millisecond) // two readings apart in time
-		if c, d := procFDs(master), procValue(master, "Threads"); a != c || b != d {
-			return fmt.Errorf("master fds %d -> %d, threads %d -> %d: still moving", a, c, b, d)
+		if c, d, h := procFDs(master), procValue(master, "Threads"), goroutines(); a != c || b != d || g != h {
+			return fmt.Errorf("master fds %d -> %d, threads %d -> %d, goroutines %d -> %d: still moving", a, c, b, d, g, h)
 		}
-		fds0, threads0 = a, b
+		fds0, threads0, goroutines0 = a, b, g
 		return nil
 	})
 
@@ -277,10 +282,13 @@ func TestChaos(t *testing.T) {
 		if f := procFDs(master); f != fds0 {
 			return fmt.Errorf("master has %d fds, %d before the run", f, fds0)
 		}
+		if g := goroutines(); g != goroutines0 {
+			return fmt.Errorf("master has %d goroutines, %d before the run", g, goroutines0)
+		}
 		settledIn = time.Since(loadEnd)
 		return nil
 	})
-	fds1, threads1, workersAfter := procFDs(master), procValue(master, "Threads"), len(s.workerPIDs())
+	fds1, threads1, goroutines1, workersAfter := procFDs(master), procValue(master, "Threads"), goroutines(), len(s.workerPIDs())
 	// The Go runtime keeps the OS threads it once needed (blocking
 	// syscalls: fork, wait4), so threads are reported, and only checked
 	// against a sanity bound.
@@ -453,7 +461,8 @@ func TestChaos(t *testing.T) {
 	row("`PRAGMA integrity_check`", integrity)
 	row("workers afterwards", fmt.Sprintf("%d, all ready, no zombies, settled %s after the load", workersAfter, settledIn.Round(time.Millisecond)))
 	row("master fds (from /proc)", fmt.Sprintf("%d -> %d", fds0, fds1))
-	row("master threads (from /proc; goroutines are not observable from outside)", fmt.Sprintf("%d -> %d", threads0, threads1))
+	row("master threads (from /proc)", fmt.Sprintf("%d -> %d", threads0, threads1))
+	row("master goroutines (go_goroutines{worker=\"master\"})", fmt.Sprintf("%d -> %d", goroutines0, goroutines1))
 	row("data lost (chats without their end or wrongly ended, duplicate ids)", diedWrong+notTerminal+dupIDs)
 	row("failed requests not explained by a kill or the scale-down", len(unexplained))
 	t.Logf("chaos summary:\n%s", b.String())
