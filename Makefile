@@ -35,8 +35,8 @@ staticcheck: ## staticcheck, pinned
 deps-check: ## enforce the import rules of DESIGN.md
 	@./.ci/deps-check
 
-gotest: ## go test -race
-	$(GO) test -race -count=1 -timeout 15m $(PKGS)
+gotest: ## go test -race, one package at a time (the process tests are timing-sensitive on 2 cores)
+	$(GO) test -race -count=1 -p 1 -timeout 15m $(PKGS)
 
 bench: build ## benchmarks; figures go to docs/benchmarks.md
 	./bench/run.sh
