@@ -218,6 +218,14 @@ func (s *Supervisor) tick(now time.Time) {
 			p.signal(syscall.SIGQUIT) // Go prints every goroutine's stack to the log
 			p.signal(syscall.SIGCONT) // a stopped process dumps and exits too
 			s.backoff(p.slot, "hung", false)
+		case p.state == draining && now.Sub(p.lastBeat) >= s.cfg.HealthcheckTimeout:
+			// Told to drain while stopped or stuck: its requests would
+			// otherwise wait out the whole graceful budget.
+			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).
+				Dur("silent", now.Sub(p.lastBeat)).Str("reason", "hung while draining").Msg("worker hung, sending SIGQUIT")
+			p.reason, p.state, p.deadline = "hung while draining", killing, now.Add(DefaultKillGrace)
+			p.signal(syscall.SIGQUIT)
+			p.signal(syscall.SIGCONT)
 		case (p.state == draining || p.state == killing) && now.After(p.deadline):
 			if p.signal(syscall.SIGKILL) {
 				s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Str("reason", p.reason).Msg("worker killed")

@@ -469,6 +469,11 @@ func (s *Supervisor) nextDeadline() time.Time {
 			d = p.started.Add(s.cfg.HealthcheckTimeout)
 		case ready:
 			d = p.lastBeat.Add(s.cfg.HealthcheckTimeout)
+		case draining:
+			d = p.lastBeat.Add(s.cfg.HealthcheckTimeout)
+			if p.deadline.Before(d) {
+				d = p.deadline
+			}
 		default:
 			d = p.deadline
 		}

@@ -53,6 +53,22 @@ func (w *worker) heartbeat(stop <-chan struct{}) {
 	}
 }
 
+// drainHeartbeat heartbeats while the worker drains, until stop closes.
+// The serving path is being shut down, so these beats prove only that the
+// process runs and makes progress on its drain.
+func (w *worker) drainHeartbeat(stop <-chan struct{}) {
+	tick := time.NewTicker(protocol.HeartbeatInterval(w.in.HealthcheckTimeout))
+	defer tick.Stop()
+	for {
+		w.send(protocol.Message{Type: protocol.TypeHeartbeat, Requests: w.requests.Load(), InFlight: w.inFlight.Load()})
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+	}
+}
+
 // probe sends GET /health to the worker's own handler through the
 // in-memory listener and returns the status it answered within timeout, or
 // 0 when it did not.

@@ -232,7 +232,17 @@ func Run(in Info, cfg Config) error {
 	close(stopBeat)
 	<-beatDone
 	log.Info().Str("reason", reason).Dur("budget", budget).Int64("in_flight", w.inFlight.Load()).Msg("drain started")
+	// A draining worker still shows it is alive: the supervisor kills one
+	// that goes silent (stopped or stuck) instead of waiting out its budget.
+	stopDrainBeat := make(chan struct{})
+	drainBeatDone := make(chan struct{})
+	go func() {
+		defer close(drainBeatDone)
+		w.drainHeartbeat(stopDrainBeat)
+	}()
 	w.drain(budget)
+	close(stopDrainBeat)
+	<-drainBeatDone
 	log.Info().Uint64("requests", w.requests.Load()).Msg("drain finished")
 	return nil
 }

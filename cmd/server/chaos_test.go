@@ -425,6 +425,9 @@ func TestChaos(t *testing.T) {
 	}
 	if len(unexplained) > 0 {
 		t.Errorf("%d failed requests not in flight on a killed worker:\n%s\nkills: %+v", len(unexplained), strings.Join(unexplained, "\n"), kills)
+		if path := os.Getenv("CORRAL_CHAOS_LOG"); path != "" {
+			os.WriteFile(path, []byte(s.logs.String()), 0o644)
+		}
 	}
 	if dupIDs > 0 {
 		t.Errorf("%d activity ids seen twice", dupIDs)
