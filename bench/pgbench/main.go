@@ -27,6 +27,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"os"
 	"os/exec"
@@ -231,12 +232,20 @@ func (c config) wakeLatency(r *result, poller, writer *server) error {
 			err  error
 		}
 		got := make(chan answer, 1)
+		wrote := make(chan struct{})
 		go func() {
-			next, err := longPoll(pollClient, poller, after)
+			next, err := longPoll(pollClient, poller, after, wrote)
 			got <- answer{time.Now(), next, err}
 		}()
-		// A head start so that the poll is waiting when the write lands (a
-		// late poll answers at once and would flatter the figure).
+		// The poll must be waiting when the write lands: a late poll
+		// answers at once and would flatter the figure. Its request is on
+		// the wire here; the 20 ms are for the server to reach its wait,
+		// which takes one indexed query.
+		select {
+		case <-wrote:
+		case a := <-got:
+			return fmt.Errorf("long-poll ended before it was sent: %v", a.err)
+		}
 		time.Sleep(20 * time.Millisecond)
 		sent := time.Now()
 		if err := createAgent(writeClient, writer, i); err != nil {
@@ -285,12 +294,33 @@ func lastID(client *http.Client, s *server) (int64, error) {
 	}
 }
 
-func longPoll(client *http.Client, s *server, after int64) (int64, error) {
-	p, err := getFeed(client, s.url(fmt.Sprintf("/api/activities?after=%d&wait=30", after)))
-	if err == nil && len(p.Activities) == 0 {
-		err = errors.New("long-poll answered empty after 30s")
+// longPoll waits for an activity after after; wrote closes once the
+// request has been written to the connection.
+func longPoll(client *http.Client, s *server, after int64, wrote chan<- struct{}) (int64, error) {
+	var once sync.Once
+	trace := &httptrace.ClientTrace{WroteRequest: func(httptrace.WroteRequestInfo) { once.Do(func() { close(wrote) }) }}
+	req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace),
+		"GET", s.url(fmt.Sprintf("/api/activities?after=%d&wait=30", after)), nil)
+	if err != nil {
+		return 0, err
 	}
-	return p.NextAfter, err
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	var p feedPage
+	if resp.StatusCode != 200 {
+		b, _ := io.ReadAll(resp.Body)
+		return 0, fmt.Errorf("long-poll = %d %s", resp.StatusCode, b)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&p); err != nil {
+		return 0, err
+	}
+	if len(p.Activities) == 0 {
+		return p.NextAfter, errors.New("long-poll answered empty after 30s")
+	}
+	return p.NextAfter, nil
 }
 
 func createAgent(client *http.Client, s *server, i int) error {
