@@ -337,8 +337,9 @@ func TestUpstreamFaults(t *testing.T) {
 
 // storeCase runs a server on a database at dir, checks that chats work,
 // injects a fault, and checks that chats answer 503 with a clear message
-// from the same worker, then that service comes back once heal has run.
-func storeCase(t *testing.T, dir string, inject func(t *testing.T), heal func(t *testing.T), maxChats int) {
+// from the same worker, that the worker's log names the cause, then that
+// service comes back once heal has run.
+func storeCase(t *testing.T, dir string, inject func(t *testing.T), heal func(t *testing.T), maxChats int, cause string) {
 	t.Helper()
 	s := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=0", "DATABASE_URL=sqlite:"+filepath.Join(dir, "server.db"),
 		"CONTROL_SOCKET="+filepath.Join(t.TempDir(), "server.sock"))
@@ -366,6 +367,7 @@ func storeCase(t *testing.T, dir string, inject func(t *testing.T), heal func(t 
 	if h, err := s.health(fresh); err != nil || h.PID != pid {
 		t.Errorf("health during the fault = %+v %v, want the same worker %d", h, err, pid)
 	}
+	logsCause(t, s, cause)
 	heal(t)
 	waitFor(t, 20*time.Second, func() error {
 		r := s.chat(client, "after the fault", false)
@@ -377,6 +379,19 @@ func storeCase(t *testing.T, dir string, inject func(t *testing.T), heal func(t 
 	if now := s.workerPIDs(); len(now) != 1 || now[0] != pid {
 		t.Errorf("workers %v after the fault, want the same worker %d", now, pid)
 	}
+}
+
+// logsCause checks that the worker logged a failed store call whose error
+// names cause, and logs that error.
+func logsCause(t *testing.T, s *server, cause string) {
+	t.Helper()
+	for _, l := range s.logs.find("store call failed", nil) {
+		if msg, _ := l["error"].(string); strings.Contains(msg, cause) {
+			t.Logf("logged: %s", msg)
+			return
+		}
+	}
+	t.Errorf("no \"store call failed\" line names %q; logs:\n%s", cause, s.logs)
 }
 
 // mountTmpfs mounts a tmpfs of size on a new folder and unmounts it when
@@ -419,17 +434,27 @@ func TestStoreFaults(t *testing.T) {
 			f.Close()
 		}, func(t *testing.T) {
 			os.Remove(filler)
-		}, 300)
+		}, 300, "no space left on device")
 	})
-	t.Run("read-only", func(t *testing.T) {
-		// As root neither chmod nor chattr +i stops writes through files
-		// SQLite already holds open, and a tmpfs refuses "remount,ro" while
-		// files are open for writing (EBUSY). What does stop them is the
-		// kernel's own reaction to a disk error: ext4 with
-		// errors=remount-ro turns the filesystem read-only underneath the
-		// open files. The kernel keeps that state until unmount, so this
-		// case heals by ... not healing: it checks 503 and the worker, and
-		// skips the recovery step (done by the other two cases).
+	t.Run("read-only and back", func(t *testing.T) {
+		// A FUSE filesystem that refuses changes with EROFS while switched,
+		// under the files SQLite holds open, and takes them again after.
+		dir, sw := mountSwitchFS(t)
+		storeCase(t, dir, func(t *testing.T) {
+			sw.readOnly.Store(true)
+		}, func(t *testing.T) {
+			t.Logf("read-only: %d changes refused with EROFS", sw.refused.Load())
+			sw.readOnly.Store(false)
+		}, 1, "read-only file system")
+	})
+	t.Run("read-only (ext4 error)", func(t *testing.T) {
+		// The kernel's own read-only: ext4 with errors=remount-ro turns
+		// read-only underneath the open files after a disk error (injected
+		// through sysfs). That state lasts until unmount, so this case
+		// checks the 503, that reads still work and that the worker stays;
+		// "read-only and back" checks the recovery. (As root neither chmod
+		// nor chattr +i stops writes through open files, and the kernel
+		// refuses "remount,ro" while files are open for writing.)
 		dir, trigger := mountExt4(t)
 		s := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=0", "DATABASE_URL=sqlite:"+filepath.Join(dir, "server.db"),
 			"CONTROL_SOCKET="+filepath.Join(t.TempDir(), "server.sock"))
@@ -452,6 +477,7 @@ func TestStoreFaults(t *testing.T) {
 		if h, err := s.health(fresh); err != nil || h.PID != pid {
 			t.Errorf("health on a read-only filesystem = %+v %v, want the same worker %d", h, err, pid)
 		}
+		logsCause(t, s, "read-only file system")
 		s.stop()
 	})
 	t.Run("write lock held", func(t *testing.T) {
@@ -476,7 +502,7 @@ func TestStoreFaults(t *testing.T) {
 		}, func(t *testing.T) {
 			held.ExecContext(context.Background(), "ROLLBACK")
 			held.Close()
-		}, 1)
+		}, 1, "database is locked")
 	})
 }
 

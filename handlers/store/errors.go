@@ -4,6 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
 )
 
 // Sentinel errors. Callers branch with errors.Is; the text is for logs.
@@ -49,7 +53,50 @@ func (s *Store) wrap(ctx context.Context, op string, err error) error {
 	}
 	err = fmt.Errorf("%s: %w", op, err)
 	if s.d.unavailable(err) {
+		if s.d.diskError != nil && s.d.diskError(err) {
+			err = s.probe.explain(filepath.Dir(s.path), err)
+		}
 		return &unavailableError{err}
+	}
+	return err
+}
+
+// diskProbe explains a database's disk errors. SQLite answers "disk I/O
+// error" for a read-only filesystem, a full disk and a failing one alike
+// (the operating system's error is gone by the time the statement
+// returns); a small synced write beside the database gets the operating
+// system's own answer, such as "read-only file system" or "no space left
+// on device". It probes at most once a second and reuses the answer.
+type diskProbe struct {
+	mu   sync.Mutex
+	at   time.Time
+	last error
+}
+
+func (p *diskProbe) explain(dir string, err error) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if time.Since(p.at) >= time.Second {
+		p.last, p.at = probeWrite(dir), time.Now()
+	}
+	if p.last == nil {
+		return err
+	}
+	return fmt.Errorf("%w (a test write beside the database failed: %v)", err, p.last)
+}
+
+// probeWrite creates, writes, syncs and removes a one-byte file in dir.
+func probeWrite(dir string) error {
+	f, err := os.CreateTemp(dir, ".corral-probe-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err = f.Write([]byte{'\n'}); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
 	return err
 }

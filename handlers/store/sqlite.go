@@ -31,6 +31,9 @@ type dialect struct {
 	// unavailable reports whether err means the database cannot serve now
 	// (ErrUnavailable) rather than a bug or a bad request.
 	unavailable func(err error) bool
+	// diskError, if set, reports whether an unavailable err came from the
+	// database file's disk; such errors are explained by a diskProbe.
+	diskError func(err error) bool
 	// hasTable is a query with one argument, a table name, returning 1 if
 	// that table exists and 0 otherwise.
 	hasTable string
@@ -52,6 +55,7 @@ var sqliteDialect = dialect{
 	migrations:  sqliteMigrations,
 	rebind:      func(q string) string { return q },
 	unavailable: sqliteUnavailable,
+	diskError:   sqliteDiskError,
 	hasTable:    `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?`,
 	// BEGIN IMMEDIATE already serializes migrations and activity inserts.
 	queueWrites: true,
@@ -115,6 +119,12 @@ func sqliteUnavailable(err error) bool {
 		}
 	}
 	return false
+}
+
+// sqliteDiskError reports whether err is one of SQLite's disk codes.
+func sqliteDiskError(err error) bool {
+	return errors.Is(err, sqlite3.IOERR) || errors.Is(err, sqlite3.FULL) ||
+		errors.Is(err, sqlite3.READONLY) || errors.Is(err, sqlite3.CANTOPEN)
 }
 
 // sqlitePath returns the database file named by an SQLite URL. Accepted:

@@ -54,6 +54,8 @@ type Store struct {
 	host string
 	log  zerolog.Logger
 
+	probe diskProbe // explains SQLite's disk errors
+
 	// writing admits one read-write transaction of this Store at a time;
 	// nil on PostgreSQL. SQLite runs one writer at a time anyway; queuing
 	// here, in FIFO-ish Go order and with ctx honoured, keeps at most one
