@@ -43,7 +43,7 @@ bench: build ## benchmarks; figures go to docs/benchmarks.md
 
 chaos: ## the 60 s chaos run; writes its table to bench/out/chaos.md
 	mkdir -p bench/out
-	CORRAL_CHAOS_DURATION=60s CORRAL_CHAOS_REPORT=bench/out/chaos.md \
+	CORRAL_CHAOS_DURATION=60s CORRAL_CHAOS_REPORT=$(CURDIR)/bench/out/chaos.md \
 		$(GO) test -race -count=1 -run '^TestChaos$$' -v -timeout 10m ./cmd/server/
 
 fuzz: ## every fuzz target for FUZZTIME each (default 20s)

@@ -199,6 +199,9 @@ func Run(in Info, cfg Config) error {
 	for i := 1; i < len(lns); i++ {
 		lns[i] = newStandbyListener(lns[i])
 	}
+	for i := range lns {
+		lns[i] = patientListener{lns[i], log}
+	}
 	serveErr := make(chan error, len(lns)+1)
 	for _, ln := range append(lns, net.Listener(w.probeLn)) {
 		go func() { serveErr <- srv.Serve(ln) }()
