@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -250,6 +251,43 @@ func TestUnusableDatabaseExits3(t *testing.T) {
 		if out := s.logs.String(); !strings.Contains(out, "server: ") || !strings.Contains(out, path) {
 			t.Errorf("DATABASE_URL=sqlite:%s: stderr does not name the file:\n%s", path, out)
 		}
+	}
+}
+
+// TestInstanceIDInUse: a second server on the same database with the same
+// instance id exits 3 naming the id, and a chat in flight on the first one
+// completes: the second never reached FailAllStarted, which would have
+// failed it. Another instance id is welcome.
+func TestInstanceIDInUse(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "server.db")
+	a := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=3s", "DATABASE_URL=sqlite:"+db)
+	reply := make(chan chatReply, 1)
+	go func() { reply <- a.chat(&http.Client{Timeout: 30 * time.Second}, "in flight", false) }()
+	waitFor(t, 10*time.Second, func() error {
+		p, err := a.activities("type=chat.started")
+		if err == nil && len(p.Activities) == 0 {
+			err = errors.New("no chat started yet")
+		}
+		return err
+	})
+
+	b := launch(t, "WORKERS=1", "DATABASE_URL=sqlite:"+db, "CONTROL_SOCKET="+filepath.Join(t.TempDir(), "b.sock"))
+	if code := b.wait(20 * time.Second); code != exitBootError {
+		t.Errorf("second server with the same instance id: exit %d, want 3", code)
+	}
+	out := b.logs.String()
+	for _, want := range []string{"server: claim instance id", db, "--instance-id"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("second server's stderr lacks %q:\n%s", want, out)
+		}
+	}
+	if r := <-reply; r.status != 200 {
+		t.Errorf("chat in flight on the first server = %d %s %v, want 200", r.status, r.body, r.err)
+	}
+
+	c := startServer(t, "WORKERS=1", "DATABASE_URL=sqlite:"+db, "INSTANCE_ID=second", "CONTROL_SOCKET="+filepath.Join(t.TempDir(), "c.sock"))
+	if r := c.chat(fresh, "on the second instance", false); r.status != 200 {
+		t.Errorf("chat on a server with its own instance id = %d %s %v", r.status, r.body, r.err)
 	}
 }
 

@@ -28,8 +28,8 @@ func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 }
 
 // prepareStore runs once in the master before any worker starts: it opens
-// the database, migrates it and marks the chats a previous run left
-// started as failed. The store stays open for the master's own writes.
+// the database, migrates it, claims the instance id and marks the chats a
+// previous run left started as failed. The store stays open for the master's own writes.
 func prepareStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	st, err := openStore(cfg, log)
 	if err != nil {
@@ -38,6 +38,10 @@ func prepareStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := st.Migrate(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	if err := st.ClaimInstance(ctx); err != nil {
 		st.Close()
 		return nil, err
 	}

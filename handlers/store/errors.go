@@ -28,6 +28,9 @@ var (
 	// now (busy or locked past the busy timeout, read-only, disk full, I/O
 	// error, cannot open): the request may succeed later, so HTTP answers 503.
 	ErrUnavailable = errors.New("store: database unavailable")
+	// ErrInstanceInUse means another running server holds this Store's
+	// host name (--instance-id) on the same database; see ClaimInstance.
+	ErrInstanceInUse = errors.New("store: instance id in use")
 	// ErrClosed means the Store was closed.
 	ErrClosed = errors.New("store: closed")
 )

@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"sync"
@@ -55,6 +56,7 @@ type Store struct {
 	log  zerolog.Logger
 
 	probe diskProbe // explains SQLite's disk errors
+	claim io.Closer // see ClaimInstance; nil until then
 
 	// writing admits one read-write transaction of this Store at a time;
 	// nil on PostgreSQL. SQLite runs one writer at a time anyway; queuing
@@ -223,6 +225,9 @@ func (s *Store) Close() error {
 		}
 		if s.pg != nil {
 			s.pg.pool.Close()
+		}
+		if s.claim != nil {
+			s.claim.Close()
 		}
 	})
 	return s.closeErr

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -23,6 +24,7 @@ type backend interface {
 	FinishChat(ctx context.Context, chatID, status string, data map[string]any) (Activity, error)
 	FailOrphanedChats(ctx context.Context, pid int, reason string) (int, error)
 	FailAllStarted(ctx context.Context, reason string) (int, error)
+	ClaimInstance(ctx context.Context) error
 	Activities(ctx context.Context, f Filter) ([]Activity, error)
 	LastActivityID(ctx context.Context) (int64, error)
 	WaitActivity(ctx context.Context, after int64) error
@@ -69,6 +71,7 @@ func runSuite(t *testing.T, newDB newDatabase) {
 		{"ChatLifecycle", suiteChatLifecycle},
 		{"ChatFinishesOnce", suiteChatFinishesOnce},
 		{"FailOrphanedChats", suiteFailOrphaned},
+		{"ClaimInstance", suiteClaimInstance},
 		{"WaitActivity", suiteWaitActivity},
 		{"WaitActivityManyWaiters", suiteManyWaiters},
 	} {
@@ -392,6 +395,33 @@ func suiteFailOrphaned(t *testing.T, a backend, open opener) {
 	}
 	if n, err := b.FailAllStarted(ctx, "previous run"); err != nil || n != 0 {
 		t.Fatalf("FailAllStarted() on host-b = %d, %v, want 0", n, err)
+	}
+}
+
+// suiteClaimInstance: one claimant per host name at a time, any number of
+// host names, and a claim ends with its handle.
+func suiteClaimInstance(t *testing.T, a backend, open opener) {
+	ctx := t.Context()
+	if err := a.ClaimInstance(ctx); err != nil {
+		t.Fatalf("ClaimInstance(host-a) = %v", err)
+	}
+	if err := a.ClaimInstance(ctx); err != nil {
+		t.Fatalf("ClaimInstance(host-a) again on the same handle = %v, want nil", err)
+	}
+	second := open(t, "host-a")
+	err := second.ClaimInstance(ctx)
+	if !errors.Is(err, ErrInstanceInUse) || !strings.Contains(err.Error(), `"host-a"`) || !strings.Contains(err.Error(), "--instance-id") {
+		t.Fatalf("ClaimInstance(host-a) from a second handle = %v, want ErrInstanceInUse naming the id and the flag", err)
+	}
+	t.Logf("second claimant: %v", err)
+	if err := open(t, "host-b").ClaimInstance(ctx); err != nil {
+		t.Fatalf("ClaimInstance(host-b) = %v, want another host name free", err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := second.ClaimInstance(ctx); err != nil {
+		t.Fatalf("ClaimInstance(host-a) after the first handle closed = %v", err)
 	}
 }
 

@@ -1,0 +1,100 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"golang.org/x/sys/unix"
+)
+
+// instanceLockClass is the first key of the two-key advisory lock a
+// PostgreSQL claim holds ("corr"); the second is hashtext(host). Two-key
+// locks never conflict with the one-key locks of postgres.go.
+const instanceLockClass = 0x636f7272
+
+// ClaimInstance makes this Store the only running claimant of its host name
+// (Options.Host, the --instance-id) on this database until Close, and fails
+// with ErrInstanceInUse when another process holds it. The supervisor claims
+// before FailAllStarted, which fails every started chat of the host name: a
+// second server sharing the name would fail the first one's chats in flight.
+//
+// On SQLite the claim is an open-file-description lock on a file beside the
+// database (server.db.instance-HOST.lock, holding the claimant's pid); on
+// PostgreSQL it is a session advisory lock on a connection of its own. The
+// operating system or the database server drops it when the process dies.
+// A PostgreSQL claim lapses if its connection breaks while the server runs.
+func (s *Store) ClaimInstance(ctx context.Context) error {
+	if s.claim != nil {
+		return nil
+	}
+	var err error
+	if s.pg != nil {
+		s.claim, err = s.claimPostgres(ctx)
+	} else {
+		s.claim, err = claimFile(s.path, s.host)
+	}
+	return err
+}
+
+// claimFile locks path.instance-HOST.lock and writes the pid into it.
+func claimFile(path, host string) (io.Closer, error) {
+	name := path + ".instance-" + url.PathEscape(host) + ".lock"
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("claim instance id %q: %w", host, err)
+	}
+	lk := unix.Flock_t{Type: unix.F_WRLCK}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		holder, _ := io.ReadAll(io.LimitReader(f, 32))
+		f.Close()
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
+			return nil, fmt.Errorf("claim instance id %q: %w: another running server on %s holds it (pid %s, lock file %s); give each server on one database its own --instance-id",
+				host, ErrInstanceInUse, path, strings.TrimSpace(string(holder)), name)
+		}
+		return nil, fmt.Errorf("claim instance id %q: lock %s: %w", host, name, err)
+	}
+	if err := f.Truncate(0); err == nil {
+		_, err = f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
+	}
+	return f, nil
+}
+
+// pgClaim is a connection that holds the instance lock.
+type pgClaim struct{ conn *pgx.Conn }
+
+func (c pgClaim) Close() error {
+	closeListenConn(c.conn)
+	return nil
+}
+
+func (s *Store) claimPostgres(ctx context.Context) (io.Closer, error) {
+	conn, err := pgx.ConnectConfig(ctx, s.pg.listen)
+	if err != nil {
+		return nil, s.wrap(ctx, "claim instance id "+s.host, err)
+	}
+	var ok bool
+	err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, int32(instanceLockClass), s.host).Scan(&ok)
+	if err == nil && !ok {
+		client := "another session"
+		conn.QueryRow(ctx, `SELECT 'connected from ' || coalesce(host(a.client_addr), 'a local socket') || ', backend pid ' || a.pid
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.classid = $1::oid AND l.objid = hashtext($2)::oid`, int64(instanceLockClass), s.host).Scan(&client)
+		err = fmt.Errorf("claim instance id %q: %w: another running server on %s holds it (%s); give each server on one database its own --instance-id",
+			s.host, ErrInstanceInUse, s.path, client)
+	}
+	if err != nil {
+		closeListenConn(conn)
+		if errors.Is(err, ErrInstanceInUse) {
+			return nil, err
+		}
+		return nil, s.wrap(ctx, "claim instance id "+s.host, err)
+	}
+	return pgClaim{conn}, nil
+}
