@@ -340,8 +340,9 @@ func TestUpstreamFaults(t *testing.T) {
 // storeCase runs a server on a database at dir, checks that chats work,
 // injects a fault, and checks that chats answer 503 with a clear message
 // from the same worker, that the worker's log names the cause, then that
-// service comes back once heal has run.
-func storeCase(t *testing.T, dir string, inject func(t *testing.T), heal func(t *testing.T), maxChats int, cause string) {
+// service comes back once heal has run. A disk fault also shows in /health
+// as "store":"down" until it is healed.
+func storeCase(t *testing.T, dir string, inject func(t *testing.T), heal func(t *testing.T), maxChats int, cause string, diskFault bool) {
 	t.Helper()
 	s := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=0", "DATABASE_URL=sqlite:"+filepath.Join(dir, "server.db"),
 		"CONTROL_SOCKET="+filepath.Join(t.TempDir(), "server.sock"))
@@ -370,7 +371,14 @@ func storeCase(t *testing.T, dir string, inject func(t *testing.T), heal func(t 
 		t.Errorf("health during the fault = %+v %v, want the same worker %d", h, err, pid)
 	}
 	logsCause(t, s, cause)
+	if diskFault {
+		healthStore(t, s, "down")
+	}
 	heal(t)
+	if diskFault {
+		// Without a chat: the worker's ping finds the disk writable.
+		healthStore(t, s, "ok")
+	}
 	waitFor(t, 20*time.Second, func() error {
 		r := s.chat(client, "after the fault", false)
 		if r.status != 200 {
@@ -394,6 +402,18 @@ func logsCause(t *testing.T, s *server, cause string) {
 		}
 	}
 	t.Errorf("no \"store call failed\" line names %q; logs:\n%s", cause, s.logs)
+}
+
+// healthStore waits until /health reports the store as want.
+func healthStore(t *testing.T, s *server, want string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, func() error {
+		h, err := s.health(fresh)
+		if err == nil && h.Store != want {
+			err = fmt.Errorf(`/health "store" = %q, want %q`, h.Store, want)
+		}
+		return err
+	})
 }
 
 // mountTmpfs mounts a tmpfs of size on a new folder and unmounts it when
@@ -436,7 +456,7 @@ func TestStoreFaults(t *testing.T) {
 			f.Close()
 		}, func(t *testing.T) {
 			os.Remove(filler)
-		}, 300, "no space left on device")
+		}, 300, "no space left on device", true)
 	})
 	t.Run("read-only and back", func(t *testing.T) {
 		// A FUSE filesystem that refuses changes with EROFS while switched,
@@ -447,7 +467,7 @@ func TestStoreFaults(t *testing.T) {
 		}, func(t *testing.T) {
 			t.Logf("read-only: %d changes refused with EROFS", sw.refused.Load())
 			sw.readOnly.Store(false)
-		}, 1, "read-only file system")
+		}, 1, "read-only file system", true)
 	})
 	t.Run("read-only (ext4 error)", func(t *testing.T) {
 		// The kernel's own read-only: ext4 with errors=remount-ro turns
@@ -480,6 +500,7 @@ func TestStoreFaults(t *testing.T) {
 			t.Errorf("health on a read-only filesystem = %+v %v, want the same worker %d", h, err, pid)
 		}
 		logsCause(t, s, "read-only file system")
+		healthStore(t, s, "down")
 		s.stop()
 	})
 	t.Run("write lock held", func(t *testing.T) {
@@ -504,7 +525,7 @@ func TestStoreFaults(t *testing.T) {
 		}, func(t *testing.T) {
 			held.ExecContext(context.Background(), "ROLLBACK")
 			held.Close()
-		}, 1, "database is locked")
+		}, 1, "database is locked", false)
 	})
 }
 

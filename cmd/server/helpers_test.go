@@ -202,6 +202,7 @@ type health struct {
 	Worker     int     `json:"worker"`
 	Generation int     `json:"generation"`
 	Uptime     float64 `json:"uptime_s"`
+	Store      string  `json:"store"`
 }
 
 // health asks /health on a new connection.

@@ -58,6 +58,7 @@ func (s *Store) wrap(ctx context.Context, op string, err error) error {
 	if s.d.unavailable(err) {
 		if s.d.diskError != nil && s.d.diskError(err) {
 			err = s.probe.explain(filepath.Dir(s.path), err)
+			s.diskFault.Store(&err)
 		}
 		return &unavailableError{err}
 	}

@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -55,8 +57,9 @@ type Store struct {
 	host string
 	log  zerolog.Logger
 
-	probe diskProbe // explains SQLite's disk errors
-	claim io.Closer // see ClaimInstance; nil until then
+	probe     diskProbe             // explains SQLite's disk errors
+	diskFault atomic.Pointer[error] // the last disk error, until the disk takes writes again (see Ping)
+	claim     io.Closer             // see ClaimInstance; nil until then
 
 	// writing admits one read-write transaction of this Store at a time;
 	// nil on PostgreSQL. SQLite runs one writer at a time anyway; queuing
@@ -265,7 +268,13 @@ func (s *Store) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
 		tx.Rollback()
 		return err
 	}
-	return tx.Commit()
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	if s.diskFault.Load() != nil {
+		s.diskFault.Store(nil)
+	}
+	return nil
 }
 
 // newID returns 16 random hex characters: url-safe, and 64 bits make a
@@ -314,9 +323,20 @@ func (d dbTime) parse(v string) error {
 
 func timeArg(t time.Time) string { return t.UTC().Format(timeLayout) }
 
-// Ping reports whether the database answers a trivial query now. Its error
-// matches ErrUnavailable when the database cannot be reached.
+// Ping reports whether the database answers a trivial query now and, after
+// a disk error (a read-only filesystem, a full disk), whether the disk takes
+// a write again. Its error matches ErrUnavailable when the database cannot
+// serve.
 func (s *Store) Ping(ctx context.Context) error {
 	var one int
-	return s.wrap(ctx, "ping "+s.path, s.db.QueryRowContext(ctx, "SELECT 1").Scan(&one))
+	if err := s.db.QueryRowContext(ctx, "SELECT 1").Scan(&one); err != nil {
+		return s.wrap(ctx, "ping "+s.path, err)
+	}
+	if fault := s.diskFault.Load(); fault != nil {
+		if err := probeWrite(filepath.Dir(s.path)); err != nil {
+			return &unavailableError{fmt.Errorf("ping %s: the disk refuses writes: %w", s.path, err)}
+		}
+		s.diskFault.CompareAndSwap(fault, nil)
+	}
+	return nil
 }
