@@ -29,7 +29,8 @@ func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 
 // prepareStore runs once in the master before any worker starts: it opens
 // the database, migrates it, claims the instance id and marks the chats a
-// previous run left started as failed. The store stays open for the master's own writes.
+// previous run left started as failed. The store stays open for the
+// master's own writes.
 func prepareStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	st, err := openStore(cfg, log)
 	if err != nil {

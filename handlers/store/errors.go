@@ -89,6 +89,20 @@ func (p *diskProbe) explain(dir string, err error) error {
 	return fmt.Errorf("%w (a test write beside the database failed: %v)", err, p.last)
 }
 
+// errProbeRunning is writable's answer while an earlier probe has not
+// returned: on a disk that hangs, probes must not pile up.
+var errProbeRunning = errors.New("a test write beside the database has not returned yet")
+
+// writable probes dir now, unless a probe is running already.
+func (p *diskProbe) writable(dir string) error {
+	if !p.mu.TryLock() {
+		return errProbeRunning
+	}
+	defer p.mu.Unlock()
+	p.last, p.at = probeWrite(dir), time.Now()
+	return p.last
+}
+
 // probeWrite creates, writes, syncs and removes a one-byte file in dir.
 func probeWrite(dir string) error {
 	f, err := os.CreateTemp(dir, ".corral-probe-")

@@ -59,9 +59,9 @@ func claimFile(path, host string) (io.Closer, error) {
 		}
 		return nil, fmt.Errorf("claim instance id %q: lock %s: %w", host, name, err)
 	}
-	if err := f.Truncate(0); err == nil {
-		_, err = f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
-	}
+	// The pid is for the next claimant's message; best effort.
+	f.Truncate(0)
+	f.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
 	return f, nil
 }
 

@@ -333,7 +333,7 @@ func (s *Store) Ping(ctx context.Context) error {
 		return s.wrap(ctx, "ping "+s.path, err)
 	}
 	if fault := s.diskFault.Load(); fault != nil {
-		if err := probeWrite(filepath.Dir(s.path)); err != nil {
+		if err := s.probe.writable(filepath.Dir(s.path)); err != nil {
 			return &unavailableError{fmt.Errorf("ping %s: the disk refuses writes: %w", s.path, err)}
 		}
 		s.diskFault.CompareAndSwap(fault, nil)
