@@ -81,7 +81,7 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 			Int("status", ctx.Response.StatusCode()).
 			Dur("duration", time.Since(start)).
 			Int("bytes", size).
-			Str("remote", ctx.RemoteIP().String()).
+			Str("remote", w.cfg.Proxies.client(ctx)).
 			Msg("request")
 	}
 }

@@ -45,6 +45,9 @@ type Config struct {
 	Logger zerolog.Logger
 	// AccessLog logs one line per request at info level.
 	AccessLog bool
+	// Proxies, if set, are the peers whose X-Forwarded-For names the client
+	// in the access log; nil takes the peer's address.
+	Proxies *Proxies
 	// GracefulTimeout bounds the drain on SIGTERM. Default 75s.
 	GracefulTimeout time.Duration
 	// OrphanTimeout bounds the drain once the supervisor is gone. Default 1s.

@@ -291,6 +291,40 @@ func TestInstanceIDInUse(t *testing.T) {
 	}
 }
 
+// TestAccessLogClientBehindProxy: the access log's remote is the client
+// X-Forwarded-For names when the peer is a trusted proxy, and the peer
+// otherwise.
+func TestAccessLogClientBehindProxy(t *testing.T) {
+	for _, tc := range []struct {
+		env  []string
+		want string
+	}{
+		{nil, "10.0.0.1"}, // default: trust 127.0.0.1 only
+		{[]string{"FORWARDED_ALLOW_IPS=127.0.0.1,10.0.0.0/8"}, "203.0.113.7"},
+		{[]string{"PROXY_HEADERS=false"}, "127.0.0.1"},
+	} {
+		s := startServer(t, append([]string{"WORKERS=1", "ACCESS_LOG=true"}, tc.env...)...)
+		req, _ := http.NewRequest("GET", s.url("/health"), nil)
+		req.Header.Set("X-Forwarded-For", "203.0.113.7, 10.0.0.1")
+		resp, err := fresh.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		waitFor(t, 5*time.Second, func() error {
+			lines := s.logs.find("request", map[string]any{"path": "/health"})
+			if len(lines) == 0 {
+				return errors.New("no access log line yet")
+			}
+			if got := lines[len(lines)-1]["remote"]; got != tc.want {
+				return fmt.Errorf("%v: access log remote %v, want %s", tc.env, got, tc.want)
+			}
+			return nil
+		})
+		s.stop()
+	}
+}
+
 func TestStreamsFlowWithAccessLog(t *testing.T) {
 	s := startServer(t, "WORKERS=1", "ACCESS_LOG=true", "SIMULATED_LATENCY=30s")
 	// A buffered stream would send nothing for 30 s; the client gives up

@@ -16,6 +16,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/spf13/pflag"
+
+	"github.com/corralhq/corral/worker"
 )
 
 // config is the whole configuration of one server process. The master and
@@ -42,6 +44,9 @@ type config struct {
 	LogLevel   zerolog.Level // --log-level, default info
 	LogFormat  string        // --log-format: "auto" (default, main resolves it), "console" or "json"
 	AccessLog  bool          // --access-log / --no-access-log, default true
+
+	ProxyHeaders      bool           // --proxy-headers / --no-proxy-headers, default true
+	ForwardedAllowIPs worker.Proxies // --forwarded-allow-ips, default 127.0.0.1
 
 	DatabaseURL      string        // --database-url, default sqlite:data/server.db
 	LimitRequestBody int           // --limit-request-body in bytes, default 1 MiB, 1 KiB..1 GiB
@@ -112,6 +117,9 @@ const (
 // usage to stdout and exits 0.
 var errHelp = pflag.ErrHelp
 
+// defaultProxies trusts a proxy on the same machine, as uvicorn does.
+var defaultProxies = worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}
+
 func defaultConfig() config {
 	return config{
 		Host:               defaultHost,
@@ -126,6 +134,8 @@ func defaultConfig() config {
 		LogLevel:           zerolog.InfoLevel,
 		LogFormat:          "auto",
 		AccessLog:          true,
+		ProxyHeaders:       true,
+		ForwardedAllowIPs:  defaultProxies,
 		DatabaseURL:        defaultDatabaseURL,
 		LimitRequestBody:   defaultLimitRequestBody,
 		LLMTimeout:         defaultLLMTimeout,

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"reflect"
 	"regexp"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/corralhq/corral/worker"
 )
 
 // fakeEnv returns a getenv over the given name, value pairs.
@@ -46,6 +49,8 @@ func TestConfigDefaults(t *testing.T) {
 		LogLevel:           zerolog.InfoLevel,
 		LogFormat:          "auto",
 		AccessLog:          true,
+		ProxyHeaders:       true,
+		ForwardedAllowIPs:  worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}},
 		DatabaseURL:        "sqlite:data/server.db",
 		LimitRequestBody:   1 << 20,
 		LLMProvider:        "simulated",
@@ -95,6 +100,10 @@ func TestConfigPrecedence(t *testing.T) {
 		{"log-format", []string{"LOG_FORMAT", "json"}, []string{"--log-format", "console"}, field("LogFormat"), "json", "console"},
 		{"access-log", []string{"ACCESS_LOG", "false"}, []string{"--access-log"}, field("AccessLog"), false, true},
 		{"access-log", []string{"ACCESS_LOG", "true"}, []string{"--no-access-log"}, field("AccessLog"), true, false},
+		{"proxy-headers", []string{"PROXY_HEADERS", "false"}, []string{"--proxy-headers"}, field("ProxyHeaders"), false, true},
+		{"proxy-headers", []string{"PROXY_HEADERS", "true"}, []string{"--no-proxy-headers"}, field("ProxyHeaders"), true, false},
+		{"forwarded-allow-ips", []string{"FORWARDED_ALLOW_IPS", "10.0.0.0/8, ::1"}, []string{"--forwarded-allow-ips", "*"}, field("ForwardedAllowIPs"),
+			worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("::1/128")}}, worker.Proxies{All: true}},
 		{"database-url", []string{"DATABASE_URL", "postgres://u@db/x"}, []string{"--database-url", "sqlite:/tmp/x.db"}, field("DatabaseURL"), "postgres://u@db/x", "sqlite:/tmp/x.db"},
 		{"database-max-conns", []string{"DATABASE_MAX_CONNS", "8"}, []string{"--database-max-conns", "2"}, field("DatabaseMaxConns"), 8, 2},
 		{"instance-id", []string{"INSTANCE_ID", "web-1"}, []string{"--instance-id", "web-2"}, field("InstanceID"), "web-1", "web-2"},
@@ -304,6 +313,8 @@ func TestConfigValues(t *testing.T) {
 		{nil, []string{"DATABASE_URL", "postgresql://u:p@db:5432/x?sslmode=disable"}, func(c config) any { return c.DatabaseURL }, "postgresql://u:p@db:5432/x?sslmode=disable", "postgresql"},
 		{nil, []string{"API_TOKEN", "t1"}, func(c config) any { return c.APITokens }, []string{"t1"}, "one token"},
 		{nil, []string{"LLM_MODEL", " gpt-4o-mini "}, func(c config) any { return c.LLMModel }, "gpt-4o-mini", "trimmed model"},
+		{nil, []string{"FORWARDED_ALLOW_IPS", "10.1.2.3/8,::ffff:192.0.2.1"}, func(c config) any { return c.ForwardedAllowIPs },
+			worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.0.2.1/32")}}, "networks masked, mapped IPv4 unmapped"},
 	}
 	for _, tt := range tests {
 		c, err := loadConfig(tt.args, fakeEnv(tt.env...))
@@ -463,6 +474,11 @@ var configInvalidCases = []struct {
 	{nil, []string{"CORS_ORIGINS", "ftp://a.example.com"}, `invalid CORS_ORIGINS "ftp://a.example.com": ` + wantOrigins},
 	{nil, []string{"CORS_ORIGINS", "https://a.example.com:"}, `invalid CORS_ORIGINS "https://a.example.com:": ` + wantOrigins},
 	{nil, []string{"CORS_ORIGINS", "https://user@a.example.com"}, `invalid CORS_ORIGINS "https://user@a.example.com": ` + wantOrigins},
+
+	{nil, []string{"FORWARDED_ALLOW_IPS", "127.0.0.1, 10.0.0.300"}, `invalid FORWARDED_ALLOW_IPS "127.0.0.1, 10.0.0.300": "10.0.0.300" is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)`},
+	{[]string{"--forwarded-allow-ips", "10.0.0.0/33"}, nil, `invalid --forwarded-allow-ips "10.0.0.0/33": "10.0.0.0/33" is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)`},
+	{nil, []string{"FORWARDED_ALLOW_IPS", "127.0.0.1,"}, `invalid FORWARDED_ALLOW_IPS "127.0.0.1,": "" is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)`},
+	{[]string{"--proxy-headers=maybe"}, nil, `invalid --proxy-headers "maybe": ` + wantBool},
 
 	{nil, []string{"LLM_API_KEY", "sk-abc def"}, `invalid LLM_API_KEY (value not shown): want printable ASCII without spaces`},
 	{nil, []string{"API_TOKEN", "tok1,,tok2"}, `invalid API_TOKEN (value not shown): want comma-separated tokens of printable ASCII, none empty`},

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"math"
 	"net"
 	"net/url"
@@ -10,6 +11,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/corralhq/corral/worker"
 )
 
 // option is one setting: where it comes from, how usage shows it, and how
@@ -194,6 +197,22 @@ var options = []option{
 		set: func(c *config, s setting) (err error) {
 			c.AccessLog, err = s.boolean()
 			return err
+		}},
+	{group: groupLog, flag: "proxy-headers", negFlag: "no-proxy-headers", env: []string{"PROXY_HEADERS"}, def: "true",
+		help: "take the access log's client from X-Forwarded-For sent by a trusted proxy",
+		set: func(c *config, s setting) (err error) {
+			c.ProxyHeaders, err = s.boolean()
+			return err
+		}},
+	{group: groupLog, flag: "forwarded-allow-ips", arg: "LIST", env: []string{"FORWARDED_ALLOW_IPS"}, def: "127.0.0.1",
+		help: "proxies trusted with X-Forwarded-For: IPs and networks, comma-separated, or *",
+		set: func(c *config, s setting) error {
+			p, bad, ok := worker.ParseProxies(s.text())
+			if !ok {
+				return fmt.Errorf("invalid %s %q: %q is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)", s.from, s.raw, bad)
+			}
+			c.ForwardedAllowIPs = p
+			return nil
 		}},
 
 	{group: groupAPI, flag: "database-url", arg: "URL", env: []string{"DATABASE_URL"}, def: defaultDatabaseURL,

@@ -77,6 +77,7 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		Error:            handlers.WriteError,
 		Logger:           log,
 		AccessLog:        cfg.AccessLog,
+		Proxies:          proxies(cfg),
 		GracefulTimeout:  graceful(cfg),
 		KeepAliveTimeout: cfg.KeepAliveTimeout,
 		ReadTimeout:      cfg.ReadTimeout,
@@ -107,4 +108,12 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		return exitBootError
 	}
 	return exitOK
+}
+
+// proxies is the worker's view of --proxy-headers and --forwarded-allow-ips.
+func proxies(cfg config) *worker.Proxies {
+	if !cfg.ProxyHeaders {
+		return nil
+	}
+	return &cfg.ForwardedAllowIPs
 }
