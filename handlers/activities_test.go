@@ -389,6 +389,9 @@ func TestStoreUnavailable(t *testing.T) {
 		{"POST /api/chat", a.post("/api/chat", `{"agent_id": "default", "message": "hi"}`)},
 	} {
 		wantError(t, tc.what, tc.r, http.StatusServiceUnavailable, "unavailable", "database")
+		if got := tc.r.header.Get("Retry-After"); got != "1" {
+			t.Errorf("%s: Retry-After %q, want 1", tc.what, got)
+		}
 	}
 }
 

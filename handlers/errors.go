@@ -124,6 +124,10 @@ func genericMessage(status int) string {
 // fail answers err with the status statusOf gives it.
 func fail(ctx *fasthttp.RequestCtx, err error) {
 	status, obj := statusOf(err)
+	if status == fasthttp.StatusServiceUnavailable {
+		// The database may be back in a moment; say when to try again.
+		ctx.Response.Header.Set("Retry-After", "1")
+	}
 	writeErrorObject(ctx, status, obj)
 }
 
