@@ -342,7 +342,8 @@ func (s *Supervisor) Run() error {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for !(s.stopping && len(s.procs) == 0) {
-		timer.Reset(time.Until(s.nextDeadline()))
+		planned := s.nextDeadline()
+		timer.Reset(time.Until(planned))
 		select {
 		case sig := <-s.cfg.Signals:
 			s.onSignal(sig)
@@ -358,12 +359,36 @@ func (s *Supervisor) Run() error {
 			s.onSnapshot(req)
 		case <-timer.C:
 		}
-		s.tick(time.Now())
+		now := time.Now()
+		if late := now.Sub(planned); late > masterLate {
+			s.forgive(now, late)
+		}
+		s.tick(now)
 	}
 	if s.exitErr == nil {
 		s.log.Info().Msg("Finished server process")
 	}
 	return s.exitErr
+}
+
+// masterLate is how far past its own deadline the loop may wake before it
+// takes itself to have been stopped or starved (SIGSTOP, a debugger, a
+// frozen cgroup, an overloaded machine).
+const masterLate = time.Second
+
+// forgive gives every ready or draining worker a fresh healthcheck window
+// after the master itself did not run: the heartbeats the workers sent
+// meanwhile are still queued, and would otherwise count as silence, so that
+// every healthy worker would be killed as hung at once.
+func (s *Supervisor) forgive(now time.Time, late time.Duration) {
+	n := 0
+	for _, p := range s.procs {
+		if p.state == ready || p.state == draining {
+			p.lastBeat = now
+			n++
+		}
+	}
+	s.log.Warn().Dur("late", late).Int("workers", n).Msg("the master did not run for a while (stopped or starved); workers get a fresh healthcheck window")
 }
 
 func (s *Supervisor) onSignal(sig os.Signal) {

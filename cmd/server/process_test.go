@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -522,5 +523,39 @@ func TestStoppedWorkerToldToDrainIsKilledSoon(t *testing.T) {
 	hung := s.logs.find("worker hung, sending SIGQUIT", map[string]any{"pid": victim})
 	if len(hung) != 1 {
 		t.Errorf("stopped worker %d: %d 'worker hung' lines, want 1", victim, len(hung))
+	}
+}
+
+// TestStoppedMasterKeepsItsWorkers: a master stopped for longer than the
+// healthcheck timeout (SIGSTOP, a debugger) finds, once it runs again,
+// heartbeats it could not read; it must not take every healthy worker for
+// hung, and a chat in flight meanwhile completes.
+func TestStoppedMasterKeepsItsWorkers(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServer(t, "WORKERS=2", "TIMEOUT_WORKER_HEALTHCHECK=1s", "SIMULATED_LATENCY=4s", "CONTROL_SOCKET="+sock)
+	pids := s.workerPIDs()
+	reply := make(chan chatReply, 1)
+	go func() { reply <- s.chat(&http.Client{Timeout: 30 * time.Second}, "across the stop", false) }()
+	master := s.cmd.Process.Pid
+	syscall.Kill(master, syscall.SIGSTOP)
+	t.Cleanup(func() { syscall.Kill(master, syscall.SIGCONT) })
+	// The fault itself: the master stays stopped for twice the timeout.
+	time.Sleep(2 * time.Second)
+	syscall.Kill(master, syscall.SIGCONT)
+	// A control request is answered by the loop after it acted on the stop.
+	if code, out, errOut := cli(t, "status", "--control-socket", sock); code != 0 {
+		t.Fatalf("server status: exit %d %s %s", code, out, errOut)
+	}
+	if len(s.logs.find("the master did not run for a while (stopped or starved); workers get a fresh healthcheck window", nil)) == 0 {
+		t.Error("the master did not log its own stop")
+	}
+	if hung := s.logs.find("worker hung, sending SIGQUIT", nil); len(hung) > 0 {
+		t.Errorf("after the master's stop: %v", hung)
+	}
+	if now := s.workerPIDs(); !sameSet(now, pids) {
+		t.Errorf("workers %v after the master's stop, want %v", now, pids)
+	}
+	if r := <-reply; r.status != 200 {
+		t.Errorf("chat in flight across the master's stop = %d %s %v", r.status, r.body, r.err)
 	}
 }
