@@ -443,6 +443,12 @@ func (s *Supervisor) shutdown() {
 	for _, p := range s.procs {
 		s.stop(p, "shutdown")
 	}
+	// No worker will start again: let go of the listening sockets, so that
+	// they close once the draining workers close theirs (after the close
+	// lead-in) and new connections are refused at once rather than left
+	// in a backlog nobody accepts from, to be reset when the master exits.
+	// Sockets from systemd stay open in systemd, queueing for the next start.
+	s.closeSockets()
 }
 
 // kill sends SIGKILL to every worker; they are reaped as they exit.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -557,5 +558,45 @@ func TestStoppedMasterKeepsItsWorkers(t *testing.T) {
 	}
 	if r := <-reply; r.status != 200 {
 		t.Errorf("chat in flight across the master's stop = %d %s %v", r.status, r.body, r.err)
+	}
+}
+
+// TestShutdownRefusesNewConnections: once a stopping server's workers have
+// stopped accepting, a new connection is refused at once, while a chat in
+// flight still completes.
+func TestShutdownRefusesNewConnections(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=8s")
+	reply := make(chan chatReply, 1)
+	go func() { reply <- s.chat(&http.Client{Timeout: 30 * time.Second}, "in flight at shutdown", false) }()
+	waitFor(t, 5*time.Second, func() error {
+		if n := inFlight(t, s); n == 0 {
+			return errors.New("chat not in flight yet")
+		}
+		return nil
+	})
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	addr := fmt.Sprintf("127.0.0.1:%d", s.port)
+	// Until the chat is over (8 s) the master runs; new connections must be
+	// refused well before that, not accepted by the kernel and left unserved.
+	waitFor(t, 4*time.Second, func() error {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			if errors.Is(err, syscall.ECONNREFUSED) {
+				return nil
+			}
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(500 * time.Millisecond))
+		io.WriteString(c, "GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+		b := make([]byte, 64)
+		n, err := c.Read(b)
+		return fmt.Errorf("connection accepted during shutdown: read %q, %v", b[:n], err)
+	})
+	if r := <-reply; r.status != 200 {
+		t.Errorf("chat in flight at shutdown = %d %s %v", r.status, r.body, r.err)
+	}
+	if code := s.wait(20 * time.Second); code != 0 {
+		t.Errorf("exit %d after SIGTERM, want 0", code)
 	}
 }
