@@ -51,7 +51,7 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 	}
 	start := time.Now()
 	n := w.inFlight.Add(1)
-	if w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) {
+	if w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) && (w.cfg.Unlimited == nil || !w.cfg.Unlimited(ctx)) {
 		ctx.Response.Header.Set("Retry-After", "1")
 		w.cfg.Error(ctx, fasthttp.StatusServiceUnavailable, ErrOverloaded)
 	} else {

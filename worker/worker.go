@@ -64,6 +64,10 @@ type Config struct {
 	// MaxConcurrency is the most requests served at once; more are answered
 	// 503 with Retry-After. 0 means no limit.
 	MaxConcurrency int
+	// Unlimited, if set, names the requests the concurrency limit does not
+	// apply to, such as a cheap health check that must not fail because
+	// the worker is busy.
+	Unlimited func(ctx *fasthttp.RequestCtx) bool
 	// Signals delivers SIGTERM/SIGINT (drain). Nil means no signals.
 	Signals <-chan os.Signal
 	// Metrics, if set, writes the worker's metrics in Prometheus text; they
@@ -190,6 +194,8 @@ func Run(in Info, cfg Config) error {
 		// sends it, not after a 100 Continue.
 		ExpectHandler: func(ctx *fasthttp.RequestCtx) int {
 			if ctx.Request.Header.ContentLength() > cfg.MaxBodySize {
+				// fasthttp sends this response with the status returned.
+				w.serveError(ctx, fasthttp.ErrBodyTooLarge)
 				return fasthttp.StatusRequestEntityTooLarge
 			}
 			return fasthttp.StatusContinue

@@ -433,23 +433,29 @@ func TestMaxRequestsRecyclesWithoutFailures(t *testing.T) {
 	}
 }
 
+// TestLimitConcurrency: over the limit a request is answered 503 with
+// Retry-After, but /health still answers 200: a busy worker is not an
+// unhealthy one.
 func TestLimitConcurrency(t *testing.T) {
 	s := startServer(t, "WORKERS=1", "LIMIT_CONCURRENCY=1")
 	go fresh.Get(s.url("/test/slow?ms=3000"))
 	waitFor(t, 5*time.Second, func() error {
-		resp, err := fresh.Get(s.url("/health"))
+		resp, err := fresh.Get(s.url("/api/agents"))
 		if err != nil {
 			return err
 		}
 		resp.Body.Close()
 		if resp.StatusCode != 503 {
-			return fmt.Errorf("GET /health with one slow request in flight = %d, want 503", resp.StatusCode)
+			return fmt.Errorf("GET /api/agents with one slow request in flight = %d, want 503", resp.StatusCode)
 		}
 		if resp.Header.Get("Retry-After") == "" {
 			t.Errorf("503 without Retry-After")
 		}
 		return nil
 	})
+	if h, err := s.health(fresh); err != nil || h.Status != "ok" {
+		t.Errorf("GET /health over the concurrency limit = %+v %v, want 200 ok", h, err)
+	}
 }
 
 func TestBusyPort(t *testing.T) {
@@ -598,5 +604,25 @@ func TestShutdownRefusesNewConnections(t *testing.T) {
 	}
 	if code := s.wait(20 * time.Second); code != 0 {
 		t.Errorf("exit %d after SIGTERM, want 0", code)
+	}
+}
+
+// TestExpectContinueTooLarge: a body announced over the limit with
+// "Expect: 100-continue" (curl sends it for bodies over 1 KiB) is refused
+// before the upload, with the same JSON error as without Expect.
+func TestExpectContinueTooLarge(t *testing.T) {
+	s := startServer(t, "WORKERS=1", "LIMIT_REQUEST_BODY=4096")
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{ExpectContinueTimeout: 5 * time.Second}}
+	req, _ := http.NewRequest("POST", s.url("/api/chat"), strings.NewReader(strings.Repeat("x", 8192)))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Expect", "100-continue")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 413 || resp.Header.Get("Content-Type") != "application/json" || !strings.Contains(string(body), `"code":"body_too_large"`) {
+		t.Errorf("oversized body with Expect: %d %q %s, want 413 with the JSON error", resp.StatusCode, resp.Header.Get("Content-Type"), body)
 	}
 }

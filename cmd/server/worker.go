@@ -84,6 +84,8 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		DisableKeepAlive: cfg.KeepAliveTimeout == 0,
 		MaxBodySize:      cfg.LimitRequestBody,
 		MaxConcurrency:   cfg.LimitConcurrency,
+		// /health answers from memory: a busy worker is not an unhealthy one.
+		Unlimited: func(ctx *fasthttp.RequestCtx) bool { return string(ctx.Path()) == "/health" },
 		Signals:          sigs,
 		Metrics: func(w io.Writer) {
 			if set == nil {
