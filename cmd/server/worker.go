@@ -86,7 +86,7 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		MaxConcurrency:   cfg.LimitConcurrency,
 		// /health answers from memory: a busy worker is not an unhealthy one.
 		Unlimited: func(ctx *fasthttp.RequestCtx) bool { return string(ctx.Path()) == "/health" },
-		Signals:          sigs,
+		Signals:   sigs,
 		Metrics: func(w io.Writer) {
 			if set == nil {
 				return
