@@ -185,6 +185,10 @@ func (s *Supervisor) onControl(ctl control) {
 			r = Response{Error: "server is stopping"}
 			break
 		}
+		if s.reload != nil {
+			r = Response{Error: "reload mode runs one worker; scaling is for production mode"}
+			break
+		}
 		for len(s.slots) < n {
 			before := len(s.slots)
 			s.scaleUp()

@@ -56,6 +56,7 @@ type reloadState struct {
 	queued     []string           // changes seen while building
 	n          int                // builds started
 	status     protocol.Message   // last build status, sent to every new worker
+	good       string             // the last binary that started a worker; s.exe until a build proves itself
 	lastChange time.Time
 	stop       <-chan struct{} // closed when Run returns
 }
@@ -206,13 +207,49 @@ func (s *Supervisor) onBuild(res buildResult) {
 	if res.exe != "" {
 		prev := s.exe
 		s.exe = res.exe
-		if strings.HasPrefix(prev, r.dir) {
+		if strings.HasPrefix(prev, r.dir) && prev != r.good {
 			defer os.Remove(prev) // running processes keep their image
 		}
 	}
 	r.status = protocol.Message{Type: protocol.TypeReload, Build: "ok"}
 	s.log.Info().Strs("paths", res.paths).Dur("build_time", res.took).Str("binary", s.exe).Msg("build succeeded, swapping worker")
 	s.replaceAll("reload")
+}
+
+// proven records that exe started a worker: it becomes the binary to
+// fall back on, and the one it replaces is no longer needed.
+func (r *reloadState) proven(exe string) {
+	if exe == r.good {
+		return
+	}
+	if strings.HasPrefix(r.good, r.dir) {
+		os.Remove(r.good) // running processes keep their image
+	}
+	r.good = exe
+}
+
+// rejectBuild handles a new build whose binary cannot start a worker (it
+// does not execute, exits before it is ready, or is not ready in time):
+// in reload mode, rather than retrying it for ever with backoff, it is
+// reported as a failed build and the last binary that started is used
+// again until the next change. It reports whether it took the case.
+func (s *Supervisor) rejectBuild(sl *slot, exe, detail string) bool {
+	r := s.reload
+	if r == nil || exe != s.exe || exe == r.good || s.stopping {
+		return false
+	}
+	s.log.Error().Str("binary", exe).Str("error", detail).Msg("new build does not start, old worker keeps serving")
+	r.status = protocol.Message{Type: protocol.TypeReload, Build: "failed", Error: "the new build does not start: " + detail}
+	s.tellWorkers(r.status)
+	if strings.HasPrefix(exe, r.dir) {
+		os.Remove(exe)
+	}
+	s.exe = r.good
+	sl.failures = 0
+	if sl.current == nil && sl.next == nil {
+		s.spawn(sl, "restart")
+	}
+	return true
 }
 
 // replaceAll replaces every slot's worker.

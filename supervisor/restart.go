@@ -27,9 +27,13 @@ func (s *Supervisor) replace(sl *slot, why string) {
 // spawn starts a worker for sl now. A worker that cannot even be executed
 // counts as a death of the slot.
 func (s *Supervisor) spawn(sl *slot, why string) {
+	exe := s.exe
 	p, err := s.start(sl, why, s.listenersFor(sl))
 	if err != nil {
 		s.log.Error().Err(err).Int("worker", sl.n).Str("reason", why).Msg("worker start failed")
+		if s.rejectBuild(sl, exe, err.Error()) {
+			return
+		}
 		if !s.booted {
 			s.bootFailed(&BootError{Slot: sl.n, Status: err.Error()})
 			return
@@ -82,8 +86,11 @@ func (s *Supervisor) onReady(p *proc) {
 	if s.reload != nil && s.reload.status.Type != "" {
 		p.tell(s.reload.status)
 	}
-	if s.reload != nil && p.why == "reload" {
-		s.log.Info().Int("pid", p.pid).Dur("since_change", now.Sub(s.reload.lastChange)).Msg("reloaded")
+	if s.reload != nil {
+		s.reload.proven(p.exe)
+		if p.why == "reload" {
+			s.log.Info().Int("pid", p.pid).Dur("since_change", now.Sub(s.reload.lastChange)).Msg("reloaded")
+		}
 	}
 	if p.exe != s.exe {
 		// A newer build landed while this worker was starting.
@@ -136,6 +143,9 @@ func (s *Supervisor) onExit(p *proc, st *os.ProcessState) {
 		sl.next = nil
 		if !s.booted && !s.stopping {
 			s.bootFailed(&BootError{Slot: sl.n, PID: p.pid, Status: exitStatus(st)})
+			return
+		}
+		if p.reason == "" && s.rejectBuild(sl, p.exe, "it exited ("+exitStatus(st)+") before it was ready") {
 			return
 		}
 		s.backoff(sl, "restart", false)
@@ -210,7 +220,9 @@ func (s *Supervisor) tick(now time.Time) {
 				return
 			}
 			s.stop(p, "ready_timeout")
-			s.backoff(p.slot, "restart", false)
+			if !s.rejectBuild(p.slot, p.exe, fmt.Sprintf("it was not ready within %s", s.cfg.HealthcheckTimeout)) {
+				s.backoff(p.slot, "restart", false)
+			}
 		case p.state == ready && now.Sub(p.lastBeat) >= s.cfg.HealthcheckTimeout:
 			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).
 				Dur("silent", now.Sub(p.lastBeat)).Str("reason", "hung").Msg("worker hung, sending SIGQUIT")
@@ -295,6 +307,10 @@ func (s *Supervisor) addSlot() error {
 }
 
 func (s *Supervisor) scaleUp() {
+	if s.reload != nil {
+		s.log.Warn().Msg("scale up refused: reload mode runs one worker")
+		return
+	}
 	if s.stopping || len(s.slots) >= MaxWorkers {
 		s.log.Warn().Int("workers", len(s.slots)).Msg("scale up refused")
 		return

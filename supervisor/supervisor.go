@@ -245,7 +245,7 @@ func New(cfg Config) (*Supervisor, error) {
 	if cfg.Reload != nil {
 		rc := *cfg.Reload
 		rc.setDefaults()
-		s.reload = &reloadState{cfg: rc, changes: make(chan []string), builds: make(chan buildResult)}
+		s.reload = &reloadState{cfg: rc, changes: make(chan []string), builds: make(chan buildResult), good: s.exe}
 	}
 	if len(cfg.Listeners) > 0 {
 		addr, err := socketAddr(cfg.Listeners[0])

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -112,7 +113,8 @@ func (s *server) waitText(t *testing.T, want string) int {
 
 func TestReload(t *testing.T) {
 	f := newFixture(t)
-	s := startReloadServer(t, f)
+	sock := filepath.Join(t.TempDir(), "ctl.sock")
+	s := startReloadServer(t, f, "CONTROL_SOCKET="+sock)
 	first := s.workerPIDs()
 	if len(first) != 1 {
 		t.Fatalf("reload mode runs %d workers, want 1", len(first))
@@ -236,13 +238,65 @@ func TestReload(t *testing.T) {
 		}
 	})
 
+	t.Run("a build that does not start keeps the old worker", func(t *testing.T) {
+		_, before, err := s.text()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// It compiles, and exits at once: no worker of it is ever ready.
+		f.write("cmd/server/main.go", "package main\n\nimport \"os\"\n\nfunc main() { os.Exit(3) }\n")
+		waitFor(t, time.Minute, func() error {
+			resp, err := fresh.Get(s.url("/health"))
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			var h struct {
+				PID    int
+				Reload struct{ Build, Error string }
+			}
+			json.NewDecoder(resp.Body).Decode(&h)
+			if h.PID != before {
+				t.Fatalf("after a build that does not start /health answered by %d, want the old worker %d", h.PID, before)
+			}
+			if h.Reload.Build != "failed" || !strings.Contains(h.Reload.Error, "does not start") {
+				return fmt.Errorf("/health reload = %+v, want build failed: does not start", h.Reload)
+			}
+			return nil
+		})
+		f.setText("version 7")
+		if pid := s.waitText(t, "version 7"); pid == before {
+			t.Errorf("fixed build served by the old pid %d", pid)
+		}
+		if n := len(s.logs.find("new build does not start, old worker keeps serving", nil)); n != 1 {
+			t.Errorf("%d rejections of the build that does not start, want 1 (no retry loop)", n)
+		}
+	})
+
+	t.Run("scaling is refused", func(t *testing.T) {
+		code, _, errOut := cli(t, "scale", "3", "--control-socket", sock)
+		if code != 1 || !strings.Contains(errOut, "reload mode runs one worker") {
+			t.Errorf("server scale 3 in reload mode: exit %d %q, want 1 saying reload mode runs one worker", code, errOut)
+		}
+		s.cmd.Process.Signal(syscall.SIGTTIN)
+		waitFor(t, 5*time.Second, func() error {
+			if len(s.logs.find("scale up refused: reload mode runs one worker", nil)) == 0 {
+				return errors.New("SIGTTIN not refused")
+			}
+			return nil
+		})
+		if up := s.logs.find("scaling up", nil); len(up) != 0 {
+			t.Errorf("reload mode scaled up: %v", up)
+		}
+	})
+
 	t.Run("a dead worker is restarted", func(t *testing.T) {
 		pids := s.workerPIDs()
 		syscall.Kill(pids[0], syscall.SIGKILL)
 		waitFor(t, 10*time.Second, func() error {
 			got, pid, err := s.text()
-			if err != nil || pid == pids[0] || got != "version 6" {
-				return fmt.Errorf("/text = %q from %d (%v), want version 6 from a new worker", got, pid, err)
+			if err != nil || pid == pids[0] || got != "version 7" {
+				return fmt.Errorf("/text = %q from %d (%v), want version 7 from a new worker", got, pid, err)
 			}
 			return nil
 		})
