@@ -66,15 +66,20 @@ func (s *Supervisor) serveMetrics(ln net.Listener, done <-chan struct{}) {
 	}
 }
 
-// metricsAuth requires METRICS_TOKEN, when set, as a bearer token or as
-// ?token= (for the status page opened in a browser).
+// metricsAuth requires METRICS_TOKEN, when set, as a bearer token, or as
+// ?token= on the status page alone (opened in a browser; its script sends
+// the token as a bearer token). Elsewhere a token in the URL would end up
+// in scrape configs and proxy logs, so it is not taken.
 func (s *Supervisor) metricsAuth(next http.Handler) http.Handler {
 	if s.cfg.MetricsToken == "" {
 		return next
 	}
 	want := sha256.Sum256([]byte(s.cfg.MetricsToken))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		tok := r.URL.Query().Get("token")
+		var tok string
+		if r.URL.Path == "/" {
+			tok = r.URL.Query().Get("token")
+		}
 		if a := r.Header.Get("Authorization"); len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
 			tok = a[7:]
 		}

@@ -57,6 +57,15 @@ func TestMetricsAggregateWorkers(t *testing.T) {
 	if code, _ := get(t, base+"metrics", ""); code != 401 {
 		t.Errorf("GET /metrics without the token = %d, want 401", code)
 	}
+	// ?token= opens the status page in a browser, and nothing else.
+	if code, _ := get(t, base+"?token=s3cret", ""); code != 200 {
+		t.Errorf("GET /?token= = %d, want 200", code)
+	}
+	for _, path := range []string{"metrics?token=s3cret", "status.json?token=s3cret"} {
+		if code, _ := get(t, base+path, ""); code != 401 {
+			t.Errorf("GET /%s = %d, want 401: a token in the URL is for the page only", path, code)
+		}
+	}
 	for range 20 {
 		if _, err := s.health(fresh); err != nil {
 			t.Fatal(err)
