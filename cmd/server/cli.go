@@ -21,13 +21,30 @@ import (
 	"github.com/corralhq/corral/supervisor"
 )
 
-// subcommands talk to a running server through its control socket.
-var subcommands = map[string]string{
-	"status": "show the master and every worker",
-	"reload": "rolling restart of every worker (as SIGHUP)",
-	"scale":  "scale N: run N workers",
-	"stop":   "drain and stop (--force: kill the workers now)",
+// command is a subcommand that talks to a running server through its
+// control socket.
+type command struct {
+	name string
+	args string // what follows the name in usage, flags other than --control-socket included
+	help string
 }
+
+// commands are the subcommands in the order usage lists them.
+var commands = []command{
+	{"status", "[--json]", "show the master and every worker (--json: as JSON)"},
+	{"reload", "", "rolling restart of every worker (as SIGHUP)"},
+	{"scale", "N", "run N workers, 1 to 512"},
+	{"stop", "[--force]", "drain and stop (--force: kill the workers now)"},
+}
+
+// subcommands maps each command's name to its help.
+var subcommands = func() map[string]string {
+	m := map[string]string{}
+	for _, c := range commands {
+		m[c.name] = c.help
+	}
+	return m
+}()
 
 // controlPath is where the control socket is: the flag or CONTROL_SOCKET,
 // else systemd's $RUNTIME_DIRECTORY, else next to the SQLite database, else
@@ -45,58 +62,70 @@ func controlPath(flag, databaseURL string) string {
 	return filepath.Join("data", "server.sock")
 }
 
-// runCLI runs a subcommand; it returns the exit status.
+// runCLI runs a subcommand; it returns the exit status. Like the server it
+// exits 2 on a bad command line or setting, naming the flag or variable.
 func runCLI(name string, args []string, stdout, stderr io.Writer) int {
+	fail := func(code int, err error) int {
+		fmt.Fprintf(stderr, "server %s: %v\n", name, err)
+		return code
+	}
 	fs := pflag.NewFlagSet("server "+name, pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	sock := fs.String("control-socket", "", "")
-	jsonOut := fs.Bool("json", false, "")
-	force := fs.Bool("force", false, "")
-	if err := fs.Parse(args); err != nil {
-		fmt.Fprintf(stderr, "server %s: %v\n", name, err)
-		return exitUsage
-	}
-	req := supervisor.Request{Cmd: name}
+	fs.Usage = func() {}
+	var sock, jsonFlag, forceFlag flagSlot
+	addFlag(fs, &sock, "control-socket", false, false, false)
+	addFlag(fs, &jsonFlag, "json", false, true, false)
+	addFlag(fs, &forceFlag, "force", false, true, false)
+	err := fs.Parse(args)
 	rest := fs.Args()
+	var ne *pflag.NotExistError
+	switch {
+	case errors.Is(err, pflag.ErrHelp):
+		commandUsage(stdout, name)
+		return exitOK
+	case errors.As(err, &ne) && strings.IndexAny(ne.GetSpecifiedShortnames(), "0123456789") == 0:
+		// No flag has a digit for a shorthand: pflag took a negative
+		// number, "-1", for flags. It is an argument, and a bad one.
+		rest = []string{"-" + ne.GetSpecifiedShortnames()}
+	case err != nil:
+		return fail(exitUsage, oneLine{err})
+	}
+	jsonOut, err := jsonFlag.on()
+	if err != nil {
+		return fail(exitUsage, err)
+	}
+	force, err := forceFlag.on()
+	if err != nil {
+		return fail(exitUsage, err)
+	}
+
+	req := supervisor.Request{Cmd: name, Force: force}
 	switch {
 	case name == "scale" && len(rest) == 1:
-		n, err := strconv.Atoi(rest[0])
-		if err != nil || n < 1 || n > supervisor.MaxWorkers {
-			fmt.Fprintf(stderr, "server scale: invalid worker count %q: want a whole number from 1 to %d\n", rest[0], supervisor.MaxWorkers)
-			return exitUsage
+		count := setting{raw: rest[0], from: "worker count"}
+		if req.Workers, err = count.whole(1, supervisor.MaxWorkers, fmt.Sprintf("a whole number from 1 to %d", supervisor.MaxWorkers)); err != nil {
+			return fail(exitUsage, err)
 		}
-		req.Workers = n
 	case name == "scale":
-		fmt.Fprintln(stderr, "server scale: want one argument, the worker count: server scale 8")
-		return exitUsage
+		return fail(exitUsage, errors.New("want one argument, the worker count: server scale 8"))
 	case len(rest) > 0:
-		fmt.Fprintf(stderr, "server %s: unexpected argument %q\n", name, rest[0])
-		return exitUsage
-	case *jsonOut && name != "status", *force && name != "stop":
-		fmt.Fprintf(stderr, "server %s: --json goes with status, --force with stop\n", name)
-		return exitUsage
+		return fail(exitUsage, fmt.Errorf("unexpected argument %q", rest[0]))
+	case jsonOut && name != "status", force && name != "stop":
+		return fail(exitUsage, errors.New("--json goes with status, --force with stop"))
 	}
-	req.Force = *force
-	flag := *sock
-	if flag == "" {
-		flag = strings.TrimSpace(os.Getenv("CONTROL_SOCKET"))
+	path, err := cliControlPath(sock, os.LookupEnv)
+	if err != nil {
+		return fail(exitUsage, err)
 	}
-	dbURL := os.Getenv("DATABASE_URL")
-	if strings.TrimSpace(dbURL) == "" {
-		dbURL = defaultDatabaseURL
-	}
-	path := controlPath(flag, dbURL)
 	resp, err := callControl(path, req)
 	if err != nil {
-		fmt.Fprintln(stderr, "server "+name+":", err)
-		return exitError
+		return fail(exitError, err)
 	}
 	if !resp.OK {
-		fmt.Fprintf(stderr, "server %s: %s\n", name, resp.Error)
-		return exitError
+		return fail(exitError, errors.New(resp.Error))
 	}
 	switch {
-	case name == "status" && *jsonOut:
+	case name == "status" && jsonOut:
 		b, _ := json.MarshalIndent(resp.Status, "", "  ")
 		fmt.Fprintln(stdout, string(b))
 	case name == "status":
@@ -105,6 +134,51 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "server %s: done\n", name)
 	}
 	return exitOK
+}
+
+// cliControlPath returns the control socket a subcommand talks to, found
+// as controlPath finds the server's, from --control-socket, CONTROL_SOCKET
+// and DATABASE_URL checked as the server checks them: a value the server
+// would refuse cannot name the socket of a running server.
+func cliControlPath(flag flagSlot, lookupEnv func(string) (string, bool)) (string, error) {
+	c := defaultConfig()
+	o := optionNamed("control-socket")
+	if s, ok := o.pick(flag, lookupEnv); ok {
+		if err := o.set(&c, s); err != nil {
+			return "", err
+		}
+		return c.ControlSocket, nil
+	}
+	// DATABASE_URL places the socket only when controlPath gets that far.
+	if d, _ := lookupEnv("RUNTIME_DIRECTORY"); d == "" {
+		o = optionNamed("database-url")
+		if s, ok := o.pick(flagSlot{}, lookupEnv); ok {
+			if err := o.set(&c, s); err != nil {
+				return "", fmt.Errorf("%w (it places the control socket; or name the socket with --control-socket)", err)
+			}
+		}
+	}
+	return controlPath("", c.DatabaseURL), nil
+}
+
+// commandUsage writes the --help text of the subcommand name.
+func commandUsage(w io.Writer, name string) {
+	for _, c := range commands {
+		if c.name != name {
+			continue
+		}
+		fmt.Fprintf(w, "Usage: server %s [--control-socket PATH]\n  %s\n\nFlags:\n", strings.TrimSpace(c.name+" "+c.args), c.help)
+	}
+	fmt.Fprintln(w, "  --control-socket PATH  the running server's control socket; default CONTROL_SOCKET,")
+	fmt.Fprintln(w, "                         else $RUNTIME_DIRECTORY/server.sock, else server.sock next")
+	fmt.Fprintln(w, "                         to the SQLite file of DATABASE_URL (data/server.sock)")
+	switch name {
+	case "status":
+		fmt.Fprintln(w, "  --json                 print the status as JSON")
+	case "stop":
+		fmt.Fprintln(w, "  --force                kill the workers now instead of draining them")
+	}
+	fmt.Fprintln(w, "  -h, --help             print this help and exit")
 }
 
 // callControl sends req on the control socket at path. Every way of not

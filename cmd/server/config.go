@@ -106,6 +106,9 @@ const (
 	defaultLLMIdleTimeout   = 60 * time.Second
 	minLLMTimeout           = time.Second
 	defaultSimulatedLatency = 3 * time.Second
+	// maxSocketPath is the longest unix socket path: sun_path holds 108
+	// bytes on Linux, the terminating NUL included.
+	maxSocketPath = 107
 
 	providerSimulated = "simulated"
 	providerOpenAI    = "openai"
@@ -215,7 +218,7 @@ func (s setting) whole(lo, hi int, want string) (int, error) {
 
 func (s setting) boolean() (bool, error) {
 	var b bool
-	switch strings.ToLower(s.text()) {
+	switch lowerASCII(s.text()) {
 	case "true", "1", "yes", "on":
 		b = true
 	case "false", "0", "no", "off":
@@ -228,21 +231,34 @@ func (s setting) boolean() (bool, error) {
 // duration parses a Go duration ("1m30s") or a number of seconds ("75",
 // "0.5", as uvicorn takes them) that is at least lo.
 func (s setting) duration(lo time.Duration, atLeast string) (time.Duration, error) {
-	d, ok := parseDuration(s.text())
+	t := s.text()
+	d, ok := parseDuration(t)
 	if !ok || d < lo {
 		return 0, s.invalid("a duration like 1m30s, 250ms or 75 (seconds), " + atLeast)
+	}
+	// 0 means "off" or "at once" for several settings, so a typo such as
+	// 0.0000000001 must not quietly become it. No unit holds a digit, so
+	// any non-zero digit means a non-zero duration.
+	if d == 0 && strings.ContainsAny(t, "123456789") {
+		return 0, s.invalid("0 or at least 1ns (a shorter duration would become 0)")
 	}
 	return d, nil
 }
 
+// parseDuration parses a Go duration or a decimal number of seconds and
+// drops any fraction of a nanosecond. Dropping rather than rounding means
+// that d < lo holds exactly when the value written is below lo, for any
+// whole-nanosecond lo.
 func parseDuration(t string) (time.Duration, bool) {
 	if isDecimal(t) {
-		f, err := strconv.ParseFloat(t, 64)
-		ns := math.Round(f * float64(time.Second))
-		if err != nil || ns >= math.MaxInt64 {
+		// Done in integers: a float64 rounds 0.09999999999 s up to 100ms.
+		whole, frac, _ := strings.Cut(t, ".")
+		sec, err := strconv.ParseInt("0"+whole, 10, 64)
+		ns, _ := strconv.ParseInt((frac + "000000000")[:9], 10, 64)
+		if err != nil || sec > (math.MaxInt64-ns)/int64(time.Second) {
 			return 0, false
 		}
-		return time.Duration(ns), true
+		return time.Duration(sec)*time.Second + time.Duration(ns), true
 	}
 	d, err := time.ParseDuration(t)
 	if err != nil || d < 0 {
@@ -282,7 +298,7 @@ func parseSize(t string) (int, bool) {
 	if i < 0 {
 		i = len(t)
 	}
-	mult, ok := sizeUnits[strings.ToLower(strings.TrimSpace(t[i:]))]
+	mult, ok := sizeUnits[lowerASCII(strings.TrimSpace(t[i:]))]
 	if !ok || !isDecimal(t[:i]) {
 		return 0, false
 	}
@@ -343,6 +359,18 @@ func redact(s string) string {
 	return secretParam.ReplaceAllString(s, "${1}=xxxxx")
 }
 
+// lowerASCII lowers the letters A to Z and nothing else. Names are matched
+// with it rather than strings.ToLower, which maps the Turkish İ to i and
+// the Kelvin sign to k, so that "İNFO" would pass for "info".
+func lowerASCII(t string) string {
+	return strings.Map(func(r rune) rune {
+		if 'A' <= r && r <= 'Z' {
+			return r + 'a' - 'A'
+		}
+		return r
+	}, t)
+}
+
 // isVisibleASCII reports whether t is non-empty and only printable ASCII
 // other than space: what an Authorization header value can carry.
 func isVisibleASCII(t string) bool {
@@ -386,6 +414,14 @@ const (
 type flagSlot struct {
 	s   setting
 	set bool
+}
+
+// on returns the value of a switch's slot, false if the switch was not given.
+func (f flagSlot) on() (bool, error) {
+	if !f.set {
+		return false, nil
+	}
+	return f.s.boolean()
 }
 
 // flagValue is the pflag.Value of one flag name. Set only records: every
@@ -489,39 +525,30 @@ func loadConfig(args []string, lookupEnv func(string) (string, bool)) (config, e
 	}
 
 	c := defaultConfig()
-	if version.set {
-		v, err := version.s.boolean()
-		if err != nil {
-			return config{}, err
-		}
-		if v {
-			c.ShowVersion = true
-			return c, nil
-		}
+	showVersion, err := version.on()
+	if err != nil {
+		return config{}, err
 	}
-	var provider setting
+	if showVersion {
+		c.ShowVersion = true
+		return c, nil
+	}
+	given := map[string]setting{} // by option name
 	for i, o := range options {
-		s, ok := slots[i].s, slots[i].set
-		for _, name := range o.env {
-			if ok {
-				break
-			}
-			if v, set := lookupEnv(name); set && (strings.TrimSpace(v) != "" || o.keepEmpty) {
-				s, ok = setting{raw: v, from: name}, true
-			}
-		}
+		s, ok := o.pick(slots[i], lookupEnv)
 		if !ok {
 			continue
 		}
 		if err := o.set(&c, s); err != nil {
 			return config{}, err
 		}
-		if o.flag == "llm-provider" {
-			provider = s
-		}
+		given[o.name()] = s
 	}
 
-	switch {
+	if err := checkMetricsAddr(c, given); err != nil {
+		return config{}, err
+	}
+	switch provider := given["llm-provider"]; {
 	case c.LLMProvider == "" && c.LLMBaseURL != "":
 		c.LLMProvider = providerOpenAI
 	case c.LLMProvider == "":
@@ -532,31 +559,64 @@ func loadConfig(args []string, lookupEnv func(string) (string, bool)) (config, e
 	return c, nil
 }
 
-// splitList splits a comma list, dropping blank entries.
-func splitList(s string) []string {
-	var out []string
-	for _, e := range strings.Split(s, ",") {
-		if e = strings.TrimSpace(e); e != "" {
-			out = append(out, e)
-		}
-	}
-	return out
-}
-
-// globs parses a comma list of file name patterns.
+// globs parses a comma list of file name patterns. An empty entry is an
+// error, as in API_TOKEN: it is usually a variable that expanded to
+// nothing. An empty list, which only a flag can give, adds no pattern.
 func globs(s setting) ([]string, error) {
+	if s.text() == "" {
+		return nil, nil
+	}
 	var out []string
-	for _, g := range splitList(s.text()) {
-		if _, err := path.Match(g, ""); err != nil {
-			return nil, s.invalid("file name patterns such as *.tmpl, comma-separated")
+	for _, g := range strings.Split(s.text(), ",") {
+		g = strings.TrimSpace(g)
+		if _, err := path.Match(g, ""); g == "" || err != nil {
+			return nil, s.invalid("file name patterns such as *.tmpl, comma-separated, none empty")
 		}
 		out = append(out, g)
 	}
 	return out, nil
 }
 
+// checkMetricsAddr refuses a metrics address on the API's port and on an
+// address the API listens on too. The master would bind the API first and
+// then fail on the metrics address with a message naming neither setting.
+// Port 0 lets the kernel pick a free port, so it never clashes.
+func checkMetricsAddr(c config, given map[string]setting) error {
+	m, ok := given["metrics-addr"]
+	if !ok {
+		return nil
+	}
+	host, port, _ := net.SplitHostPort(c.MetricsAddr)
+	if n, _ := strconv.Atoi(port); c.Port == 0 || n != c.Port || !sameListenAddr(host, c.Host) {
+		return nil
+	}
+	from := func(name, value string) string {
+		if s, ok := given[name]; ok {
+			return s.from + " " + value
+		}
+		return "default " + name + " " + value
+	}
+	return m.invalid(fmt.Sprintf("a port other than the API's (%s, %s)", from("host", c.Host), from("port", strconv.Itoa(c.Port))))
+}
+
+// sameListenAddr reports whether listening on hosts a and b, on one port,
+// takes the same address: they are equal, or either is every address
+// ("" in host:port, 0.0.0.0 or ::). Host names are compared, not resolved.
+func sameListenAddr(a, b string) bool {
+	ipA, errA := netip.ParseAddr(a)
+	ipB, errB := netip.ParseAddr(b)
+	switch {
+	case a == "" || b == "" || errA == nil && ipA.Unmap().IsUnspecified() || errB == nil && ipB.Unmap().IsUnspecified():
+		return true
+	case errA == nil && errB == nil:
+		return ipA.Unmap() == ipB.Unmap()
+	}
+	return lowerASCII(strings.TrimSuffix(a, ".")) == lowerASCII(strings.TrimSuffix(b, "."))
+}
+
 // usage writes the --help text: one line per flag with its variable and
-// default, grouped, then the variables that have no flag.
+// default, grouped, with the variables that have no flag, then one line
+// per subcommand.
 func usage(w io.Writer) {
 	type row struct{ flag, env, def, help string }
 	var rows []row
@@ -591,6 +651,7 @@ func usage(w io.Writer) {
 	}
 
 	fmt.Fprint(w, `Usage: server [flags]
+       server status|reload|scale N|stop [--control-socket PATH]
 
 Serves the Corral agent API from supervised worker processes. Each setting
 comes from its flag, else its environment variable, else its default; a
@@ -605,5 +666,14 @@ with status 2. See docs/configuration.md.
 		for _, r := range byGroup[g] {
 			line(r)
 		}
+	}
+
+	fmt.Fprint(w, "\nCommands (they talk to a running server through its control socket; each\ntakes --control-socket PATH and --help):\n")
+	wc := 0
+	for _, c := range commands {
+		wc = max(wc, len(c.name+" "+c.args))
+	}
+	for _, c := range commands {
+		fmt.Fprintf(w, "  server %-*s  %s\n", wc, strings.TrimSpace(c.name+" "+c.args), c.help)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"os"
 	"reflect"
@@ -246,6 +247,12 @@ func TestConfigDurations(t *testing.T) {
 		{"0", 0},
 		{"0s", 0},
 		{" 10 ", 10 * time.Second},
+		{"0.3", 300 * time.Millisecond},
+		{"0.000000001", time.Nanosecond},
+		{"0.0000000019", time.Nanosecond}, // a fraction of a nanosecond is dropped
+		{"0.0000000000", 0},
+		{"0h0m0.0s", 0},
+		{"9223372036.854775807", time.Duration(math.MaxInt64)},
 	}
 	for _, tt := range tests {
 		c, err := loadConfig([]string{"--timeout-graceful-shutdown", tt.in}, fakeEnv())
@@ -313,6 +320,17 @@ func TestConfigValues(t *testing.T) {
 		{nil, []string{"DATABASE_URL", "postgresql://u:p@db:5432/x?sslmode=disable"}, func(c config) any { return c.DatabaseURL }, "postgresql://u:p@db:5432/x?sslmode=disable", "postgresql"},
 		{nil, []string{"API_TOKEN", "t1"}, func(c config) any { return c.APITokens }, []string{"t1"}, "one token"},
 		{nil, []string{"LLM_MODEL", " gpt-4o-mini "}, func(c config) any { return c.LLMModel }, "gpt-4o-mini", "trimmed model"},
+		{nil, []string{"LOG_LEVEL", "INFO"}, func(c config) any { return c.LogLevel }, zerolog.InfoLevel, "ASCII case"},
+		{nil, []string{"TIMEOUT_WORKER_HEALTHCHECK", "0.1"}, func(c config) any { return c.HealthcheckTimeout }, 100 * time.Millisecond, "the minimum itself"},
+		{nil, []string{"DATABASE_URL", "sqlite:file:/tmp/x/y.db"}, func(c config) any { return c.DatabaseURL }, "sqlite:file:/tmp/x/y.db", "SQLite's file: URI"},
+		{[]string{"--database-url", "sqlite:file:rel.db"}, nil, func(c config) any { return c.DatabaseURL }, "sqlite:file:rel.db", "relative file: URI"},
+		{nil, []string{"CONTROL_SOCKET", longPath(107)}, func(c config) any { return c.ControlSocket }, longPath(107), "the longest socket path"},
+		{nil, []string{"HOST", "127.0.0.1", "PORT", "0", "METRICS_ADDR", "127.0.0.1:0"}, func(c config) any { return c.MetricsAddr }, "127.0.0.1:0", "port 0 never clashes"},
+		{nil, []string{"PORT", "0", "METRICS_ADDR", ":0"}, func(c config) any { return c.MetricsAddr }, ":0", "port 0 on every address"},
+		{nil, []string{"HOST", "127.0.0.1", "METRICS_ADDR", "127.0.0.2:8000"}, func(c config) any { return c.MetricsAddr }, "127.0.0.2:8000", "another address, same port"},
+		{nil, []string{"HOST", "127.0.0.1", "METRICS_ADDR", "[::1]:8000"}, func(c config) any { return c.MetricsAddr }, "[::1]:8000", "IPv6 loopback beside IPv4 loopback"},
+		{nil, []string{"METRICS_ADDR", "127.0.0.1:8001"}, func(c config) any { return c.MetricsAddr }, "127.0.0.1:8001", "another port"},
+		{[]string{"--reload-include="}, []string{"RELOAD_INCLUDE", "*.tmpl"}, func(c config) any { return c.ReloadInclude }, []string(nil), "an empty flag clears the variable's patterns"},
 		{nil, []string{"FORWARDED_ALLOW_IPS", "10.1.2.3/8,::ffff:192.0.2.1"}, func(c config) any { return c.ForwardedAllowIPs },
 			worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.0.2.1/32")}}, "networks masked, mapped IPv4 unmapped"},
 	}
@@ -370,7 +388,13 @@ const (
 	wantOrigins     = "want comma-separated origins like https://app.example.com (no path), or * alone"
 	wantUnlimited   = "want a whole number, 0 for no limit"
 	wantDatabaseURL = "want sqlite:PATH or a postgres:// URL"
+	wantSQLiteQuery = "want sqlite:PATH with no query parameters (no ? or #): the server sets SQLite's options itself"
+	wantSQLiteFile  = "want sqlite:PATH naming a file, not :memory: (the workers share the database through the file)"
+	wantSocketPath  = "want a path of at most 107 bytes, the most a unix socket address holds"
 )
+
+// longPath is a path of n bytes.
+func longPath(n int) string { return "/tmp/" + strings.Repeat("s", n-len("/tmp/")) }
 
 // configInvalidCases holds a bad value of every option, from a flag and from the
 // environment, with the exact message.
@@ -416,9 +440,17 @@ var configInvalidCases = []struct {
 
 	{[]string{"--timeout-keep-alive", "-5"}, nil, `invalid --timeout-keep-alive "-5": ` + wantDuration0},
 	{nil, []string{"TIMEOUT_KEEP_ALIVE", "5 s"}, `invalid TIMEOUT_KEEP_ALIVE "5 s": ` + wantDuration0},
+	// Under a nanosecond: it would become 0, which turns keep-alive off.
+	{nil, []string{"TIMEOUT_KEEP_ALIVE", "0.0000000001"}, `invalid TIMEOUT_KEEP_ALIVE "0.0000000001": want 0 or at least 1ns (a shorter duration would become 0)`},
+	{[]string{"--timeout-graceful-shutdown", "0.5ns"}, nil, `invalid --timeout-graceful-shutdown "0.5ns": want 0 or at least 1ns (a shorter duration would become 0)`},
 
 	{[]string{"--timeout-worker-healthcheck", "50ms"}, nil, `invalid --timeout-worker-healthcheck "50ms": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
 	{nil, []string{"TIMEOUT_WORKER_HEALTHCHECK", "0.05"}, `invalid TIMEOUT_WORKER_HEALTHCHECK "0.05": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
+	// Just under the minimum must not be rounded up to it.
+	{nil, []string{"TIMEOUT_WORKER_HEALTHCHECK", "0.09999999999"}, `invalid TIMEOUT_WORKER_HEALTHCHECK "0.09999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
+	{nil, []string{"TIMEOUT_WORKER_HEALTHCHECK", "99.99999999ms"}, `invalid TIMEOUT_WORKER_HEALTHCHECK "99.99999999ms": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
+	{[]string{"--timeout-read-request", "0.0999999999999"}, nil, `invalid --timeout-read-request "0.0999999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
+	{nil, []string{"LLM_TIMEOUT", "0.9999999999"}, `invalid LLM_TIMEOUT "0.9999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
 
 	{[]string{"--limit-concurrency", "-1"}, nil, `invalid --limit-concurrency "-1": ` + wantUnlimited},
 	{nil, []string{"LIMIT_CONCURRENCY", "1.5"}, `invalid LIMIT_CONCURRENCY "1.5": ` + wantUnlimited},
@@ -431,6 +463,12 @@ var configInvalidCases = []struct {
 
 	{[]string{"--log-level", "verbose"}, nil, `invalid --log-level "verbose": want trace, debug, info, warning, error or critical`},
 	{nil, []string{"LOG_LEVEL", "panic"}, `invalid LOG_LEVEL "panic": want trace, debug, info, warning, error or critical`},
+	// Names ignore ASCII case only: Unicode lower-casing maps the Turkish İ
+	// and the Kelvin sign onto i and k.
+	{nil, []string{"LOG_LEVEL", "İNFO"}, `invalid LOG_LEVEL "İNFO": want trace, debug, info, warning, error or critical`},
+	{nil, []string{"LLM_PROVIDER", "SİMULATED"}, `invalid LLM_PROVIDER "SİMULATED": want simulated or openai`},
+	{nil, []string{"LIMIT_REQUEST_BODY", "64\u212aiB"}, "invalid LIMIT_REQUEST_BODY \"64\u212aiB\": " + wantSize},
+	{nil, []string{"LIMIT_MAX_MEMORY", "65536\u212aiB"}, "invalid LIMIT_MAX_MEMORY \"65536\u212aiB\": want 0 or a size from 16MiB to 1TiB, such as 512MiB"},
 
 	{[]string{"--log-format", "xml"}, nil, `invalid --log-format "xml": want auto, console or json`},
 	{nil, []string{"LOG_FORMAT", "text"}, `invalid LOG_FORMAT "text": want auto, console or json`},
@@ -439,7 +477,14 @@ var configInvalidCases = []struct {
 	{[]string{"--access-log=2"}, nil, `invalid --access-log "2": ` + wantBool},
 	{[]string{"--no-access-log=maybe"}, []string{"ACCESS_LOG", "junk"}, `invalid --no-access-log "maybe": ` + wantBool},
 
-	{[]string{"--database-url", "sqlite:"}, nil, `invalid --database-url "sqlite:": ` + wantDatabaseURL},
+	{[]string{"--database-url", "sqlite:"}, nil, `invalid --database-url "sqlite:": ` + wantSQLiteFile},
+	{nil, []string{"DATABASE_URL", "sqlite::memory:"}, `invalid DATABASE_URL "sqlite::memory:": ` + wantSQLiteFile},
+	{nil, []string{"DATABASE_URL", "sqlite:file::memory:"}, `invalid DATABASE_URL "sqlite:file::memory:": ` + wantSQLiteFile},
+	{nil, []string{"DATABASE_URL", "sqlite:file:"}, `invalid DATABASE_URL "sqlite:file:": ` + wantSQLiteFile},
+	{nil, []string{"DATABASE_URL", "sqlite:/tmp/x.db?mode=ro"}, `invalid DATABASE_URL "sqlite:/tmp/x.db?mode=ro": ` + wantSQLiteQuery},
+	{[]string{"--database-url", "sqlite:file:/tmp/x.db?cache=shared"}, nil, `invalid --database-url "sqlite:file:/tmp/x.db?cache=shared": ` + wantSQLiteQuery},
+	{nil, []string{"DATABASE_URL", "sqlite:data/x.db#main"}, `invalid DATABASE_URL "sqlite:data/x.db#main": ` + wantSQLiteQuery},
+	{nil, []string{"DATABASE_URL", "sqlite:/tmp/x.db?key=hunter2"}, `invalid DATABASE_URL "sqlite:/tmp/x.db?key=xxxxx": ` + wantSQLiteQuery},
 	{nil, []string{"DATABASE_URL", "data/server.db"}, `invalid DATABASE_URL "data/server.db": ` + wantDatabaseURL},
 	{nil, []string{"DATABASE_URL", "mysql://u:hunter2@h/db"}, `invalid DATABASE_URL "mysql://xxxxx@h/db": ` + wantDatabaseURL},
 	{nil, []string{"DATABASE_URL", "host=db password=hunter2"}, `invalid DATABASE_URL "host=db password=xxxxx": ` + wantDatabaseURL},
@@ -479,6 +524,33 @@ var configInvalidCases = []struct {
 	{[]string{"--forwarded-allow-ips", "10.0.0.0/33"}, nil, `invalid --forwarded-allow-ips "10.0.0.0/33": "10.0.0.0/33" is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)`},
 	{nil, []string{"FORWARDED_ALLOW_IPS", "127.0.0.1,"}, `invalid FORWARDED_ALLOW_IPS "127.0.0.1,": "" is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)`},
 	{[]string{"--proxy-headers=maybe"}, nil, `invalid --proxy-headers "maybe": ` + wantBool},
+
+	{nil, []string{"CONTROL_SOCKET", longPath(108)}, `invalid CONTROL_SOCKET "` + longPath(108) + `": ` + wantSocketPath},
+	{[]string{"--control-socket", longPath(200)}, nil, `invalid --control-socket "` + longPath(200) + `": ` + wantSocketPath},
+	{[]string{"--control-socket="}, []string{"CONTROL_SOCKET", "/run/a.sock"}, `invalid --control-socket "": want a socket path (leave the flag out for the default)`},
+
+	// The metrics address must not take the API's port on an address the
+	// API listens on: same host, or either of them every address.
+	{nil, []string{"HOST", "127.0.0.1", "PORT", "18001", "METRICS_ADDR", "127.0.0.1:18001"},
+		`invalid METRICS_ADDR "127.0.0.1:18001": want a port other than the API's (HOST 127.0.0.1, PORT 18001)`},
+	{nil, []string{"METRICS_ADDR", "127.0.0.1:8000"}, `invalid METRICS_ADDR "127.0.0.1:8000": want a port other than the API's (default host 0.0.0.0, default port 8000)`},
+	{[]string{"--host", "10.1.2.3", "--metrics-addr", ":8000"}, nil, `invalid --metrics-addr ":8000": want a port other than the API's (--host 10.1.2.3, default port 8000)`},
+	{[]string{"--port", "9100"}, []string{"HOST", "::", "METRICS_ADDR", "[::1]:9100"}, `invalid METRICS_ADDR "[::1]:9100": want a port other than the API's (HOST ::, --port 9100)`},
+	{nil, []string{"HOST", "127.0.0.1", "METRICS_ADDR", "0.0.0.0:08000"}, `invalid METRICS_ADDR "0.0.0.0:08000": want a port other than the API's (HOST 127.0.0.1, default port 8000)`},
+	{nil, []string{"HOST", "[::ffff:127.0.0.1]", "PORT", "9000", "METRICS_ADDR", "127.0.0.1:9000"},
+		`invalid METRICS_ADDR "127.0.0.1:9000": want a port other than the API's (HOST ::ffff:127.0.0.1, PORT 9000)`},
+	{nil, []string{"HOST", "API.internal", "PORT", "9000", "METRICS_ADDR", "api.internal:9000"},
+		`invalid METRICS_ADDR "api.internal:9000": want a port other than the API's (HOST API.internal, PORT 9000)`},
+
+	// An empty entry in a comma list is an error, as in API_TOKEN and CORS_ORIGINS.
+	{nil, []string{"RELOAD_DIRS", "/tmp,,"}, `invalid RELOAD_DIRS "/tmp,,": want existing folders, comma-separated, none empty`},
+	{nil, []string{"RELOAD_DIRS", ",/tmp"}, `invalid RELOAD_DIRS ",/tmp": want existing folders, comma-separated, none empty`},
+	{[]string{"--reload-dir", "/tmp", "--reload-dir="}, nil, `invalid --reload-dir "/tmp,": want existing folders, comma-separated, none empty`},
+	{nil, []string{"RELOAD_DIRS", "/nonexistent-corral"}, `invalid RELOAD_DIRS "/nonexistent-corral": want existing folders, comma-separated, none empty`},
+	{nil, []string{"RELOAD_INCLUDE", "*.tmpl, ,*.html"}, `invalid RELOAD_INCLUDE "*.tmpl, ,*.html": want file name patterns such as *.tmpl, comma-separated, none empty`},
+	{nil, []string{"RELOAD_INCLUDE", "[a"}, `invalid RELOAD_INCLUDE "[a": want file name patterns such as *.tmpl, comma-separated, none empty`},
+	{[]string{"--reload-exclude", "gen", "--reload-exclude", ""}, nil, `invalid --reload-exclude "gen,": want file name patterns such as *.tmpl, comma-separated, none empty`},
+	{nil, []string{"RELOAD_EXCLUDE", "gen,"}, `invalid RELOAD_EXCLUDE "gen,": want file name patterns such as *.tmpl, comma-separated, none empty`},
 
 	{nil, []string{"LLM_API_KEY", "sk-abc def"}, `invalid LLM_API_KEY (value not shown): want printable ASCII without spaces`},
 	{nil, []string{"API_TOKEN", "tok1,,tok2"}, `invalid API_TOKEN (value not shown): want comma-separated tokens of printable ASCII, none empty`},
@@ -709,6 +781,12 @@ func TestConfigDocsMatchUsage(t *testing.T) {
 			t.Errorf("usage does not list %s as a variable without a flag", name)
 		}
 	}
+	for _, c := range commands {
+		cmd := strings.TrimSpace("server " + c.name + " " + c.args)
+		if !strings.Contains(help, cmd) || !strings.Contains(docs, "`"+cmd+"`") {
+			t.Errorf("usage or docs/configuration.md lacks the command `%s`", cmd)
+		}
+	}
 }
 
 func TestConfigUsage(t *testing.T) {
@@ -737,6 +815,18 @@ func TestConfigUsage(t *testing.T) {
 		}
 		if !found {
 			t.Errorf("usage has no line with %s, %s and default %s", name, strings.Join(o.env, ", "), o.def)
+		}
+	}
+	// One line per subcommand, with its arguments.
+	for _, cmd := range []string{"server status [--json]", "server reload", "server scale N", "server stop [--force]"} {
+		n := 0
+		for _, line := range lines {
+			if f := strings.Fields(line); len(f) > 2 && strings.HasPrefix(strings.Join(f, " "), cmd+" ") {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Errorf("usage has %d lines for %q, want 1:\n%s", n, cmd, help)
 		}
 	}
 }

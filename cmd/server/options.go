@@ -12,6 +12,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/corralhq/corral/handlers/store"
 	"github.com/corralhq/corral/worker"
 )
 
@@ -31,6 +32,39 @@ type option struct {
 	// keepEmpty makes a variable set to "" a value rather than unset.
 	keepEmpty bool
 	set       func(c *config, s setting) error
+}
+
+// name is the option's flag, or its first variable when it has no flag.
+func (o option) name() string {
+	if o.flag == "" {
+		return o.env[0]
+	}
+	return o.flag
+}
+
+// pick returns the setting o takes: the flag if given, else the first of
+// its variables that is set and not blank (or, with keepEmpty, set at all).
+func (o option) pick(flag flagSlot, lookupEnv func(string) (string, bool)) (setting, bool) {
+	if flag.set {
+		return flag.s, true
+	}
+	for _, name := range o.env {
+		if v, set := lookupEnv(name); set && (strings.TrimSpace(v) != "" || o.keepEmpty) {
+			return setting{raw: v, from: name}, true
+		}
+	}
+	return setting{}, false
+}
+
+// optionNamed returns the option whose name is name; it panics on a name
+// no option has, which is a bug.
+func optionNamed(name string) option {
+	for _, o := range options {
+		if o.name() == name {
+			return o
+		}
+	}
+	panic("no option " + name)
 }
 
 var options = []option{
@@ -66,7 +100,7 @@ var options = []option{
 	{group: groupServer, flag: "socket-mode", arg: "MODE", env: []string{"SOCKET_MODE"}, def: socketReuseport,
 		help: "reuseport (a socket per worker) or shared",
 		set: func(c *config, s setting) error {
-			m := strings.ToLower(s.text())
+			m := lowerASCII(s.text())
 			if m != socketReuseport && m != socketShared {
 				return s.invalid("reuseport or shared")
 			}
@@ -164,7 +198,14 @@ var options = []option{
 	{group: groupServer, flag: "control-socket", arg: "PATH", env: []string{"CONTROL_SOCKET"}, def: "(see docs)",
 		help: "unix socket for `server status` and friends",
 		set: func(c *config, s setting) error {
-			c.ControlSocket = s.text()
+			t := s.text()
+			switch {
+			case t == "": // only a flag can be empty
+				return s.invalid("a socket path (leave the flag out for the default)")
+			case len(t) > maxSocketPath:
+				return s.invalid(fmt.Sprintf("a path of at most %d bytes, the most a unix socket address holds", maxSocketPath))
+			}
+			c.ControlSocket = t
 			return nil
 		}},
 
@@ -175,7 +216,7 @@ var options = []option{
 				"trace": zerolog.TraceLevel, "debug": zerolog.DebugLevel, "info": zerolog.InfoLevel,
 				"warning": zerolog.WarnLevel, "warn": zerolog.WarnLevel, "error": zerolog.ErrorLevel,
 				"critical": zerolog.FatalLevel, "fatal": zerolog.FatalLevel,
-			}[strings.ToLower(s.text())]
+			}[lowerASCII(s.text())]
 			if !ok {
 				return s.invalid("trace, debug, info, warning, error or critical")
 			}
@@ -185,7 +226,7 @@ var options = []option{
 	{group: groupLog, flag: "log-format", arg: "FORMAT", env: []string{"LOG_FORMAT"}, def: "auto",
 		help: "auto (console on a terminal, else json), console, json",
 		set: func(c *config, s setting) error {
-			f := strings.ToLower(s.text())
+			f := lowerASCII(s.text())
 			if f != "auto" && f != "console" && f != "json" {
 				return s.invalid("auto, console or json")
 			}
@@ -219,16 +260,20 @@ var options = []option{
 		help: "sqlite:PATH or postgres://user@host/db",
 		set: func(c *config, s setting) error {
 			t := s.text()
-			lower := strings.ToLower(t)
-			ok := false
+			lower := lowerASCII(t)
 			switch {
+			case strings.HasPrefix(lower, "sqlite:") && strings.ContainsAny(t, "?#"):
+				return s.invalidURL("sqlite:PATH with no query parameters (no ? or #): the server sets SQLite's options itself")
 			case strings.HasPrefix(lower, "sqlite:"):
-				ok = len(t) > len("sqlite:")
+				// Asking the store keeps this check and store.Open in step.
+				if _, ok := store.FilePath(t); !ok {
+					return s.invalidURL("sqlite:PATH naming a file, not :memory: (the workers share the database through the file)")
+				}
 			case strings.HasPrefix(lower, "postgres://"), strings.HasPrefix(lower, "postgresql://"):
-				_, err := url.Parse(t)
-				ok = err == nil
-			}
-			if !ok {
+				if _, err := url.Parse(t); err != nil {
+					return s.invalidURL("sqlite:PATH or a postgres:// URL")
+				}
+			default:
 				return s.invalidURL("sqlite:PATH or a postgres:// URL")
 			}
 			c.DatabaseURL = t
@@ -263,7 +308,7 @@ var options = []option{
 	{group: groupAPI, flag: "llm-provider", arg: "NAME", env: []string{"LLM_PROVIDER"}, def: providerSimulated,
 		help: "simulated, or openai (default with a base URL)",
 		set: func(c *config, s setting) error {
-			p := strings.ToLower(s.text())
+			p := lowerASCII(s.text())
 			if p != providerSimulated && p != providerOpenAI {
 				return s.invalid("simulated or openai")
 			}
@@ -338,14 +383,12 @@ var options = []option{
 		help: "folder to watch, recursively; repeatable",
 		set: func(c *config, s setting) error {
 			var dirs []string
-			for _, d := range splitList(s.text()) {
-				if fi, err := os.Stat(d); err != nil || !fi.IsDir() {
-					return s.invalid("existing folders, comma-separated")
+			for _, d := range strings.Split(s.text(), ",") {
+				d = strings.TrimSpace(d)
+				if fi, err := os.Stat(d); d == "" || err != nil || !fi.IsDir() {
+					return s.invalid("existing folders, comma-separated, none empty")
 				}
 				dirs = append(dirs, d)
-			}
-			if len(dirs) == 0 {
-				return s.invalid("existing folders, comma-separated")
 			}
 			c.ReloadDirs = dirs
 			return nil

@@ -40,7 +40,16 @@ func TestOpenURLs(t *testing.T) {
 		{"file:data/f.db", filepath.Join(dir, "data/f.db")},
 		{"data/g.db", filepath.Join(dir, "data/g.db")},
 		{"data/with:colon h.db", filepath.Join(dir, "data/with:colon h.db")},
+		// SQLite's own URI form, after the scheme or alone.
+		{"sqlite:file:" + dir + "/abs/i.db", filepath.Join(dir, "abs/i.db")},
+		{"sqlite:file:data/j.db", filepath.Join(dir, "data/j.db")},
+		{"sqlite:file://" + dir + "/abs/k.db", filepath.Join(dir, "abs/k.db")},
+		{"sqlite3:FILE:l.db", filepath.Join(dir, "l.db")},
+		{"file://" + dir + "/abs/m.db", filepath.Join(dir, "abs/m.db")},
 	} {
+		if p, ok := FilePath(tc.url); !ok || p != tc.want {
+			t.Errorf("FilePath(%q) = %q, %v, want %q, true", tc.url, p, ok, tc.want)
+		}
 		s, err := Open(t.Context(), tc.url, Options{})
 		if err != nil {
 			t.Errorf("Open(%q) = %v", tc.url, err)
@@ -72,7 +81,16 @@ func TestOpenURLs(t *testing.T) {
 		{"sqlite:", false, false, "file path"},
 		{"sqlite::memory:", false, false, "file path"},
 		{"sqlite:data/x.db?mode=ro", false, false, "query parameters"},
+		{"sqlite:file:data/x.db?mode=ro", false, false, "query parameters"},
+		{"sqlite:file:data/x.db#x", false, false, "query parameters"},
+		{"file:data/x.db?cache=shared", false, false, "query parameters"},
+		{"sqlite:file::memory:", false, false, "file path"},
+		{"sqlite:file:", false, false, "file path"},
+		{"file::memory:", false, false, "file path"},
 	} {
+		if p, ok := FilePath(tc.url); ok {
+			t.Errorf("FilePath(%q) = %q, true, want false as Open refuses it", tc.url, p)
+		}
 		s, err := Open(t.Context(), tc.url, Options{})
 		if err == nil {
 			s.Close()
@@ -89,6 +107,9 @@ func TestOpenURLs(t *testing.T) {
 		if !strings.Contains(err.Error(), tc.names) {
 			t.Errorf("Open(%q) = %v, want it to say %q", tc.url, err, tc.names)
 		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "file:")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf(`a "file:" folder was created in the working directory: %v`, err)
 	}
 }
 

@@ -127,18 +127,27 @@ func sqliteDiskError(err error) bool {
 		errors.Is(err, sqlite3.READONLY) || errors.Is(err, sqlite3.CANTOPEN)
 }
 
-// sqlitePath returns the database file named by an SQLite URL. Accepted:
+// sqlitePath returns the database file named by an SQLite URL; rest is what
+// follows the scheme. Accepted:
 //
 //	sqlite:data/server.db      relative to the working directory
 //	sqlite:/var/lib/x.db       absolute
 //	sqlite://data/server.db    same as sqlite:data/server.db
 //	sqlite:///var/lib/x.db     same as sqlite:/var/lib/x.db
+//	sqlite:file:PATH           SQLite's URI form, same as sqlite:PATH
 //	sqlite3:... file:...       aliases of sqlite:
 //	data/server.db             a bare path (no scheme)
 //
-// Query parameters are refused rather than ignored: the pragmas are fixed
-// (see sqliteDSN), and a silently dropped "?mode=ro" would surprise.
+// Query parameters and fragments are refused rather than ignored: the
+// pragmas are fixed (see sqliteDSN), and a silently dropped "?mode=ro" would
+// surprise.
 func sqlitePath(rawURL, rest string) (string, error) {
+	// Without this, "sqlite:file:/x.db" would name the relative path
+	// "file:/x.db" and create a folder "file:". The scheme is matched in
+	// any case, as splitScheme matches "sqlite:".
+	if len(rest) >= len("file:") && strings.EqualFold(rest[:len("file:")], "file:") {
+		rest = rest[len("file:"):]
+	}
 	p := strings.TrimPrefix(rest, "//")
 	if strings.ContainsAny(p, "?#") {
 		return "", fmt.Errorf("open store %q: query parameters are not supported in sqlite urls", rawURL)
