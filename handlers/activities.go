@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -19,6 +21,20 @@ const (
 	maxActivityLimit     = store.MaxLimit
 	maxWait              = 60 * time.Second
 )
+
+// activityTypes are the types of activity the store writes (see
+// handlers/store/doc.go), in the order of the table in docs/api.md, which
+// TestActivityTypesDocumented checks. A type= outside it is refused rather
+// than answered with nothing: a typo would otherwise look like a quiet
+// feed, and with wait= hold the client for the whole wait.
+var activityTypes = []string{
+	"agent.created",
+	"agent.deleted",
+	"chat.started",
+	"chat.completed",
+	"chat.failed",
+	"chat.cancelled",
+}
 
 // activityQuery is the parsed query of the activity routes.
 type activityQuery struct {
@@ -52,8 +68,13 @@ func parseActivityQuery(args *fasthttp.Args) (activityQuery, error) {
 		}
 		q.wait = time.Duration(f * float64(time.Second))
 	}
+	if v := args.Peek("type"); len(v) > 0 {
+		if !slices.Contains(activityTypes, string(v)) {
+			return q, badRequest(fmt.Sprintf("parameter type=%q: want one of %s", v, strings.Join(activityTypes, ", ")))
+		}
+		q.filter.Type = string(v)
+	}
 	q.filter.AgentID = string(args.Peek("agent_id"))
-	q.filter.Type = string(args.Peek("type"))
 	return q, nil
 }
 

@@ -161,9 +161,6 @@ func TestActivitiesFilters(t *testing.T) {
 	if len(p.Activities) != 2 {
 		t.Errorf("type=chat.started&agent_id=default = %d activities, want 2", len(p.Activities))
 	}
-	if p := a.activities("type=no.such.type"); len(p.Activities) != 0 || *p.NextAfter != 0 {
-		t.Errorf("unknown type = %+v, want nothing and next_after 0", p)
-	}
 }
 
 func TestActivitiesQueryValidation(t *testing.T) {
@@ -188,10 +185,21 @@ func TestActivitiesQueryValidation(t *testing.T) {
 			wantError(t, path+tc.query, a.get(path+tc.query), http.StatusBadRequest, "bad_request", tc.want)
 		}
 	}
+	// An unknown type is refused at once, with the list of known ones,
+	// rather than answered with nothing or, with wait=, after the wait.
+	for _, query := range []string{"type=bogus", "type=chat.complete&wait=5", "type=CHAT.COMPLETED", "type=chat.*"} {
+		for _, path := range []string{"/api/activities?", "/api/activities/stream?"} {
+			wantError(t, path+query, a.get(path+query), http.StatusBadRequest, "bad_request",
+				"parameter type=", "agent.created, agent.deleted, chat.started, chat.completed, chat.failed, chat.cancelled")
+		}
+	}
 	wantError(t, "stream with Last-Event-ID: x", a.get("/api/activities/stream", "Last-Event-ID", "x"),
 		http.StatusBadRequest, "bad_request", "Last-Event-ID")
 	for _, ok := range []string{"after=0", "limit=1", "limit=500", "wait=0", "wait=0.05", "agent_id=&type="} {
 		a.activities(ok)
+	}
+	for _, typ := range activityTypes {
+		a.activities("type=" + typ)
 	}
 }
 

@@ -1,6 +1,7 @@
 package handlers
 
 import (
+	"encoding/json"
 	"net/http"
 	"strings"
 	"testing"
@@ -112,6 +113,22 @@ func TestCreateAgentValidation(t *testing.T) {
 		{"system_prompt an object", `{"name": "n", "system_prompt": {"a": 1}}`, []string{`"system_prompt"`, "must be a string"}},
 		{"model not a string", `{"name": "n", "system_prompt": "p", "model": true}`, []string{`"model"`, "must be a string"}},
 		{"blank model", `{"name": "n", "system_prompt": "p", "model": ""}`, []string{`"model"`, "must not be empty"}},
+		{"NUL in name", `{"name": "a\u0000b", "system_prompt": "p"}`, []string{`"name"`, "control characters", "U+0000"}},
+		{"escape in name", `{"name": "a\u001b[31mb", "system_prompt": "p"}`, []string{`"name"`, "control characters", "U+001B"}},
+		{"newline in name", `{"name": "a\nb", "system_prompt": "p"}`, []string{`"name"`, "control characters", "U+000A"}},
+		{"tab in name", `{"name": "a\tb", "system_prompt": "p"}`, []string{`"name"`, "control characters", "U+0009"}},
+		{"C1 control in name", `{"name": "a\u009bb", "system_prompt": "p"}`, []string{`"name"`, "control characters", "U+009B"}},
+		{"DEL in name", `{"name": "a\u007fb", "system_prompt": "p"}`, []string{`"name"`, "control characters", "U+007F"}},
+		{"RLO in name", `{"name": "invoice\u202egpj.exe", "system_prompt": "p"}`, []string{`"name"`, "bidi", "U+202E"}},
+		{"LRE in name", `{"name": "a\u202ab", "system_prompt": "p"}`, []string{`"name"`, "bidi", "U+202A"}},
+		{"LRI in name", `{"name": "a\u2066b", "system_prompt": "p"}`, []string{`"name"`, "bidi", "U+2066"}},
+		{"PDI in name", `{"name": "a\u2069b", "system_prompt": "p"}`, []string{`"name"`, "bidi", "U+2069"}},
+		{"line separator in name", `{"name": "a\u2028b", "system_prompt": "p"}`, []string{`"name"`, "line breaks", "U+2028"}},
+		{"NUL in model", `{"name": "n", "system_prompt": "p", "model": "gpt\u0000"}`, []string{`"model"`, "control characters", "U+0000"}},
+		{"newline in model", `{"name": "n", "system_prompt": "p", "model": "gpt\r\nX-Injected: 1"}`, []string{`"model"`, "control characters", "U+000D"}},
+		{"RLO in model", `{"name": "n", "system_prompt": "p", "model": "\u202Egpt"}`, []string{`"model"`, "bidi", "U+202E"}},
+		{"NUL in system_prompt", `{"name": "n", "system_prompt": "be\u0000nice"}`, []string{`"system_prompt"`, "control characters", "U+0000"}},
+		{"bell in system_prompt", `{"name": "n", "system_prompt": "be\u0007nice"}`, []string{`"system_prompt"`, "control characters", "U+0007"}},
 		{"array body", `[{"name": "n", "system_prompt": "p"}]`, []string{"must be a JSON object"}},
 		{"string body", `"agent"`, []string{"must be a JSON object"}},
 	} {
@@ -122,6 +139,27 @@ func TestCreateAgentValidation(t *testing.T) {
 	}
 	if acts := activitiesAfter(t, a.st, cursor); len(acts) != 0 {
 		t.Errorf("invalid requests wrote activities %+v, want none", acts)
+	}
+}
+
+// TestCreateAgentText: what the character rules leave alone. Prompts keep
+// their tabs and line breaks; names may be in any script, right-to-left
+// included, with the bidi marks (not overrides) such text may need.
+func TestCreateAgentText(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	for _, want := range []store.Agent{
+		{Name: "Researcher", SystemPrompt: "Rules:\n\t1. Cite sources.\r\n\t2. Be brief.", Model: "llama3.2:3b-instruct-q4_K_M"},
+		{Name: "\u05e2\u05d5\u05d6\u05e8 \u200fv2", SystemPrompt: "\u0623\u062c\u0628 \u0628\u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u202e\u2066 (bidi characters are fine in a prompt)", Model: "qwen/qwen2.5-7b"},
+		{Name: "Équipe 日本 😀", SystemPrompt: "p", Model: "m"},
+	} {
+		body, _ := json.Marshal(map[string]string{"name": want.Name, "system_prompt": want.SystemPrompt, "model": want.Model})
+		r := a.post("/api/agents", string(body))
+		wantStatus(t, "POST /api/agents "+string(body), r, http.StatusCreated)
+		got := decodeBody[store.Agent](t, "POST /api/agents", r)
+		if got.Name != want.Name || got.SystemPrompt != want.SystemPrompt || got.Model != want.Model {
+			t.Errorf("POST /api/agents %s = %+v, want the fields unchanged", body, got)
+		}
 	}
 }
 

@@ -3,6 +3,7 @@ package handlers
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"fmt"
 	"io"
 	"net"
@@ -77,6 +78,53 @@ func TestUnsupportedMediaType(t *testing.T) {
 	}
 }
 
+// TestContentEncoding: the API takes identity bodies only. A compressed
+// body, or a plain one labelled compressed, is a 415 naming the header,
+// never decoded as if plain.
+func TestContentEncoding(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	cursor := lastActivity(t, a.st)
+	bodies := map[string]string{
+		"/api/chat":   `{"agent_id": "default", "message": "hi"}`,
+		"/api/agents": `{"name": "n", "system_prompt": "p"}`,
+	}
+	for path, plain := range bodies {
+		var gz bytes.Buffer
+		zw := gzip.NewWriter(&gz)
+		zw.Write([]byte(plain))
+		zw.Close()
+		for _, tc := range []struct {
+			name string
+			body []byte
+			enc  string
+		}{
+			{"gzip body", gz.Bytes(), "gzip"},
+			{"plain body said gzip", []byte(plain), "gzip"},
+			{"plain body said GZIP", []byte(plain), "GZIP"},
+			{"plain body said br", []byte(plain), "br"},
+			{"plain body said deflate", []byte(plain), "deflate"},
+			{"plain body said identity, gzip", []byte(plain), "identity, gzip"},
+		} {
+			what := "POST " + path + " " + tc.name
+			r := a.do(http.MethodPost, path, tc.body, "Content-Encoding", tc.enc)
+			wantError(t, what, r, http.StatusUnsupportedMediaType, "unsupported_media_type", "Content-Encoding", "identity")
+			if got := r.header.Get("Accept-Encoding"); got != "identity" {
+				t.Errorf("%s: Accept-Encoding = %q, want identity", what, got)
+			}
+		}
+	}
+	if acts := activitiesAfter(t, a.st, cursor); len(acts) != 0 {
+		t.Errorf("encoded bodies wrote %+v, want nothing", acts)
+	}
+	for _, enc := range []string{"identity", "Identity", ""} {
+		wantStatus(t, "POST /api/chat with Content-Encoding "+enc,
+			a.do(http.MethodPost, "/api/chat", []byte(bodies["/api/chat"]), "Content-Encoding", enc), http.StatusOK)
+		wantStatus(t, "POST /api/agents with Content-Encoding "+enc,
+			a.do(http.MethodPost, "/api/agents", []byte(bodies["/api/agents"]), "Content-Encoding", enc), http.StatusCreated)
+	}
+}
+
 func TestMalformedBodies(t *testing.T) {
 	t.Parallel()
 	a := newAPI(t, Config{})
@@ -100,18 +148,19 @@ func TestMalformedBodies(t *testing.T) {
 		{"deeply nested unknown field", []byte(deepArray), "invalid JSON"},
 		{"invalid UTF-8", []byte("{\"agent_id\": \"default\", \"message\": \"h\xffi\"}"), "UTF-8"},
 		{"overlong UTF-8", []byte("{\"agent_id\": \"default\", \"message\": \"\xc0\xaf\"}"), "UTF-8"},
-		{"number body", []byte(`42`), "JSON object"},
-		{"null body", []byte(`null`), `"agent_id" is required`},
+		// Every JSON value that is not an object gets the same answer.
+		{"number body", []byte(`42`), "request body must be a JSON object"},
+		{"null body", []byte(`null`), "request body must be a JSON object"},
+		{"null body with spaces", []byte(" \n null \t"), "request body must be a JSON object"},
+		{"empty array body", []byte(`[]`), "request body must be a JSON object"},
+		{"string body", []byte(`"x"`), "request body must be a JSON object"},
+		{"true body", []byte(`true`), "request body must be a JSON object"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a := a.on(t)
 			for _, path := range []string{"/api/chat", "/api/agents"} {
-				want := tc.want
-				if path == "/api/agents" && tc.name == "null body" {
-					want = `"name" is required`
-				}
 				r := a.do(http.MethodPost, path, tc.body)
-				e := wantError(t, "POST "+path+" "+tc.name, r, http.StatusBadRequest, "bad_request", want)
+				e := wantError(t, "POST "+path+" "+tc.name, r, http.StatusBadRequest, "bad_request", tc.want)
 				if bytes.Contains(r.body, []byte("\xff")) || !strings.HasPrefix(e.Error.Message, strings.ToLower(e.Error.Message[:1])) {
 					t.Errorf("POST %s %s: message %q, want lowercase valid text", path, tc.name, e.Error.Message)
 				}
@@ -151,6 +200,76 @@ func TestBodyTooLarge(t *testing.T) {
 	wantError(t, "POST /api/chat of 2 MiB", r, http.StatusRequestEntityTooLarge, "body_too_large", "too large")
 	if bytes.Contains(body, []byte("body size exceeds")) {
 		t.Errorf("413 answer %s quotes fasthttp's error", body)
+	}
+}
+
+// TestMalformedRequests sends requests fasthttp cannot read over raw TCP:
+// each gets the one error shape with a message naming the part at fault
+// (WriteError's requestFaults), and none quotes the request. Every bad
+// value holds the marker "zqmark" to catch an echo.
+func TestMalformedRequests(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	const post = "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+	const chunked = post + "Transfer-Encoding: chunked\r\n\r\n"
+	for _, tc := range []struct {
+		name, req string
+		status    int
+		code, msg string
+	}{
+		{"missing Host", "POST /api/chat HTTP/1.1\r\nX-Zqmark: 1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 400, "bad_request", "missing Host header"},
+		{"two Host headers", "GET /health HTTP/1.1\r\nHost: x\r\nHost: zqmark\r\n\r\n", 400, "bad_request", "more than one Host header"},
+		{"Content-Length not a number", post + "Content-Length: zqmark\r\n\r\n{}", 400, "bad_request", "invalid Content-Length header"},
+		{"negative Content-Length", post + "Content-Length: -1\r\nX-Zqmark: 1\r\n\r\n{}", 400, "bad_request", "invalid Content-Length header"},
+		{"Content-Length with trailing bytes", post + "Content-Length: 2zqmark\r\n\r\n{}", 400, "bad_request", "invalid Content-Length header"},
+		{"two Content-Length headers", post + "Content-Length: 2\r\nContent-Length: 3\r\nX-Zqmark: 1\r\n\r\n{}", 400, "bad_request", "more than one Content-Length header"},
+		{"unknown Transfer-Encoding", post + "Transfer-Encoding: zqmark\r\n\r\n{}", 400, "bad_request", "Transfer-Encoding header"},
+		{"chunk size not hex", chunked + "zqmark\r\n{}\r\n0\r\n\r\n", 400, "bad_request", "invalid chunked body"},
+		{"two Transfer-Encoding headers", post + "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\nX-Zqmark: 1\r\n\r\n0\r\n\r\n", 400, "bad_request", "Transfer-Encoding header"},
+		{"chunk size too large", chunked + "fffffffffffffffffffff\r\nzqmark\r\n0\r\n\r\n", 400, "bad_request", "invalid chunked body"},
+		{"chunk without its CRLF", chunked + "2\r\n{}zqmark\r\n0\r\n\r\n", 400, "bad_request", "invalid chunked body"},
+		{"forbidden trailer", chunked + "2\r\n{}\r\n0\r\nHost: zqmark\r\n\r\n", 400, "bad_request", "invalid chunked body trailer"},
+		{"control byte in a trailer", chunked + "2\r\n{}\r\n0\r\nX-Y: zq\x01mark\r\n\r\n", 400, "bad_request", "invalid chunked body trailer"},
+		{"header without colon", "GET /health HTTP/1.1\r\nHost: x\r\nZqmark\r\n\r\n", 400, "bad_request", "malformed header line"},
+		{"space before colon", "GET /health HTTP/1.1\r\nHost: x\r\nZqmark : v\r\n\r\n", 400, "bad_request", "invalid header name"},
+		{"control byte in a header name", "GET /health HTTP/1.1\r\nHost: x\r\nX-\x01Zqmark: v\r\n\r\n", 400, "bad_request", "malformed header line"},
+		{"control byte in a header value", "GET /health HTTP/1.1\r\nHost: x\r\nX-Y: zq\x01mark\r\n\r\n", 400, "bad_request", "invalid character in a header value"},
+		{"garbage request line", "ZQMARK\r\n\r\n", 400, "bad_request", "malformed request line"},
+		{"bad method", "G@T /zqmark HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", "malformed request line"},
+		{"no HTTP version", "GET /zqmark\r\nHost: x\r\n\r\n", 400, "bad_request", "malformed request line"},
+		{"unknown protocol", "GET /zqmark ZQMARK/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", "malformed request line"},
+		{"empty target", "GET  HTTP/1.1\r\nHost: zqmark\r\n\r\n", 400, "bad_request", "malformed request line"},
+		{"NUL in the target", "GET /zq\x00mark HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", "invalid request target"},
+		// Past the 4 KiB read buffer (fasthttp's default ReadBufferSize,
+		// which the worker keeps), a query string included.
+		{"long query string", "GET /api/activities?type=zqmark" + strings.Repeat("a", 5000) + " HTTP/1.1\r\nHost: x\r\n\r\n", 431, "headers_too_large", "too large"},
+		{"long header", "GET /health HTTP/1.1\r\nHost: x\r\nX-Zqmark: " + strings.Repeat("a", 5000) + "\r\n\r\n", 431, "headers_too_large", "too large"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := net.Dial("tcp", a.addr)
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.WriteString(c, tc.req); err != nil {
+				t.Fatalf("write request: %v", err)
+			}
+			res, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatalf("read answer: %v", err)
+			}
+			defer res.Body.Close()
+			body, err := io.ReadAll(res.Body)
+			if err != nil {
+				t.Fatalf("read body: %v", err)
+			}
+			r := response{status: res.StatusCode, header: res.Header, body: body}
+			wantError(t, tc.name, r, tc.status, tc.code, tc.msg)
+			if bytes.Contains(bytes.ToLower(body), []byte("zqmark")) {
+				t.Errorf("%s: answer %s quotes the request", tc.name, body)
+			}
+		})
 	}
 }
 

@@ -141,7 +141,7 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 	case callErr != nil:
 		code, obj := statusOf(callErr)
 		status = store.ChatFailed
-		data["reason"], data["status"] = obj.Code, code
+		data["reason"], data["status"], data["message"] = obj.Code, code, obj.Message
 		h.log.Warn().Err(callErr).Str("chat_id", c.id).Int("status", code).Dur("duration", d).Msg("chat failed")
 	default:
 		data["provider"], data["model"] = resp.Provider, resp.Model

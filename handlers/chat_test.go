@@ -205,6 +205,9 @@ func TestChatValidation(t *testing.T) {
 		{"no message", `{"agent_id": "default"}`, []string{`"message"`, "required"}},
 		{"blank message", `{"agent_id": "default", "message": "   "}`, []string{`"message"`, "must not be empty"}},
 		{"message an array", `{"agent_id": "default", "message": ["hi"]}`, []string{`"message"`, "must be a string"}},
+		{"NUL in message", `{"agent_id": "default", "message": "hi\u0000there"}`, []string{`"message"`, "control characters", "U+0000"}},
+		{"escape in message", `{"agent_id": "default", "message": "hi\u001b[2J"}`, []string{`"message"`, "control characters", "U+001B"}},
+		{"NUL in agent_id", `{"agent_id": "default\u0000", "message": "hi"}`, []string{`"agent_id"`, "control characters", "U+0000"}},
 		{"stream a string", `{"agent_id": "default", "message": "hi", "stream": "yes"}`, []string{`"stream"`, "must be a boolean"}},
 		{"stream a number", `{"agent_id": "default", "message": "hi", "stream": 1}`, []string{`"stream"`, "must be a boolean"}},
 	} {
@@ -368,6 +371,61 @@ func TestChatStreamCut(t *testing.T) {
 		wantError(t, "POST /api/chat", a.post("/api/chat", `{"agent_id": "default", "message": "hi"}`), http.StatusBadGateway, "upstream_error")
 		waitChatFinished(t, a.st, cursor, "chat.failed")
 	})
+}
+
+// TestChatReplyTooLarge: an upstream that streams more than
+// llm.MaxReplySize of reply text in small events fails the chat with a
+// 502 that says why, is not retried, and has its request cancelled rather
+// than read to the end.
+func TestChatReplyTooLarge(t *testing.T) {
+	t.Parallel()
+	for _, stream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("stream=%v", stream), func(t *testing.T) {
+			t.Parallel()
+			piece := strings.Repeat("word ", 64<<10/5)
+			up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				sseStart(w)
+				for sent := 0; sent < 2*llm.MaxReplySize && r.Context().Err() == nil; sent += len(piece) {
+					sseData(w, chunk(piece, ""))
+				}
+				// Then silent until the client goes away: a reply past the
+				// limit must be abandoned, not waited out (the socket
+				// buffers could otherwise hold the rest and let this
+				// handler return before the cancel is seen).
+				<-r.Context().Done()
+			})
+			// Without the limit the chat would end at this timeout, 504.
+			a := newAPI(t, Config{LLM: up.client(2), LLMTimeout: 10 * time.Second})
+			cursor := lastActivity(t, a.st)
+			body := fmt.Sprintf(`{"agent_id": "default", "message": "hi", "stream": %v}`, stream)
+			const want = "longer than 1048576 bytes"
+			if stream {
+				deltas, final, _ := a.streamChat(body)
+				if n := len(strings.Join(deltas, "")); n > llm.MaxReplySize {
+					t.Errorf("deltas hold %d bytes, want at most %d", n, llm.MaxReplySize)
+				}
+				if final.event != "error" {
+					t.Fatalf("final event = %+v, want error", final)
+				}
+				wantErrorBody(t, "error event", []byte(final.data), "upstream_error", want)
+			} else {
+				wantError(t, "POST /api/chat", a.post("/api/chat", body), http.StatusBadGateway, "upstream_error", want)
+			}
+			fin := waitChatFinished(t, a.st, cursor, "chat.failed")
+			if msg, _ := fin.Data["message"].(string); fin.Data["status"] != float64(502) || fin.Data["reason"] != "upstream_error" || !strings.Contains(msg, want) {
+				t.Errorf("chat.failed data = %v, want status 502, reason upstream_error and a message saying %q", fin.Data, want)
+			}
+			waitFor(t, 5*time.Second, func() error {
+				if up.cancelledAt().IsZero() {
+					return fmt.Errorf("upstream request not cancelled, want it cancelled past the limit")
+				}
+				return nil
+			})
+			if n := up.requests(); n != 1 {
+				t.Errorf("upstream requests = %d, want 1 (no retry)", n)
+			}
+		})
+	}
 }
 
 func TestChatStreamKeepAlive(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/valyala/fasthttp"
@@ -47,10 +48,10 @@ func decodeChat(body []byte) (chatRequest, error) {
 	}
 	var r chatRequest
 	var err error
-	if r.AgentID, err = required("agent_id", raw.AgentID, maxIDLen); err != nil {
+	if r.AgentID, err = required("agent_id", raw.AgentID, maxIDLen, label); err != nil {
 		return chatRequest{}, err
 	}
-	if r.Message, err = required("message", raw.Message, maxMessageLen); err != nil {
+	if r.Message, err = required("message", raw.Message, maxMessageLen, prose); err != nil {
 		return chatRequest{}, err
 	}
 	if raw.Stream != nil {
@@ -71,14 +72,14 @@ func decodeAgent(body []byte) (agentRequest, error) {
 	}
 	var r agentRequest
 	var err error
-	if r.Name, err = required("name", raw.Name, maxNameLen); err != nil {
+	if r.Name, err = required("name", raw.Name, maxNameLen, label); err != nil {
 		return agentRequest{}, err
 	}
-	if r.SystemPrompt, err = required("system_prompt", raw.SystemPrompt, maxPromptLen); err != nil {
+	if r.SystemPrompt, err = required("system_prompt", raw.SystemPrompt, maxPromptLen, prose); err != nil {
 		return agentRequest{}, err
 	}
 	if raw.Model != nil {
-		if r.Model, err = required("model", raw.Model, maxModelLen); err != nil {
+		if r.Model, err = required("model", raw.Model, maxModelLen, label); err != nil {
 			return agentRequest{}, err
 		}
 	}
@@ -113,6 +114,11 @@ func decodeJSON(body []byte, v any) error {
 	if len(bytes.TrimLeft(body[dec.InputOffset():], " \t\r\n")) > 0 {
 		return badRequest("invalid JSON: more than one value in the body")
 	}
+	// null decodes into a struct without error, as if it were {}; every
+	// other value that is not an object failed above.
+	if bytes.TrimLeft(body, " \t\r\n")[0] != '{' {
+		return badRequest("request body must be a JSON object")
+	}
 	return nil
 }
 
@@ -126,9 +132,26 @@ func jsonKind(goType string) string {
 	return "of another type"
 }
 
+// textKind says which characters a text field may hold.
+type textKind int
+
+const (
+	// label is a short single-line text (a name, a model, an id) that ends
+	// up in the status page, the logs and the feeds: no control character
+	// at all, and no bidi override or isolate (U+202A to U+202E, U+2066 to
+	// U+2069), which reorder the text displayed after them and can make a
+	// name read as another ("Trojan Source", CVE-2021-42574). U+2028 and
+	// U+2029 are refused too: they break a line like a newline does.
+	label textKind = iota
+	// prose is text for the LLM (a system prompt, a message): tab, LF and
+	// CR are its own; other control characters, NUL first, are noise that
+	// no model needs and some tools choke on.
+	prose
+)
+
 // required returns *v trimmed, or an error naming field when it is absent,
-// null, blank or longer than max bytes.
-func required(field string, v *string, max int) (string, error) {
+// null, blank, longer than max bytes or holds a character kind refuses.
+func required(field string, v *string, max int, kind textKind) (string, error) {
 	if v == nil {
 		return "", badRequest(fmt.Sprintf("field %q is required", field))
 	}
@@ -139,17 +162,40 @@ func required(field string, v *string, max int) (string, error) {
 	if len(s) > max {
 		return "", badRequest(fmt.Sprintf("field %q is longer than %d bytes", field, max))
 	}
+	for _, r := range s {
+		switch {
+		case kind == prose && (r == '\t' || r == '\n' || r == '\r'):
+		case unicode.IsControl(r):
+			return "", badRequest(fmt.Sprintf("field %q must not contain control characters (found %U)", field, r))
+		case kind == label && (r >= '\u202A' && r <= '\u202E' || r >= '\u2066' && r <= '\u2069'):
+			return "", badRequest(fmt.Sprintf("field %q must not contain bidi override or isolate characters (found %U)", field, r))
+		case kind == label && (r == '\u2028' || r == '\u2029'):
+			return "", badRequest(fmt.Sprintf("field %q must not contain line breaks (found %U)", field, r))
+		}
+	}
 	return s, nil
 }
 
-// requireJSON reports whether the request says its body is JSON, and
-// answers 415 when it does not.
+// requireJSON reports whether the request says its body is plain JSON,
+// and answers 415 when it does not.
 func requireJSON(ctx *fasthttp.RequestCtx) bool {
 	ct := string(ctx.Request.Header.ContentType())
 	mt, _, _ := strings.Cut(ct, ";")
-	if strings.EqualFold(strings.TrimSpace(mt), "application/json") {
-		return true
+	if !strings.EqualFold(strings.TrimSpace(mt), "application/json") {
+		fail(ctx, &requestError{fasthttp.StatusUnsupportedMediaType, fmt.Sprintf("content type %q: want application/json", ct)})
+		return false
 	}
-	fail(ctx, &requestError{fasthttp.StatusUnsupportedMediaType, fmt.Sprintf("content type %q: want application/json", ct)})
-	return false
+	// Bodies are at most a few hundred KiB of text: compression would save
+	// little and cost a decompression-bomb guard. A compressed body must be
+	// refused, not read as if plain (RFC 9110 15.5.16, RFC 7694).
+	for _, v := range ctx.Request.Header.PeekAll("Content-Encoding") {
+		for _, enc := range strings.Split(string(v), ",") {
+			if enc = strings.TrimSpace(enc); enc != "" && !strings.EqualFold(enc, "identity") {
+				ctx.Response.Header.Set("Accept-Encoding", "identity")
+				fail(ctx, &requestError{fasthttp.StatusUnsupportedMediaType, fmt.Sprintf("header Content-Encoding %q: want identity (an uncompressed body)", v)})
+				return false
+			}
+		}
+	}
+	return true
 }

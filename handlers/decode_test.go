@@ -3,19 +3,31 @@ package handlers
 import (
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/valyala/fasthttp"
 )
 
 // checkField checks what a decoder promises of a field it accepted.
-func checkField(t *testing.T, name, v string, max int) {
+func checkField(t *testing.T, name, v string, max int, kind textKind) {
 	t.Helper()
 	if v == "" || v != strings.TrimSpace(v) || len(v) > max || !utf8.ValidString(v) {
 		t.Errorf("accepted %s %q (%d bytes): want non-empty, trimmed, valid UTF-8, at most %d bytes", name, v, len(v), max)
+	}
+	// Written apart from required's switch, so that each checks the other.
+	refused := "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
+	for _, r := range v {
+		if kind == prose && strings.ContainsRune("\t\n\r", r) {
+			continue
+		}
+		if unicode.IsControl(r) || kind == label && strings.ContainsRune(refused, r) {
+			t.Errorf("accepted %s %q holding %U", name, v, r)
+		}
 	}
 }
 
@@ -49,8 +61,8 @@ func FuzzDecodeChat(f *testing.F) {
 		if !json.Valid(body) {
 			t.Errorf("decodeChat(%q) accepted invalid JSON", body)
 		}
-		checkField(t, "agent_id", r.AgentID, maxIDLen)
-		checkField(t, "message", r.Message, maxMessageLen)
+		checkField(t, "agent_id", r.AgentID, maxIDLen, label)
+		checkField(t, "message", r.Message, maxMessageLen, prose)
 		var raw map[string]json.RawMessage
 		if json.Unmarshal(body, &raw) != nil {
 			t.Errorf("decodeChat(%q) accepted a body that is not a JSON object", body)
@@ -69,10 +81,10 @@ func FuzzDecodeAgent(f *testing.F) {
 		if !json.Valid(body) {
 			t.Errorf("decodeAgent(%q) accepted invalid JSON", body)
 		}
-		checkField(t, "name", r.Name, maxNameLen)
-		checkField(t, "system_prompt", r.SystemPrompt, maxPromptLen)
+		checkField(t, "name", r.Name, maxNameLen, label)
+		checkField(t, "system_prompt", r.SystemPrompt, maxPromptLen, prose)
 		if r.Model != "" {
-			checkField(t, "model", r.Model, maxModelLen)
+			checkField(t, "model", r.Model, maxModelLen, label)
 		}
 	})
 }
@@ -86,7 +98,8 @@ func FuzzActivityQuery(f *testing.F) {
 		if err != nil {
 			checkRejection(t, []byte(query), err)
 			msg := err.Error()
-			if !strings.HasPrefix(msg, "parameter after=") && !strings.HasPrefix(msg, "parameter limit=") && !strings.HasPrefix(msg, "parameter wait=") {
+			if !strings.HasPrefix(msg, "parameter after=") && !strings.HasPrefix(msg, "parameter limit=") &&
+				!strings.HasPrefix(msg, "parameter wait=") && !strings.HasPrefix(msg, "parameter type=") {
 				t.Errorf("parseActivityQuery(%q) = %q, want a message naming the parameter", query, msg)
 			}
 			return
@@ -96,6 +109,9 @@ func FuzzActivityQuery(f *testing.F) {
 		}
 		if q.wait < 0 || q.wait > maxWait {
 			t.Errorf("parseActivityQuery(%q) wait = %v, want 0..%v", query, q.wait, maxWait)
+		}
+		if q.filter.Type != "" && !slices.Contains(activityTypes, q.filter.Type) {
+			t.Errorf("parseActivityQuery(%q) type = %q, want one of %q", query, q.filter.Type, activityTypes)
 		}
 	})
 }
@@ -109,6 +125,8 @@ func TestDecodeChat(t *testing.T) {
 		{` {"agent_id":" a ","message":"\thi\n","stream":true} ` + "\n", chatRequest{"a", "hi", true}},
 		{`{"agent_id":"a","message":"hi","stream":null,"future":{"x":[1,2]}}`, chatRequest{"a", "hi", false}},
 		{`{"agent_id":"a","message":"\u00e9\ud83d\ude00"}`, chatRequest{"a", "é😀", false}},
+		{`{"agent_id":"a","message":"line 1\r\n\tline 2\n"}`, chatRequest{"a", "line 1\r\n\tline 2", false}},
+		{`{"agent_id":"a","message":"\u05e9\u05dc\u05d5\u05dd \u202e!"}`, chatRequest{"a", "שלום \u202e!", false}},
 	} {
 		got, err := decodeChat([]byte(tc.in))
 		if err != nil || got != tc.want {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"strings"
 
 	"github.com/valyala/fasthttp"
 
@@ -77,6 +79,8 @@ func statusOf(err error) (int, errorObject) {
 		status, msg = fasthttp.StatusGatewayTimeout, "the LLM did not answer in time"
 	case errors.Is(err, llm.ErrUnavailable):
 		status, msg = fasthttp.StatusBadGateway, "the LLM could not be reached"
+	case errors.Is(err, llm.ErrReplyTooLarge):
+		status, msg = fasthttp.StatusBadGateway, fmt.Sprintf("the LLM's reply was longer than %d bytes", llm.MaxReplySize)
 	case errors.Is(err, llm.ErrUpstream), errors.Is(err, llm.ErrStreamCut), errors.Is(err, llm.ErrBadResponse):
 		status, msg = fasthttp.StatusBadGateway, "the LLM answered with an error"
 	default:
@@ -97,10 +101,70 @@ func code(status int) string {
 
 // WriteError is the worker's hook for the errors it answers itself
 // (panics, overload, unreadable requests): it answers status with the API's
-// one JSON error shape, {"error":{"code":"...","message":"..."}}, and a
-// fixed message for the status, since err may quote raw request bytes.
-func WriteError(ctx *fasthttp.RequestCtx, status int, _ error) {
-	writeErrorObject(ctx, status, errorObject{Code: code(status), Message: genericMessage(status)})
+// one JSON error shape, {"error":{"code":"...","message":"..."}}. The
+// message is fixed: for a 400 it names the part of the request that
+// fasthttp could not read when err says which, and the status's generic
+// message otherwise. err's own text is never shown, since fasthttp quotes
+// raw request bytes in it.
+func WriteError(ctx *fasthttp.RequestCtx, status int, err error) {
+	msg := genericMessage(status)
+	if status == fasthttp.StatusBadRequest {
+		if m := requestFault(err); m != "" {
+			msg = m
+		}
+	}
+	writeErrorObject(ctx, status, errorObject{Code: code(status), Message: msg})
+}
+
+// requestFaults maps what fasthttp says about a request it could not read
+// to a message naming the part at fault. fasthttp does not export these
+// errors (the few exported ones that would do, such as
+// ErrUnsupportedRequestMethod, it returns only with SecureErrorLogMessage),
+// so they are recognised by the fixed start of their text. Any error of
+// the chain may match, and only by its start: fasthttp puts quoted request
+// bytes after that start, so a request cannot choose its own message.
+// TestMalformedRequests pins every entry, so a fasthttp upgrade that
+// rewords one fails there rather than falling back to "malformed HTTP
+// request" unnoticed.
+var requestFaults = []struct{ prefix, msg string }{
+	{"missing required host header", "missing Host header"},
+	{"too many host headers", "more than one Host header"},
+	{"cannot parse content-length", "invalid Content-Length header"},
+	{"unsupported transfer-encoding", "unsupported Transfer-Encoding header: want chunked"},
+	{"too many transfer-encoding headers", "unsupported Transfer-Encoding header: want chunked"},
+	{"invalid header key", "invalid header name"},
+	{"malformed mime header", "malformed header line"},
+	{"invalid header value", "invalid character in a header value"},
+	{"cannot find http request method", "malformed request line"},
+	{"unsupported http request method", "malformed request line"},
+	{"cannot find whitespace in the first line", "malformed request line"},
+	{"unsupported http version", "malformed request line"},
+	{"request uri cannot be empty", "malformed request line"},
+	{"invalid request uri", "invalid request target"},
+	{"empty hex number", "invalid chunked body"}, // a chunk size that is not hex
+	{"too large hex number", "invalid chunked body"},
+	{"forbidden trailer key", "invalid chunked body trailer"},
+	{"invalid trailer value", "invalid chunked body trailer"},
+}
+
+// requestFault returns the message naming what was wrong with a request
+// fasthttp could not read, or "" when err does not say.
+func requestFault(err error) string {
+	if errors.Is(err, fasthttp.ErrDuplicateContentLength) {
+		return "more than one Content-Length header"
+	}
+	if _, ok := errors.AsType[fasthttp.ErrBrokenChunk](err); ok {
+		return "invalid chunked body"
+	}
+	for e := err; e != nil; e = errors.Unwrap(e) {
+		text := e.Error()
+		for _, f := range requestFaults {
+			if strings.HasPrefix(text, f.prefix) {
+				return f.msg
+			}
+		}
+	}
+	return ""
 }
 
 func genericMessage(status int) string {

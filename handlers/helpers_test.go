@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -83,12 +84,20 @@ func newTunedAPI(t *testing.T, cfg Config, wrap func(*store.Store) Store, tune f
 	srv := &fasthttp.Server{
 		Handler:            h.Serve,
 		MaxRequestBodySize: 1 << 20,
-		// As the worker package does: an oversized body is a 413 in the
-		// API's one error shape, not fasthttp's plain-text 400.
+		// As the worker package does (worker/serve.go serveError): an
+		// oversized body is a 413 and oversized headers a 431 in the API's
+		// one error shape, not fasthttp's plain-text 400.
 		ErrorHandler: func(ctx *fasthttp.RequestCtx, err error) {
 			status := fasthttp.StatusBadRequest
-			if errors.Is(err, fasthttp.ErrBodyTooLarge) {
+			var small *fasthttp.ErrSmallBuffer
+			var ne net.Error
+			switch {
+			case errors.Is(err, fasthttp.ErrBodyTooLarge):
 				status = fasthttp.StatusRequestEntityTooLarge
+			case errors.As(err, &small):
+				status = fasthttp.StatusRequestHeaderFieldsTooLarge
+			case errors.As(err, &ne) && ne.Timeout():
+				status = fasthttp.StatusRequestTimeout
 			}
 			ctx.SetConnectionClose()
 			WriteError(ctx, status, err)
@@ -313,6 +322,13 @@ func activitiesAfter(t *testing.T, st *store.Store, after int64) []store.Activit
 	acts, err := st.Activities(t.Context(), store.Filter{After: after, Limit: store.MaxLimit})
 	if err != nil {
 		t.Fatalf("Activities(after %d) = %v", after, err)
+	}
+	// Every test that looks at the feed also checks that type= accepts
+	// what the store wrote.
+	for _, a := range acts {
+		if !slices.Contains(activityTypes, a.Type) {
+			t.Errorf("activity %d has type %q, want one of activityTypes %q", a.ID, a.Type, activityTypes)
+		}
 	}
 	return acts
 }

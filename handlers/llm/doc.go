@@ -58,7 +58,9 @@
 // "data: [DONE]", and accepts an EOF right after a finish_reason as the end
 // (servers that never send [DONE]). An {"error": ...} object, a vLLM
 // {"object": "error"} object or an "event: error" mid-stream ends the call
-// with ErrUpstream. Lines and events are limited to 1 MiB.
+// with ErrUpstream. Lines and events are limited to 1 MiB, and the reply
+// text a call accumulates to MaxReplySize (1 MiB): a stream of small events
+// past it ends the call with ErrReplyTooLarge, which is not retried.
 //
 // # Deadlines, retries and errors
 //
@@ -90,6 +92,8 @@
 //     400 is our 502) or an error object in the stream.
 //   - ErrStreamCut (502): the stream ended before [DONE] or a finish_reason.
 //   - ErrBadResponse (502): not an event stream, invalid JSON, oversized event.
+//   - ErrReplyTooLarge (502): the reply passed MaxReplySize; also
+//     ErrBadResponse.
 //   - ErrUnavailable (502): upstream unreachable; wraps the net error, so
 //     errors.Is(err, syscall.ECONNREFUSED) also works.
 //   - context.Canceled: the caller cancelled ctx.

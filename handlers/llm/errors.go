@@ -12,8 +12,9 @@ import (
 )
 
 // Sentinel errors. Every error Complete returns wraps at most one of them,
-// except that ErrIdle also satisfies errors.Is(err, ErrTimeout), and that a
-// timeout also satisfies errors.Is(err, context.DeadlineExceeded).
+// except that ErrIdle also satisfies errors.Is(err, ErrTimeout),
+// ErrReplyTooLarge errors.Is(err, ErrBadResponse), and a timeout
+// errors.Is(err, context.DeadlineExceeded).
 var (
 	// ErrTimeout reports that the call ran past its deadline: OpenAIConfig.Timeout
 	// or a deadline on the caller's context.
@@ -30,6 +31,9 @@ var (
 	// ErrBadResponse reports a response that is not an OpenAI chat.completions
 	// event stream: wrong content type, invalid JSON, an oversized event.
 	ErrBadResponse = errors.New("llm: upstream sent an invalid response")
+	// ErrReplyTooLarge reports a reply longer than MaxReplySize.
+	// errors.Is(ErrReplyTooLarge, ErrBadResponse) is true.
+	ErrReplyTooLarge error = &kindError{msg: "llm: upstream reply too long", parent: ErrBadResponse}
 	// ErrUnavailable reports that upstream could not be reached: refused or
 	// timed-out dial, DNS or TLS failure, connection reset before a response.
 	ErrUnavailable = errors.New("llm: upstream unavailable")

@@ -3,6 +3,7 @@ package llm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -325,6 +326,35 @@ func TestOpenAIBadResponses(t *testing.T) {
 			_, err := f.client(OpenAIConfig{}).Complete(context.Background(), testReq, nil)
 			if !errors.Is(err, ErrBadResponse) || f.hits.Load() != 1 {
 				t.Errorf("Complete error = %v after %d hits, want ErrBadResponse after 1", err, f.hits.Load())
+			}
+		})
+	}
+}
+
+// TestOpenAIReplyTooLarge: a reply of exactly MaxReplySize is whole; one
+// byte more fails the call with ErrReplyTooLarge, a kind of ErrBadResponse,
+// without a retry.
+func TestOpenAIReplyTooLarge(t *testing.T) {
+	piece := strings.Repeat("x", 64<<10)
+	for _, extra := range []string{"", "y"} {
+		t.Run(fmt.Sprintf("%d bytes", MaxReplySize+len(extra)), func(t *testing.T) {
+			checkGoroutines(t)
+			f := newFake(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+				deltas := make([]string, 0, MaxReplySize/len(piece)+1)
+				for range MaxReplySize / len(piece) {
+					deltas = append(deltas, piece)
+				}
+				streamReply(w, append(deltas, extra)...)
+			})
+			resp, err := f.client(OpenAIConfig{}).Complete(context.Background(), testReq, nil)
+			switch {
+			case extra == "" && (err != nil || len(resp.Text) != MaxReplySize):
+				t.Errorf("Complete = %d bytes, %v; want the whole %d-byte reply", len(resp.Text), err, MaxReplySize)
+			case extra != "" && (!errors.Is(err, ErrReplyTooLarge) || !errors.Is(err, ErrBadResponse)):
+				t.Errorf("Complete error = %v, want ErrReplyTooLarge and ErrBadResponse", err)
+			}
+			if n := f.hits.Load(); n != 1 {
+				t.Errorf("upstream hits = %d, want 1", n)
 			}
 		})
 	}

@@ -16,6 +16,14 @@ const maxEventSize = 1 << 20
 
 var errEventTooLarge = errors.New("event larger than 1 MiB")
 
+// MaxReplySize bounds the reply text one call accumulates (Response.Text),
+// for the same reason: a stream of small events could otherwise grow a
+// reply without end, held whole in memory until the call returns. 1 MiB is
+// about 250,000 tokens of English, twice the longest outputs models offered
+// in 2025 (128k tokens), so only a runaway or hostile stream reaches it;
+// the call then fails with ErrReplyTooLarge.
+const MaxReplySize = 1 << 20
+
 // sseEvent is one server-sent event. data is valid until the next call to
 // sseReader.next.
 type sseEvent struct {
@@ -221,6 +229,9 @@ func (st *stream) handle(ev sseEvent) error {
 		}
 		if ch.Delta.Content == "" {
 			continue
+		}
+		if st.text.Len()+len(ch.Delta.Content) > MaxReplySize {
+			return fmt.Errorf("assemble reply: %w", ErrReplyTooLarge)
 		}
 		st.text.WriteString(ch.Delta.Content)
 		if st.emit == nil {
