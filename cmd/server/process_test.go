@@ -438,8 +438,24 @@ func TestMaxRequestsRecyclesWithoutFailures(t *testing.T) {
 // unhealthy one.
 func TestLimitConcurrency(t *testing.T) {
 	s := startServer(t, "WORKERS=1", "LIMIT_CONCURRENCY=1")
-	go fresh.Get(s.url("/test/slow?ms=3000"))
-	waitFor(t, 5*time.Second, func() error {
+	// A slow request takes the one slot. If it ended, or lost the slot to a
+	// poll that came first (and got 503 itself), another one takes it.
+	slow := make(chan struct{}, 1)
+	hold := func() {
+		go func() {
+			if resp, err := fresh.Get(s.url("/test/slow?ms=3000")); err == nil {
+				resp.Body.Close()
+			}
+			slow <- struct{}{}
+		}()
+	}
+	hold()
+	waitFor(t, 10*time.Second, func() error {
+		select {
+		case <-slow:
+			hold()
+		default:
+		}
 		resp, err := fresh.Get(s.url("/api/agents"))
 		if err != nil {
 			return err

@@ -111,6 +111,31 @@ func (s *server) waitText(t *testing.T, want string) int {
 	return pid
 }
 
+// waitBuildFailed waits until /health reports a failed build whose error
+// holds want, answered all along by the old worker pid.
+func (s *server) waitBuildFailed(t *testing.T, pid int, want string) {
+	t.Helper()
+	waitFor(t, time.Minute, func() error {
+		resp, err := fresh.Get(s.url("/health"))
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		var h struct {
+			PID    int
+			Reload struct{ Build, Error string }
+		}
+		json.NewDecoder(resp.Body).Decode(&h)
+		if h.PID != pid {
+			t.Fatalf("after a failed build /health answered by %d, want the old worker %d", h.PID, pid)
+		}
+		if h.Reload.Build != "failed" || !strings.Contains(h.Reload.Error, want) {
+			return fmt.Errorf("/health reload = %+v, want build failed with %q", h.Reload, want)
+		}
+		return nil
+	})
+}
+
 func TestReload(t *testing.T) {
 	f := newFixture(t)
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
@@ -140,25 +165,7 @@ func TestReload(t *testing.T) {
 			t.Fatal(err)
 		}
 		f.write("cmd/server/main.go", "package main\n\nfunc main() { this is not Go }\n")
-		waitFor(t, time.Minute, func() error {
-			resp, err := fresh.Get(s.url("/health"))
-			if err != nil {
-				return err
-			}
-			defer resp.Body.Close()
-			var h struct {
-				PID    int
-				Reload struct{ Build, Error string }
-			}
-			json.NewDecoder(resp.Body).Decode(&h)
-			if h.PID != before {
-				t.Fatalf("after a failed build /health answered by %d, want the old worker %d", h.PID, before)
-			}
-			if h.Reload.Build != "failed" || !strings.Contains(h.Reload.Error, "syntax error") {
-				return fmt.Errorf("/health reload = %+v, want build failed with the syntax error", h.Reload)
-			}
-			return nil
-		})
+		s.waitBuildFailed(t, before, "syntax error")
 		if n := strings.Count(s.logs.String(), "┌─ build failed"); n != 1 {
 			t.Errorf("compiler output framed %d times, want once", n)
 		}
@@ -245,25 +252,7 @@ func TestReload(t *testing.T) {
 		}
 		// It compiles, and exits at once: no worker of it is ever ready.
 		f.write("cmd/server/main.go", "package main\n\nimport \"os\"\n\nfunc main() { os.Exit(3) }\n")
-		waitFor(t, time.Minute, func() error {
-			resp, err := fresh.Get(s.url("/health"))
-			if err != nil {
-				return err
-			}
-			defer resp.Body.Close()
-			var h struct {
-				PID    int
-				Reload struct{ Build, Error string }
-			}
-			json.NewDecoder(resp.Body).Decode(&h)
-			if h.PID != before {
-				t.Fatalf("after a build that does not start /health answered by %d, want the old worker %d", h.PID, before)
-			}
-			if h.Reload.Build != "failed" || !strings.Contains(h.Reload.Error, "does not start") {
-				return fmt.Errorf("/health reload = %+v, want build failed: does not start", h.Reload)
-			}
-			return nil
-		})
+		s.waitBuildFailed(t, before, "does not start")
 		f.setText("version 7")
 		if pid := s.waitText(t, "version 7"); pid == before {
 			t.Errorf("fixed build served by the old pid %d", pid)
