@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"golang.org/x/sys/unix"
@@ -28,7 +29,8 @@ const instanceLockClass = 0x636f7272
 // database (server.db.instance-HOST.lock, holding the claimant's pid); on
 // PostgreSQL it is a session advisory lock on a connection of its own. The
 // operating system or the database server drops it when the process dies.
-// A PostgreSQL claim lapses if its connection breaks while the server runs.
+// A PostgreSQL claim whose connection breaks is taken again on a new one
+// within claimCheckEvery of the database answering again.
 func (s *Store) ClaimInstance(ctx context.Context) error {
 	if s.claim != nil {
 		return nil
@@ -65,15 +67,39 @@ func claimFile(path, host string) (io.Closer, error) {
 	return f, nil
 }
 
-// pgClaim is a connection that holds the instance lock.
-type pgClaim struct{ conn *pgx.Conn }
+// claimCheckEvery is how often a PostgreSQL claim checks its connection.
+var claimCheckEvery = 5 * time.Second
 
-func (c pgClaim) Close() error {
-	closeListenConn(c.conn)
+// pgClaim holds the instance lock on a connection of its own, and takes
+// it again on a new connection when that one breaks (a database restart, a
+// terminated backend), so that the claim lasts as long as the server.
+type pgClaim struct {
+	conn *pgx.Conn // owned by keep once it runs; nil while the claim is lost
+	stop chan struct{}
+	done chan struct{}
+}
+
+func (c *pgClaim) Close() error {
+	close(c.stop)
+	<-c.done
+	if c.conn != nil {
+		closeListenConn(c.conn)
+	}
 	return nil
 }
 
 func (s *Store) claimPostgres(ctx context.Context) (io.Closer, error) {
+	conn, err := s.lockInstance(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c := &pgClaim{conn: conn, stop: make(chan struct{}), done: make(chan struct{})}
+	go s.keepClaim(c)
+	return c, nil
+}
+
+// lockInstance connects and takes the instance lock, or says who holds it.
+func (s *Store) lockInstance(ctx context.Context) (*pgx.Conn, error) {
 	conn, err := pgx.ConnectConfig(ctx, s.pg.listen)
 	if err != nil {
 		return nil, s.wrap(ctx, "claim instance id "+s.host, err)
@@ -96,5 +122,42 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
 		}
 		return nil, s.wrap(ctx, "claim instance id "+s.host, err)
 	}
-	return pgClaim{conn}, nil
+	return conn, nil
+}
+
+// keepClaim checks c's connection every claimCheckEvery and, once it is
+// broken, takes the lock again on a new one until it succeeds or c closes.
+func (s *Store) keepClaim(c *pgClaim) {
+	defer close(c.done)
+	tick := time.NewTicker(claimCheckEvery)
+	defer tick.Stop()
+	var lastErr string
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-tick.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), claimCheckEvery)
+		if c.conn != nil {
+			if c.conn.Ping(ctx) == nil {
+				cancel()
+				continue
+			}
+			closeListenConn(c.conn)
+			c.conn = nil
+			s.log.Warn().Str("instance_id", s.host).Str("database", s.path).Msg("instance claim lost with its connection; taking it again")
+		}
+		conn, err := s.lockInstance(ctx)
+		cancel()
+		if err != nil {
+			if err.Error() != lastErr {
+				lastErr = err.Error()
+				s.log.Error().Err(err).Msg("instance claim not taken again yet")
+			}
+			continue
+		}
+		c.conn, lastErr = conn, ""
+		s.log.Info().Str("instance_id", s.host).Str("database", s.path).Msg("instance claim taken again")
+	}
 }

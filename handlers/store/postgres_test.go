@@ -374,3 +374,49 @@ func TestRebindDollar(t *testing.T) {
 		}
 	}
 }
+
+// TestPostgresClaimSurvivesBrokenConnection: a claim whose connection is
+// terminated is taken again on a new one, so a second server with the same
+// instance id is still refused afterwards.
+func TestPostgresClaimSurvivesBrokenConnection(t *testing.T) {
+	every := claimCheckEvery
+	t.Cleanup(func() { claimCheckEvery = every }) // after the stores close
+	claimCheckEvery = 50 * time.Millisecond
+	db := newPostgresDB(t)
+	ctx := t.Context()
+	a := openPostgresTest(t, db.url, "host-a")
+	if err := a.Migrate(ctx); err != nil {
+		t.Fatalf("Migrate() = %v", err)
+	}
+	if err := a.ClaimInstance(ctx); err != nil {
+		t.Fatalf("ClaimInstance() = %v", err)
+	}
+	holder := func() (int32, error) {
+		var pid int32
+		err := db.admin.QueryRow(ctx, `SELECT l.pid FROM pg_locks l
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.classid = $1::oid AND l.objid = hashtext($2)::oid
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = $3)`, int64(instanceLockClass), "host-a", db.name).Scan(&pid)
+		return pid, err
+	}
+	first, err := holder()
+	if err != nil {
+		t.Fatalf("the claim's lock is not in pg_locks: %v", err)
+	}
+	if _, err := db.admin.Exec(ctx, "SELECT pg_terminate_backend($1)", first); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		pid, err := holder()
+		if err != nil {
+			return fmt.Errorf("lock not held: %v", err)
+		}
+		if pid == first {
+			return fmt.Errorf("lock still held by the terminated backend %d", pid)
+		}
+		return nil
+	})
+	if err := openPostgresTest(t, db.url, "host-a").ClaimInstance(ctx); !errors.Is(err, ErrInstanceInUse) {
+		t.Errorf("ClaimInstance() of a second handle after the first one's connection broke = %v, want ErrInstanceInUse", err)
+	}
+}
