@@ -341,9 +341,11 @@ func (s *Supervisor) Run() error {
 	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	lastWake := time.Now()
 	for !(s.stopping && len(s.procs) == 0) {
-		planned := s.nextDeadline()
-		timer.Reset(time.Until(planned))
+		// The loop wakes at least every loopWakeEvery, so that a longer gap
+		// between two wake-ups measures a time the master did not run.
+		timer.Reset(min(time.Until(s.nextDeadline()), loopWakeEvery))
 		select {
 		case sig := <-s.cfg.Signals:
 			s.onSignal(sig)
@@ -360,9 +362,10 @@ func (s *Supervisor) Run() error {
 		case <-timer.C:
 		}
 		now := time.Now()
-		if late := now.Sub(planned); late > masterLate {
-			s.forgive(now, late)
+		if gap := now.Sub(lastWake); gap > 2*loopWakeEvery {
+			s.forgive(now, gap-loopWakeEvery)
 		}
+		lastWake = now
 		s.tick(now)
 	}
 	if s.exitErr == nil {
@@ -371,24 +374,27 @@ func (s *Supervisor) Run() error {
 	return s.exitErr
 }
 
-// masterLate is how far past its own deadline the loop may wake before it
-// takes itself to have been stopped or starved (SIGSTOP, a debugger, a
-// frozen cgroup, an overloaded machine).
-const masterLate = time.Second
+// loopWakeEvery bounds how long the loop sleeps.
+const loopWakeEvery = 250 * time.Millisecond
 
-// forgive gives every ready or draining worker a fresh healthcheck window
-// after the master itself did not run: the heartbeats the workers sent
-// meanwhile are still queued, and would otherwise count as silence, so that
-// every healthy worker would be killed as hung at once.
-func (s *Supervisor) forgive(now time.Time, late time.Duration) {
-	n := 0
+// forgive takes a time the master did not run (stopped by SIGSTOP or a
+// debugger, a frozen cgroup, a starved machine) out of the workers'
+// silence: the heartbeats they sent meanwhile are still queued, and
+// counting that time would kill every healthy worker as hung at once.
+func (s *Supervisor) forgive(now time.Time, stalled time.Duration) {
 	for _, p := range s.procs {
 		if p.state == ready || p.state == draining {
-			p.lastBeat = now
-			n++
+			p.lastBeat = p.lastBeat.Add(stalled)
+			if p.lastBeat.After(now) {
+				p.lastBeat = now
+			}
 		}
 	}
-	s.log.Warn().Dur("late", late).Int("workers", n).Msg("the master did not run for a while (stopped or starved); workers get a fresh healthcheck window")
+	ev := s.log.Debug()
+	if stalled >= time.Second {
+		ev = s.log.Warn()
+	}
+	ev.Dur("stalled", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
 }
 
 func (s *Supervisor) onSignal(sig os.Signal) {
