@@ -220,7 +220,7 @@ func (s *Supervisor) status() *Status {
 		PID:        os.Getpid(),
 		Started:    s.started,
 		UptimeS:    now.Sub(s.started).Seconds(),
-		Addr:       s.addr.String(),
+		Addr:       s.where(),
 		SocketMode: string(s.cfg.SocketMode),
 		State:      "running",
 		Store:      s.cfg.Store,

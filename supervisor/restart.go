@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"syscall"
 	"time"
@@ -293,7 +294,7 @@ func (s *Supervisor) roll() {
 func (s *Supervisor) addSlot() error {
 	sl := &slot{n: len(s.slots) + 1}
 	if s.shared == nil {
-		f, err := listenSocket(s.addr, true, s.cfg.Backlog)
+		f, err := listenSocket(s.addr.(*net.TCPAddr), true, s.cfg.Backlog)
 		if err != nil {
 			if len(s.slots) == 0 {
 				return &AddrError{Addr: s.addr.String(), Err: err}

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -58,6 +59,43 @@ func probeAddr(addr string) (*net.TCPAddr, error) {
 		ta.Port = sa.Port
 	}
 	return ta, nil
+}
+
+// listenUDS creates the listening unix socket at path, mode 0666 as
+// uvicorn's --uds makes it (the folder's permissions decide who may
+// connect). A socket file left by a dead server is replaced; a live one, or
+// a file that is not a socket, is an error.
+func listenUDS(path string, backlog int) (*os.File, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, &AddrError{Addr: path, Err: syscall.EADDRINUSE}
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, &AddrError{Addr: path, Err: errors.New("the path exists and is not a socket")}
+		}
+		os.Remove(path)
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, &AddrError{Addr: path, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), path)
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		f.Close()
+		return nil, &AddrError{Addr: path, Err: err}
+	}
+	if err := unix.Listen(fd, backlog); err != nil {
+		f.Close()
+		os.Remove(path)
+		return nil, &AddrError{Addr: path, Err: err}
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		f.Close()
+		os.Remove(path)
+		return nil, &AddrError{Addr: path, Err: err}
+	}
+	return f, nil
 }
 
 // listenSocket creates a listening TCP socket on addr with the given
@@ -117,7 +155,7 @@ func slotSocketError(slot int, err error) error {
 }
 
 // socketAddr returns the address an inherited listening socket is bound to.
-func socketAddr(f *os.File) (*net.TCPAddr, error) {
+func socketAddr(f *os.File) (net.Addr, error) {
 	sa, err := unix.Getsockname(int(f.Fd()))
 	if err != nil {
 		return nil, fmt.Errorf("supervisor: inherited socket %s: %w", f.Name(), err)
@@ -127,8 +165,10 @@ func socketAddr(f *os.File) (*net.TCPAddr, error) {
 		return &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}, nil
 	case *unix.SockaddrInet6:
 		return &net.TCPAddr{IP: net.IP(sa.Addr[:]), Port: sa.Port}, nil
+	case *unix.SockaddrUnix:
+		return &net.UnixAddr{Name: sa.Name, Net: "unix"}, nil
 	}
-	return nil, fmt.Errorf("supervisor: inherited socket %s is not a TCP socket", f.Name())
+	return nil, fmt.Errorf("supervisor: inherited socket %s is neither a TCP nor a unix socket", f.Name())
 }
 
 // foreignListeners counts the listening TCP sockets on port that are none

@@ -57,6 +57,9 @@ const (
 type Config struct {
 	// Addr is host:port to serve; port 0 picks a free port. Default DefaultAddr.
 	Addr string
+	// UDS, if set, is a unix socket path served instead of Addr, by every
+	// worker on one socket (shared mode), as uvicorn's --uds.
+	UDS string
 	// Workers is the initial number of workers. Default DefaultWorkers.
 	Workers int
 	// SocketMode is Reuseport (default) or Shared.
@@ -165,8 +168,9 @@ type Supervisor struct {
 	cfg    Config
 	log    zerolog.Logger
 	exe    string
-	addr   *net.TCPAddr
+	addr   net.Addr   // *net.TCPAddr, or *net.UnixAddr with UDS
 	shared []*os.File // Shared mode: the one socket, or every activated one
+	uds    string     // the unix socket file to remove when done; "" once removed
 
 	slots  []*slot
 	procs  map[int]*proc // every live worker process, by pid
@@ -253,6 +257,20 @@ func New(cfg Config) (*Supervisor, error) {
 			return nil, err
 		}
 		s.addr, s.shared, s.cfg.SocketMode = addr, cfg.Listeners, Shared
+		if u, ok := addr.(*net.UnixAddr); ok {
+			s.cfg.UDS = u.Name // shown as unix:PATH; the file stays systemd's
+		}
+		for range cfg.Workers {
+			s.slots = append(s.slots, &slot{n: len(s.slots) + 1})
+		}
+		return s, nil
+	}
+	if cfg.UDS != "" {
+		f, err := listenUDS(cfg.UDS, cfg.Backlog)
+		if err != nil {
+			return nil, err
+		}
+		s.addr, s.shared, s.uds, s.cfg.SocketMode = &net.UnixAddr{Name: cfg.UDS, Net: "unix"}, []*os.File{f}, cfg.UDS, Shared
 		for range cfg.Workers {
 			s.slots = append(s.slots, &slot{n: len(s.slots) + 1})
 		}
@@ -284,7 +302,24 @@ func New(cfg Config) (*Supervisor, error) {
 }
 
 // Addr returns the address the server listens on, with the chosen port.
-func (s *Supervisor) Addr() *net.TCPAddr { return s.addr }
+func (s *Supervisor) Addr() net.Addr { return s.addr }
+
+// where is the address as the title and status show it: host:port, or
+// unix:PATH.
+func (s *Supervisor) where() string {
+	if s.cfg.UDS != "" {
+		return "unix:" + s.cfg.UDS
+	}
+	return s.addr.String()
+}
+
+// url is where clients reach the server, as the log shows it.
+func (s *Supervisor) url() string {
+	if s.cfg.UDS != "" {
+		return s.where()
+	}
+	return "http://" + s.where()
+}
 
 // Run starts the workers and supervises them until a shutdown signal has
 // been handled and every worker has been reaped. It returns nil after an
@@ -297,7 +332,7 @@ func (s *Supervisor) Run() error {
 		s.log.Warn().Msg("net.ipv4.tcp_migrate_req is 0: scaling down resets connections queued on the removed worker's socket; set it to 1 to migrate them")
 	}
 	s.log.Info().
-		Str("url", "http://"+s.addr.String()).
+		Str("url", s.url()).
 		Int("workers", len(s.slots)).
 		Str("socket_mode", string(s.cfg.SocketMode)).
 		Msg("Corral running, press CTRL+C to quit")
@@ -573,6 +608,10 @@ func (s *Supervisor) sockets() []*os.File {
 func (s *Supervisor) closeSockets() {
 	for _, f := range s.shared {
 		f.Close()
+	}
+	if s.uds != "" {
+		os.Remove(s.uds) // once: a later server may have made its own there
+		s.uds = ""
 	}
 	for _, sl := range s.slots {
 		if sl.sock != nil {

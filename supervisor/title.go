@@ -14,7 +14,7 @@ func (s *Supervisor) setTitle() {
 	if !s.cfg.SetTitle {
 		return
 	}
-	title := fmt.Sprintf("%s: master [%d workers, %s]", s.cfg.Name, len(s.slots), s.addr)
+	title := fmt.Sprintf("%s: master [%d workers, %s]", s.cfg.Name, len(s.slots), s.where())
 	if err := writeTitle(title); err != nil {
 		s.log.Debug().Err(err).Msg("process title not updated")
 	}

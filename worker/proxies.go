@@ -2,6 +2,7 @@ package worker
 
 import (
 	"bytes"
+	"net"
 	"net/netip"
 	"strings"
 
@@ -64,14 +65,22 @@ const maxClientLen = 64
 // when p trusts the peer, the nearest address in X-Forwarded-For that p
 // does not trust (the leftmost when it trusts them all). A nil p trusts
 // nobody.
+// A peer on a unix socket (--uds) is a local process the socket's file
+// permissions let in, such as a proxy on the same machine: it is trusted.
 func (p *Proxies) client(ctx *fasthttp.RequestCtx) string {
-	peer, _ := netip.AddrFromSlice(ctx.RemoteIP())
-	if p == nil || !p.trusts(peer) {
-		return peer.Unmap().String()
+	peerName := "unix"
+	_, trusted := ctx.RemoteAddr().(*net.UnixAddr)
+	if !trusted {
+		peer, _ := netip.AddrFromSlice(ctx.RemoteIP())
+		peerName = peer.Unmap().String()
+		trusted = p != nil && p.trusts(peer)
+	}
+	if p == nil || !trusted {
+		return peerName
 	}
 	values := ctx.Request.Header.PeekAll(fasthttp.HeaderXForwardedFor)
 	if len(values) == 0 {
-		return peer.Unmap().String()
+		return peerName
 	}
 	hops := bytes.Split(bytes.Join(values, []byte{','}), []byte{','})
 	pick := bytes.TrimSpace(hops[0])
@@ -85,7 +94,7 @@ func (p *Proxies) client(ctx *fasthttp.RequestCtx) string {
 		}
 	}
 	if len(pick) == 0 {
-		return peer.Unmap().String()
+		return peerName
 	}
 	if len(pick) > maxClientLen {
 		pick = pick[:maxClientLen]

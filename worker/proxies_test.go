@@ -37,15 +37,22 @@ func TestProxiesClient(t *testing.T) {
 		{trust("127.0.0.1"), "127.0.0.1", []string{long}, long[:maxClientLen]},                           // bounded
 		{trust("*"), "192.0.2.9", []string{"203.0.113.7, 10.0.0.1"}, "203.0.113.7"},                      // * trusts all: leftmost
 		{trust("::1"), "::1", []string{"2001:db8::7"}, "2001:db8::7"},                                    // IPv6
-		{trust("127.0.0.1"), "::ffff:127.0.0.1", []string{"203.0.113.7"}, "203.0.113.7"},                 // mapped peer
+		{trust("127.0.0.1"), "::ffff:127.0.0.1", []string{"203.0.113.7"}, "203.0.113.7"},
+		{trust("127.0.0.1"), "unix", []string{"203.0.113.7, 10.0.0.1"}, "10.0.0.1"}, // a unix peer is trusted
+		{trust("127.0.0.1"), "unix", nil, "unix"},
+		{nil, "unix", []string{"203.0.113.7"}, "unix"}, // mapped peer
 	}
 	for _, tt := range tests {
 		var req fasthttp.Request
 		for _, v := range tt.xff {
 			req.Header.Add("X-Forwarded-For", v)
 		}
+		var peer net.Addr = &net.TCPAddr{IP: net.ParseIP(tt.peer), Port: 40000}
+		if tt.peer == "unix" {
+			peer = &net.UnixAddr{Name: "@", Net: "unix"}
+		}
 		var ctx fasthttp.RequestCtx
-		ctx.Init(&req, &net.TCPAddr{IP: net.ParseIP(tt.peer), Port: 40000}, nil)
+		ctx.Init(&req, peer, nil)
 		if got := tt.proxies.client(&ctx); got != tt.want {
 			t.Errorf("proxies %+v, peer %s, X-Forwarded-For %q: client %q, want %q", tt.proxies, tt.peer, tt.xff, got, tt.want)
 		}

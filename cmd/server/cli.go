@@ -214,8 +214,12 @@ func callControl(path string, req supervisor.Request) (supervisor.Response, erro
 
 // printStatus writes the status as a header and a table.
 func printStatus(w io.Writer, st *supervisor.Status) {
-	fmt.Fprintf(w, "server %s  master %d  up %s  http://%s  %s  %s\n",
-		st.Version, st.PID, age(st.UptimeS), st.Addr, st.SocketMode, st.State)
+	where := st.Addr
+	if !strings.HasPrefix(where, "unix:") {
+		where = "http://" + where
+	}
+	fmt.Fprintf(w, "server %s  master %d  up %s  %s  %s  %s\n",
+		st.Version, st.PID, age(st.UptimeS), where, st.SocketMode, st.State)
 	fmt.Fprintf(w, "store %s  llm %s\n\n", st.Store, st.LLM)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SLOT\tPID\tGEN\tSTATE\tUPTIME\tREQUESTS\tIN FLIGHT\tRSS\tCPU\tFDS\tRESTARTS\tHEARTBEAT")

@@ -27,6 +27,7 @@ import (
 type config struct {
 	Host               string        // --host / HOST, default 0.0.0.0
 	Port               int           // --port / PORT, default 8000; 0 picks a free port
+	UDS                string        // --uds / UDS, a unix socket path served instead of Host:Port; "" = none
 	Workers            int           // --workers / WORKERS, then WEB_CONCURRENCY, default 4, 1..512
 	WorkersSet         bool          // Workers came from a flag or the environment, not the default
 	Reload             bool          // --reload / RELOAD, default false
@@ -155,6 +156,14 @@ func defaultConfig() config {
 // an IPv6 host.
 func (c config) addr() string {
 	return net.JoinHostPort(c.Host, strconv.Itoa(c.Port))
+}
+
+// where is the address the server serves, as its title shows it.
+func (c config) where() string {
+	if c.UDS != "" {
+		return "unix:" + c.UDS
+	}
+	return c.addr()
 }
 
 // String formats c for logs and debugging with LLMAPIKey and APITokens
@@ -587,7 +596,7 @@ func checkMetricsAddr(c config, given map[string]setting) error {
 		return nil
 	}
 	host, port, _ := net.SplitHostPort(c.MetricsAddr)
-	if n, _ := strconv.Atoi(port); c.Port == 0 || n != c.Port || !sameListenAddr(host, c.Host) {
+	if n, _ := strconv.Atoi(port); c.UDS != "" || c.Port == 0 || n != c.Port || !sameListenAddr(host, c.Host) {
 		return nil
 	}
 	from := func(name, value string) string {

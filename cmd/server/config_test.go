@@ -88,6 +88,7 @@ func TestConfigPrecedence(t *testing.T) {
 		{"port", []string{"PORT", "9001"}, []string{"--port=9002"}, field("Port"), 9001, 9002},
 		{"workers", []string{"WORKERS", "8"}, []string{"--workers", "16"}, field("Workers"), 8, 16},
 		{"reload", []string{"RELOAD", "true"}, []string{"--reload=false"}, field("Reload"), true, false},
+		{"uds", []string{"UDS", "/run/a.sock"}, []string{"--uds", "/run/b.sock"}, field("UDS"), "/run/a.sock", "/run/b.sock"},
 		{"socket-mode", []string{"SOCKET_MODE", "shared"}, []string{"--socket-mode", "reuseport"}, field("SocketMode"), "shared", "reuseport"},
 		{"backlog", []string{"BACKLOG", "100"}, []string{"--backlog", "200"}, field("Backlog"), 100, 200},
 		{"timeout-graceful-shutdown", []string{"TIMEOUT_GRACEFUL_SHUTDOWN", "30"}, []string{"--timeout-graceful-shutdown", "1m"}, field("GracefulTimeout"), 30 * time.Second, time.Minute},
@@ -520,6 +521,7 @@ var configInvalidCases = []struct {
 	{nil, []string{"CORS_ORIGINS", "https://a.example.com:"}, `invalid CORS_ORIGINS "https://a.example.com:": ` + wantOrigins},
 	{nil, []string{"CORS_ORIGINS", "https://user@a.example.com"}, `invalid CORS_ORIGINS "https://user@a.example.com": ` + wantOrigins},
 
+	{nil, []string{"UDS", "/" + strings.Repeat("u", 107) + ".sock"}, `invalid UDS "/` + strings.Repeat("u", 107) + `.sock": want a path of at most 107 bytes, the most a unix socket address holds`},
 	{nil, []string{"FORWARDED_ALLOW_IPS", "127.0.0.1, 10.0.0.300"}, `invalid FORWARDED_ALLOW_IPS "127.0.0.1, 10.0.0.300": "10.0.0.300" is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)`},
 	{[]string{"--forwarded-allow-ips", "10.0.0.0/33"}, nil, `invalid --forwarded-allow-ips "10.0.0.0/33": "10.0.0.0/33" is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)`},
 	{nil, []string{"FORWARDED_ALLOW_IPS", "127.0.0.1,"}, `invalid FORWARDED_ALLOW_IPS "127.0.0.1,": "" is not an IP address or a network like 10.0.0.0/8 (want a comma-separated list of them, or *)`},

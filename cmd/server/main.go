@@ -119,7 +119,7 @@ func reexecMaster(cfg config, args []string, log zerolog.Logger) {
 		return
 	}
 	enc, _ := json.Marshal(args)
-	title := fmt.Sprintf("%s: master [%d workers, %s]", filepath.Base(exe), effectiveWorkers(cfg), cfg.addr())
+	title := fmt.Sprintf("%s: master [%d workers, %s]", filepath.Base(exe), effectiveWorkers(cfg), cfg.where())
 	title += strings.Repeat(" ", 24)
 	env := append(os.Environ(), protocol.EnvRole+"="+protocol.RoleMaster, protocol.EnvArgs+"="+string(enc))
 	err = syscall.Exec(exe, []string{title}, env)
@@ -174,6 +174,7 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		Store:              describeStore(st.Path()),
 		LLM:                describeLLM(cfg),
 		Addr:               cfg.addr(),
+		UDS:                cfg.UDS,
 		Workers:            workers,
 		SocketMode:         supervisor.SocketMode(cfg.SocketMode),
 		Backlog:            cfg.Backlog,

@@ -84,6 +84,20 @@ var options = []option{
 			c.Port, err = s.whole(0, 65535, "a port number from 0 to 65535")
 			return err
 		}},
+	{group: groupServer, flag: "uds", arg: "PATH", env: []string{"UDS"}, def: "(none)",
+		help: "serve on this unix socket instead of HOST:PORT",
+		set: func(c *config, s setting) error {
+			t := s.text()
+			switch {
+			case t == "": // only a flag can be empty: it overrides the variable
+				c.UDS = ""
+				return nil
+			case len(t) > maxSocketPath:
+				return s.invalid(fmt.Sprintf("a path of at most %d bytes, the most a unix socket address holds", maxSocketPath))
+			}
+			c.UDS = t
+			return nil
+		}},
 	{group: groupServer, flag: "workers", arg: "N", env: []string{"WORKERS", "WEB_CONCURRENCY"}, def: strconv.Itoa(defaultWorkers),
 		help: "worker processes, 1 to 512",
 		set: func(c *config, s setting) (err error) {
