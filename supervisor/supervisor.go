@@ -261,7 +261,7 @@ func New(cfg Config) (*Supervisor, error) {
 			s.cfg.UDS = u.Name // shown as unix:PATH; the file stays systemd's
 		}
 		for range cfg.Workers {
-			s.slots = append(s.slots, &slot{n: len(s.slots) + 1})
+			s.addSlot() // cannot fail: shared slots open no socket
 		}
 		return s, nil
 	}
@@ -272,7 +272,7 @@ func New(cfg Config) (*Supervisor, error) {
 		}
 		s.addr, s.shared, s.uds, s.cfg.SocketMode = &net.UnixAddr{Name: cfg.UDS, Net: "unix"}, []*os.File{f}, cfg.UDS, Shared
 		for range cfg.Workers {
-			s.slots = append(s.slots, &slot{n: len(s.slots) + 1})
+			s.addSlot() // cannot fail: shared slots open no socket
 		}
 		return s, nil
 	}

@@ -98,6 +98,20 @@ func (b *logBuffer) String() string {
 func startServer(t *testing.T, env ...string) *server {
 	t.Helper()
 	s := launch(t, env...)
+	s.waitStarted(t)
+	run := s.logs.find("Corral running, press CTRL+C to quit", nil)
+	u, _ := run[0]["url"].(string)
+	_, port, _ := net.SplitHostPort(strings.TrimPrefix(u, "http://"))
+	s.port, _ = strconv.Atoi(port)
+	if s.port == 0 {
+		t.Fatalf("no port in %v", run[0])
+	}
+	return s
+}
+
+// waitStarted waits until the server logs that every worker is ready.
+func (s *server) waitStarted(t *testing.T) {
+	t.Helper()
 	waitFor(t, 20*time.Second, func() error {
 		select {
 		case <-s.done:
@@ -109,14 +123,6 @@ func startServer(t *testing.T, env ...string) *server {
 		}
 		return nil
 	})
-	run := s.logs.find("Corral running, press CTRL+C to quit", nil)
-	u, _ := run[0]["url"].(string)
-	_, port, _ := net.SplitHostPort(strings.TrimPrefix(u, "http://"))
-	s.port, _ = strconv.Atoi(port)
-	if s.port == 0 {
-		t.Fatalf("no port in %v", run[0])
-	}
-	return s
 }
 
 // launch starts the server process without waiting for it.

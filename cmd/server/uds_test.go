@@ -22,25 +22,20 @@ import (
 func startUDS(t *testing.T, path string, env ...string) (*server, *http.Client) {
 	t.Helper()
 	s := launch(t, append([]string{"UDS=" + path}, env...)...)
-	waitFor(t, 20*time.Second, func() error {
-		select {
-		case <-s.done:
-			return fmt.Errorf("server exited early (%v); log:\n%s", s.err, s.logs)
-		default:
-		}
-		if len(s.logs.find("Application startup complete", nil)) == 0 {
-			return errors.New("no startup complete yet")
-		}
-		return nil
-	})
-	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+	s.waitStarted(t)
+	return s, unixClient(path)
+}
+
+// unixClient is an HTTP client that dials the unix socket at path, a new
+// connection for every request.
+func unixClient(path string) *http.Client {
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
 		},
 	}}
-	return s, client
 }
 
 // TestUnixSocket: --uds serves every worker on one unix socket, with the
@@ -157,12 +152,7 @@ func TestSocketActivationUnix(t *testing.T) {
 		cmd.Process.Signal(syscall.SIGTERM)
 		cmd.Wait()
 	}()
-	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
-		},
-	}}
+	client := unixClient(path)
 	waitFor(t, 20*time.Second, func() error {
 		_, err := healthVia(client)
 		return err
