@@ -56,7 +56,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	defer cancel()
 	agent, err := h.cfg.Store.Agent(sc, req.AgentID)
 	if err != nil {
-		h.storeFailed(ctx, "read agent", err)
+		h.storeFailed(ctx, "read agent", noAgent(req.AgentID, err))
 		return
 	}
 	act, err := h.cfg.Store.StartChat(sc, store.Chat{AgentID: agent.ID, Message: req.Message, Origin: h.origin})
