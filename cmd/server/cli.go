@@ -17,9 +17,9 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/corralhq/corral"
 	"github.com/corralhq/corral/handlers/store"
 	"github.com/corralhq/corral/supervisor"
+	"github.com/corralhq/corral/supervisor/prefork"
 )
 
 // command is a subcommand that talks to a running server through its
@@ -73,10 +73,10 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("server "+name, pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	var sock, jsonFlag, forceFlag corral.Flag
-	corral.AddFlag(fs, &sock, "control-socket", false)
-	corral.AddFlag(fs, &jsonFlag, "json", true)
-	corral.AddFlag(fs, &forceFlag, "force", true)
+	var sock, jsonFlag, forceFlag prefork.Flag
+	prefork.AddFlag(fs, &sock, "control-socket", false)
+	prefork.AddFlag(fs, &jsonFlag, "json", true)
+	prefork.AddFlag(fs, &forceFlag, "force", true)
 	err := fs.Parse(args)
 	rest := fs.Args()
 	var ne *pflag.NotExistError
@@ -89,7 +89,7 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 		// number, "-1", for flags. It is an argument, and a bad one.
 		rest = []string{"-" + ne.GetSpecifiedShortnames()}
 	case err != nil:
-		return fail(exitUsage, corral.OneLine(err))
+		return fail(exitUsage, prefork.OneLine(err))
 	}
 	jsonOut, err := jsonFlag.On()
 	if err != nil {
@@ -103,7 +103,7 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 	req := supervisor.Request{Cmd: name, Force: force}
 	switch {
 	case name == "scale" && len(rest) == 1:
-		count := corral.Setting{Raw: rest[0], From: "worker count"}
+		count := prefork.Setting{Raw: rest[0], From: "worker count"}
 		if req.Workers, err = count.Whole(1, supervisor.MaxWorkers, fmt.Sprintf("a whole number from 1 to %d", supervisor.MaxWorkers)); err != nil {
 			return fail(exitUsage, err)
 		}
@@ -141,7 +141,7 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 // as controlPath finds the server's, from --control-socket, CONTROL_SOCKET
 // and DATABASE_URL checked as the server checks them: a value the server
 // would refuse cannot name the socket of a running server.
-func cliControlPath(flag corral.Flag, lookupEnv func(string) (string, bool)) (string, error) {
+func cliControlPath(flag prefork.Flag, lookupEnv func(string) (string, bool)) (string, error) {
 	c := defaultConfig()
 	opts := newApp(&c).AllOptions(&c.Config)
 	s, ok := flag.Setting, flag.Given
@@ -168,7 +168,7 @@ func cliControlPath(flag corral.Flag, lookupEnv func(string) (string, bool)) (st
 
 // optionNamed returns the option whose name is name; it panics on a name
 // no option has, which is a bug.
-func optionNamed(opts []corral.Option, name string) corral.Option {
+func optionNamed(opts []prefork.Option, name string) prefork.Option {
 	for _, o := range opts {
 		if o.Name() == name {
 			return o

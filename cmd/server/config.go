@@ -9,20 +9,20 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/corralhq/corral"
 	"github.com/corralhq/corral/handlers/llm"
 	"github.com/corralhq/corral/supervisor"
+	"github.com/corralhq/corral/supervisor/prefork"
 	"github.com/corralhq/corral/worker"
 )
 
 // config is the whole configuration of one server process: the process
-// model's settings, which package corral reads, and the agent API's. The
+// model's settings, which package prefork reads, and the agent API's. The
 // master and every worker parse the same arguments and environment, so
 // both see the same values. loadConfig is the only place that fills it;
 // docs/configuration.md describes every field and config_test.go keeps
 // that page equal to usage.
 type config struct {
-	corral.Config
+	prefork.Config
 
 	DatabaseURL      string        // --database-url, default sqlite:data/server.db
 	DatabaseMaxConns int           // --database-max-conns, 0 = the store's default
@@ -56,25 +56,25 @@ const defaultReloadBuild = `go build -o "$OUTPUT" ./cmd/server`
 
 // Exit statuses, as uvicorn and gunicorn use them.
 const (
-	exitOK        = corral.ExitOK
-	exitError     = corral.ExitError
-	exitUsage     = corral.ExitUsage
-	exitBootError = corral.ExitBoot
+	exitOK        = prefork.ExitOK
+	exitError     = prefork.ExitError
+	exitUsage     = prefork.ExitUsage
+	exitBootError = prefork.ExitBoot
 )
 
 // errHelp is returned by loadConfig for -h and --help; the caller prints
 // usage to stdout and exits 0.
-var errHelp = corral.ErrHelp
+var errHelp = prefork.ErrHelp
 
 // isUsageError reports whether err is about the shape of the command line
 // rather than a value, so that the caller should print usage after it.
-func isUsageError(err error) bool { return corral.IsUsageError(err) }
+func isUsageError(err error) bool { return prefork.IsUsageError(err) }
 
 // defaultConfig is the agent API's part of the defaults; loadConfig adds
 // the process model's. LLMProvider is decided after the base URL is known.
 func defaultConfig() config {
 	return config{
-		Config:           corral.DefaultConfig(),
+		Config:           prefork.DefaultConfig(),
 		DatabaseURL:      defaultDatabaseURL,
 		LLMTimeout:       llm.DefaultTimeout,
 		LLMIdleTimeout:   llm.DefaultIdleTimeout,
@@ -102,7 +102,7 @@ func (c config) String() string {
 func (c config) GoString() string { return c.String() }
 
 // loadConfig decides the configuration from args (without the program
-// name) and lookupEnv (os.LookupEnv), as corral.App.Load documents: each
+// name) and lookupEnv (os.LookupEnv), as prefork.App.Load documents: each
 // setting from its flag, else its variable, else its default, every value
 // validated, and one error naming the first culprit. No error ever
 // contains the value of LLM_API_KEY or API_TOKEN, or a password in a URL.
@@ -117,23 +117,23 @@ func loadConfig(args []string, lookupEnv func(string) (string, bool)) (config, e
 }
 
 // allOptions lists every option the server reads, in usage's order.
-func allOptions() []corral.Option {
+func allOptions() []prefork.Option {
 	c := defaultConfig()
 	return newApp(&c).AllOptions(&c.Config)
 }
 
 // newApp is the server as a corral application whose options write into
 // c; Main runs it and loadConfig reads its configuration.
-func newApp(c *config) corral.App {
-	var provider corral.Setting
-	return corral.App{
+func newApp(c *config) prefork.App {
+	var provider prefork.Setting
+	return prefork.App{
 		Name:        "server",
 		Version:     version,
 		Options:     apiOptions(c, &provider),
 		ReloadBuild: defaultReloadBuild,
 		UsageHead:   usageHead,
 		UsageFoot:   usageFoot(),
-		Check: func(corral.Config) error {
+		Check: func(prefork.Config) error {
 			switch {
 			case c.LLMProvider == "" && c.LLMBaseURL != "":
 				c.LLMProvider = providerOpenAI
@@ -144,11 +144,11 @@ func newApp(c *config) corral.App {
 			}
 			return nil
 		},
-		Master: func(pc corral.Config, log zerolog.Logger, sc *supervisor.Config) (func(), error) {
+		Master: func(pc prefork.Config, log zerolog.Logger, sc *supervisor.Config) (func(), error) {
 			c.Config = pc
 			return prepareMaster(*c, log, sc)
 		},
-		Worker: func(pc corral.Config, in worker.Info, log zerolog.Logger, wc *worker.Config) (func(), error) {
+		Worker: func(pc prefork.Config, in worker.Info, log zerolog.Logger, wc *worker.Config) (func(), error) {
 			c.Config = pc
 			return prepareWorker(*c, in, log, wc)
 		},

@@ -17,7 +17,7 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/corralhq/corral"
+	"github.com/corralhq/corral/supervisor/prefork"
 	"github.com/corralhq/corral/worker"
 )
 
@@ -39,7 +39,7 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatalf("loadConfig(nil, no env) error: %v", err)
 	}
 	want := config{
-		Config: corral.Config{
+		Config: prefork.Config{
 			Host:               "0.0.0.0",
 			Port:               8000,
 			Workers:            4,
@@ -609,7 +609,7 @@ func TestConfigUsageErrors(t *testing.T) {
 	if isUsageError(errHelp) {
 		t.Error("isUsageError(errHelp) = true, want false")
 	}
-	if err := fmt.Errorf("start: %w", corral.UsageError{Err: errors.New("x")}); !isUsageError(err) {
+	if err := fmt.Errorf("start: %w", prefork.UsageError{Err: errors.New("x")}); !isUsageError(err) {
 		t.Errorf("isUsageError(%v) = false for a wrapped usage error, want true", err)
 	}
 }

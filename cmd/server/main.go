@@ -1,7 +1,7 @@
 // Command server is Corral: a supervisor of worker processes and the
 // LLM-agent API they serve, in one binary.
 //
-// It is a corral application like any other (see package corral): Main
+// It is a prefork application like any other (see package prefork): Main
 // reads the process model's settings and this program's, and runs the
 // master or a worker. The master prepares the store before any worker
 // starts; each worker serves the handlers of package handlers.
@@ -17,8 +17,8 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/corralhq/corral"
 	"github.com/corralhq/corral/supervisor"
+	"github.com/corralhq/corral/supervisor/prefork"
 	"github.com/corralhq/corral/supervisor/protocol"
 )
 
@@ -35,7 +35,7 @@ func run(stdout, stderr io.Writer) int {
 		return runCLI(os.Args[1], os.Args[2:], stdout, stderr)
 	}
 	c := defaultConfig()
-	return corral.Main(newApp(&c))
+	return prefork.Main(newApp(&c))
 }
 
 // prepareMaster is the server's part of the master: it prepares the store

@@ -4,21 +4,21 @@ import (
 	"net/url"
 	"strings"
 
-	"github.com/corralhq/corral"
 	"github.com/corralhq/corral/handlers/llm"
 	"github.com/corralhq/corral/handlers/store"
+	"github.com/corralhq/corral/supervisor/prefork"
 )
 
 // apiOptions are the agent API's settings, stored into c; the process
-// model's come from package corral. provider receives the --llm-provider
+// model's come from package prefork. provider receives the --llm-provider
 // setting for the check across settings in newApp.
-func apiOptions(c *config, provider *corral.Setting) []corral.Option {
-	return []corral.Option{
+func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
+	return []prefork.Option{
 		{Group: groupAPI, Flag: "database-url", Arg: "URL", Env: []string{"DATABASE_URL"}, Default: defaultDatabaseURL,
 			Help: "sqlite:PATH or postgres://user@host/db",
-			Set: func(s corral.Setting) error {
+			Set: func(s prefork.Setting) error {
 				t := s.Text()
-				lower := corral.LowerASCII(t)
+				lower := prefork.LowerASCII(t)
 				switch {
 				case strings.HasPrefix(lower, "sqlite:") && strings.ContainsAny(t, "?#"):
 					return s.InvalidURL("sqlite:PATH with no query parameters (no ? or #): the server sets SQLite's options itself")
@@ -39,15 +39,15 @@ func apiOptions(c *config, provider *corral.Setting) []corral.Option {
 			}},
 		{Group: groupAPI, Flag: "database-max-conns", Arg: "N", Env: []string{"DATABASE_MAX_CONNS"}, Default: "0",
 			Help: "database connections per worker; 0 = 4 (PostgreSQL), 6 (SQLite)",
-			Set: func(s corral.Setting) (err error) {
+			Set: func(s prefork.Setting) (err error) {
 				c.DatabaseMaxConns, err = s.Whole(0, 1000, "a whole number from 0 to 1000")
 				return err
 			}},
 		{Group: groupAPI, Flag: "instance-id", Arg: "ID", Env: []string{"INSTANCE_ID"}, Default: "(host name)",
 			Help: "names this server in the store; distinct per server sharing a database",
-			Set: func(s corral.Setting) error {
+			Set: func(s prefork.Setting) error {
 				t := s.Text()
-				if len(t) > 200 || !corral.IsVisibleASCII(t) {
+				if len(t) > 200 || !prefork.IsVisibleASCII(t) {
 					return s.Invalid("printable ASCII without spaces, at most 200 bytes")
 				}
 				c.InstanceID = t
@@ -55,7 +55,7 @@ func apiOptions(c *config, provider *corral.Setting) []corral.Option {
 			}},
 		{Group: groupAPI, Flag: "llm-provider", Arg: "NAME", Env: []string{"LLM_PROVIDER"}, Default: providerSimulated,
 			Help: "simulated, or openai (default with a base URL)",
-			Set: func(s corral.Setting) error {
+			Set: func(s prefork.Setting) error {
 				p := s.Lower()
 				if p != providerSimulated && p != providerOpenAI {
 					return s.Invalid("simulated or openai")
@@ -65,7 +65,7 @@ func apiOptions(c *config, provider *corral.Setting) []corral.Option {
 			}},
 		{Group: groupAPI, Flag: "llm-base-url", Arg: "URL", Env: []string{"LLM_BASE_URL"}, Default: "(none)",
 			Help: "OpenAI-compatible endpoint: https://host/v1",
-			Set: func(s corral.Setting) error {
+			Set: func(s prefork.Setting) error {
 				t := s.Text()
 				if t == "" { // only a flag can be empty: it overrides the variable
 					c.LLMBaseURL = ""
@@ -80,31 +80,31 @@ func apiOptions(c *config, provider *corral.Setting) []corral.Option {
 			}},
 		{Group: groupAPI, Flag: "llm-model", Arg: "NAME", Env: []string{"LLM_MODEL"}, Default: "(none)",
 			Help: "model name; none = the provider's default",
-			Set: func(s corral.Setting) error {
+			Set: func(s prefork.Setting) error {
 				c.LLMModel = s.Text()
 				return nil
 			}},
-		{Group: groupAPI, Flag: "llm-timeout", Arg: "DUR", Env: []string{"LLM_TIMEOUT"}, Default: corral.FormatDuration(llm.DefaultTimeout),
+		{Group: groupAPI, Flag: "llm-timeout", Arg: "DUR", Env: []string{"LLM_TIMEOUT"}, Default: prefork.FormatDuration(llm.DefaultTimeout),
 			Help: "deadline of one LLM call; at least 1s",
-			Set: func(s corral.Setting) (err error) {
+			Set: func(s prefork.Setting) (err error) {
 				c.LLMTimeout, err = s.Duration(minLLMTimeout, "at least 1s")
 				return err
 			}},
-		{Group: groupAPI, Flag: "llm-idle-timeout", Arg: "DUR", Env: []string{"LLM_IDLE_TIMEOUT"}, Default: corral.FormatDuration(llm.DefaultIdleTimeout),
+		{Group: groupAPI, Flag: "llm-idle-timeout", Arg: "DUR", Env: []string{"LLM_IDLE_TIMEOUT"}, Default: prefork.FormatDuration(llm.DefaultIdleTimeout),
 			Help: "longest gap between streamed chunks; at least 1s",
-			Set: func(s corral.Setting) (err error) {
+			Set: func(s prefork.Setting) (err error) {
 				c.LLMIdleTimeout, err = s.Duration(minLLMTimeout, "at least 1s")
 				return err
 			}},
-		{Group: groupAPI, Flag: "simulated-latency", Arg: "DUR", Env: []string{"SIMULATED_LATENCY"}, Default: corral.FormatDuration(llm.DefaultSimulatedLatency),
+		{Group: groupAPI, Flag: "simulated-latency", Arg: "DUR", Env: []string{"SIMULATED_LATENCY"}, Default: prefork.FormatDuration(llm.DefaultSimulatedLatency),
 			Help: "reply time of the simulated provider",
-			Set: func(s corral.Setting) (err error) {
+			Set: func(s prefork.Setting) (err error) {
 				c.SimulatedLatency, err = s.Duration(0, "0 or more")
 				return err
 			}},
 		{Group: groupAPI, Flag: "cors-origins", Arg: "LIST", Env: []string{"CORS_ORIGINS"}, Default: "(none)",
 			Help: "browser origins allowed, comma-separated, or *",
-			Set: func(s corral.Setting) error {
+			Set: func(s prefork.Setting) error {
 				t := s.Text()
 				if t == "" { // only a flag can be empty: it overrides the variable
 					c.CORSOrigins = nil
@@ -131,9 +131,9 @@ func apiOptions(c *config, provider *corral.Setting) []corral.Option {
 		// through ps and /proc, the environment only to the owner.
 		{Group: groupAPI, Env: []string{"LLM_API_KEY"}, Default: "(none)",
 			Help: "API key for the LLM provider",
-			Set: func(s corral.Setting) error {
+			Set: func(s prefork.Setting) error {
 				t := s.Text()
-				if !corral.IsVisibleASCII(t) {
+				if !prefork.IsVisibleASCII(t) {
 					return s.InvalidSecret("printable ASCII without spaces")
 				}
 				c.LLMAPIKey = t
@@ -141,11 +141,11 @@ func apiOptions(c *config, provider *corral.Setting) []corral.Option {
 			}},
 		{Group: groupAPI, Env: []string{"API_TOKEN"}, Default: "(none)",
 			Help: "bearer tokens the API accepts, comma-separated",
-			Set: func(s corral.Setting) error {
+			Set: func(s prefork.Setting) error {
 				var tokens []string
 				for _, e := range strings.Split(s.Text(), ",") {
 					tok := strings.TrimSpace(e)
-					if !corral.IsVisibleASCII(tok) {
+					if !prefork.IsVisibleASCII(tok) {
 						return s.InvalidSecret("comma-separated tokens of printable ASCII, none empty")
 					}
 					tokens = append(tokens, tok)

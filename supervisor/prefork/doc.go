@@ -1,4 +1,4 @@
-// Package corral runs any Go HTTP application, net/http or fasthttp, under
+// Package prefork runs any Go HTTP application, net/http or fasthttp, under
 // a prefork process model with uvicorn's semantics: a master that owns the
 // listening sockets and N worker processes that serve them, replaced when
 // they crash or hang, rolled on SIGHUP, scaled on SIGTTIN and SIGTTOU,
@@ -7,7 +7,7 @@
 // An application's main is one call:
 //
 //	func main() {
-//		os.Exit(corral.Main(corral.App{Handler: mux}))
+//		os.Exit(prefork.Main(prefork.App{Handler: mux}))
 //	}
 //
 // Main reads the process model's settings from flags and environment
@@ -26,4 +26,4 @@
 //   - A bad setting stops the program before anything starts, with
 //     ExitUsage and one line naming the flag or variable that supplied it.
 //   - The master serves no HTTP; only workers run the application's code.
-package corral
+package prefork
