@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"net/http"
 	"net/netip"
 	"net/url"
 	"path"
@@ -51,9 +52,11 @@ type config struct {
 
 	DatabaseURL      string        // --database-url, default sqlite:data/server.db
 	LimitRequestBody int           // --limit-request-body in bytes, default 1 MiB, 1 KiB..1 GiB
+	LimitRequestHead int           // --limit-request-headers in bytes, default 16 KiB, 4 KiB..1 MiB
 	LLMProvider      string        // --llm-provider: "simulated" or "openai", lower case
 	LLMBaseURL       string        // --llm-base-url, an absolute http(s) URL or ""
 	LLMAPIKey        string        `json:"-"` // LLM_API_KEY only; never printed, see String
+	LLMHeaders       http.Header   `json:"-"` // LLM_HEADERS only; nil = none; values never printed
 	LLMModel         string        // --llm-model, "" = the provider's default
 	LLMTimeout       time.Duration // --llm-timeout, default 120s, at least 1s
 	LLMIdleTimeout   time.Duration // --llm-idle-timeout, default 60s, at least 1s
@@ -101,12 +104,16 @@ const (
 	// fasthttp holds a whole request body in memory, so a larger limit is a
 	// denial of service waiting for a client rather than a setting.
 	maxLimitRequestBody     = 1 << 30
+	defaultLimitRequestHead = 16 << 10
+	minLimitRequestHead     = 4 << 10
+	maxLimitRequestHead     = 1 << 20
 	defaultReloadDelay      = 250 * time.Millisecond
 	defaultReloadDrain      = 5 * time.Second
 	defaultLLMTimeout       = 120 * time.Second
 	defaultLLMIdleTimeout   = 60 * time.Second
 	minLLMTimeout           = time.Second
 	defaultSimulatedLatency = 3 * time.Second
+	defaultOpenAIBaseURL    = "https://api.openai.com/v1"
 	// maxSocketPath is the longest unix socket path: sun_path holds 108
 	// bytes on Linux, the terminating NUL included.
 	maxSocketPath = 107
@@ -142,6 +149,7 @@ func defaultConfig() config {
 		ForwardedAllowIPs:  defaultProxies,
 		DatabaseURL:        defaultDatabaseURL,
 		LimitRequestBody:   defaultLimitRequestBody,
+		LimitRequestHead:   defaultLimitRequestHead,
 		LLMTimeout:         defaultLLMTimeout,
 		LLMIdleTimeout:     defaultLLMIdleTimeout,
 		SimulatedLatency:   defaultSimulatedLatency,
@@ -176,6 +184,9 @@ func (c config) String() string {
 	}
 	if len(p.APITokens) > 0 {
 		p.APITokens = []string{fmt.Sprintf("(%d hidden)", len(c.APITokens))}
+	}
+	if len(p.LLMHeaders) > 0 {
+		p.LLMHeaders = http.Header{"(hidden)": {strconv.Itoa(len(c.LLMHeaders))}}
 	}
 	if p.MetricsToken != "" {
 		p.MetricsToken = "(hidden)"
@@ -557,15 +568,45 @@ func loadConfig(args []string, lookupEnv func(string) (string, bool)) (config, e
 	if err := checkMetricsAddr(c, given); err != nil {
 		return config{}, err
 	}
+	// A key alone means OpenAI itself, as OpenAI's own clients take it.
 	switch provider := given["llm-provider"]; {
-	case c.LLMProvider == "" && c.LLMBaseURL != "":
+	case c.LLMProvider == "" && (c.LLMBaseURL != "" || c.LLMAPIKey != ""):
 		c.LLMProvider = providerOpenAI
 	case c.LLMProvider == "":
 		c.LLMProvider = providerSimulated
-	case c.LLMProvider == providerOpenAI && c.LLMBaseURL == "":
-		return config{}, provider.invalid("--llm-base-url or LLM_BASE_URL set as well, or simulated")
+	case c.LLMProvider == providerOpenAI && c.LLMBaseURL == "" && c.LLMAPIKey == "":
+		return config{}, provider.invalid("a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated")
+	}
+	if c.LLMProvider == providerOpenAI && c.LLMBaseURL == "" {
+		c.LLMBaseURL = defaultOpenAIBaseURL
 	}
 	return c, nil
+}
+
+// parseHeaders parses LLM_HEADERS: "Name: value" (or "Name=value")
+// entries separated by commas or new lines. A value may percent-encode a
+// comma or any other byte (%2C), as OTEL_EXPORTER_OTLP_HEADERS does. Values
+// are secrets (Azure's api-key): no message shows one.
+func parseHeaders(s setting) (http.Header, error) {
+	const want = `"Name: value" entries separated by commas or new lines, names of letters, digits and -, values percent-encoded where they hold a comma`
+	h := http.Header{}
+	for _, e := range strings.FieldsFunc(s.text(), func(r rune) bool { return r == ',' || r == '\n' }) {
+		i := strings.IndexAny(e, ":=")
+		if strings.TrimSpace(e) == "" || i < 0 {
+			return nil, s.invalidSecret(want)
+		}
+		name, raw := strings.TrimSpace(e[:i]), strings.TrimSpace(e[i+1:])
+		value, err := url.PathUnescape(raw)
+		if name == "" || strings.TrimLeft(lowerASCII(name), "abcdefghijklmnopqrstuvwxyz0123456789-") != "" || err != nil || strings.ContainsAny(value, "\r\n\x00") {
+			return nil, s.invalidSecret(want)
+		}
+		switch http.CanonicalHeaderKey(name) {
+		case "Host", "Content-Length", "Transfer-Encoding", "Connection", "Content-Type":
+			return nil, fmt.Errorf("invalid %s (value not shown): header %s is the server's own", s.from, http.CanonicalHeaderKey(name))
+		}
+		h.Add(name, value)
+	}
+	return h, nil
 }
 
 // globs parses a comma list of file name patterns. An empty entry is an

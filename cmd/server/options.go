@@ -319,6 +319,16 @@ var options = []option{
 			c.LimitRequestBody = n
 			return nil
 		}},
+	{group: groupAPI, flag: "limit-request-headers", arg: "SIZE", env: []string{"LIMIT_REQUEST_HEADERS"}, def: "16KiB",
+		help: "largest request line plus headers, 4KiB to 1MiB; over it 431",
+		set: func(c *config, s setting) error {
+			n, ok := parseSize(s.text())
+			if !ok || n < minLimitRequestHead || n > maxLimitRequestHead {
+				return s.invalid("a size from 4KiB to 1MiB in bytes or with a unit: KB, KiB, MB, MiB")
+			}
+			c.LimitRequestHead = n
+			return nil
+		}},
 	{group: groupAPI, flag: "llm-provider", arg: "NAME", env: []string{"LLM_PROVIDER"}, def: providerSimulated,
 		help: "simulated, or openai (default with a base URL)",
 		set: func(c *config, s setting) error {
@@ -329,7 +339,7 @@ var options = []option{
 			c.LLMProvider = p
 			return nil
 		}},
-	{group: groupAPI, flag: "llm-base-url", arg: "URL", env: []string{"LLM_BASE_URL"}, def: "(none)",
+	{group: groupAPI, flag: "llm-base-url", arg: "URL", env: []string{"LLM_BASE_URL", "OPENAI_BASE_URL"}, def: "(none)",
 		help: "OpenAI-compatible endpoint: https://host/v1",
 		set: func(c *config, s setting) error {
 			t := s.text()
@@ -340,6 +350,9 @@ var options = []option{
 			u, err := url.Parse(t)
 			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Opaque != "" {
 				return s.invalidURL("an absolute http:// or https:// URL")
+			}
+			if u.User != nil || u.Fragment != "" {
+				return s.invalidURL("a URL without user info or fragment (the key goes in LLM_API_KEY)")
 			}
 			c.LLMBaseURL = t
 			return nil
@@ -443,7 +456,7 @@ var options = []option{
 
 	// Secrets have no flag: a command line is visible to every user through
 	// ps and /proc, the environment only to the owner.
-	{group: groupAPI, env: []string{"LLM_API_KEY"}, def: "(none)",
+	{group: groupAPI, env: []string{"LLM_API_KEY", "OPENAI_API_KEY"}, def: "(none)",
 		help: "API key for the LLM provider",
 		set: func(c *config, s setting) error {
 			t := s.text()
@@ -452,6 +465,12 @@ var options = []option{
 			}
 			c.LLMAPIKey = t
 			return nil
+		}},
+	{group: groupAPI, env: []string{"LLM_HEADERS"}, def: "(none)",
+		help: "extra upstream headers: Name: value, comma-separated",
+		set: func(c *config, s setting) (err error) {
+			c.LLMHeaders, err = parseHeaders(s)
+			return err
 		}},
 	{group: groupAPI, env: []string{"API_TOKEN"}, def: "(none)",
 		help: "bearer tokens the API accepts, comma-separated",

@@ -83,6 +83,7 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		ReadTimeout:      cfg.ReadTimeout,
 		DisableKeepAlive: cfg.KeepAliveTimeout == 0,
 		MaxBodySize:      cfg.LimitRequestBody,
+		MaxHeaderSize:    cfg.LimitRequestHead,
 		MaxConcurrency:   cfg.LimitConcurrency,
 		// /health answers from memory: a busy worker is not an unhealthy one.
 		Unlimited: func(ctx *fasthttp.RequestCtx) bool { return string(ctx.Path()) == "/health" },
