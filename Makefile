@@ -5,14 +5,20 @@ LDFLAGS     := -s -w -X main.version=$(VERSION)
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 GO          ?= go
 PKGS        := ./...
+PREFIX      ?= /usr/local
+BINDIR      ?= $(PREFIX)/bin
 
-.PHONY: help build run dev test fmt-check vet staticcheck deps-check gotest bench chaos fuzz clean
+.PHONY: help build install run dev test fmt-check vet staticcheck deps-check gotest bench chaos fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 build: ## build ./server (version stamped)
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o server ./cmd/server
+
+install: build ## install server into $(BINDIR) (PREFIX=/usr/local); a new file, so a running server keeps its own
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 server $(DESTDIR)$(BINDIR)/server
 
 run: build ## build and run the server with the embedded defaults
 	./server
@@ -32,10 +38,11 @@ vet: ## go vet
 staticcheck: ## staticcheck, pinned
 	$(GO) run $(STATICCHECK) $(PKGS)
 
-deps-check: ## enforce the import rules of DESIGN.md
+deps-check: ## enforce the import rules of docs/architecture.md
 	@./.ci/deps-check
 
 gotest: ## go test -race, one package at a time (the process tests are timing-sensitive on 2 cores)
+	@./.ci/test-tools
 	$(GO) test -race -count=1 -p 1 -timeout 15m $(PKGS)
 
 bench: build ## benchmarks; figures go to docs/benchmarks.md
