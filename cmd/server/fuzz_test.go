@@ -52,7 +52,7 @@ func FuzzLoadConfig(f *testing.F) {
 			"LLM_API_KEY":   secretMark + "k" + secret,
 			"API_TOKEN":     secretMark + "t" + secret,
 			"METRICS_TOKEN": secretMark + "m" + secret,
-			"LLM_HEADERS": "api-key: " + secretMark + "h" + secret,
+			"LLM_HEADERS":   "api-key: " + secretMark + "h" + secret,
 		}
 		for k, v := range secrets {
 			vals[k] = v
