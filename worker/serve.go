@@ -134,8 +134,12 @@ func (w *worker) serveError(ctx *fasthttp.RequestCtx, err error) {
 	}
 	ctx.SetConnectionClose()
 	ctx.Response.Header.SetBytesV(RequestIDHeader, setRequestID(ctx))
-	// The client may still be sending a body the server never read.
-	lingerOnClose(ctx.Conn())
+	// The client may still be sending a body the server never read. A
+	// client that timed out is sending too little, not too much: it is
+	// closed at once.
+	if status != fasthttp.StatusRequestTimeout {
+		lingerOnClose(ctx.Conn())
+	}
 	w.cfg.Error(ctx, status, err)
 }
 
