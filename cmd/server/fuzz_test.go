@@ -27,8 +27,8 @@ func FuzzLoadConfig(f *testing.F) {
 	f.Add("--no-access-log\x00--access-log=on\x00--cors-origins=https://a.example,*", "", ",,")
 	f.Add("stray", "", "")
 	var names []string
-	for _, o := range options {
-		for _, e := range o.env {
+	for _, o := range allOptions() {
+		for _, e := range o.Env {
 			if !secretVars[e] {
 				names = append(names, e)
 			}
