@@ -59,7 +59,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	defer cancel()
 	agent, err := h.cfg.Store.Agent(sc, req.AgentID)
 	if err != nil {
-		h.storeFailed(ctx, "read agent", err)
+		h.storeFailed(ctx, "read agent", noAgent(req.AgentID, err))
 		return
 	}
 	// The worker gives every request one valid id; it follows the chat to

@@ -236,7 +236,13 @@ func printStatus(w io.Writer, st *supervisor.Status) {
 	}
 	fmt.Fprintf(w, "server %s  master %d  up %s  %s  %s  %s\n",
 		st.Version, st.PID, age(st.UptimeS), where, st.SocketMode, st.State)
-	fmt.Fprintf(w, "store %s  llm %s\n\n", st.Store, st.LLM)
+	for i, f := range st.Info {
+		if i > 0 {
+			fmt.Fprint(w, "  ")
+		}
+		fmt.Fprintf(w, "%s %s", f.Name, f.Value)
+	}
+	fmt.Fprint(w, "\n\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SLOT\tPID\tGEN\tSTATE\tUPTIME\tREQUESTS\tIN FLIGHT\tRSS\tCPU\tFDS\tRESTARTS\tHEARTBEAT")
 	for _, wk := range st.Workers {

@@ -49,9 +49,9 @@ func prepareMaster(cfg config, log zerolog.Logger, sc *supervisor.Config) (func(
 	reaper := newOrphanReaper(st, log)
 	sc.ControlSocket = controlPath(cfg.ControlSocket, cfg.DatabaseURL)
 	sc.OnWorkerExit = reaper.workerExited
-	sc.Recent = recentActivities(st)
-	sc.Store = describeStore(st.Path())
-	sc.LLM = describeLLM(cfg)
+	sc.Panel = activitiesPanel(st)
+	info := []supervisor.Field{{Name: "store", Value: describeStore(st.Path())}, {Name: "llm", Value: describeLLM(cfg)}}
+	sc.Info = func() []supervisor.Field { return info }
 	if sc.Reload != nil {
 		// The database's folder is never watched, so its writes never
 		// trigger a reload.
