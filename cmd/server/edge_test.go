@@ -10,7 +10,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -302,4 +304,77 @@ func TestRequestIDEndToEnd(t *testing.T) {
 	if logs := s.logs.String(); strings.Contains(logs, key) || strings.Contains(logs, azureKey) {
 		t.Errorf("the log shows the API key or the LLM_HEADERS value:\n%s", logs)
 	}
+}
+
+// chatModel runs a chat and returns the model the reply names.
+func (s *server) chatModel(t *testing.T) string {
+	t.Helper()
+	var out struct{ Model string }
+	if _, err := s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": "hi"}, &out); err != nil {
+		t.Fatalf("chat: %v", err)
+	}
+	return out.Model
+}
+
+// headerStatus is the status of GET /health with an n-byte header.
+func (s *server) headerStatus(t *testing.T, n int) int {
+	t.Helper()
+	req, _ := http.NewRequest("GET", s.url("/health"), nil)
+	req.Header.Set("Cookie", "s="+strings.Repeat("c", n))
+	resp, err := fresh.Do(req)
+	if err != nil {
+		t.Fatalf("GET /health with a %d-byte header: %v", n, err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestEnvFile reads settings from --env-file: the file's values apply, the
+// process environment wins over them and a flag over both; a line that
+// cannot be read exits 2 naming the file and the line.
+func TestEnvFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "corral.env")
+	os.WriteFile(path, []byte("# Corral\nexport LLM_MODEL=\"file-model\"\nWORKERS=3\nLIMIT_REQUEST_HEADERS='32KiB' # headers\n"), 0o600)
+	s := startServerArgs(t, []string{"--env-file", path, "--limit-request-headers", "20KiB"}, "WORKERS=1", "SIMULATED_LATENCY=0")
+	if got := s.chatModel(t); got != "file-model" {
+		t.Errorf("chat model = %q, want file-model from the env file", got)
+	}
+	if n := len(s.workerPIDs()); n != 1 {
+		t.Errorf("%d workers, want 1: WORKERS in the environment beats the file's 3", n)
+	}
+	if st := s.headerStatus(t, 18000); st != 200 {
+		t.Errorf("18000-byte header: %d, want 200", st)
+	}
+	if st := s.headerStatus(t, 25000); st != 431 {
+		t.Errorf("25000-byte header: %d, want 431: --limit-request-headers 20KiB beats the file's 32KiB", st)
+	}
+	s.stop()
+
+	os.WriteFile(path, []byte("A=1\nLLM_API_KEY sk-not-shown\n"), 0o600)
+	bad := launchArgs(t, []string{"--env-file=" + path})
+	if code := bad.wait(20 * time.Second); code != exitUsage {
+		t.Errorf("bad env file: exit %d, want %d", code, exitUsage)
+	}
+	if out := bad.logs.String(); !strings.Contains(out, path+" line 2: want NAME=VALUE") || strings.Contains(out, "sk-not-shown") {
+		t.Errorf("bad env file: stderr %q, want the file and line 2 named and the value not shown", out)
+	}
+}
+
+// TestEnvFileReload changes the env file under a server in reload mode:
+// the worker restarts with the new values.
+func TestEnvFileReload(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, ".env")
+	os.WriteFile(path, []byte("LLM_MODEL=model-1\n"), 0o600)
+	s := startServer(t, "RELOAD=true", "RELOAD_DIRS="+dir, "RELOAD_BUILD=", "ENV_FILE="+path, "SIMULATED_LATENCY=0")
+	if got := s.chatModel(t); got != "model-1" {
+		t.Fatalf("chat model = %q, want model-1", got)
+	}
+	os.WriteFile(path, []byte("LLM_MODEL=model-2\n"), 0o600)
+	waitFor(t, 30*time.Second, func() error {
+		if got := s.chatModel(t); got != "model-2" {
+			return fmt.Errorf("chat model = %q, want model-2 after the env file changed", got)
+		}
+		return nil
+	})
 }

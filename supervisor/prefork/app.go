@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -126,7 +127,27 @@ func (a App) run(stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitUsage
 	}
-	cfg, err := a.Load(args, os.LookupEnv)
+	lookupEnv := os.LookupEnv
+	if path := envFileArg(args, os.LookupEnv); path != "" {
+		vars, err := ReadEnvFile(path)
+		if err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			return ExitUsage
+		}
+		lookupEnv = withEnvFile(os.LookupEnv, vars)
+		// A worker puts the file's variables in its own environment, so
+		// the libraries it runs see them too. The master does not: its
+		// workers must start from the environment the user gave, so that
+		// one started after the file changed reads the new values.
+		if role == protocol.RoleWorker {
+			for k, v := range vars {
+				if _, set := os.LookupEnv(k); !set {
+					os.Setenv(k, v)
+				}
+			}
+		}
+	}
+	cfg, err := a.Load(args, lookupEnv)
 	switch {
 	case errors.Is(err, ErrHelp):
 		a.Usage(stdout)
@@ -223,6 +244,14 @@ func (c Config) SupervisorConfig() supervisor.Config {
 			Delay:   c.ReloadDelay,
 			Build:   c.ReloadBuild,
 			Drain:   max(c.ReloadDrain, time.Nanosecond),
+		}
+		if c.EnvFile != "" {
+			// A change of the env file restarts the worker, which reads it
+			// anew; its folder is watched when no reload folder holds it.
+			sc.Reload.Include = append(slices.Clip(sc.Reload.Include), filepath.Base(c.EnvFile))
+			if !insideAny(filepath.Dir(c.EnvFile), c.ReloadDirs) {
+				sc.Reload.Dirs = append(slices.Clip(sc.Reload.Dirs), filepath.Dir(c.EnvFile))
+			}
 		}
 	}
 	return sc
@@ -395,4 +424,22 @@ func setComm(role string) {
 	name := base + "-" + role
 	// /proc/self/comm is the main thread's name, whichever thread writes it.
 	_ = os.WriteFile("/proc/self/comm", []byte(name), 0)
+}
+
+// insideAny reports whether dir is one of roots or lies below one.
+func insideAny(dir string, roots []string) bool {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return false
+	}
+	for _, r := range roots {
+		ar, err := filepath.Abs(r)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(ar, abs); err == nil && !strings.HasPrefix(rel, "..") {
+			return true
+		}
+	}
+	return false
 }
