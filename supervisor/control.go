@@ -214,7 +214,7 @@ func (s *Supervisor) onControl(ctl control) {
 
 // status snapshots the supervisor for `server status`.
 func (s *Supervisor) status() *Status {
-	now := time.Now()
+	now := s.env.now()
 	st := &Status{
 		Version:    s.cfg.Version,
 		PID:        os.Getpid(),
