@@ -71,10 +71,14 @@ type buildResult struct {
 }
 
 func (c *ReloadConfig) setDefaults() {
-	if len(c.Dirs) == 0 {
-		c.Dirs = []string{"."}
+	dirs := c.Dirs
+	if len(dirs) == 0 {
+		dirs = []string{"."}
 	}
-	for i, d := range c.Dirs {
+	// A new slice: the caller's Config is never written to.
+	c.Dirs = make([]string, len(dirs))
+	for i, d := range dirs {
+		c.Dirs[i] = d
 		if abs, err := filepath.Abs(d); err == nil {
 			c.Dirs[i] = abs
 		}

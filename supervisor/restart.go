@@ -9,13 +9,7 @@ import (
 	"time"
 )
 
-// The restart engine. Every trigger (start, crash, hang, SIGHUP,
-// max-requests, scale) goes through replace or spawn: the new worker starts
-// on the same slot, and only once it is ready is the old one asked to drain.
-// The loop never waits for a drain: stop sends SIGTERM and sets a deadline,
-// and tick sends SIGKILL when the deadline passes.
-//
-// Invariant: a slot has at most one worker that is starting (slot.next).
+// The restart engine; its promise and invariants are in doc.go.
 
 // replace starts a new worker for sl unless one is already starting.
 func (s *Supervisor) replace(sl *slot, why string) {

@@ -114,10 +114,19 @@ type Config struct {
 	MetricsAddr string
 	// MetricsToken, if set, is required by the metrics server.
 	MetricsToken string
-	// Recent, if set, returns the latest activities for the status page.
-	Recent func(ctx context.Context) (any, error)
-	// Version, Store and LLM describe the server in Status.
-	Version, Store, LLM string
+	// Version is the application's version, as Status shows it.
+	Version string
+	// Info, if set, returns named facts about the application (its
+	// database, its upstream) that Status shows after the supervisor's
+	// own: `status` on the control socket, /status.json and the status
+	// page's header. It is called outside the supervisor's loop, once per
+	// status request, and must return quickly.
+	Info func() []Field
+	// Panel, if set, fills the status page's extra panel, below the
+	// workers, on each refresh. It is called outside the supervisor's loop
+	// with a context that ends after 2 seconds; an error leaves the panel
+	// empty and is logged.
+	Panel func(ctx context.Context) (Panel, error)
 	// OnWorkerExit, if set, is called from the supervisor's loop after a
 	// worker process exited; crashed is false when the supervisor had asked
 	// it to stop. It must return quickly.
