@@ -166,7 +166,9 @@ func TestRunServesMetricsAndStatus(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close()
 	r := runAuto(t, Config{Workers: 2, MetricsAddr: addr, MetricsToken: "s3cret",
-		Recent: func(context.Context) (any, error) { return []string{"act-1"}, nil }})
+		Panel: func(context.Context) (Panel, error) {
+			return Panel{Title: "Recent", Columns: []string{"id"}, Rows: [][]string{{"act-1"}}}, nil
+		}})
 	get := func(path, token string) (int, string) {
 		req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
 		if token != "" {
