@@ -185,7 +185,8 @@ type hello struct {
 }
 
 // start runs exe on a free loopback port, in dir if not "", and waits
-// until it says where it serves. Cleanup stops it.
+// until it says where it serves and that every worker is ready. Cleanup
+// stops it.
 func start(t *testing.T, exe, dir string, env ...string) *hello {
 	t.Helper()
 	cmd := exec.Command(exe)
@@ -202,12 +203,17 @@ func start(t *testing.T, exe, dir string, env ...string) *hello {
 	urls := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
+		var url string
 		for sc.Scan() {
 			var line struct{ URL, Message string }
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.URL != "" && strings.HasPrefix(line.Message, "Corral running") {
-				select {
-				case urls <- line.URL:
-				default:
+			if json.Unmarshal(sc.Bytes(), &line) == nil {
+				switch {
+				case line.URL != "" && strings.HasPrefix(line.Message, "Corral running"):
+					url = line.URL
+				case line.Message == "Application startup complete":
+					// Every worker is ready: what a user waits for before
+					// sending signals.
+					urls <- url
 				}
 			}
 			if testing.Verbose() {
@@ -233,7 +239,7 @@ func start(t *testing.T, exe, dir string, env ...string) *hello {
 	case <-h.done:
 		t.Fatalf("hello exited with status %d before serving", h.status)
 	case <-time.After(60 * time.Second):
-		t.Fatal("hello did not log where it serves within 60s")
+		t.Fatal("hello did not log that it serves, every worker ready, within 60s")
 	}
 	return h
 }
