@@ -7,8 +7,11 @@ GO          ?= go
 PKGS        := ./...
 PREFIX      ?= /usr/local
 BINDIR      ?= $(PREFIX)/bin
+CONTAINER   ?= podman
+IMAGE       ?= corral:$(VERSION)
+CA_CERTS    ?= /etc/ssl/certs/ca-certificates.crt
 
-.PHONY: help build install run dev test fmt-check vet staticcheck deps-check gotest bench chaos fuzz clean
+.PHONY: help build install image image-test run dev test fmt-check vet staticcheck deps-check gotest bench chaos fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -19,6 +22,17 @@ build: ## build ./server (version stamped)
 install: build ## install server into $(BINDIR) (PREFIX=/usr/local); a new file, so a running server keeps its own
 	install -d $(DESTDIR)$(BINDIR)
 	install -m 0755 server $(DESTDIR)$(BINDIR)/server
+
+image: ## container image FROM scratch around a static ./server: $(IMAGE), built with $(CONTAINER)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o server ./cmd/server
+	rm -rf .image && mkdir -p .image/rootfs/usr/local/bin .image/rootfs/etc/ssl/certs .image/rootfs/tmp .image/state
+	chmod 1777 .image/rootfs/tmp
+	cp server .image/rootfs/usr/local/bin/server
+	cp $(CA_CERTS) .image/rootfs/etc/ssl/certs/ca-certificates.crt
+	$(CONTAINER) build -f Dockerfile -t $(IMAGE) .image
+
+image-test: ## build the image and check it with podman (RUNTIME=runc where crun cannot run)
+	./.ci/image-test
 
 run: build ## build and run the server with the embedded defaults
 	./server
@@ -57,4 +71,4 @@ fuzz: ## every fuzz target for FUZZTIME each (default 20s)
 	./bench/fuzz.sh
 
 clean: ## remove build output
-	rm -f server
+	rm -rf server .image

@@ -32,6 +32,9 @@ type chatUsage struct {
 	CompletionTokens int `json:"completion_tokens"`
 }
 
+// requestIDHeader carries the request id the worker gives every request.
+const requestIDHeader = "X-Request-ID"
+
 // chatCall is one chat between its start in the store and its finish.
 type chatCall struct {
 	h       *Handler
@@ -56,10 +59,13 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	defer cancel()
 	agent, err := h.cfg.Store.Agent(sc, req.AgentID)
 	if err != nil {
-		h.storeFailed(ctx, "read agent", err)
+		h.storeFailed(ctx, "read agent", noAgent(req.AgentID, err))
 		return
 	}
-	act, err := h.cfg.Store.StartChat(sc, store.Chat{AgentID: agent.ID, Message: req.Message, Origin: h.origin})
+	// The worker gives every request one valid id; it follows the chat to
+	// its activities and the upstream request.
+	rid := string(ctx.Request.Header.Peek(requestIDHeader))
+	act, err := h.cfg.Store.StartChat(sc, store.Chat{AgentID: agent.ID, Message: req.Message, Origin: h.origin, RequestID: rid})
 	if err != nil {
 		h.storeFailed(ctx, "start chat", err)
 		return
@@ -70,7 +76,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 		h:     h,
 		id:    act.ChatID,
 		agent: agent,
-		req: llm.Request{Model: agent.Model, Messages: []llm.Message{
+		req: llm.Request{Model: agent.Model, RequestID: rid, Messages: []llm.Message{
 			{Role: "system", Content: agent.SystemPrompt},
 			{Role: "user", Content: req.Message},
 		}},
@@ -134,6 +140,9 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 	h := c.h
 	d := time.Since(c.started)
 	status, data := store.ChatCompleted, map[string]any{"duration_ms": d.Milliseconds()}
+	if c.req.RequestID != "" {
+		data["request_id"] = c.req.RequestID
+	}
 	switch {
 	case clientGone:
 		status, callErr = store.ChatCancelled, context.Canceled
@@ -142,7 +151,7 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 		code, obj := statusOf(callErr)
 		status = store.ChatFailed
 		data["reason"], data["status"], data["message"] = obj.Code, code, obj.Message
-		h.log.Warn().Err(callErr).Str("chat_id", c.id).Int("status", code).Dur("duration", d).Msg("chat failed")
+		h.log.Warn().Err(callErr).Str("chat_id", c.id).Str("request_id", c.req.RequestID).Int("status", code).Dur("duration", d).Msg("chat failed")
 	default:
 		data["provider"], data["model"] = resp.Provider, resp.Model
 		data["usage"] = map[string]int{"prompt_tokens": resp.Usage.PromptTokens, "completion_tokens": resp.Usage.CompletionTokens}

@@ -234,7 +234,7 @@ func (s *Supervisor) addInfo(st *Status) {
 
 // status snapshots the supervisor for `server status`.
 func (s *Supervisor) status() *Status {
-	now := time.Now()
+	now := s.env.now()
 	st := &Status{
 		Version:    s.cfg.Version,
 		PID:        os.Getpid(),

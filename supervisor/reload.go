@@ -131,7 +131,7 @@ func (s *Supervisor) onChanges(paths []string) {
 	if s.stopping {
 		return
 	}
-	r.lastChange = time.Now()
+	r.lastChange = s.env.now()
 	build := r.cfg.Build != "" && anyGo(paths)
 	s.log.Info().Strs("paths", paths).Bool("build", build).Msg("change detected")
 	if r.building != nil {

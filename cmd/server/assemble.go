@@ -68,6 +68,7 @@ func newLLM(cfg config) (handlers.LLM, error) {
 		c, err := llm.NewOpenAI(llm.OpenAIConfig{
 			BaseURL:     cfg.LLMBaseURL,
 			APIKey:      cfg.LLMAPIKey,
+			Headers:     cfg.LLMHeaders,
 			Model:       cfg.LLMModel,
 			Timeout:     cfg.LLMTimeout,
 			IdleTimeout: cfg.LLMIdleTimeout,

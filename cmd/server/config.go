@@ -3,7 +3,9 @@ package main
 import (
 	"fmt"
 	"io"
+	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -30,6 +32,7 @@ type config struct {
 	LLMProvider      string        // --llm-provider: "simulated" or "openai", lower case
 	LLMBaseURL       string        // --llm-base-url, an absolute http(s) URL or ""
 	LLMAPIKey        string        `json:"-"` // LLM_API_KEY only; never printed, see String
+	LLMHeaders       http.Header   `json:"-"` // LLM_HEADERS only; nil = none; values never printed
 	LLMModel         string        // --llm-model, "" = the provider's default
 	LLMTimeout       time.Duration // --llm-timeout, default llm.DefaultTimeout, at least 1s
 	LLMIdleTimeout   time.Duration // --llm-idle-timeout, default llm.DefaultIdleTimeout, at least 1s
@@ -43,6 +46,8 @@ type config struct {
 const (
 	defaultDatabaseURL = "sqlite:data/server.db"
 	minLLMTimeout      = time.Second
+	// defaultOpenAIBaseURL is OpenAI's own API, taken when only a key is set.
+	defaultOpenAIBaseURL = "https://api.openai.com/v1"
 
 	providerSimulated = llm.ProviderSimulated
 	providerOpenAI    = llm.ProviderOpenAI
@@ -92,6 +97,9 @@ func (c config) String() string {
 	if p.LLMAPIKey != "" {
 		p.LLMAPIKey = "(hidden)"
 	}
+	if len(p.LLMHeaders) > 0 {
+		p.LLMHeaders = http.Header{"(hidden)": {strconv.Itoa(len(c.LLMHeaders))}}
+	}
 	if len(p.APITokens) > 0 {
 		p.APITokens = []string{fmt.Sprintf("(%d hidden)", len(c.APITokens))}
 	}
@@ -134,13 +142,17 @@ func newApp(c *config) prefork.App {
 		UsageHead:   usageHead,
 		UsageFoot:   usageFoot(),
 		Check: func(prefork.Config) error {
+			// A key alone means OpenAI itself, as OpenAI's own clients take it.
 			switch {
-			case c.LLMProvider == "" && c.LLMBaseURL != "":
+			case c.LLMProvider == "" && (c.LLMBaseURL != "" || c.LLMAPIKey != ""):
 				c.LLMProvider = providerOpenAI
 			case c.LLMProvider == "":
 				c.LLMProvider = providerSimulated
-			case c.LLMProvider == providerOpenAI && c.LLMBaseURL == "":
-				return provider.Invalid("--llm-base-url or LLM_BASE_URL set as well, or simulated")
+			case c.LLMProvider == providerOpenAI && c.LLMBaseURL == "" && c.LLMAPIKey == "":
+				return provider.Invalid("a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated")
+			}
+			if c.LLMProvider == providerOpenAI && c.LLMBaseURL == "" {
+				c.LLMBaseURL = defaultOpenAIBaseURL
 			}
 			return nil
 		},

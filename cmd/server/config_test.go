@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net/http"
 	"net/netip"
 	"os"
 	"reflect"
@@ -55,6 +56,7 @@ func TestConfigDefaults(t *testing.T) {
 			ProxyHeaders:       true,
 			ForwardedAllowIPs:  worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}},
 			LimitRequestBody:   1 << 20,
+			LimitRequestHead:   16 << 10,
 			ReloadDirs:         []string{"."},
 			ReloadDelay:        250 * time.Millisecond,
 			ReloadDrain:        5 * time.Second,
@@ -113,6 +115,8 @@ func TestConfigPrecedence(t *testing.T) {
 		{"database-max-conns", []string{"DATABASE_MAX_CONNS", "8"}, []string{"--database-max-conns", "2"}, field("DatabaseMaxConns"), 8, 2},
 		{"instance-id", []string{"INSTANCE_ID", "web-1"}, []string{"--instance-id", "web-2"}, field("InstanceID"), "web-1", "web-2"},
 		{"limit-request-body", []string{"LIMIT_REQUEST_BODY", "2MiB"}, []string{"--limit-request-body", "4096"}, field("LimitRequestBody"), 2 << 20, 4096},
+		{"env-file", []string{"ENV_FILE", "/etc/a.env"}, []string{"--env-file", "b.env"}, field("EnvFile"), "/etc/a.env", "b.env"},
+		{"limit-request-headers", []string{"LIMIT_REQUEST_HEADERS", "32KiB"}, []string{"--limit-request-headers", "8192"}, field("LimitRequestHead"), 32 << 10, 8192},
 		{"llm-provider", []string{"LLM_PROVIDER", "openai", "LLM_BASE_URL", "http://llm:8080/v1"}, []string{"--llm-provider", "simulated"}, field("LLMProvider"), "openai", "simulated"},
 		{"llm-base-url", []string{"LLM_BASE_URL", "http://a:1/v1"}, []string{"--llm-base-url", "https://b/v1"}, field("LLMBaseURL"), "http://a:1/v1", "https://b/v1"},
 		{"llm-model", []string{"LLM_MODEL", "m1"}, []string{"--llm-model", "m2"}, field("LLMModel"), "m1", "m2"},
@@ -132,6 +136,7 @@ func TestConfigPrecedence(t *testing.T) {
 		{"reload-build", []string{"RELOAD_BUILD", ""}, []string{"--reload-build", "make build"}, field("ReloadBuild"), "", "make build"},
 		{"reload-drain", []string{"RELOAD_DRAIN", "0"}, []string{"--reload-drain", "10s"}, field("ReloadDrain"), time.Duration(0), 10 * time.Second},
 		{"LLM_API_KEY", []string{"LLM_API_KEY", "sk-test"}, nil, field("LLMAPIKey"), "sk-test", nil},
+		{"LLM_HEADERS", []string{"LLM_HEADERS", "api-key: k1, X-Team=a%2Cb"}, nil, field("LLMHeaders"), http.Header{"Api-Key": {"k1"}, "X-Team": {"a,b"}}, nil},
 		{"API_TOKEN", []string{"API_TOKEN", "a, b"}, nil, field("APITokens"), []string{"a", "b"}, nil},
 	}
 	covered := map[string]bool{}
@@ -364,12 +369,20 @@ func TestConfigLLMProvider(t *testing.T) {
 		{nil, []string{"LLM_BASE_URL", "http://llm/v1", "LLM_PROVIDER", "simulated"}, "simulated", "http://llm/v1", ""},
 		{nil, []string{"LLM_BASE_URL", "http://llm/v1", "LLM_PROVIDER", "OpenAI"}, "openai", "http://llm/v1", ""},
 		{[]string{"--llm-base-url="}, []string{"LLM_BASE_URL", "http://llm/v1"}, "simulated", "", ""},
+		// OpenAI's own variable names, which the project's names beat, and
+		// a key alone meaning OpenAI itself.
+		{nil, []string{"OPENAI_BASE_URL", "http://oai/v1"}, "openai", "http://oai/v1", ""},
+		{nil, []string{"OPENAI_BASE_URL", "http://oai/v1", "LLM_BASE_URL", "http://llm/v1"}, "openai", "http://llm/v1", ""},
+		{nil, []string{"OPENAI_API_KEY", "sk-x"}, "openai", "https://api.openai.com/v1", ""},
+		{nil, []string{"LLM_API_KEY", "sk-x", "LLM_PROVIDER", "openai"}, "openai", "https://api.openai.com/v1", ""},
+		{nil, []string{"OPENAI_API_KEY", "sk-x", "LLM_PROVIDER", "simulated"}, "simulated", "", ""},
+		{nil, []string{"LLM_BASE_URL", "https://r.openai.azure.com/openai/deployments/d?api-version=2024-10-21"}, "openai", "https://r.openai.azure.com/openai/deployments/d?api-version=2024-10-21", ""},
 		{nil, []string{"LLM_PROVIDER", "openai"}, "", "",
-			`invalid LLM_PROVIDER "openai": want --llm-base-url or LLM_BASE_URL set as well, or simulated`},
+			`invalid LLM_PROVIDER "openai": want a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated`},
 		{[]string{"--llm-provider", "openai"}, nil, "", "",
-			`invalid --llm-provider "openai": want --llm-base-url or LLM_BASE_URL set as well, or simulated`},
+			`invalid --llm-provider "openai": want a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated`},
 		{[]string{"--llm-base-url="}, []string{"LLM_PROVIDER", "openai", "LLM_BASE_URL", "http://llm/v1"}, "", "",
-			`invalid LLM_PROVIDER "openai": want --llm-base-url or LLM_BASE_URL set as well, or simulated`},
+			`invalid LLM_PROVIDER "openai": want a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated`},
 	}
 	for _, tt := range tests {
 		c, err := loadConfig(tt.args, fakeEnv(tt.env...))
@@ -558,6 +571,10 @@ var configInvalidCases = []struct {
 	{nil, []string{"RELOAD_EXCLUDE", "gen,"}, `invalid RELOAD_EXCLUDE "gen,": want file name patterns such as *.tmpl, comma-separated, none empty`},
 
 	{nil, []string{"LLM_API_KEY", "sk-abc def"}, `invalid LLM_API_KEY (value not shown): want printable ASCII without spaces`},
+	{nil, []string{"LIMIT_REQUEST_HEADERS", "2KiB"}, `invalid LIMIT_REQUEST_HEADERS "2KiB": want a size from 4KiB to 1MiB in bytes or with a unit: KB, KiB, MB, MiB`},
+	{nil, []string{"LLM_HEADERS", "api-key secret"}, `invalid LLM_HEADERS (value not shown): want "Name: value" entries separated by commas or new lines, names of letters, digits and -, values percent-encoded where they hold a comma`},
+	{nil, []string{"LLM_HEADERS", "Host: evil"}, `invalid LLM_HEADERS (value not shown): want no header Host: the server sets it itself`},
+	{nil, []string{"LLM_BASE_URL", "http://llm/v1#frag"}, `invalid LLM_BASE_URL "http://llm/v1#frag": want a URL without user info or fragment (the key goes in LLM_API_KEY)`},
 	{nil, []string{"API_TOKEN", "tok1,,tok2"}, `invalid API_TOKEN (value not shown): want comma-separated tokens of printable ASCII, none empty`},
 	{nil, []string{"API_TOKEN", "tok1,"}, `invalid API_TOKEN (value not shown): want comma-separated tokens of printable ASCII, none empty`},
 	{nil, []string{"API_TOKEN", "tok 1"}, `invalid API_TOKEN (value not shown): want comma-separated tokens of printable ASCII, none empty`},
@@ -782,7 +799,7 @@ func TestConfigDocsMatchUsage(t *testing.T) {
 		if o.NegFlag != "" && !slices.Contains(names(row[0]), "--"+o.NegFlag) {
 			t.Errorf("docs row for %s does not show --%s", name, o.NegFlag)
 		}
-		if o.Flag == "" && !regexp.MustCompile(`\(no flag\) +`+o.Env[0]+` `).MatchString(help) {
+		if o.Flag == "" && !regexp.MustCompile(`\(no flag\) +`+o.Env[0]+`[ ,]`).MatchString(help) {
 			t.Errorf("usage does not list %s as a variable without a flag", name)
 		}
 	}
@@ -813,7 +830,7 @@ func TestConfigUsage(t *testing.T) {
 		found := false
 		for _, line := range lines {
 			f := strings.Fields(line)
-			if len(f) > 2 && (f[0] == name || o.Flag == "" && f[0]+" "+f[1] == name && f[2] == o.Env[0]) {
+			if len(f) > 2 && (f[0] == name || o.Flag == "" && f[0]+" "+f[1] == name && strings.TrimSuffix(f[2], ",") == o.Env[0]) {
 				found = strings.Contains(line, strings.Join(o.Env, ", ")) && strings.Contains(line, "  "+o.Default+"  ")
 				break
 			}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"net/http"
 	"net/url"
 	"strings"
 
@@ -63,7 +64,7 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.LLMProvider, *provider = p, s
 				return nil
 			}},
-		{Group: groupAPI, Flag: "llm-base-url", Arg: "URL", Env: []string{"LLM_BASE_URL"}, Default: "(none)",
+		{Group: groupAPI, Flag: "llm-base-url", Arg: "URL", Env: []string{"LLM_BASE_URL", "OPENAI_BASE_URL"}, Default: "(none)",
 			Help: "OpenAI-compatible endpoint: https://host/v1",
 			Set: func(s prefork.Setting) error {
 				t := s.Text()
@@ -74,6 +75,9 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				u, err := url.Parse(t)
 				if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Opaque != "" {
 					return s.InvalidURL("an absolute http:// or https:// URL")
+				}
+				if u.User != nil || u.Fragment != "" {
+					return s.InvalidURL("a URL without user info or fragment (the key goes in LLM_API_KEY)")
 				}
 				c.LLMBaseURL = t
 				return nil
@@ -129,7 +133,7 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 
 		// Secrets have no flag: a command line is visible to every user
 		// through ps and /proc, the environment only to the owner.
-		{Group: groupAPI, Env: []string{"LLM_API_KEY"}, Default: "(none)",
+		{Group: groupAPI, Env: []string{"LLM_API_KEY", "OPENAI_API_KEY"}, Default: "(none)",
 			Help: "API key for the LLM provider",
 			Set: func(s prefork.Setting) error {
 				t := s.Text()
@@ -138,6 +142,12 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				}
 				c.LLMAPIKey = t
 				return nil
+			}},
+		{Group: groupAPI, Env: []string{"LLM_HEADERS"}, Default: "(none)",
+			Help: "extra upstream headers: Name: value, comma-separated",
+			Set: func(s prefork.Setting) (err error) {
+				c.LLMHeaders, err = parseHeaders(s)
+				return err
 			}},
 		{Group: groupAPI, Env: []string{"API_TOKEN"}, Default: "(none)",
 			Help: "bearer tokens the API accepts, comma-separated",
@@ -154,4 +164,30 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				return nil
 			}},
 	}
+}
+
+// parseHeaders parses LLM_HEADERS: "Name: value" (or "Name=value")
+// entries separated by commas or new lines. A value may percent-encode a
+// comma or any other byte (%2C), as OTEL_EXPORTER_OTLP_HEADERS does. Values
+// are secrets (Azure's api-key): no message shows one.
+func parseHeaders(s prefork.Setting) (http.Header, error) {
+	const want = `"Name: value" entries separated by commas or new lines, names of letters, digits and -, values percent-encoded where they hold a comma`
+	h := http.Header{}
+	for _, e := range strings.FieldsFunc(s.Text(), func(r rune) bool { return r == ',' || r == '\n' }) {
+		i := strings.IndexAny(e, ":=")
+		if strings.TrimSpace(e) == "" || i < 0 {
+			return nil, s.InvalidSecret(want)
+		}
+		name, raw := strings.TrimSpace(e[:i]), strings.TrimSpace(e[i+1:])
+		value, err := url.PathUnescape(raw)
+		if name == "" || strings.TrimLeft(prefork.LowerASCII(name), "abcdefghijklmnopqrstuvwxyz0123456789-") != "" || err != nil || strings.ContainsAny(value, "\r\n\x00") {
+			return nil, s.InvalidSecret(want)
+		}
+		switch k := http.CanonicalHeaderKey(name); k {
+		case "Host", "Content-Length", "Transfer-Encoding", "Connection", "Content-Type":
+			return nil, s.InvalidSecret("no header " + k + ": the server sets it itself")
+		}
+		h.Add(name, value)
+	}
+	return h, nil
 }

@@ -529,26 +529,6 @@ func TestBadConfigurationExits2(t *testing.T) {
 	}
 }
 
-func TestStoppedWorkerToldToDrainIsKilledSoon(t *testing.T) {
-	s := startServer(t, "WORKERS=2", "TIMEOUT_WORKER_HEALTHCHECK=1s", "TIMEOUT_GRACEFUL_SHUTDOWN=60s")
-	victim := s.workerPIDs()[0]
-	syscall.Kill(victim, syscall.SIGSTOP)
-	t.Cleanup(func() { syscall.Kill(victim, syscall.SIGKILL) })
-	// The roll asks the stopped worker to drain; silent, it must not be
-	// left for the whole 60 s budget.
-	s.cmd.Process.Signal(syscall.SIGHUP)
-	waitFor(t, 10*time.Second, func() error {
-		if alive(victim) {
-			return fmt.Errorf("stopped worker %d still alive", victim)
-		}
-		return nil
-	})
-	hung := s.logs.find("worker hung, sending SIGQUIT", map[string]any{"pid": victim})
-	if len(hung) != 1 {
-		t.Errorf("stopped worker %d: %d 'worker hung' lines, want 1", victim, len(hung))
-	}
-}
-
 // TestStoppedMasterKeepsItsWorkers: a master stopped for longer than the
 // healthcheck timeout (SIGSTOP, a debugger) finds, once it runs again,
 // heartbeats it could not read; it must not take every healthy worker for

@@ -25,6 +25,9 @@ type Chat struct {
 	AgentID string
 	Message string
 	Origin  Origin // the worker running the chat
+	// RequestID, if set, is the id of the request that started the chat;
+	// the chat.started activity carries it as data.request_id.
+	RequestID string
 }
 
 // StartChat stores c with status "started" and a "chat.started" activity in
@@ -37,6 +40,9 @@ func (s *Store) StartChat(ctx context.Context, c Chat) (Activity, error) {
 	act := Activity{
 		Time: now(), Type: "chat.started", AgentID: c.AgentID, ChatID: c.ID,
 		Worker: c.Origin.Worker, PID: c.Origin.PID,
+	}
+	if c.RequestID != "" {
+		act.Data = map[string]any{"request_id": c.RequestID}
 	}
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		var one int

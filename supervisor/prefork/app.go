@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -140,7 +141,27 @@ func (a App) run(stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitUsage
 	}
-	cfg, err := a.Load(args, os.LookupEnv)
+	lookupEnv := os.LookupEnv
+	if path := envFileArg(args, os.LookupEnv); path != "" {
+		vars, err := ReadEnvFile(path)
+		if err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			return ExitUsage
+		}
+		lookupEnv = withEnvFile(os.LookupEnv, vars)
+		// A worker puts the file's variables in its own environment, so
+		// the libraries it runs see them too. The master does not: its
+		// workers must start from the environment the user gave, so that
+		// one started after the file changed reads the new values.
+		if role == protocol.RoleWorker {
+			for k, v := range vars {
+				if _, set := os.LookupEnv(k); !set {
+					os.Setenv(k, v)
+				}
+			}
+		}
+	}
+	cfg, err := a.Load(args, lookupEnv)
 	switch {
 	case errors.Is(err, ErrHelp):
 		a.Usage(stdout)
@@ -238,6 +259,14 @@ func (c Config) SupervisorConfig() supervisor.Config {
 			Build:   c.ReloadBuild,
 			Drain:   max(c.ReloadDrain, time.Nanosecond),
 		}
+		if c.EnvFile != "" {
+			// A change of the env file restarts the worker, which reads it
+			// anew; its folder is watched when no reload folder holds it.
+			sc.Reload.Include = append(slices.Clip(sc.Reload.Include), filepath.Base(c.EnvFile))
+			if !insideAny(filepath.Dir(c.EnvFile), c.ReloadDirs) {
+				sc.Reload.Dirs = append(slices.Clip(sc.Reload.Dirs), filepath.Dir(c.EnvFile))
+			}
+		}
 	}
 	return sc
 }
@@ -252,6 +281,7 @@ func (c Config) WorkerConfig() worker.Config {
 		ReadTimeout:      c.ReadTimeout,
 		DisableKeepAlive: c.KeepAliveTimeout == 0,
 		MaxBodySize:      c.LimitRequestBody,
+		MaxHeaderSize:    c.LimitRequestHead,
 		MaxConcurrency:   c.LimitConcurrency,
 	}
 	if c.ProxyHeaders {
@@ -385,7 +415,9 @@ func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 	}
 	if format == "console" {
 		// Colours only on a terminal: a journal or a file gets plain text.
-		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal}
+		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
+			// The access log reads as uvicorn's does: client, request, status.
+			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration", "bytes"}}
 	}
 	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
 	// Durations (uptime, startup, budget, delay) in seconds, as a float.
@@ -406,4 +438,22 @@ func setComm(role string) {
 	name := base + "-" + role
 	// /proc/self/comm is the main thread's name, whichever thread writes it.
 	_ = os.WriteFile("/proc/self/comm", []byte(name), 0)
+}
+
+// insideAny reports whether dir is one of roots or lies below one.
+func insideAny(dir string, roots []string) bool {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return false
+	}
+	for _, r := range roots {
+		ar, err := filepath.Abs(r)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(ar, abs); err == nil && !strings.HasPrefix(rel, "..") {
+			return true
+		}
+	}
+	return false
 }

@@ -37,6 +37,7 @@ type Config struct {
 	LimitMaxRequestsJitter int   // --limit-max-requests-jitter, ignored while LimitMaxRequests is 0
 	LimitMaxMemory         int64 // --limit-max-memory in bytes, 0 = none
 	LimitRequestBody       int   // --limit-request-body in bytes, default 1 MiB, 1 KiB..1 GiB
+	LimitRequestHead       int   // --limit-request-headers in bytes, default 16 KiB, 4 KiB..1 MiB
 	Backlog                int   // --backlog, default 2048, 1..65535
 
 	SocketMode    string        // --socket-mode: "reuseport" (default) or "shared", lower case
@@ -44,6 +45,7 @@ type Config struct {
 	MetricsAddr   string        // --metrics-addr, host:port; "" = no metrics server
 	MetricsToken  string        `json:"-"` // METRICS_TOKEN only; never printed
 	ControlSocket string        // --control-socket; "" = the application's default
+	EnvFile       string        // --env-file / ENV_FILE, read before every other setting; "" = none
 
 	LogLevel          zerolog.Level  // --log-level, default info
 	LogFormat         string         // --log-format: "auto" (default, resolved by NewLogger), "console" or "json"
@@ -73,6 +75,8 @@ const (
 	// fasthttp holds a whole request body in memory, so a larger limit is a
 	// denial of service waiting for a client rather than a setting.
 	maxLimitRequestBody = 1 << 30
+	minLimitRequestHead = 4 << 10
+	maxLimitRequestHead = 1 << 20
 	minReloadDelay      = 10 * time.Millisecond
 	// maxSocketPath is the longest unix socket path: sun_path holds 108
 	// bytes on Linux, the terminating NUL included.
@@ -109,6 +113,7 @@ func DefaultConfig() Config {
 		ProxyHeaders:       true,
 		ForwardedAllowIPs:  defaultProxies,
 		LimitRequestBody:   worker.DefaultMaxBodySize,
+		LimitRequestHead:   worker.DefaultMaxHeaderSize,
 		ReloadDirs:         []string{"."},
 		ReloadDelay:        supervisor.DefaultReloadDelay,
 		ReloadDrain:        supervisor.DefaultReloadDrain,
@@ -226,6 +231,13 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.Port, err = s.Whole(0, 65535, "a port number from 0 to 65535")
 				return err
 			}},
+		{Group: GroupServer, Flag: "env-file", Arg: "PATH", Env: []string{"ENV_FILE"}, Default: "(none)",
+			Help: "read variables from this file; the environment wins over it",
+			Set: func(s Setting) error {
+				// Main read the file before Load; here it is only recorded.
+				c.EnvFile = s.Text()
+				return nil
+			}},
 		{Group: GroupServer, Flag: "uds", Arg: "PATH", Env: []string{"UDS"}, Default: "(none)",
 			Help: "serve on this unix socket instead of HOST:PORT",
 			Set: func(s Setting) error {
@@ -332,6 +344,16 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 					return s.Invalid("a size from 1KiB to 1GiB in bytes or with a unit: KB, KiB, MB, MiB, GB, GiB")
 				}
 				c.LimitRequestBody = n
+				return nil
+			}},
+		{Group: GroupLimits, Flag: "limit-request-headers", Arg: "SIZE", Env: []string{"LIMIT_REQUEST_HEADERS"}, Default: "16KiB",
+			Help: "largest request line plus headers, 4KiB to 1MiB; over it 431",
+			Set: func(s Setting) error {
+				n, ok := s.Size()
+				if !ok || n < minLimitRequestHead || n > maxLimitRequestHead {
+					return s.Invalid("a size from 4KiB to 1MiB in bytes or with a unit: KB, KiB, MB, MiB")
+				}
+				c.LimitRequestHead = n
 				return nil
 			}},
 		{Group: GroupServer, Flag: "metrics-addr", Arg: "ADDR", Env: []string{"METRICS_ADDR"}, Default: "(off)",
