@@ -59,7 +59,8 @@ type App struct {
 	UsageHead, UsageFoot string
 	// ReloadBuild is the build command of reload mode when --reload-build
 	// is not given and the first reload folder holds go.mod. Default: go
-	// build of the main package this binary was built from.
+	// build of the main package this binary was built from, by its import
+	// path, when the first reload folder is inside a module.
 	ReloadBuild string
 	// Master, if set, runs in the master before the supervisor binds
 	// anything. It may fill in sc (status hooks, OnWorkerExit,
@@ -100,6 +101,19 @@ func (a App) reloadBuildDefault() string {
 		pkg = bi.Path
 	}
 	return `go build -o "$OUTPUT" ` + pkg
+}
+
+// inModule reports whether reload mode can build in dir: it holds go.mod,
+// or, for the default build by import path, a folder above it does.
+func (a App) inModule(dir string) bool {
+	for d, _ := filepath.Abs(dir); ; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return true
+		}
+		if a.ReloadBuild != "" || d == filepath.Dir(d) {
+			return false
+		}
+	}
 }
 
 // Usage writes a's --help text to w.
@@ -303,7 +317,7 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	}
 	if sc.Reload != nil && !cfg.ReloadBuildSet {
 		sc.Reload.Build = ""
-		if _, err := os.Stat(filepath.Join(cfg.ReloadDirs[0], "go.mod")); err == nil {
+		if a.inModule(cfg.ReloadDirs[0]) {
 			sc.Reload.Build = a.reloadBuildDefault()
 		}
 	}
