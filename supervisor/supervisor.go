@@ -82,7 +82,7 @@ type Config struct {
 	// Env is the environment of the workers before the markers are added.
 	// Default os.Environ().
 	Env []string
-	// Name prefixes process titles ("NAME: worker 2/4 [gen 1]"). Default
+	// Name prefixes process titles ("NAME: worker 2 [gen 1]"). Default
 	// the executable's base name.
 	Name string
 	// Signals delivers the supervisor's signals: SIGINT, SIGTERM, SIGQUIT,

@@ -2,11 +2,14 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -114,4 +117,41 @@ func TestMigrateReqNoticeOnlyWhereItMatters(t *testing.T) {
 		}
 		s.stop()
 	}
+}
+
+// workerTitleRE matches a worker's process title, which has no worker count.
+var workerTitleRE = regexp.MustCompile(`: worker [0-9]+ \[gen [0-9]+\]$`)
+
+// processTitle returns pid's title as ps shows it.
+func processTitle(pid int) string {
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return strings.TrimRight(strings.ReplaceAll(string(b), "\x00", " "), " ")
+}
+
+// TestTitlesAfterScaling: the master's title counts its workers in
+// English ("1 worker", "2 workers") and follows scaling; worker titles
+// carry no count, so none goes stale.
+func TestTitlesAfterScaling(t *testing.T) {
+	s := startServer(t, "WORKERS=1")
+	master := s.cmd.Process.Pid
+	where := "127.0.0.1:" + strconv.Itoa(s.port)
+	if got := processTitle(master); !strings.HasSuffix(got, ": master [1 worker, "+where+"]") {
+		t.Errorf("master title = %q, want ...: master [1 worker, %s]", got, where)
+	}
+	s.cmd.Process.Signal(syscall.SIGTTIN)
+	waitFor(t, 20*time.Second, func() error {
+		if got := processTitle(master); !strings.HasSuffix(got, ": master [2 workers, "+where+"]") {
+			return fmt.Errorf("master title = %q, want ...: master [2 workers, %s]", got, where)
+		}
+		pids := s.workerPIDs()
+		if len(pids) != 2 {
+			return fmt.Errorf("workers %v, want 2", pids)
+		}
+		for _, pid := range pids {
+			if got := processTitle(pid); !workerTitleRE.MatchString(got) {
+				return fmt.Errorf("worker title = %q, want ...: worker N [gen G]", got)
+			}
+		}
+		return nil
+	})
 }

@@ -38,7 +38,7 @@ const (
 // Handler or FastHandler, or fill the worker's handler in Worker.
 type App struct {
 	// Name names the program in usage, messages ("NAME: invalid ..."),
-	// process titles ("NAME: worker 2/4") and the control socket.
+	// process titles ("NAME: worker 2 [gen 1]") and the control socket.
 	// Default: the executable's base name.
 	Name string
 	// Version is what --version and the status show. Default "dev".
@@ -224,7 +224,7 @@ func reexecMaster(cfg Config, args []string, log zerolog.Logger) {
 		return
 	}
 	enc, _ := json.Marshal(args)
-	title := fmt.Sprintf("%s: master [%d workers, %s]", filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
+	title := supervisor.MasterTitle(filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
 	title += strings.Repeat(" ", 24)
 	env := append(os.Environ(), protocol.EnvRole+"="+protocol.RoleMaster, protocol.EnvArgs+"="+string(enc))
 	err = syscall.Exec(exe, []string{title}, env)
