@@ -456,7 +456,7 @@ func (s *Supervisor) forgive(now time.Time, stalled time.Duration) {
 	if stalled >= time.Second {
 		ev = s.log.Warn()
 	}
-	ev.Dur("stalled", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
+	ev.Dur("stalled_ms", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
 }
 
 func (s *Supervisor) onSignal(sig os.Signal) {
@@ -474,7 +474,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 			s.stopping, s.drainUntil = true, s.env.now().Add(s.cfg.DrainDelay)
 			s.rolling = nil
 			s.tellWorkers(protocol.Message{Type: protocol.TypeDrain})
-			s.log.Info().Dur("delay", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
+			s.log.Info().Dur("delay_ms", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
 			return
 		}
 		s.shutdown()
@@ -504,7 +504,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 func (s *Supervisor) shutdown() {
 	s.stopping = true
 	s.rolling = nil
-	s.log.Info().Dur("budget", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Msg("Shutting down")
+	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Msg("Shutting down")
 	for _, sl := range s.slots {
 		sl.restartAt = time.Time{}
 	}

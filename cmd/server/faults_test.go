@@ -632,8 +632,8 @@ func TestCrashLoopBacksOff(t *testing.T) {
 	cpu := procCPU(master) - cpu0
 	var delays []time.Duration
 	for _, l := range s.logs.find("worker restart backed off", nil) {
-		d, _ := l["delay"].(float64) // main.go logs durations in seconds
-		delays = append(delays, time.Duration(d*float64(time.Second)).Round(time.Millisecond))
+		d, _ := l["delay_ms"].(float64)
+		delays = append(delays, time.Duration(d*float64(time.Millisecond)).Round(time.Millisecond))
 	}
 	crashes := s.logs.find("worker exited", map[string]any{"reason": "crashed"})
 	early := s.logs.find("worker exited", map[string]any{"reason": "died before ready"})
@@ -887,7 +887,7 @@ func TestWorkerOutOfDescriptors(t *testing.T) {
 	})
 	failed := s.logs.find("accept failed; new connections wait in the backlog, retrying", nil)[0]
 	again := s.logs.find("accepting again", nil)[0]
-	t.Logf("logged: %q, then accepting again after %vs", failed["error"], again["after"])
+	t.Logf("logged: %q, then accepting again after %v ms", failed["error"], again["after_ms"])
 	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &lim, nil); err != nil {
 		t.Error(err)
 	}

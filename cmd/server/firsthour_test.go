@@ -155,3 +155,38 @@ func TestTitlesAfterScaling(t *testing.T) {
 		return nil
 	})
 }
+
+// decimalField matches a number with a fraction in a JSON line, with its
+// field's name.
+var decimalField = regexp.MustCompile(`"([a-z_]+)":(-?[0-9]+)\.([0-9]+)`)
+
+// TestDurationsCarryTheirUnit: every number with a fraction in the logs
+// and in status --json is a duration whose field names its unit (_ms in
+// logs, _s in the status) and has at most 3 decimals.
+func TestDurationsCarryTheirUnit(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "c.sock")
+	s := startServer(t, "WORKERS=2", "ACCESS_LOG=true", "CONTROL_SOCKET="+sock)
+	if _, err := s.health(fresh); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := cli(t, "status", "--json", "--control-socket", sock)
+	if code != 0 {
+		t.Fatalf("server status --json: exit %d %s", code, errOut)
+	}
+	check := func(where, text, unit string) {
+		t.Helper()
+		for _, m := range decimalField.FindAllStringSubmatch(text, -1) {
+			if !strings.HasSuffix(m[1], unit) || len(m[3]) > 3 {
+				t.Errorf("%s: %q = %s.%s, want a field ending in %s with at most 3 decimals", where, m[1], m[2], m[3], unit)
+			}
+		}
+	}
+	check("status --json", strings.Join(strings.Fields(out), ""), "_s")
+	s.stop()
+	check("log", s.logs.String(), "_ms")
+	for _, f := range []string{"startup_ms", "uptime_ms", "budget_ms", "duration_ms"} {
+		if !strings.Contains(s.logs.String(), `"`+f+`":`) {
+			t.Errorf("no %s field in the log:\n%s", f, s.logs)
+		}
+	}
+}

@@ -428,15 +428,17 @@ func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 		// Colours only on a terminal: a journal or a file gets plain text.
 		console = &zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
 			// The access log reads as uvicorn's does: client, request, status.
-			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration", "bytes"}}
+			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration_ms", "bytes"}}
 		w = console
 	}
 	if journalStream(stderr, os.Getenv("JOURNAL_STREAM")) {
 		w = newJournalWriter(stderr, console)
 	}
 	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
-	// Durations (uptime, startup, budget, delay) in seconds, as a float.
-	zerolog.DurationFieldUnit = time.Second
+	// Durations in milliseconds with at most 3 decimals; every duration
+	// field says so in its name (startup_ms, uptime_ms, budget_ms, ...).
+	zerolog.DurationFieldUnit = time.Millisecond
+	zerolog.FloatingPointPrecision = 3
 	return zerolog.New(w).Level(cfg.LogLevel).With().Timestamp().Logger()
 }
 
