@@ -31,6 +31,9 @@ var (
 	// ErrInstanceInUse means another running server holds this Store's
 	// host name (--instance-id) on the same database; see ClaimInstance.
 	ErrInstanceInUse = errors.New("store: instance id in use")
+	// ErrNoFolder means the SQLite file's folder does not exist and
+	// Options.CreateFolder was not set.
+	ErrNoFolder = errors.New("store: database folder does not exist")
 	// ErrClosed means the Store was closed.
 	ErrClosed = errors.New("store: closed")
 )

@@ -321,10 +321,23 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 			sc.Reload.Build = a.reloadBuildDefault()
 		}
 	}
+	// Socket activation: systemd passed the listening socket(s).
+	if lns := activation.Files(true); len(lns) > 0 {
+		log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
+		sc.Listeners = lns
+	}
+	// A failure is printed once, as a log line in the configured format.
+	// The port comes first: a second copy of the server on the same port
+	// and database must hear about the port, not about what App.Master
+	// found the first copy holding.
+	if err := supervisor.CheckAddr(sc); err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return ExitError
+	}
 	if a.Master != nil {
 		stop, err := a.Master(cfg, log, &sc)
 		if err != nil {
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			log.Error().Err(err).Msg("cannot start")
 			return ExitBoot
 		}
 		if stop != nil {
@@ -337,22 +350,18 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	defer signal.Stop(sigs)
 	sc.Signals = sigs
 
-	// Socket activation: systemd passed the listening socket(s).
-	if lns := activation.Files(true); len(lns) > 0 {
-		log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
-		sc.Listeners = lns
-	}
 	sup, err := supervisor.New(sc)
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitError
 	}
 	if err := sup.Run(); err != nil {
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		// A boot failure was logged by the supervisor as it happened,
+		// with the worker's own error before it.
 		if errors.Is(err, supervisor.ErrBoot) {
 			return ExitBoot
 		}
+		log.Error().Err(err).Msg("stopped on an error")
 		return ExitError
 	}
 	return ExitOK
@@ -385,7 +394,7 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 	if a.Worker != nil {
 		stop, err := a.Worker(cfg, in, log, &wc)
 		if err != nil {
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			log.Error().Err(err).Msg("worker cannot start")
 			return ExitBoot
 		}
 		if stop != nil {
@@ -394,7 +403,6 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 	}
 	if err := worker.Run(in, wc); err != nil {
 		log.Error().Err(err).Msg("worker failed")
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitBoot
 	}
 	return ExitOK
