@@ -17,6 +17,8 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/spf13/pflag"
 
+	"github.com/corralhq/corral/handlers"
+	"github.com/corralhq/corral/handlers/store"
 	"github.com/corralhq/corral/worker"
 )
 
@@ -40,6 +42,10 @@ type config struct {
 	LimitMaxRequests       int // --limit-max-requests, 0 = never recycle a worker
 	LimitMaxRequestsJitter int // --limit-max-requests-jitter, ignored while LimitMaxRequests is 0
 	Backlog                int // --backlog, default 2048, 1..65535
+
+	ChatConcurrency int // --chat-concurrency, background chats per worker, default 256
+	ChatMaxAttempts int // --chat-max-attempts, default 3
+	ChatQueueMax    int // --chat-queue-max, default 10000, 0 = no limit
 
 	SocketMode string        // --socket-mode: "reuseport" (default) or "shared", lower case
 	LogLevel   zerolog.Level // --log-level, default info
@@ -124,6 +130,9 @@ var errHelp = pflag.ErrHelp
 // defaultProxies trusts a proxy on the same machine, as uvicorn does.
 var defaultProxies = worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}
 
+// defaultChatQueueMax is --chat-queue-max's default.
+const defaultChatQueueMax = 10000
+
 func defaultConfig() config {
 	return config{
 		Host:               defaultHost,
@@ -148,6 +157,9 @@ func defaultConfig() config {
 		ReloadDirs:         []string{"."},
 		ReloadDelay:        defaultReloadDelay,
 		ReloadDrain:        defaultReloadDrain,
+		ChatConcurrency:    store.DefaultChatConcurrency,
+		ChatMaxAttempts:    handlers.DefaultChatMaxAttempts,
+		ChatQueueMax:       defaultChatQueueMax,
 		// LLMProvider is decided after the base URL is known.
 	}
 }

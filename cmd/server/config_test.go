@@ -61,6 +61,9 @@ func TestConfigDefaults(t *testing.T) {
 		ReloadDirs:         []string{"."},
 		ReloadDelay:        250 * time.Millisecond,
 		ReloadDrain:        5 * time.Second,
+		ChatConcurrency:    256,
+		ChatMaxAttempts:    3,
+		ChatQueueMax:       10000,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("loadConfig(nil, no env) =\n%+v\nwant\n%+v", got, want)
@@ -95,6 +98,9 @@ func TestConfigPrecedence(t *testing.T) {
 		{"timeout-keep-alive", []string{"TIMEOUT_KEEP_ALIVE", "0"}, []string{"--timeout-keep-alive", "2s"}, field("KeepAliveTimeout"), time.Duration(0), 2 * time.Second},
 		{"timeout-worker-healthcheck", []string{"TIMEOUT_WORKER_HEALTHCHECK", "500ms"}, []string{"--timeout-worker-healthcheck", "2"}, field("HealthcheckTimeout"), 500 * time.Millisecond, 2 * time.Second},
 		{"timeout-read-request", []string{"TIMEOUT_READ_REQUEST", "5"}, []string{"--timeout-read-request", "2s"}, field("ReadTimeout"), 5 * time.Second, 2 * time.Second},
+		{"chat-concurrency", []string{"CHAT_CONCURRENCY", "10"}, []string{"--chat-concurrency", "20"}, field("ChatConcurrency"), 10, 20},
+		{"chat-max-attempts", []string{"CHAT_MAX_ATTEMPTS", "1"}, []string{"--chat-max-attempts", "5"}, field("ChatMaxAttempts"), 1, 5},
+		{"chat-queue-max", []string{"CHAT_QUEUE_MAX", "0"}, []string{"--chat-queue-max", "50"}, field("ChatQueueMax"), 0, 50},
 		{"limit-concurrency", []string{"LIMIT_CONCURRENCY", "10"}, []string{"--limit-concurrency", "20"}, field("LimitConcurrency"), 10, 20},
 		{"limit-max-requests", []string{"LIMIT_MAX_REQUESTS", "1000"}, []string{"--limit-max-requests", "2000"}, field("LimitMaxRequests"), 1000, 2000},
 		{"limit-max-requests-jitter", []string{"LIMIT_MAX_REQUESTS_JITTER", "50"}, []string{"--limit-max-requests-jitter", "60"}, field("LimitMaxRequestsJitter"), 50, 60},

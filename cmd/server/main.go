@@ -150,7 +150,7 @@ func runMaster(cfg config, args []string, log zerolog.Logger) int {
 		return exitBootError
 	}
 	defer st.Close()
-	reaper := newOrphanReaper(st, log)
+	reaper := newOrphanReaper(st, log, cfg.ChatMaxAttempts)
 	defer reaper.close()
 
 	sigs := make(chan os.Signal, 16)

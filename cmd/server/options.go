@@ -368,6 +368,24 @@ var options = []option{
 			c.SimulatedLatency, err = s.duration(0, "0 or more")
 			return err
 		}},
+	{group: groupAPI, flag: "chat-concurrency", arg: "N", env: []string{"CHAT_CONCURRENCY"}, def: "256",
+		help: "background chats each worker runs at once, 1 to 100000",
+		set: func(c *config, s setting) (err error) {
+			c.ChatConcurrency, err = s.whole(1, 100000, "a whole number from 1 to 100000")
+			return err
+		}},
+	{group: groupAPI, flag: "chat-max-attempts", arg: "N", env: []string{"CHAT_MAX_ATTEMPTS"}, def: "3",
+		help: "attempts a background chat gets before it fails, 1 to 100",
+		set: func(c *config, s setting) (err error) {
+			c.ChatMaxAttempts, err = s.whole(1, 100, "a whole number from 1 to 100")
+			return err
+		}},
+	{group: groupAPI, flag: "chat-queue-max", arg: "N", env: []string{"CHAT_QUEUE_MAX"}, def: "10000",
+		help: "queued background chats, then 503; 0 = no limit",
+		set: func(c *config, s setting) (err error) {
+			c.ChatQueueMax, err = s.whole(0, math.MaxInt32, "a whole number, 0 for no limit")
+			return err
+		}},
 	{group: groupAPI, flag: "cors-origins", arg: "LIST", env: []string{"CORS_ORIGINS"}, def: "(none)",
 		help: "browser origins allowed, comma-separated, or *",
 		set: func(c *config, s setting) error {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -8,12 +9,14 @@ import (
 	"os/signal"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/rs/zerolog"
 	"github.com/valyala/fasthttp"
 
 	"github.com/corralhq/corral/handlers"
+	"github.com/corralhq/corral/handlers/store"
 	"github.com/corralhq/corral/supervisor/protocol"
 	"github.com/corralhq/corral/worker"
 )
@@ -35,8 +38,8 @@ func runWorker(cfg config, log zerolog.Logger) int {
 	// A worker drains on TERM and INT; HUP, TTIN and TTOU are the
 	// supervisor's to act on, so a "pkill -HUP server" must not kill workers.
 	signal.Ignore(syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	osSigs := make(chan os.Signal, 2)
+	signal.Notify(osSigs, syscall.SIGTERM, syscall.SIGINT)
 
 	st, err := openStore(cfg, log)
 	if err != nil {
@@ -70,8 +73,62 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		APITokens:   cfg.APITokens,
 		CORSOrigins: cfg.CORSOrigins,
 		Extra:       extraRoutes,
+
+		ChatMaxAttempts: cfg.ChatMaxAttempts,
+		ChatQueueMax:    cfg.ChatQueueMax,
 	})
 	defer h.Close()
+	runner, err := st.RunChats(context.Background(), store.RunConfig{
+		Run:         h.RunChat,
+		Concurrency: cfg.ChatConcurrency,
+		RescueAfter: rescueAfter(cfg),
+		Logger:      log,
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "server:", err)
+		return exitBootError
+	}
+	// The first TERM or INT also stops the chat runner, within the graceful
+	// budget so that the chats it cannot finish go back to the queue before
+	// the supervisor's SIGKILL; the worker drains its requests meanwhile.
+	sigs := make(chan os.Signal, 2)
+	runnerStopped := make(chan struct{})
+	quit := make(chan struct{})
+	go func() {
+		defer close(runnerStopped)
+		select {
+		case sig := <-osSigs:
+			sigs <- sig
+		case <-quit:
+			return
+		}
+		go func() {
+			for {
+				select {
+				case sig := <-osSigs:
+					select {
+					case sigs <- sig:
+					default:
+					}
+				case <-quit:
+					return
+				}
+			}
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), runnerBudget(graceful(cfg)))
+		defer cancel()
+		if err := runner.Stop(ctx); err != nil {
+			log.Error().Err(err).Msg("chat runner stop failed")
+		}
+	}()
+	defer func() {
+		// Drained without a signal (the supervisor went away): stop now.
+		close(quit)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		runner.Stop(ctx)
+		<-runnerStopped
+	}()
 	err = worker.Run(in, worker.Config{
 		Handler:          h.Serve,
 		Error:            handlers.WriteError,
@@ -110,6 +167,19 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		return exitBootError
 	}
 	return exitOK
+}
+
+// runnerBudget is how long a stopping worker lets its background chats
+// run on: most of the graceful budget, keeping time to hand back the rest
+// before the supervisor's SIGKILL.
+func runnerBudget(graceful time.Duration) time.Duration {
+	return max(graceful-min(graceful/2, 2*time.Second), 0)
+}
+
+// rescueAfter is how long River waits before it takes back, by itself, a
+// chat whose process vanished unreported: longer than any chat can run.
+func rescueAfter(cfg config) time.Duration {
+	return max(time.Hour, 2*cfg.LLMTimeout)
 }
 
 // proxies is the worker's view of --proxy-headers and --forwarded-allow-ips.
