@@ -5,14 +5,34 @@ LDFLAGS     := -s -w -X main.version=$(VERSION)
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 GO          ?= go
 PKGS        := ./...
+PREFIX      ?= /usr/local
+BINDIR      ?= $(PREFIX)/bin
+CONTAINER   ?= podman
+IMAGE       ?= corral:$(VERSION)
+CA_CERTS    ?= /etc/ssl/certs/ca-certificates.crt
 
-.PHONY: help build run dev test fmt-check vet staticcheck deps-check gotest bench chaos fuzz clean
+.PHONY: help build install image image-test run dev test fmt-check vet staticcheck deps-check gotest bench chaos fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 build: ## build ./server (version stamped)
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o server ./cmd/server
+
+install: build ## install server into $(BINDIR) (PREFIX=/usr/local); a new file, so a running server keeps its own
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 server $(DESTDIR)$(BINDIR)/server
+
+image: ## container image FROM scratch around a static ./server: $(IMAGE), built with $(CONTAINER)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o server ./cmd/server
+	rm -rf .image && mkdir -p .image/rootfs/usr/local/bin .image/rootfs/etc/ssl/certs .image/rootfs/tmp .image/state
+	chmod 1777 .image/rootfs/tmp
+	cp server .image/rootfs/usr/local/bin/server
+	cp $(CA_CERTS) .image/rootfs/etc/ssl/certs/ca-certificates.crt
+	$(CONTAINER) build -f Dockerfile -t $(IMAGE) .image
+
+image-test: ## build the image and check it with podman (RUNTIME=runc where crun cannot run)
+	./.ci/image-test
 
 run: build ## build and run the server with the embedded defaults
 	./server
@@ -32,10 +52,11 @@ vet: ## go vet
 staticcheck: ## staticcheck, pinned
 	$(GO) run $(STATICCHECK) $(PKGS)
 
-deps-check: ## enforce the import rules of DESIGN.md
+deps-check: ## enforce the import rules of docs/architecture.md
 	@./.ci/deps-check
 
 gotest: ## go test -race, one package at a time (the process tests are timing-sensitive on 2 cores)
+	@./.ci/test-tools
 	$(GO) test -race -count=1 -p 1 -timeout 15m $(PKGS)
 
 bench: build ## benchmarks; figures go to docs/benchmarks.md
@@ -50,4 +71,4 @@ fuzz: ## every fuzz target for FUZZTIME each (default 20s)
 	./bench/fuzz.sh
 
 clean: ## remove build output
-	rm -f server
+	rm -rf server .image

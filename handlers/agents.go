@@ -55,7 +55,7 @@ func (h *Handler) getAgent(ctx *fasthttp.RequestCtx, id string) {
 	defer cancel()
 	a, err := h.cfg.Store.Agent(c, id)
 	if err != nil {
-		h.storeFailed(ctx, "read agent", err)
+		h.storeFailed(ctx, "read agent", noAgent(id, err))
 		return
 	}
 	writeJSON(ctx, fasthttp.StatusOK, a)
@@ -65,7 +65,7 @@ func (h *Handler) deleteAgent(ctx *fasthttp.RequestCtx, id string) {
 	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	if err := h.cfg.Store.DeleteAgent(c, id, h.origin); err != nil {
-		h.storeFailed(ctx, "delete agent", err)
+		h.storeFailed(ctx, "delete agent", noAgent(id, err))
 		return
 	}
 	h.m.activity("agent.deleted")

@@ -72,8 +72,8 @@ func TestAgentLifecycle(t *testing.T) {
 	if r.status != http.StatusNoContent || len(r.body) != 0 {
 		t.Fatalf("DELETE agent = %d %q, want 204 with no body", r.status, r.body)
 	}
-	wantError(t, "GET deleted agent", a.get("/api/agents/"+created.ID), http.StatusNotFound, "not_found", "no such agent")
-	wantError(t, "DELETE deleted agent", a.do(http.MethodDelete, "/api/agents/"+created.ID, nil), http.StatusNotFound, "not_found", "no such agent")
+	wantError(t, "GET deleted agent", a.get("/api/agents/"+created.ID), http.StatusNotFound, "not_found", `no agent "`+created.ID+`"`, "GET /api/agents")
+	wantError(t, "DELETE deleted agent", a.do(http.MethodDelete, "/api/agents/"+created.ID, nil), http.StatusNotFound, "not_found", `no agent "`+created.ID+`"`)
 
 	acts := activitiesAfter(t, a.st, cursor)
 	if len(acts) != 2 || acts[0].Type != "agent.created" || acts[1].Type != "agent.deleted" ||
@@ -166,7 +166,7 @@ func TestCreateAgentText(t *testing.T) {
 func TestAgentNotFound(t *testing.T) {
 	t.Parallel()
 	a := newAPI(t, Config{})
-	wantError(t, "GET unknown agent", a.get("/api/agents/nope"), http.StatusNotFound, "not_found", "no such agent")
+	wantError(t, "GET unknown agent", a.get("/api/agents/nope"), http.StatusNotFound, "not_found", `no agent "nope"; GET /api/agents lists them`)
 	wantError(t, "GET empty agent id", a.get("/api/agents/"), http.StatusNotFound, "not_found")
 	wantError(t, "GET agent sub-path", a.get("/api/agents/default/chats"), http.StatusNotFound, "not_found", "no such route")
 }

@@ -44,6 +44,9 @@ const maxIdemKeyLen = 255
 // POST /api/chats/{id}/cancel.
 var errChatCancelled = &requestError{fasthttp.StatusConflict, "the chat was cancelled"}
 
+// requestIDHeader carries the request id the worker gives every request.
+const requestIDHeader = "X-Request-ID"
+
 // chatCall is one chat between its start in the store and its finish.
 type chatCall struct {
 	h       *Handler
@@ -79,12 +82,15 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	defer cancel()
 	agent, err := h.cfg.Store.Agent(sc, req.AgentID)
 	if err != nil {
-		h.storeFailed(ctx, "read agent", err)
+		h.storeFailed(ctx, "read agent", noAgent(req.AgentID, err))
 		return
 	}
+	// The worker gives every request one valid id; it follows the chat to
+	// its activities and the upstream request.
+	rid := string(ctx.Request.Header.Peek(requestIDHeader))
 	sum := sha256.Sum256([]byte(req.AgentID + "\x00" + req.Message))
 	chat := store.Chat{
-		ID: newChatID(), AgentID: agent.ID, Message: req.Message, Origin: h.origin,
+		ID: newChatID(), AgentID: agent.ID, Message: req.Message, Origin: h.origin, RequestID: rid,
 		Background: req.Background, QueueMax: h.cfg.ChatQueueMax,
 		IdemKey: idemKey, IdemHash: hex.EncodeToString(sum[:]),
 	}
@@ -134,7 +140,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 		h:     h,
 		id:    chat.ID,
 		agent: agent,
-		req: llm.Request{Model: agent.Model, Messages: []llm.Message{
+		req: llm.Request{Model: agent.Model, RequestID: rid, Messages: []llm.Message{
 			{Role: "system", Content: agent.SystemPrompt},
 			{Role: "user", Content: req.Message},
 		}},
@@ -299,6 +305,9 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 	d := time.Since(c.started)
 	status, data := store.ChatCompleted, map[string]any{"duration_ms": d.Milliseconds()}
 	cancelled := errors.Is(context.Cause(c.base), errCancelRequested)
+	if c.req.RequestID != "" {
+		data["request_id"] = c.req.RequestID
+	}
 	switch {
 	case cancelled:
 		status = store.ChatCancelled
@@ -309,7 +318,7 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 		code, obj := statusOf(callErr)
 		status = store.ChatFailed
 		data["reason"], data["status"], data["message"] = obj.Code, code, obj.Message
-		h.log.Warn().Err(callErr).Str("chat_id", c.id).Int("status", code).Dur("duration", d).Msg("chat failed")
+		h.log.Warn().Err(callErr).Str("chat_id", c.id).Str("request_id", c.req.RequestID).Int("status", code).Dur("duration", d).Msg("chat failed")
 	default:
 		data["provider"], data["model"] = resp.Provider, resp.Model
 		data["usage"] = map[string]int{"prompt_tokens": resp.Usage.PromptTokens, "completion_tokens": resp.Usage.CompletionTokens}

@@ -184,7 +184,7 @@ func TestChatUnknownAgent(t *testing.T) {
 		`{"agent_id": "nobody", "message": "hi"}`,
 		`{"agent_id": "nobody", "message": "hi", "stream": true}`,
 	} {
-		wantError(t, "POST /api/chat "+body, a.post("/api/chat", body), http.StatusNotFound, "not_found", "no such agent")
+		wantError(t, "POST /api/chat "+body, a.post("/api/chat", body), http.StatusNotFound, "not_found", `no agent "nobody"; GET /api/agents lists them (the default one is "default")`)
 	}
 	if acts := activitiesAfter(t, a.st, cursor); len(acts) != 0 {
 		t.Errorf("chats with an unknown agent wrote %+v, want nothing", acts)

@@ -31,6 +31,15 @@ func (e *requestError) Error() string { return e.msg }
 
 func badRequest(msg string) error { return &requestError{fasthttp.StatusBadRequest, msg} }
 
+// noAgent returns err, or, when err says that no agent has id, an error
+// whose message names id and tells the client how to find the real ones.
+func noAgent(id string, err error) error {
+	if !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	return &requestError{fasthttp.StatusNotFound, fmt.Sprintf("no agent %q; GET /api/agents lists them (the default one is %q)", id, store.DefaultAgentID)}
+}
+
 // codes names the error code of the JSON body for each status.
 var codes = map[int]string{
 	fasthttp.StatusBadRequest:                  "bad_request",

@@ -44,9 +44,21 @@ type Status struct {
 	Addr       string         `json:"addr"`
 	SocketMode string         `json:"socket_mode"`
 	State      string         `json:"state"` // starting, running, rolling, stopping
-	Store      string         `json:"store,omitempty"`
-	LLM        string         `json:"llm,omitempty"`
+	Info       []Field        `json:"info,omitempty"`
 	Workers    []WorkerStatus `json:"workers"`
+}
+
+// Field is one named fact about the application in Status (Config.Info).
+type Field struct {
+	Name  string `json:"name"`
+	Value string `json:"value"`
+}
+
+// Panel is a table the status page shows below the workers (Config.Panel).
+type Panel struct {
+	Title   string     `json:"title"`
+	Columns []string   `json:"columns"`
+	Rows    [][]string `json:"rows"`
 }
 
 // WorkerStatus describes one worker process. A slot has one, or two while
@@ -133,6 +145,7 @@ func (s *Supervisor) handleControl(c *net.UnixConn, done <-chan struct{}) {
 			select {
 			case s.controls <- ctl:
 				resp = <-ctl.reply
+				s.addInfo(resp.Status)
 			case <-done:
 				resp.Error = "server is stopping"
 			}
@@ -212,9 +225,16 @@ func (s *Supervisor) onControl(ctl control) {
 	ctl.reply <- r
 }
 
+// addInfo adds Config.Info's fields to st, outside the loop.
+func (s *Supervisor) addInfo(st *Status) {
+	if st != nil && s.cfg.Info != nil {
+		st.Info = s.cfg.Info()
+	}
+}
+
 // status snapshots the supervisor for `server status`.
 func (s *Supervisor) status() *Status {
-	now := time.Now()
+	now := s.env.now()
 	st := &Status{
 		Version:    s.cfg.Version,
 		PID:        os.Getpid(),
@@ -223,8 +243,6 @@ func (s *Supervisor) status() *Status {
 		Addr:       s.where(),
 		SocketMode: string(s.cfg.SocketMode),
 		State:      "running",
-		Store:      s.cfg.Store,
-		LLM:        s.cfg.LLM,
 		Workers:    []WorkerStatus{},
 	}
 	switch {

@@ -22,7 +22,7 @@ import (
 //
 //	GET /metrics       Prometheus text: every ready worker's metrics with a
 //	                   worker="N" label, and the supervisor's own
-//	GET /status.json   the Status of `server status`, plus recent activities
+//	GET /status.json   the Status of `server status`, plus Config.Panel's table
 //	GET /              a live status page (status.html, polling the two above)
 //
 // Workers send their metrics text with their heartbeats when metrics are
@@ -229,18 +229,20 @@ func (s *Supervisor) handleStatusJSON(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "server stopping", http.StatusServiceUnavailable)
 		return
 	}
+	s.addInfo(snap.status)
 	body := struct {
 		*Status
-		Activities any `json:"activities"`
+		Panel *Panel `json:"panel,omitempty"`
 	}{Status: snap.status}
-	if s.cfg.Recent != nil {
+	if s.cfg.Panel != nil {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		acts, err := s.cfg.Recent(ctx)
+		p, err := s.cfg.Panel(ctx)
 		cancel()
 		if err != nil {
-			s.log.Warn().Err(err).Msg("recent activities unavailable")
+			s.log.Warn().Err(err).Msg("status panel unavailable")
+		} else {
+			body.Panel = &p
 		}
-		body.Activities = acts
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")

@@ -71,10 +71,14 @@ type buildResult struct {
 }
 
 func (c *ReloadConfig) setDefaults() {
-	if len(c.Dirs) == 0 {
-		c.Dirs = []string{"."}
+	dirs := c.Dirs
+	if len(dirs) == 0 {
+		dirs = []string{"."}
 	}
-	for i, d := range c.Dirs {
+	// A new slice: the caller's Config is never written to.
+	c.Dirs = make([]string, len(dirs))
+	for i, d := range dirs {
+		c.Dirs[i] = d
 		if abs, err := filepath.Abs(d); err == nil {
 			c.Dirs[i] = abs
 		}
@@ -127,7 +131,7 @@ func (s *Supervisor) onChanges(paths []string) {
 	if s.stopping {
 		return
 	}
-	r.lastChange = time.Now()
+	r.lastChange = s.env.now()
 	build := r.cfg.Build != "" && anyGo(paths)
 	s.log.Info().Strs("paths", paths).Bool("build", build).Msg("change detected")
 	if r.building != nil {

@@ -4,17 +4,12 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"syscall"
 	"time"
 )
 
-// The restart engine. Every trigger (start, crash, hang, SIGHUP,
-// max-requests, scale) goes through replace or spawn: the new worker starts
-// on the same slot, and only once it is ready is the old one asked to drain.
-// The loop never waits for a drain: stop sends SIGTERM and sets a deadline,
-// and tick sends SIGKILL when the deadline passes.
-//
-// Invariant: a slot has at most one worker that is starting (slot.next).
+// The restart engine; its promise and invariants are in doc.go.
 
 // replace starts a new worker for sl unless one is already starting.
 func (s *Supervisor) replace(sl *slot, why string) {
@@ -72,7 +67,7 @@ func (s *Supervisor) onReady(p *proc) {
 	if p != sl.next || p.state != starting {
 		return
 	}
-	now := time.Now()
+	now := s.env.now()
 	p.state, p.readyAt, p.lastBeat = ready, now, now
 	old := sl.current
 	sl.current, sl.next = p, nil
@@ -93,9 +88,13 @@ func (s *Supervisor) onReady(p *proc) {
 			s.log.Info().Int("pid", p.pid).Dur("since_change", now.Sub(s.reload.lastChange)).Msg("reloaded")
 		}
 	}
-	if p.exe != s.exe {
+	switch {
+	case p.exe != s.exe:
 		// A newer build landed while this worker was starting.
 		s.replace(sl, "reload")
+	case !slices.Equal(p.sockets, s.listenersFor(sl)) && !sl.removed():
+		// Scaling changed its neighbour while it was starting.
+		s.replace(sl, "rewire")
 	}
 	if !s.booted && s.allReady() {
 		s.booted = true
@@ -117,7 +116,7 @@ func (s *Supervisor) allReady() bool {
 	return true
 }
 
-func (s *Supervisor) onExit(p *proc, st *os.ProcessState) {
+func (s *Supervisor) onExit(p *proc, status string) {
 	delete(s.procs, p.pid)
 	p.lifeline.Close()
 	sl := p.slot
@@ -134,8 +133,8 @@ func (s *Supervisor) onExit(p *proc, st *os.ProcessState) {
 		}
 	}
 	ev.Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).
-		Str("status", exitStatus(st)).Str("reason", reason).
-		Dur("uptime", time.Since(p.started)).Msg("worker exited")
+		Str("status", status).Str("reason", reason).
+		Dur("uptime", s.env.now().Sub(p.started)).Msg("worker exited")
 	if s.cfg.OnWorkerExit != nil {
 		s.cfg.OnWorkerExit(p.pid, crashed)
 	}
@@ -143,17 +142,17 @@ func (s *Supervisor) onExit(p *proc, st *os.ProcessState) {
 	case sl.next:
 		sl.next = nil
 		if !s.booted && !s.stopping {
-			s.bootFailed(&BootError{Slot: sl.n, PID: p.pid, Status: exitStatus(st)})
+			s.bootFailed(&BootError{Slot: sl.n, PID: p.pid, Status: status})
 			return
 		}
-		if p.reason == "" && s.rejectBuild(sl, p.exe, "it exited ("+exitStatus(st)+") before it was ready") {
+		if p.reason == "" && s.rejectBuild(sl, p.exe, "it exited ("+status+") before it was ready") {
 			return
 		}
 		s.backoff(sl, "restart", false)
 	case sl.current:
 		sl.current = nil
 		if p.state == ready && crashed {
-			s.backoff(sl, "crash", time.Since(p.readyAt) >= backoffReset)
+			s.backoff(sl, "crash", s.env.now().Sub(p.readyAt) >= backoffReset)
 		}
 	}
 }
@@ -174,14 +173,16 @@ func (s *Supervisor) backoff(sl *slot, why string, stable bool) {
 	}
 	var delay time.Duration
 	if sl.failures > 1 {
-		delay = min(backoffMin<<(sl.failures-2), backoffMax)
+		// The shift stops well before it could overflow: a slot may fail for
+		// hours (a database down), and the delay stays at backoffMax.
+		delay = min(backoffMin<<min(sl.failures-2, 16), backoffMax)
 		delay += time.Duration(s.rng.Int64N(int64(delay)/4+1)) - delay/8
 	}
 	if delay <= 0 {
 		s.spawn(sl, why)
 		return
 	}
-	sl.restartAt, sl.restartWhy = time.Now().Add(delay), why
+	sl.restartAt, sl.restartWhy = s.env.now().Add(delay), why
 	s.log.Warn().Int("worker", sl.n).Int("failures", sl.failures).Dur("delay", delay).Msg("worker restart backed off")
 }
 
@@ -193,7 +194,7 @@ func (s *Supervisor) stop(p *proc, reason string) {
 	p.reason = reason
 	if p.state == starting {
 		// Not serving yet: nothing to drain.
-		p.state, p.deadline = killing, time.Now().Add(DefaultKillGrace)
+		p.state, p.deadline = killing, s.env.now().Add(DefaultKillGrace)
 		p.signal(syscall.SIGKILL)
 		if p.slot.next == p {
 			p.slot.next = nil
@@ -205,16 +206,39 @@ func (s *Supervisor) stop(p *proc, reason string) {
 		// A dev reload does not wait for a 60 s chat to finish.
 		budget = s.reload.cfg.Drain
 	}
-	p.state, p.deadline = draining, time.Now().Add(budget)
+	p.state, p.deadline = draining, s.env.now().Add(budget)
 	p.signal(syscall.SIGTERM)
 	s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).Str("reason", reason).Msg("worker draining")
+}
+
+// due returns when p next needs the loop: the end of its ready timeout
+// while it starts, of its allowed silence while it serves or drains, of its
+// drain budget, of its kill grace. This is the one statement of each
+// state's deadline; nextDeadline sleeps until the earliest and tick acts
+// on those that passed.
+func (s *Supervisor) due(p *proc) time.Time {
+	switch p.state {
+	case starting:
+		return p.started.Add(s.cfg.HealthcheckTimeout)
+	case ready:
+		return p.lastBeat.Add(s.cfg.HealthcheckTimeout)
+	case draining:
+		// Told to drain while stopped or stuck, its requests would
+		// otherwise wait out the whole graceful budget.
+		return minTime(p.lastBeat.Add(s.cfg.HealthcheckTimeout), p.deadline)
+	}
+	return p.deadline
 }
 
 // tick acts on every deadline that has passed.
 func (s *Supervisor) tick(now time.Time) {
 	for _, p := range s.procs {
+		if now.Before(s.due(p)) {
+			continue
+		}
+		silent := now.Sub(p.lastBeat)
 		switch {
-		case p.state == starting && now.Sub(p.started) >= s.cfg.HealthcheckTimeout:
+		case p.state == starting:
 			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Dur("timeout", s.cfg.HealthcheckTimeout).Str("reason", "ready_timeout").Msg("worker not ready in time")
 			if !s.booted && !s.stopping {
 				s.bootFailed(&BootError{Slot: p.slot.n, PID: p.pid, Status: fmt.Sprintf("not ready within %s", s.cfg.HealthcheckTimeout)})
@@ -224,26 +248,16 @@ func (s *Supervisor) tick(now time.Time) {
 			if !s.rejectBuild(p.slot, p.exe, fmt.Sprintf("it was not ready within %s", s.cfg.HealthcheckTimeout)) {
 				s.backoff(p.slot, "restart", false)
 			}
-		case p.state == ready && now.Sub(p.lastBeat) >= s.cfg.HealthcheckTimeout:
-			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).
-				Dur("silent", now.Sub(p.lastBeat)).Str("reason", "hung").Msg("worker hung, sending SIGQUIT")
-			p.reason, p.state, p.deadline = "hung", killing, now.Add(DefaultKillGrace)
-			p.signal(syscall.SIGQUIT) // Go prints every goroutine's stack to the log
-			p.signal(syscall.SIGCONT) // a stopped process dumps and exits too
+		case p.state == ready:
+			s.hung(p, now, "hung")
 			s.backoff(p.slot, "hung", false)
-		case p.state == draining && now.Sub(p.lastBeat) >= s.cfg.HealthcheckTimeout:
-			// Told to drain while stopped or stuck: its requests would
-			// otherwise wait out the whole graceful budget.
-			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).
-				Dur("silent", now.Sub(p.lastBeat)).Str("reason", "hung while draining").Msg("worker hung, sending SIGQUIT")
-			p.reason, p.state, p.deadline = "hung while draining", killing, now.Add(DefaultKillGrace)
-			p.signal(syscall.SIGQUIT)
-			p.signal(syscall.SIGCONT)
-		case (p.state == draining || p.state == killing) && now.After(p.deadline):
+		case p.state == draining && silent >= s.cfg.HealthcheckTimeout:
+			s.hung(p, now, "hung while draining")
+		default: // draining or killing, out of time
 			if p.signal(syscall.SIGKILL) {
 				s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Str("reason", p.reason).Msg("worker killed")
 			}
-			p.deadline = now.Add(time.Hour) // once; the exit event follows
+			p.state, p.deadline = killing, now.Add(afterKill)
 		}
 	}
 	for _, sl := range s.slots {
@@ -257,6 +271,28 @@ func (s *Supervisor) tick(now time.Time) {
 		s.shutdown()
 	}
 	s.notify.tick(now)
+}
+
+// hung sends SIGQUIT to a silent worker, so that Go prints every
+// goroutine's stack to the log, and SIGKILL after the kill grace.
+func (s *Supervisor) hung(p *proc, now time.Time, reason string) {
+	s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).
+		Dur("silent", now.Sub(p.lastBeat)).Str("reason", reason).Msg("worker hung, sending SIGQUIT")
+	p.reason, p.state, p.deadline = reason, killing, now.Add(DefaultKillGrace)
+	p.signal(syscall.SIGQUIT)
+	p.signal(syscall.SIGCONT) // a stopped process dumps and exits too
+}
+
+// afterKill is the deadline of a worker sent SIGKILL: nothing is left to
+// do but reap it, which its exit event does, so it is far enough away never
+// to come. (SIGKILL is sent once.)
+const afterKill = time.Hour
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
 }
 
 // bootFailed stops the server because a first-generation worker could not
@@ -350,6 +386,12 @@ func (s *Supervisor) scaleDown() {
 	if sl.sock != nil {
 		sl.sock.Close()
 	}
+	if s.rollSlot == sl {
+		// Its replacement was stopped and will never be ready: the roll
+		// goes on with the next slot.
+		s.rollSlot = nil
+		defer s.roll()
+	}
 	// The new last slot served the removed socket as its neighbour.
 	if s.shared == nil {
 		s.replace(s.slots[len(s.slots)-1], "rewire")
@@ -358,13 +400,3 @@ func (s *Supervisor) scaleDown() {
 
 // removed reports whether sl was scaled away.
 func (sl *slot) removed() bool { return sl.gone }
-
-func exitStatus(st *os.ProcessState) string {
-	if st == nil {
-		return "unknown"
-	}
-	if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return "signal " + ws.Signal().String()
-	}
-	return fmt.Sprintf("exit %d", st.ExitCode())
-}

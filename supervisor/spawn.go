@@ -6,10 +6,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -36,9 +34,10 @@ type proc struct {
 	slot     *slot
 	gen      int
 	pid      int
-	cmd      *exec.Cmd
-	exe      string   // the binary it runs
-	lifeline *os.File // supervisor's write end; closing it tells the worker we are gone
+	process  process
+	exe      string     // the binary it runs
+	sockets  []*os.File // the listeners it serves, own slot's first
+	lifeline *os.File   // supervisor's write end; closing it tells the worker we are gone
 	state    procState
 	why      string // why it was started ("start", "crash", "hup", ...)
 	reason   string // why it is being stopped, once it is
@@ -58,27 +57,7 @@ type event struct {
 	p      *proc
 	msg    protocol.Message
 	exited bool
-	status *os.ProcessState
-}
-
-// startThread runs cmd.Start for every worker on one OS thread that never
-// exits: Linux delivers Pdeathsig when the thread that forked the child
-// exits, not the process, so a goroutine that could move threads or end
-// would kill or orphan workers at random.
-var startThread = sync.OnceValue(func() chan<- startReq {
-	reqs := make(chan startReq)
-	go func() {
-		runtime.LockOSThread() // never unlocked, and this goroutine never returns
-		for r := range reqs {
-			r.done <- r.cmd.Start()
-		}
-	}()
-	return reqs
-})
-
-type startReq struct {
-	cmd  *exec.Cmd
-	done chan error
+	status string // how it exited: "exit 1", "signal killed"
 }
 
 // workerEnv is base without any marker the caller may have set (markers are
@@ -154,9 +133,7 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 			Pdeathsig: syscall.SIGTERM,
 		},
 	}
-	done := make(chan error, 1)
-	startThread() <- startReq{cmd: cmd, done: done}
-	err = <-done
+	child, err := s.env.startProcess(cmd)
 	controlW.Close()
 	lifelineR.Close()
 	outW.Close()
@@ -167,12 +144,11 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 		return nil, fmt.Errorf("supervisor: start worker %d: %w", sl.n, err)
 	}
 	sl.gen = gen
-	p := &proc{slot: sl, gen: gen, pid: cmd.Process.Pid, cmd: cmd, exe: s.exe, lifeline: lifelineW, why: why, started: time.Now()}
+	p := &proc{slot: sl, gen: gen, pid: child.Pid(), process: child, exe: s.exe, sockets: listeners, lifeline: lifelineW, why: why, started: s.env.now()}
 	go s.readControl(p, controlR)
 	go s.readOutput(p, outR)
 	go func() {
-		cmd.Wait()
-		s.events <- event{p: p, exited: true, status: cmd.ProcessState}
+		s.events <- event{p: p, exited: true, status: child.Wait()}
 	}()
 	return p, nil
 }
@@ -204,9 +180,8 @@ func (s *Supervisor) readOutput(p *proc, r *os.File) {
 	}
 }
 
-// signal sends sig to p and reports whether it was delivered. It goes
-// through os.Process, which knows when the process has been reaped, so a
-// late signal never reaches a recycled pid.
+// signal sends sig to p and reports whether it was delivered; never to a
+// reaped process.
 func (p *proc) signal(sig syscall.Signal) bool {
-	return p.cmd.Process.Signal(sig) == nil
+	return p.process.Signal(sig)
 }

@@ -114,18 +114,23 @@ type Config struct {
 	MetricsAddr string
 	// MetricsToken, if set, is required by the metrics server.
 	MetricsToken string
-	// Recent, if set, returns the latest activities for the status page.
-	Recent func(ctx context.Context) (any, error)
-	// Version, Store and LLM describe the server in Status.
-	Version, Store, LLM string
+	// Version is the application's version, as Status shows it.
+	Version string
+	// Info, if set, returns named facts about the application (its
+	// database, its upstream) that Status shows after the supervisor's
+	// own: `status` on the control socket, /status.json and the status
+	// page's header. It is called outside the supervisor's loop, once per
+	// status request, and must return quickly.
+	Info func() []Field
+	// Panel, if set, fills the status page's extra panel, below the
+	// workers, on each refresh. It is called outside the supervisor's loop
+	// with a context that ends after 2 seconds; an error leaves the panel
+	// empty and is logged.
+	Panel func(ctx context.Context) (Panel, error)
 	// OnWorkerExit, if set, is called from the supervisor's loop after a
 	// worker process exited; crashed is false when the supervisor had asked
 	// it to stop. It must return quickly.
 	OnWorkerExit func(pid int, crashed bool)
-
-	// exe is the worker binary; tests may point it elsewhere. Default
-	// os.Executable().
-	exe string
 }
 
 // BootError reports that a worker of the first generation exited before it
@@ -166,6 +171,7 @@ type slot struct {
 // New and run it with Run, once.
 type Supervisor struct {
 	cfg    Config
+	env    env
 	log    zerolog.Logger
 	exe    string
 	addr   net.Addr   // *net.TCPAddr, or *net.UnixAddr with UDS
@@ -190,12 +196,17 @@ type Supervisor struct {
 	restartsBy map[string]uint64 // workers started after the first, by reason
 	notify     *notifier
 	drainUntil time.Time // end of the drain delay; zero when none runs
+	lastWake   time.Time // when the loop last woke, to measure its stalls
 }
 
 // New validates cfg, binds the listening sockets and returns a Supervisor
 // ready to Run. A busy or forbidden address returns an *AddrError before
 // anything has started.
 func New(cfg Config) (*Supervisor, error) {
+	return newSupervisor(cfg, osEnv)
+}
+
+func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	if cfg.Addr == "" {
 		cfg.Addr = DefaultAddr
 	}
@@ -223,18 +234,16 @@ func New(cfg Config) (*Supervisor, error) {
 	if cfg.Env == nil {
 		cfg.Env = os.Environ()
 	}
-	exe := cfg.exe
-	if exe == "" {
-		var err error
-		if exe, err = os.Executable(); err != nil {
-			return nil, fmt.Errorf("supervisor: find own executable: %w", err)
-		}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: find own executable: %w", err)
 	}
 	if cfg.Name == "" {
 		cfg.Name = filepath.Base(exe)
 	}
 	s := &Supervisor{
 		cfg:        cfg,
+		env:        e,
 		log:        cfg.Logger,
 		exe:        exe,
 		procs:      make(map[int]*proc),
@@ -243,7 +252,7 @@ func New(cfg Config) (*Supervisor, error) {
 		controls:   make(chan control),
 		snapshots:  make(chan snapshotReq),
 		restartsBy: make(map[string]uint64),
-		started:    time.Now(),
+		started:    e.now(),
 	}
 	s.notify = newNotifier(s)
 	if cfg.Reload != nil {
@@ -371,16 +380,13 @@ func (s *Supervisor) Run() error {
 		go s.serveMetrics(ln, done)
 		s.log.Info().Str("url", "http://"+ln.Addr().String()+"/").Msg("metrics and status page ready")
 	}
-	for _, sl := range s.slots {
-		s.spawn(sl, "start")
-	}
+	s.begin()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	lastWake := time.Now()
-	for !(s.stopping && len(s.procs) == 0) {
+	for !s.done() {
 		// The loop wakes at least every loopWakeEvery, so that a longer gap
 		// between two wake-ups measures a time the master did not run.
-		timer.Reset(min(time.Until(s.nextDeadline()), loopWakeEvery))
+		timer.Reset(min(s.nextDeadline().Sub(s.env.now()), loopWakeEvery))
 		select {
 		case sig := <-s.cfg.Signals:
 			s.onSignal(sig)
@@ -396,17 +402,35 @@ func (s *Supervisor) Run() error {
 			s.onSnapshot(req)
 		case <-timer.C:
 		}
-		now := time.Now()
-		if gap := now.Sub(lastWake); gap > 2*loopWakeEvery {
-			s.forgive(now, gap-loopWakeEvery)
-		}
-		lastWake = now
-		s.tick(now)
+		s.woke()
 	}
 	if s.exitErr == nil {
 		s.log.Info().Msg("Finished server process")
 	}
 	return s.exitErr
+}
+
+// begin starts a worker on every slot; the loop takes over from there.
+func (s *Supervisor) begin() {
+	s.lastWake = s.env.now()
+	for _, sl := range s.slots {
+		s.spawn(sl, "start")
+	}
+}
+
+// done reports whether the loop is over: stopping, and every worker reaped.
+func (s *Supervisor) done() bool { return s.stopping && len(s.procs) == 0 }
+
+// woke runs after each input the loop handled and each time its timer
+// fired: a stall of the master is taken out of the workers' silence, then
+// every deadline that passed is acted on.
+func (s *Supervisor) woke() {
+	now := s.env.now()
+	if gap := now.Sub(s.lastWake); gap > 2*loopWakeEvery {
+		s.forgive(now, gap-loopWakeEvery)
+	}
+	s.lastWake = now
+	s.tick(now)
 }
 
 // loopWakeEvery bounds how long the loop sleeps.
@@ -444,7 +468,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 		if s.cfg.DrainDelay > 0 {
 			// Keep serving, /health answering 503, so load balancers
 			// move away before the listeners close; tick ends it.
-			s.stopping, s.drainUntil = true, time.Now().Add(s.cfg.DrainDelay)
+			s.stopping, s.drainUntil = true, s.env.now().Add(s.cfg.DrainDelay)
 			s.rolling = nil
 			s.tellWorkers(protocol.Message{Type: protocol.TypeDrain})
 			s.log.Info().Dur("delay", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
@@ -500,7 +524,7 @@ func (s *Supervisor) kill(reason string) {
 			s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Str("reason", reason).Msg("worker killed")
 		}
 		p.reason = reason
-		p.state = killing
+		p.state, p.deadline = killing, s.env.now().Add(afterKill)
 	}
 }
 
@@ -514,16 +538,16 @@ func (s *Supervisor) onEvent(ev event) {
 		return // a message that raced the exit
 	}
 	switch ev.msg.Type {
-	case "ready":
+	case protocol.TypeReady:
 		s.onReady(p)
-	case "heartbeat":
-		p.lastBeat = time.Now()
+	case protocol.TypeHeartbeat:
+		p.lastBeat = s.env.now()
 		p.requests, p.inFlight = ev.msg.Requests, ev.msg.InFlight
 		if ev.msg.Metrics != "" {
 			p.metrics = []byte(ev.msg.Metrics)
 		}
 		s.checkMemory(p)
-	case "recycle":
+	case protocol.TypeRecycle:
 		if p == p.slot.current && !s.stopping {
 			s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Uint64("requests", ev.msg.Requests).Str("reason", ev.msg.Reason).Msg("recycling worker")
 			s.replace(p.slot, ev.msg.Reason)
@@ -533,38 +557,20 @@ func (s *Supervisor) onEvent(ev event) {
 
 // nextDeadline is the earliest time the loop has something to do on its own.
 func (s *Supervisor) nextDeadline() time.Time {
-	next := time.Now().Add(time.Hour)
+	now := s.env.now()
+	next := now.Add(time.Hour)
 	for _, p := range s.procs {
-		var d time.Time
-		switch p.state {
-		case starting:
-			d = p.started.Add(s.cfg.HealthcheckTimeout)
-		case ready:
-			d = p.lastBeat.Add(s.cfg.HealthcheckTimeout)
-		case draining:
-			d = p.lastBeat.Add(s.cfg.HealthcheckTimeout)
-			if p.deadline.Before(d) {
-				d = p.deadline
-			}
-		default:
-			d = p.deadline
-		}
-		if d.Before(next) {
-			next = d
-		}
+		next = minTime(next, s.due(p))
 	}
 	for _, sl := range s.slots {
-		if !sl.restartAt.IsZero() && sl.restartAt.Before(next) {
-			next = sl.restartAt
+		if !sl.restartAt.IsZero() {
+			next = minTime(next, sl.restartAt)
 		}
 	}
-	if !s.drainUntil.IsZero() && s.drainUntil.Before(next) {
-		next = s.drainUntil
+	if !s.drainUntil.IsZero() {
+		next = minTime(next, s.drainUntil)
 	}
-	if d := s.notify.deadline(time.Now()); d.Before(next) {
-		next = d
-	}
-	return next
+	return minTime(next, s.notify.deadline(now))
 }
 
 // sortedProcs returns the live workers by slot, then generation.

@@ -28,7 +28,7 @@ func newNotifier(s *Supervisor) *notifier {
 	n := &notifier{s: s, enabled: os.Getenv("NOTIFY_SOCKET") != ""}
 	if d, err := daemon.SdWatchdogEnabled(false); err == nil && d > 0 {
 		n.watchdog = d / 2
-		n.nextBeat = time.Now()
+		n.nextBeat = s.env.now()
 	}
 	return n
 }

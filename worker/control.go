@@ -26,9 +26,10 @@ func (w *worker) heartbeat(stop <-chan struct{}) {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
-		// Ready needs a 200; a heartbeat only needs an answer, which proves
-		// the serving path (a draining server's /health answers 503).
-		if st := w.probe(client, interval*2); st == fasthttp.StatusOK || ready && st != 0 {
+		// Ready needs an answer below 500 (an application without a /health
+		// route answers 404, which proves the serving path as well); a
+		// heartbeat needs any answer (a draining server's /health answers 503).
+		if st := w.probe(client, interval*2); st != 0 && st < fasthttp.StatusInternalServerError || ready && st != 0 {
 			typ := protocol.TypeHeartbeat
 			if !ready {
 				typ, ready = protocol.TypeReady, true

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"bytes"
 	"errors"
 	"net"
 	"os"
@@ -50,6 +51,8 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 		return
 	}
 	start := time.Now()
+	// Copied: the handler may rewrite the request's headers.
+	id := string(setRequestID(ctx))
 	n := w.inFlight.Add(1)
 	if w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) && (w.cfg.Unlimited == nil || !w.cfg.Unlimited(ctx)) {
 		ctx.Response.Header.Set("Retry-After", "1")
@@ -57,6 +60,7 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 	} else {
 		w.guard(ctx)
 	}
+	ctx.Response.Header.Set(RequestIDHeader, id)
 	if w.draining.Load() {
 		ctx.SetConnectionClose()
 	}
@@ -75,13 +79,20 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 		if !ctx.Response.IsBodyStream() {
 			size = len(ctx.Response.Body())
 		}
-		w.log.Info().
+		// uvicorn's order: client, method, path, query, HTTP version, status.
+		e := w.log.Info().
+			Str("remote", w.cfg.Proxies.client(ctx)).
 			Bytes("method", ctx.Method()).
-			Bytes("path", ctx.Path()).
+			Bytes("path", ctx.Path())
+		if q := ctx.URI().QueryString(); len(q) > 0 {
+			e = e.Bytes("query", q)
+		}
+		e.Bytes("http_version", bytes.TrimPrefix(ctx.Request.Header.Protocol(), []byte("HTTP/"))).
 			Int("status", ctx.Response.StatusCode()).
+			Bytes("user_agent", ctx.UserAgent()).
+			Str("request_id", id).
 			Dur("duration", time.Since(start)).
 			Int("bytes", size).
-			Str("remote", w.cfg.Proxies.client(ctx)).
 			Msg("request")
 	}
 }
@@ -122,6 +133,13 @@ func (w *worker) serveError(ctx *fasthttp.RequestCtx, err error) {
 		status = fasthttp.StatusRequestTimeout
 	}
 	ctx.SetConnectionClose()
+	ctx.Response.Header.SetBytesV(RequestIDHeader, setRequestID(ctx))
+	// The client may still be sending a body the server never read. A
+	// client that timed out is sending too little, not too much: it is
+	// closed at once.
+	if status != fasthttp.StatusRequestTimeout {
+		lingerOnClose(ctx.Conn())
+	}
 	w.cfg.Error(ctx, status, err)
 }
 

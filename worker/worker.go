@@ -26,6 +26,9 @@ const (
 	DefaultKeepAliveTimeout = 5 * time.Second
 	DefaultReadTimeout      = 30 * time.Second
 	DefaultMaxBodySize      = 1 << 20
+	// DefaultMaxHeaderSize bounds the request line and headers together,
+	// as uvicorn's h11 does (--h11-max-incomplete-event-size).
+	DefaultMaxHeaderSize = 16 << 10
 	// DefaultCloseLeadIn is how long a draining worker keeps its listeners
 	// open while answering every response with "Connection: close", so that
 	// busy keep-alive clients learn to reconnect instead of finding their
@@ -61,6 +64,10 @@ type Config struct {
 	ReadTimeout time.Duration
 	// MaxBodySize is the largest request body accepted (413 above). Default 1 MiB.
 	MaxBodySize int
+	// MaxHeaderSize is the largest request line plus headers accepted
+	// (431 above). It is the size of each connection's read buffer.
+	// Default 16 KiB.
+	MaxHeaderSize int
 	// MaxConcurrency is the most requests served at once; more are answered
 	// 503 with Retry-After. 0 means no limit.
 	MaxConcurrency int
@@ -185,7 +192,11 @@ func Run(in Info, cfg Config) error {
 		IdleTimeout:           cfg.KeepAliveTimeout,
 		DisableKeepalive:      cfg.DisableKeepAlive,
 		// WriteTimeout stays 0: it would cut streamed chat replies.
-		MaxRequestBodySize:           cfg.MaxBodySize,
+		MaxRequestBodySize: cfg.MaxBodySize,
+		ReadBufferSize:     cfg.MaxHeaderSize,
+		// ReduceMemoryUsage stays off: it would hand an idle connection's
+		// buffers back to the pool, but it costs a keep-alive request an
+		// extra read system call (docs/benchmarks.md has the figures).
 		CloseOnShutdown:              true,
 		DisablePreParseMultipartForm: true,
 		Logger:                       fasthttpLogger{log},
@@ -209,7 +220,7 @@ func Run(in Info, cfg Config) error {
 		lns[i] = newStandbyListener(lns[i])
 	}
 	for i := range lns {
-		lns[i] = patientListener{lns[i], log}
+		lns[i] = lingerListener{patientListener{lns[i], log}}
 	}
 	serveErr := make(chan error, len(lns)+1)
 	for _, ln := range append(lns, net.Listener(w.probeLn)) {
@@ -274,6 +285,9 @@ func setDefaults(cfg *Config) {
 	}
 	if cfg.MaxBodySize <= 0 {
 		cfg.MaxBodySize = DefaultMaxBodySize
+	}
+	if cfg.MaxHeaderSize <= 0 {
+		cfg.MaxHeaderSize = DefaultMaxHeaderSize
 	}
 	if cfg.Error == nil {
 		cfg.Error = writeError

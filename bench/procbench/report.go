@@ -81,7 +81,7 @@ func (r results) markdown() string {
 		p("Target: replacement serving in under %s: %s (median kill -> ready %s, kill -> first 200 %s).\n\n",
 			fms(targetCrash), passFail(c.MedianReady < targetCrash && c.MedianFirstOK < targetCrash), fms(c.MedianReady), fms(c.MedianFirstOK))
 		if len(c.Repeat) > 0 {
-			p("Same slot killed %d times in a row (one server; the crash backoff of DESIGN.md applies from the second crash):\n\n", len(c.Repeat))
+			p("Same slot killed %d times in a row (one server; the crash backoff applies from the second crash):\n\n", len(c.Repeat))
 			p("| kill | kill -> replacement ready | kill -> first 200 from new pid | in flight to the victim | failed near kill |\n|---|---|---|---|---|\n")
 			for i, t := range c.Repeat {
 				p("| %d | %s | %s | %d | %d |\n", i+1, fms(t.Ready), fms(t.FirstOK), t.InFlightVictim, t.FailedNearKill)

@@ -24,7 +24,7 @@ type spreadResult struct {
 // spread opens 2000 concurrent keep-alive connections to a 4-process
 // target, one request each, and counts the connections per pid: the even
 // spread SO_REUSEPORT gives, what the neighbour scheme keeps of it, and the
-// shared socket's unevenness (DESIGN.md).
+// shared socket's unevenness (docs/architecture.md, "No connection is stranded").
 func (b *bench) spread() error {
 	const workers, conns = 4, 2000
 	cases := []struct {

@@ -245,8 +245,8 @@ func TestUnusableDatabaseExits3(t *testing.T) {
 	os.WriteFile(garbage, bytes.Repeat([]byte("not a database "), 1000), 0o644)
 	for _, path := range []string{filepath.Join(notDir, "server.db"), garbage} {
 		s := launch(t, "DATABASE_URL=sqlite:"+path)
-		if code := s.wait(20 * time.Second); code != exitBootError {
-			t.Errorf("DATABASE_URL=sqlite:%s: exit %d, want 3", path, code)
+		if code, want := s.wait(20*time.Second), documentedExit(t, "the store cannot be opened"); code != want {
+			t.Errorf("DATABASE_URL=sqlite:%s: exit %d, want %d", path, code, want)
 		}
 		if out := s.logs.String(); !strings.Contains(out, "server: ") || !strings.Contains(out, path) {
 			t.Errorf("DATABASE_URL=sqlite:%s: stderr does not name the file:\n%s", path, out)
@@ -272,8 +272,8 @@ func TestInstanceIDInUse(t *testing.T) {
 	})
 
 	b := launch(t, "WORKERS=1", "DATABASE_URL=sqlite:"+db, "CONTROL_SOCKET="+filepath.Join(t.TempDir(), "b.sock"))
-	if code := b.wait(20 * time.Second); code != exitBootError {
-		t.Errorf("second server with the same instance id: exit %d, want 3", code)
+	if code, want := b.wait(20*time.Second), documentedExit(t, "instance id is in use"); code != want {
+		t.Errorf("second server with the same instance id: exit %d, want %d", code, want)
 	}
 	out := b.logs.String()
 	for _, want := range []string{"server: claim instance id", db, "--instance-id"} {

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -10,6 +12,7 @@ import (
 	"github.com/corralhq/corral/handlers"
 	"github.com/corralhq/corral/handlers/llm"
 	"github.com/corralhq/corral/handlers/store"
+	"github.com/corralhq/corral/supervisor"
 )
 
 // The store and the LLM client provide what the handlers consume.
@@ -75,6 +78,7 @@ func newLLM(cfg config) (handlers.LLM, error) {
 		c, err := llm.NewOpenAI(llm.OpenAIConfig{
 			BaseURL:     cfg.LLMBaseURL,
 			APIKey:      cfg.LLMAPIKey,
+			Headers:     cfg.LLMHeaders,
 			Model:       cfg.LLMModel,
 			Timeout:     cfg.LLMTimeout,
 			IdleTimeout: cfg.LLMIdleTimeout,
@@ -89,14 +93,25 @@ func newLLM(cfg config) (handlers.LLM, error) {
 	return nil, fmt.Errorf("unknown LLM provider %q", cfg.LLMProvider)
 }
 
-// recentActivities lists the last activities for the status page.
-func recentActivities(st *store.Store) func(ctx context.Context) (any, error) {
-	return func(ctx context.Context) (any, error) {
+// activitiesPanel is the status page's panel: the last 20 activities,
+// newest first.
+func activitiesPanel(st *store.Store) func(ctx context.Context) (supervisor.Panel, error) {
+	return func(ctx context.Context) (supervisor.Panel, error) {
+		p := supervisor.Panel{Title: "Recent activities", Columns: []string{"id", "time", "type", "agent", "chat", "worker"}, Rows: [][]string{}}
 		last, err := st.LastActivityID(ctx)
 		if err != nil {
-			return nil, err
+			return p, err
 		}
-		return st.Activities(ctx, store.Filter{After: max(0, last-20), Limit: 20})
+		acts, err := st.Activities(ctx, store.Filter{After: max(0, last-20), Limit: 20})
+		if err != nil {
+			return p, err
+		}
+		for i := len(acts) - 1; i >= 0; i-- {
+			a := acts[i]
+			p.Rows = append(p.Rows, []string{strconv.FormatInt(a.ID, 10), a.Time.Format("2006-01-02 15:04:05.000"), a.Type,
+				cmp.Or(a.AgentID, "–"), cmp.Or(a.ChatID, "–"), strconv.Itoa(a.Worker)})
+		}
+		return p, nil
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 
 	"github.com/corralhq/corral/handlers/store"
 	"github.com/corralhq/corral/supervisor"
+	"github.com/corralhq/corral/supervisor/prefork"
 )
 
 // command is a subcommand that talks to a running server through its
@@ -72,10 +73,10 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("server "+name, pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	var sock, jsonFlag, forceFlag flagSlot
-	addFlag(fs, &sock, "control-socket", false, false, false)
-	addFlag(fs, &jsonFlag, "json", false, true, false)
-	addFlag(fs, &forceFlag, "force", false, true, false)
+	var sock, jsonFlag, forceFlag prefork.Flag
+	prefork.AddFlag(fs, &sock, "control-socket", false)
+	prefork.AddFlag(fs, &jsonFlag, "json", true)
+	prefork.AddFlag(fs, &forceFlag, "force", true)
 	err := fs.Parse(args)
 	rest := fs.Args()
 	var ne *pflag.NotExistError
@@ -88,13 +89,13 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 		// number, "-1", for flags. It is an argument, and a bad one.
 		rest = []string{"-" + ne.GetSpecifiedShortnames()}
 	case err != nil:
-		return fail(exitUsage, oneLine{err})
+		return fail(exitUsage, prefork.OneLine(err))
 	}
-	jsonOut, err := jsonFlag.on()
+	jsonOut, err := jsonFlag.On()
 	if err != nil {
 		return fail(exitUsage, err)
 	}
-	force, err := forceFlag.on()
+	force, err := forceFlag.On()
 	if err != nil {
 		return fail(exitUsage, err)
 	}
@@ -102,8 +103,8 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 	req := supervisor.Request{Cmd: name, Force: force}
 	switch {
 	case name == "scale" && len(rest) == 1:
-		count := setting{raw: rest[0], from: "worker count"}
-		if req.Workers, err = count.whole(1, supervisor.MaxWorkers, fmt.Sprintf("a whole number from 1 to %d", supervisor.MaxWorkers)); err != nil {
+		count := prefork.Setting{Raw: rest[0], From: "worker count"}
+		if req.Workers, err = count.Whole(1, supervisor.MaxWorkers, fmt.Sprintf("a whole number from 1 to %d", supervisor.MaxWorkers)); err != nil {
 			return fail(exitUsage, err)
 		}
 	case name == "scale":
@@ -140,25 +141,40 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 // as controlPath finds the server's, from --control-socket, CONTROL_SOCKET
 // and DATABASE_URL checked as the server checks them: a value the server
 // would refuse cannot name the socket of a running server.
-func cliControlPath(flag flagSlot, lookupEnv func(string) (string, bool)) (string, error) {
+func cliControlPath(flag prefork.Flag, lookupEnv func(string) (string, bool)) (string, error) {
 	c := defaultConfig()
-	o := optionNamed("control-socket")
-	if s, ok := o.pick(flag, lookupEnv); ok {
-		if err := o.set(&c, s); err != nil {
+	opts := newApp(&c).AllOptions(&c.Config)
+	s, ok := flag.Setting, flag.Given
+	if !ok {
+		s, ok = optionNamed(opts, "control-socket").Lookup(lookupEnv)
+	}
+	if ok {
+		if err := optionNamed(opts, "control-socket").Set(s); err != nil {
 			return "", err
 		}
 		return c.ControlSocket, nil
 	}
 	// DATABASE_URL places the socket only when controlPath gets that far.
 	if d, _ := lookupEnv("RUNTIME_DIRECTORY"); d == "" {
-		o = optionNamed("database-url")
-		if s, ok := o.pick(flagSlot{}, lookupEnv); ok {
-			if err := o.set(&c, s); err != nil {
+		o := optionNamed(opts, "database-url")
+		if s, ok := o.Lookup(lookupEnv); ok {
+			if err := o.Set(s); err != nil {
 				return "", fmt.Errorf("%w (it places the control socket; or name the socket with --control-socket)", err)
 			}
 		}
 	}
 	return controlPath("", c.DatabaseURL), nil
+}
+
+// optionNamed returns the option whose name is name; it panics on a name
+// no option has, which is a bug.
+func optionNamed(opts []prefork.Option, name string) prefork.Option {
+	for _, o := range opts {
+		if o.Name() == name {
+			return o
+		}
+	}
+	panic("no option " + name)
 }
 
 // commandUsage writes the --help text of the subcommand name.
@@ -220,7 +236,13 @@ func printStatus(w io.Writer, st *supervisor.Status) {
 	}
 	fmt.Fprintf(w, "server %s  master %d  up %s  %s  %s  %s\n",
 		st.Version, st.PID, age(st.UptimeS), where, st.SocketMode, st.State)
-	fmt.Fprintf(w, "store %s  llm %s\n\n", st.Store, st.LLM)
+	for i, f := range st.Info {
+		if i > 0 {
+			fmt.Fprint(w, "  ")
+		}
+		fmt.Fprintf(w, "%s %s", f.Name, f.Value)
+	}
+	fmt.Fprint(w, "\n\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SLOT\tPID\tGEN\tSTATE\tUPTIME\tREQUESTS\tIN FLIGHT\tRSS\tCPU\tFDS\tRESTARTS\tHEARTBEAT")
 	for _, wk := range st.Workers {

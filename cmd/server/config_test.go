@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net/http"
 	"net/netip"
 	"os"
 	"reflect"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/corralhq/corral/supervisor/prefork"
 	"github.com/corralhq/corral/worker"
 )
 
@@ -38,38 +40,41 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatalf("loadConfig(nil, no env) error: %v", err)
 	}
 	want := config{
-		Host:               "0.0.0.0",
-		Port:               8000,
-		Workers:            4,
-		GracefulTimeout:    75 * time.Second,
-		KeepAliveTimeout:   5 * time.Second,
-		HealthcheckTimeout: 10 * time.Second,
-		ReadTimeout:        30 * time.Second,
-		Backlog:            2048,
-		SocketMode:         "reuseport",
-		LogLevel:           zerolog.InfoLevel,
-		LogFormat:          "auto",
-		AccessLog:          true,
-		ProxyHeaders:       true,
-		ForwardedAllowIPs:  worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}},
-		DatabaseURL:        "sqlite:data/server.db",
-		LimitRequestBody:   1 << 20,
-		LLMProvider:        "simulated",
-		LLMTimeout:         120 * time.Second,
-		LLMIdleTimeout:     60 * time.Second,
-		SimulatedLatency:   3 * time.Second,
-		ReloadDirs:         []string{"."},
-		ReloadDelay:        250 * time.Millisecond,
-		ReloadDrain:        5 * time.Second,
-		ChatConcurrency:    256,
-		ChatMaxAttempts:    3,
-		ChatQueueMax:       10000,
+		Config: prefork.Config{
+			Host:               "0.0.0.0",
+			Port:               8000,
+			Workers:            4,
+			GracefulTimeout:    75 * time.Second,
+			KeepAliveTimeout:   5 * time.Second,
+			HealthcheckTimeout: 10 * time.Second,
+			ReadTimeout:        30 * time.Second,
+			Backlog:            2048,
+			SocketMode:         "reuseport",
+			LogLevel:           zerolog.InfoLevel,
+			LogFormat:          "auto",
+			AccessLog:          true,
+			ProxyHeaders:       true,
+			ForwardedAllowIPs:  worker.Proxies{Nets: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}},
+			LimitRequestBody:   1 << 20,
+			LimitRequestHead:   16 << 10,
+			ReloadDirs:         []string{"."},
+			ReloadDelay:        250 * time.Millisecond,
+			ReloadDrain:        5 * time.Second,
+		},
+		DatabaseURL:      "sqlite:data/server.db",
+		LLMProvider:      "simulated",
+		LLMTimeout:       120 * time.Second,
+		LLMIdleTimeout:   60 * time.Second,
+		SimulatedLatency: 3 * time.Second,
+		ChatConcurrency:  256,
+		ChatMaxAttempts:  3,
+		ChatQueueMax:     10000,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("loadConfig(nil, no env) =\n%+v\nwant\n%+v", got, want)
 	}
-	if got.addr() != "0.0.0.0:8000" {
-		t.Errorf("addr() = %q, want %q", got.addr(), "0.0.0.0:8000")
+	if got.Addr() != "0.0.0.0:8000" {
+		t.Errorf("addr() = %q, want %q", got.Addr(), "0.0.0.0:8000")
 	}
 }
 
@@ -98,9 +103,6 @@ func TestConfigPrecedence(t *testing.T) {
 		{"timeout-keep-alive", []string{"TIMEOUT_KEEP_ALIVE", "0"}, []string{"--timeout-keep-alive", "2s"}, field("KeepAliveTimeout"), time.Duration(0), 2 * time.Second},
 		{"timeout-worker-healthcheck", []string{"TIMEOUT_WORKER_HEALTHCHECK", "500ms"}, []string{"--timeout-worker-healthcheck", "2"}, field("HealthcheckTimeout"), 500 * time.Millisecond, 2 * time.Second},
 		{"timeout-read-request", []string{"TIMEOUT_READ_REQUEST", "5"}, []string{"--timeout-read-request", "2s"}, field("ReadTimeout"), 5 * time.Second, 2 * time.Second},
-		{"chat-concurrency", []string{"CHAT_CONCURRENCY", "10"}, []string{"--chat-concurrency", "20"}, field("ChatConcurrency"), 10, 20},
-		{"chat-max-attempts", []string{"CHAT_MAX_ATTEMPTS", "1"}, []string{"--chat-max-attempts", "5"}, field("ChatMaxAttempts"), 1, 5},
-		{"chat-queue-max", []string{"CHAT_QUEUE_MAX", "0"}, []string{"--chat-queue-max", "50"}, field("ChatQueueMax"), 0, 50},
 		{"limit-concurrency", []string{"LIMIT_CONCURRENCY", "10"}, []string{"--limit-concurrency", "20"}, field("LimitConcurrency"), 10, 20},
 		{"limit-max-requests", []string{"LIMIT_MAX_REQUESTS", "1000"}, []string{"--limit-max-requests", "2000"}, field("LimitMaxRequests"), 1000, 2000},
 		{"limit-max-requests-jitter", []string{"LIMIT_MAX_REQUESTS_JITTER", "50"}, []string{"--limit-max-requests-jitter", "60"}, field("LimitMaxRequestsJitter"), 50, 60},
@@ -116,12 +118,16 @@ func TestConfigPrecedence(t *testing.T) {
 		{"database-max-conns", []string{"DATABASE_MAX_CONNS", "8"}, []string{"--database-max-conns", "2"}, field("DatabaseMaxConns"), 8, 2},
 		{"instance-id", []string{"INSTANCE_ID", "web-1"}, []string{"--instance-id", "web-2"}, field("InstanceID"), "web-1", "web-2"},
 		{"limit-request-body", []string{"LIMIT_REQUEST_BODY", "2MiB"}, []string{"--limit-request-body", "4096"}, field("LimitRequestBody"), 2 << 20, 4096},
+		{"limit-request-headers", []string{"LIMIT_REQUEST_HEADERS", "32KiB"}, []string{"--limit-request-headers", "8192"}, field("LimitRequestHead"), 32 << 10, 8192},
 		{"llm-provider", []string{"LLM_PROVIDER", "openai", "LLM_BASE_URL", "http://llm:8080/v1"}, []string{"--llm-provider", "simulated"}, field("LLMProvider"), "openai", "simulated"},
 		{"llm-base-url", []string{"LLM_BASE_URL", "http://a:1/v1"}, []string{"--llm-base-url", "https://b/v1"}, field("LLMBaseURL"), "http://a:1/v1", "https://b/v1"},
 		{"llm-model", []string{"LLM_MODEL", "m1"}, []string{"--llm-model", "m2"}, field("LLMModel"), "m1", "m2"},
 		{"llm-timeout", []string{"LLM_TIMEOUT", "30s"}, []string{"--llm-timeout", "45"}, field("LLMTimeout"), 30 * time.Second, 45 * time.Second},
 		{"llm-idle-timeout", []string{"LLM_IDLE_TIMEOUT", "10s"}, []string{"--llm-idle-timeout", "20s"}, field("LLMIdleTimeout"), 10 * time.Second, 20 * time.Second},
 		{"simulated-latency", []string{"SIMULATED_LATENCY", "0"}, []string{"--simulated-latency", "250ms"}, field("SimulatedLatency"), time.Duration(0), 250 * time.Millisecond},
+		{"chat-concurrency", []string{"CHAT_CONCURRENCY", "10"}, []string{"--chat-concurrency", "20"}, field("ChatConcurrency"), 10, 20},
+		{"chat-max-attempts", []string{"CHAT_MAX_ATTEMPTS", "1"}, []string{"--chat-max-attempts", "5"}, field("ChatMaxAttempts"), 1, 5},
+		{"chat-queue-max", []string{"CHAT_QUEUE_MAX", "0"}, []string{"--chat-queue-max", "50"}, field("ChatQueueMax"), 0, 50},
 		{"cors-origins", []string{"CORS_ORIGINS", "https://a.example.com"}, []string{"--cors-origins", "*"}, field("CORSOrigins"), []string{"https://a.example.com"}, []string{"*"}},
 		{"limit-max-memory", []string{"LIMIT_MAX_MEMORY", "512MiB"}, []string{"--limit-max-memory", "1GiB"}, field("LimitMaxMemory"), int64(512 << 20), int64(1 << 30)},
 		{"drain-delay", []string{"DRAIN_DELAY", "5s"}, []string{"--drain-delay", "0"}, field("DrainDelay"), 5 * time.Second, time.Duration(0)},
@@ -135,6 +141,7 @@ func TestConfigPrecedence(t *testing.T) {
 		{"reload-build", []string{"RELOAD_BUILD", ""}, []string{"--reload-build", "make build"}, field("ReloadBuild"), "", "make build"},
 		{"reload-drain", []string{"RELOAD_DRAIN", "0"}, []string{"--reload-drain", "10s"}, field("ReloadDrain"), time.Duration(0), 10 * time.Second},
 		{"LLM_API_KEY", []string{"LLM_API_KEY", "sk-test"}, nil, field("LLMAPIKey"), "sk-test", nil},
+		{"LLM_HEADERS", []string{"LLM_HEADERS", "api-key: k1, X-Team=a%2Cb"}, nil, field("LLMHeaders"), http.Header{"Api-Key": {"k1"}, "X-Team": {"a,b"}}, nil},
 		{"API_TOKEN", []string{"API_TOKEN", "a, b"}, nil, field("APITokens"), []string{"a", "b"}, nil},
 	}
 	covered := map[string]bool{}
@@ -156,10 +163,10 @@ func TestConfigPrecedence(t *testing.T) {
 			t.Errorf("loadConfig(%q, %q) = %v, want %v (the flag)", tt.args, tt.env, v, tt.flagWant)
 		}
 	}
-	for _, o := range options {
-		name := o.flag
+	for _, o := range allOptions() {
+		name := o.Flag
 		if name == "" {
-			name = o.env[0]
+			name = o.Env[0]
 		}
 		if !covered[name] {
 			t.Errorf("option %s has no precedence case", name)
@@ -311,8 +318,8 @@ func TestConfigValues(t *testing.T) {
 		{nil, []string{"PORT", "  "}, func(c config) any { return c.Port }, 8000, "a blank variable is unset"},
 		{nil, []string{"PORT", "0"}, func(c config) any { return c.Port }, 0, "port 0 picks a free port"},
 		{nil, []string{"PORT", "08080"}, func(c config) any { return c.Port }, 8080, "leading zeros"},
-		{nil, []string{"HOST", "[::]"}, func(c config) any { return c.addr() }, "[::]:8000", "bracketed IPv6"},
-		{nil, []string{"HOST", "localhost"}, func(c config) any { return c.addr() }, "localhost:8000", "host name"},
+		{nil, []string{"HOST", "[::]"}, func(c config) any { return c.Addr() }, "[::]:8000", "bracketed IPv6"},
+		{nil, []string{"HOST", "localhost"}, func(c config) any { return c.Addr() }, "localhost:8000", "host name"},
 		{nil, []string{"HOST", "my_service.internal"}, func(c config) any { return c.Host }, "my_service.internal", "underscore"},
 		{nil, []string{"SOCKET_MODE", "SHARED"}, func(c config) any { return c.SocketMode }, "shared", "enums ignore case"},
 		{nil, []string{"LOG_LEVEL", "WARNING"}, func(c config) any { return c.LogLevel }, zerolog.WarnLevel, "warning"},
@@ -367,12 +374,20 @@ func TestConfigLLMProvider(t *testing.T) {
 		{nil, []string{"LLM_BASE_URL", "http://llm/v1", "LLM_PROVIDER", "simulated"}, "simulated", "http://llm/v1", ""},
 		{nil, []string{"LLM_BASE_URL", "http://llm/v1", "LLM_PROVIDER", "OpenAI"}, "openai", "http://llm/v1", ""},
 		{[]string{"--llm-base-url="}, []string{"LLM_BASE_URL", "http://llm/v1"}, "simulated", "", ""},
+		// OpenAI's own variable names, which the project's names beat, and
+		// a key alone meaning OpenAI itself.
+		{nil, []string{"OPENAI_BASE_URL", "http://oai/v1"}, "openai", "http://oai/v1", ""},
+		{nil, []string{"OPENAI_BASE_URL", "http://oai/v1", "LLM_BASE_URL", "http://llm/v1"}, "openai", "http://llm/v1", ""},
+		{nil, []string{"OPENAI_API_KEY", "sk-x"}, "openai", "https://api.openai.com/v1", ""},
+		{nil, []string{"LLM_API_KEY", "sk-x", "LLM_PROVIDER", "openai"}, "openai", "https://api.openai.com/v1", ""},
+		{nil, []string{"OPENAI_API_KEY", "sk-x", "LLM_PROVIDER", "simulated"}, "simulated", "", ""},
+		{nil, []string{"LLM_BASE_URL", "https://r.openai.azure.com/openai/deployments/d?api-version=2024-10-21"}, "openai", "https://r.openai.azure.com/openai/deployments/d?api-version=2024-10-21", ""},
 		{nil, []string{"LLM_PROVIDER", "openai"}, "", "",
-			`invalid LLM_PROVIDER "openai": want --llm-base-url or LLM_BASE_URL set as well, or simulated`},
+			`invalid LLM_PROVIDER "openai": want a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated`},
 		{[]string{"--llm-provider", "openai"}, nil, "", "",
-			`invalid --llm-provider "openai": want --llm-base-url or LLM_BASE_URL set as well, or simulated`},
+			`invalid --llm-provider "openai": want a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated`},
 		{[]string{"--llm-base-url="}, []string{"LLM_PROVIDER", "openai", "LLM_BASE_URL", "http://llm/v1"}, "", "",
-			`invalid LLM_PROVIDER "openai": want --llm-base-url or LLM_BASE_URL set as well, or simulated`},
+			`invalid LLM_PROVIDER "openai": want a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated`},
 	}
 	for _, tt := range tests {
 		c, err := loadConfig(tt.args, fakeEnv(tt.env...))
@@ -561,6 +576,10 @@ var configInvalidCases = []struct {
 	{nil, []string{"RELOAD_EXCLUDE", "gen,"}, `invalid RELOAD_EXCLUDE "gen,": want file name patterns such as *.tmpl, comma-separated, none empty`},
 
 	{nil, []string{"LLM_API_KEY", "sk-abc def"}, `invalid LLM_API_KEY (value not shown): want printable ASCII without spaces`},
+	{nil, []string{"LIMIT_REQUEST_HEADERS", "2KiB"}, `invalid LIMIT_REQUEST_HEADERS "2KiB": want a size from 4KiB to 1MiB in bytes or with a unit: KB, KiB, MB, MiB`},
+	{nil, []string{"LLM_HEADERS", "api-key secret"}, `invalid LLM_HEADERS (value not shown): want "Name: value" entries separated by commas or new lines, names of letters, digits and -, values percent-encoded where they hold a comma`},
+	{nil, []string{"LLM_HEADERS", "Host: evil"}, `invalid LLM_HEADERS (value not shown): want no header Host: the server sets it itself`},
+	{nil, []string{"LLM_BASE_URL", "http://llm/v1#frag"}, `invalid LLM_BASE_URL "http://llm/v1#frag": want a URL without user info or fragment (the key goes in LLM_API_KEY)`},
 	{nil, []string{"API_TOKEN", "tok1,,tok2"}, `invalid API_TOKEN (value not shown): want comma-separated tokens of printable ASCII, none empty`},
 	{nil, []string{"API_TOKEN", "tok1,"}, `invalid API_TOKEN (value not shown): want comma-separated tokens of printable ASCII, none empty`},
 	{nil, []string{"API_TOKEN", "tok 1"}, `invalid API_TOKEN (value not shown): want comma-separated tokens of printable ASCII, none empty`},
@@ -612,7 +631,7 @@ func TestConfigUsageErrors(t *testing.T) {
 	if isUsageError(errHelp) {
 		t.Error("isUsageError(errHelp) = true, want false")
 	}
-	if err := fmt.Errorf("start: %w", usageError{errors.New("x")}); !isUsageError(err) {
+	if err := fmt.Errorf("start: %w", prefork.UsageError{Err: errors.New("x")}); !isUsageError(err) {
 		t.Errorf("isUsageError(%v) = false for a wrapped usage error, want true", err)
 	}
 }
@@ -754,38 +773,38 @@ func TestConfigDocsMatchUsage(t *testing.T) {
 		}
 		return out
 	}
-	for _, o := range options {
-		for _, e := range o.env {
+	for _, o := range allOptions() {
+		for _, e := range o.Env {
 			if !strings.Contains(help, e) {
 				t.Errorf("usage does not list variable %s", e)
 			}
 		}
 		var row []string
 		for _, r := range rows {
-			if o.flag != "" && slices.Contains(names(r[0]), "--"+o.flag) ||
-				o.flag == "" && !strings.Contains(r[0], "--") && slices.Contains(names(r[1]), o.env[0]) {
+			if o.Flag != "" && slices.Contains(names(r[0]), "--"+o.Flag) ||
+				o.Flag == "" && !strings.Contains(r[0], "--") && slices.Contains(names(r[1]), o.Env[0]) {
 				row = r
 				break
 			}
 		}
-		name := "--" + o.flag
-		if o.flag == "" {
-			name = o.env[0]
+		name := "--" + o.Flag
+		if o.Flag == "" {
+			name = o.Env[0]
 		}
 		if row == nil {
 			t.Errorf("docs/configuration.md has no table row for %s", name)
 			continue
 		}
-		if got := names(row[1]); !slices.Equal(got, o.env) {
-			t.Errorf("docs row for %s names variables %q, want %q", name, got, o.env)
+		if got := names(row[1]); !slices.Equal(got, o.Env) {
+			t.Errorf("docs row for %s names variables %q, want %q", name, got, o.Env)
 		}
-		if got := strings.TrimSpace(strings.ReplaceAll(row[2], "`", "")); got != o.def {
-			t.Errorf("docs row for %s gives default %q, usage says %q", name, got, o.def)
+		if got := strings.TrimSpace(strings.ReplaceAll(row[2], "`", "")); got != o.Default {
+			t.Errorf("docs row for %s gives default %q, usage says %q", name, got, o.Default)
 		}
-		if o.negFlag != "" && !slices.Contains(names(row[0]), "--"+o.negFlag) {
-			t.Errorf("docs row for %s does not show --%s", name, o.negFlag)
+		if o.NegFlag != "" && !slices.Contains(names(row[0]), "--"+o.NegFlag) {
+			t.Errorf("docs row for %s does not show --%s", name, o.NegFlag)
 		}
-		if o.flag == "" && !regexp.MustCompile(`\(no flag\) +`+o.env[0]+` `).MatchString(help) {
+		if o.Flag == "" && !regexp.MustCompile(`\(no flag\) +`+o.Env[0]+`[ ,]`).MatchString(help) {
 			t.Errorf("usage does not list %s as a variable without a flag", name)
 		}
 	}
@@ -808,21 +827,21 @@ func TestConfigUsage(t *testing.T) {
 	}
 	// One line per option holds its flag, its variables and its default.
 	lines := strings.Split(help, "\n")
-	for _, o := range options {
+	for _, o := range allOptions() {
 		name := "(no flag)"
-		if o.flag != "" {
-			name = "--" + o.flag
+		if o.Flag != "" {
+			name = "--" + o.Flag
 		}
 		found := false
 		for _, line := range lines {
 			f := strings.Fields(line)
-			if len(f) > 2 && (f[0] == name || o.flag == "" && f[0]+" "+f[1] == name && f[2] == o.env[0]) {
-				found = strings.Contains(line, strings.Join(o.env, ", ")) && strings.Contains(line, "  "+o.def+"  ")
+			if len(f) > 2 && (f[0] == name || o.Flag == "" && f[0]+" "+f[1] == name && strings.TrimSuffix(f[2], ",") == o.Env[0]) {
+				found = strings.Contains(line, strings.Join(o.Env, ", ")) && strings.Contains(line, "  "+o.Default+"  ")
 				break
 			}
 		}
 		if !found {
-			t.Errorf("usage has no line with %s, %s and default %s", name, strings.Join(o.env, ", "), o.def)
+			t.Errorf("usage has no line with %s, %s and default %s", name, strings.Join(o.Env, ", "), o.Default)
 		}
 	}
 	// One line per subcommand, with its arguments.

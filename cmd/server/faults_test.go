@@ -675,37 +675,6 @@ func TestCrashLoopBacksOff(t *testing.T) {
 	}
 }
 
-// TestBootFailureAfterFirstGenerationBacksOff: a replacement that exits 3
-// at boot is backed off and retried; the master does not stop.
-func TestBootFailureAfterFirstGenerationBacksOff(t *testing.T) {
-	s := startServer(t, "WORKERS=2", envFailBootAfterGen+"=1")
-	pids := s.workerPIDs()
-	syscall.Kill(pids[0], syscall.SIGKILL)
-	waitFor(t, 20*time.Second, func() error {
-		if n := len(s.logs.find("worker restart backed off", nil)); n < 3 {
-			return fmt.Errorf("%d backoffs logged, want 3", n)
-		}
-		return nil
-	})
-	select {
-	case <-s.done:
-		t.Fatalf("master exited (%v) when a later generation failed to boot; log:\n%s", s.err, s.logs)
-	default:
-	}
-	for range 20 {
-		h, err := s.health(fresh)
-		if err != nil || h.PID != pids[1] {
-			t.Fatalf("health = %+v %v, want the other worker %d serving", h, err, pids[1])
-		}
-	}
-	if n := len(s.logs.find("worker exited", map[string]any{"reason": "died before ready", "status": "exit 3"})); n < 3 {
-		t.Errorf("%d 'worker exited' lines with exit 3, want 3 or more", n)
-	}
-	if !strings.Contains(s.logs.String(), "refuses to boot") {
-		t.Errorf("the failing worker's own error is not in the log")
-	}
-}
-
 // TestSignalStorm sends the master every signal it handles, and some it
 // should ignore, in a tight loop, and checks that it survives with a worker
 // count that matches the TTIN/TTOU balance.

@@ -6,7 +6,7 @@ import (
 )
 
 // secretVars are the variables whose values must never be shown.
-var secretVars = map[string]bool{"LLM_API_KEY": true, "API_TOKEN": true, "METRICS_TOKEN": true}
+var secretVars = map[string]bool{"LLM_API_KEY": true, "OPENAI_API_KEY": true, "LLM_HEADERS": true, "API_TOKEN": true, "METRICS_TOKEN": true}
 
 // secretMark starts every secret the fuzzer sets, so that a message that
 // quotes even the start of one is caught.
@@ -27,8 +27,8 @@ func FuzzLoadConfig(f *testing.F) {
 	f.Add("--no-access-log\x00--access-log=on\x00--cors-origins=https://a.example,*", "", ",,")
 	f.Add("stray", "", "")
 	var names []string
-	for _, o := range options {
-		for _, e := range o.env {
+	for _, o := range allOptions() {
+		for _, e := range o.Env {
 			if !secretVars[e] {
 				names = append(names, e)
 			}
@@ -52,6 +52,7 @@ func FuzzLoadConfig(f *testing.F) {
 			"LLM_API_KEY":   secretMark + "k" + secret,
 			"API_TOKEN":     secretMark + "t" + secret,
 			"METRICS_TOKEN": secretMark + "m" + secret,
+			"LLM_HEADERS":   "api-key: " + secretMark + "h" + secret,
 		}
 		for k, v := range secrets {
 			vals[k] = v

@@ -22,11 +22,6 @@ const envAsServer = "CORRALTEST_AS_SERVER"
 // envFailBoot makes a worker of the test binary exit 3 before it is ready.
 const envFailBoot = "CORRALTEST_FAIL_BOOT"
 
-// envFailBootAfterGen, set to N, makes a worker whose slot generation is
-// above N exit 3 before it is ready: the first N incarnations of a slot
-// boot, later ones never do (supervisor faults, faults_test.go).
-const envFailBootAfterGen = "CORRALTEST_FAIL_BOOT_AFTER_GEN"
-
 // envCrashAfter, a Go duration, makes a worker of generation 2 or later
 // exit 1 that long after it started: a slot whose replacements keep
 // crashing. The first generation is spared so that the server boots.
@@ -47,14 +42,9 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// testWorkerFaults applies envFailBootAfterGen and envCrashAfter to a
-// worker of the test binary.
+// testWorkerFaults applies envCrashAfter to a worker of the test binary.
 func testWorkerFaults() {
 	gen, _ := strconv.Atoi(os.Getenv(protocol.EnvGeneration))
-	if n, err := strconv.Atoi(os.Getenv(envFailBootAfterGen)); err == nil && gen > n {
-		fmt.Fprintf(os.Stderr, "server: test worker of generation %d refuses to boot\n", gen)
-		os.Exit(exitBootError)
-	}
 	if d, err := time.ParseDuration(os.Getenv(envCrashAfter)); err == nil && gen > 1 {
 		time.AfterFunc(d, func() {
 			fmt.Fprintf(os.Stderr, "server: test worker crashes %s after start\n", d)

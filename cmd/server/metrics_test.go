@@ -145,6 +145,13 @@ func TestStatusPageInChromium(t *testing.T) {
 				return fmt.Errorf("status page does not list worker %d:\n%.2000s", pid, dom)
 			}
 		}
+		// The server's own facts and panel, through the supervisor's
+		// neutral hooks (Config.Info, Config.Panel).
+		for _, want := range []string{`llm <b>simulated`, `store <b>sqlite:`, `<h2 id="panel-title">Recent activities</h2>`} {
+			if !strings.Contains(dom, want) {
+				return fmt.Errorf("status page lacks %s:\n%.4000s", want, dom)
+			}
+		}
 		return nil
 	})
 	shot := filepath.Join(artifactDir(t), "status-page.png")

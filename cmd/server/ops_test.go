@@ -258,15 +258,15 @@ func TestControlSocket(t *testing.T) {
 	if code, _, errOut := cli(t, "stop", "--control-socket", sock); code != 0 {
 		t.Fatalf("server stop: exit %d %s", code, errOut)
 	}
-	if code := s.wait(15 * time.Second); code != 0 {
-		t.Errorf("exit after server stop = %d, want 0", code)
+	if code, want := s.wait(15*time.Second), documentedExit(t, "`server stop`"); code != want {
+		t.Errorf("exit after server stop = %d, want %d", code, want)
 	}
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Errorf("control socket left behind after stop: %v", err)
 	}
 	code, _, errOut := cli(t, "status", "--control-socket", sock)
-	if code != 1 || !strings.Contains(errOut, "no server running") || !strings.Contains(errOut, sock) {
-		t.Errorf("server status with no server: exit %d %q, want 1 naming the socket", code, errOut)
+	if want := documentedExit(t, "control command that found no server"); code != want || !strings.Contains(errOut, "no server running") || !strings.Contains(errOut, sock) {
+		t.Errorf("server status with no server: exit %d %q, want %d naming the socket", code, errOut, want)
 	}
 }
 

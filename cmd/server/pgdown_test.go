@@ -21,8 +21,8 @@ func TestPostgresDownAtStartExits3(t *testing.T) {
 	port := strconv.Itoa(free.Addr().(*net.TCPAddr).Port)
 	free.Close() // nothing listens there now
 	s := launch(t, "DATABASE_URL=postgres://corral:hunter2@127.0.0.1:"+port+"/corral?sslmode=disable&connect_timeout=2")
-	if code := s.wait(30 * time.Second); code != exitBootError {
-		t.Errorf("exit %d with PostgreSQL down, want 3", code)
+	if code, want := s.wait(30*time.Second), documentedExit(t, "the store cannot be opened"); code != want {
+		t.Errorf("exit %d with PostgreSQL down, want %d", code, want)
 	}
 	out := s.logs.String()
 	if !strings.Contains(out, "127.0.0.1:"+port) {

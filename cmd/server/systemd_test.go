@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/corralhq/corral/supervisor"
 )
 
 // The units shipped in docs/systemd, relative to this package.
@@ -126,8 +128,8 @@ func TestSystemdServiceContract(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%s: TimeoutStopSec=%q: %v (write it as Go can parse, e.g. 90s)", serviceUnit, stop[0], err)
 	}
-	if floor := drainDelay + defaultGracefulTimeout; d <= floor {
-		t.Errorf("%s: TimeoutStopSec=%s, want more than drain delay %s + graceful budget %s", serviceUnit, d, drainDelay, defaultGracefulTimeout)
+	if floor := drainDelay + supervisor.DefaultGracefulTimeout; d <= floor {
+		t.Errorf("%s: TimeoutStopSec=%s, want more than drain delay %s + graceful budget %s", serviceUnit, d, drainDelay, supervisor.DefaultGracefulTimeout)
 	}
 }
 

@@ -2,13 +2,9 @@ package main
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"io"
 	"os"
-	"os/signal"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -25,32 +21,18 @@ import (
 // adds test-only routes (slow, panic) here. Nil in production.
 var extraRoutes func(ctx *fasthttp.RequestCtx) bool
 
-func runWorker(cfg config, log zerolog.Logger) int {
-	in, err := worker.Self()
-	if err != nil {
-		if errors.Is(err, worker.ErrNotWorker) {
-			err = fmt.Errorf("%w (unset the CORRAL_* variables)", err)
-		}
-		fmt.Fprintln(os.Stderr, "server:", err)
-		return exitUsage
-	}
-	log = log.With().Int("worker", in.Slot).Int("pid", in.PID).Logger()
-	// A worker drains on TERM and INT; HUP, TTIN and TTOU are the
-	// supervisor's to act on, so a "pkill -HUP server" must not kill workers.
-	signal.Ignore(syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
-	osSigs := make(chan os.Signal, 2)
-	signal.Notify(osSigs, syscall.SIGTERM, syscall.SIGINT)
-
+// prepareWorker is the server's part of a worker: it opens the store and
+// the LLM client and sets the handlers of package handlers on wc. The
+// returned function closes them after the drain.
+func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Config) (func(), error) {
 	st, err := openStore(cfg, log)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "server:", err)
-		return exitBootError
+		return nil, err
 	}
-	defer st.Close()
 	model, err := newLLM(cfg)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "server:", err)
-		return exitBootError
+		st.Close()
+		return nil, err
 	}
 	// The supervisor tells the worker how the last reload build went.
 	var reload atomic.Pointer[handlers.ReloadStatus]
@@ -77,7 +59,6 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		ChatMaxAttempts: cfg.ChatMaxAttempts,
 		ChatQueueMax:    cfg.ChatQueueMax,
 	})
-	defer h.Close()
 	runner, err := st.RunChats(context.Background(), store.RunConfig{
 		Run:         h.RunChat,
 		Concurrency: cfg.ChatConcurrency,
@@ -85,29 +66,64 @@ func runWorker(cfg config, log zerolog.Logger) int {
 		Logger:      log,
 	})
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "server:", err)
-		return exitBootError
+		h.Close()
+		st.Close()
+		return nil, err
 	}
-	// The first TERM or INT also stops the chat runner, within the graceful
-	// budget so that the chats it cannot finish go back to the queue before
-	// the supervisor's SIGKILL; the worker drains its requests meanwhile.
-	sigs := make(chan os.Signal, 2)
-	runnerStopped := make(chan struct{})
+	stopRunner := stopRunnerOnSignal(wc, runner, runnerBudget(cfg.GracefulTimeout), log)
+	wc.Handler = h.Serve
+	wc.Error = handlers.WriteError
+	// /health answers from memory: a busy worker is not an unhealthy one.
+	wc.Unlimited = func(ctx *fasthttp.RequestCtx) bool { return string(ctx.Path()) == "/health" }
+	wc.Metrics = func(w io.Writer) {
+		if set == nil {
+			return
+		}
+		set.WritePrometheus(w)
+		metrics.WriteProcessMetrics(w)
+		metrics.WriteFDMetrics(w)
+	}
+	wc.OnMessage = func(m protocol.Message) {
+		switch m.Type {
+		case protocol.TypeReload:
+			reload.Store(&handlers.ReloadStatus{Build: m.Build, Error: m.Error})
+		case protocol.TypeDrain:
+			draining.Store(true)
+		}
+	}
+	return func() {
+		stopRunner()
+		h.Close()
+		st.Close()
+	}, nil
+}
+
+// stopRunnerOnSignal stops the chat runner when the worker's drain starts
+// (its first TERM or INT), within budget, so that the chats it cannot
+// finish go back to the queue before the supervisor's SIGKILL; the worker
+// drains its requests meanwhile. It takes wc's signals and forwards them.
+// The returned function stops the runner now if no signal came (the
+// supervisor went away) and waits until it has stopped.
+func stopRunnerOnSignal(wc *worker.Config, runner *store.ChatRunner, budget time.Duration, log zerolog.Logger) func() {
+	in := wc.Signals
+	out := make(chan os.Signal, 2)
+	wc.Signals = out
+	stopped := make(chan struct{})
 	quit := make(chan struct{})
 	go func() {
-		defer close(runnerStopped)
+		defer close(stopped)
 		select {
-		case sig := <-osSigs:
-			sigs <- sig
+		case sig := <-in:
+			out <- sig
 		case <-quit:
 			return
 		}
 		go func() {
 			for {
 				select {
-				case sig := <-osSigs:
+				case sig := <-in:
 					select {
-					case sigs <- sig:
+					case out <- sig:
 					default:
 					}
 				case <-quit:
@@ -115,58 +131,19 @@ func runWorker(cfg config, log zerolog.Logger) int {
 				}
 			}
 		}()
-		ctx, cancel := context.WithTimeout(context.Background(), runnerBudget(graceful(cfg)))
+		ctx, cancel := context.WithTimeout(context.Background(), budget)
 		defer cancel()
 		if err := runner.Stop(ctx); err != nil {
 			log.Error().Err(err).Msg("chat runner stop failed")
 		}
 	}()
-	defer func() {
-		// Drained without a signal (the supervisor went away): stop now.
+	return func() {
 		close(quit)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		runner.Stop(ctx)
-		<-runnerStopped
-	}()
-	err = worker.Run(in, worker.Config{
-		Handler:          h.Serve,
-		Error:            handlers.WriteError,
-		Logger:           log,
-		AccessLog:        cfg.AccessLog,
-		Proxies:          proxies(cfg),
-		GracefulTimeout:  graceful(cfg),
-		KeepAliveTimeout: cfg.KeepAliveTimeout,
-		ReadTimeout:      cfg.ReadTimeout,
-		DisableKeepAlive: cfg.KeepAliveTimeout == 0,
-		MaxBodySize:      cfg.LimitRequestBody,
-		MaxConcurrency:   cfg.LimitConcurrency,
-		// /health answers from memory: a busy worker is not an unhealthy one.
-		Unlimited: func(ctx *fasthttp.RequestCtx) bool { return string(ctx.Path()) == "/health" },
-		Signals:   sigs,
-		Metrics: func(w io.Writer) {
-			if set == nil {
-				return
-			}
-			set.WritePrometheus(w)
-			metrics.WriteProcessMetrics(w)
-			metrics.WriteFDMetrics(w)
-		},
-		OnMessage: func(m protocol.Message) {
-			switch m.Type {
-			case protocol.TypeReload:
-				reload.Store(&handlers.ReloadStatus{Build: m.Build, Error: m.Error})
-			case protocol.TypeDrain:
-				draining.Store(true)
-			}
-		},
-	})
-	if err != nil {
-		log.Error().Err(err).Msg("worker failed")
-		fmt.Fprintln(os.Stderr, "server:", err)
-		return exitBootError
+		<-stopped
 	}
-	return exitOK
 }
 
 // runnerBudget is how long a stopping worker lets its background chats
@@ -180,12 +157,4 @@ func runnerBudget(graceful time.Duration) time.Duration {
 // chat whose process vanished unreported: longer than any chat can run.
 func rescueAfter(cfg config) time.Duration {
 	return max(time.Hour, 2*cfg.LLMTimeout)
-}
-
-// proxies is the worker's view of --proxy-headers and --forwarded-allow-ips.
-func proxies(cfg config) *worker.Proxies {
-	if !cfg.ProxyHeaders {
-		return nil
-	}
-	return &cfg.ForwardedAllowIPs
 }

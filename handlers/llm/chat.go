@@ -20,6 +20,9 @@ type Request struct {
 	Model string
 	// Messages are sent in order; an agent's system prompt is a "system" message.
 	Messages []Message
+	// RequestID, if set, is sent upstream as X-Request-ID, so that one id
+	// follows a chat from the client to the LLM.
+	RequestID string
 }
 
 // Usage counts tokens as upstream reported them (zero if it did not) or, for

@@ -31,8 +31,10 @@ type fakeUpstream struct {
 }
 
 type seenRequest struct {
-	auth string
-	body chatRequest
+	auth   string
+	header http.Header
+	query  string
+	body   chatRequest
 }
 
 func newFake(t *testing.T, script func(hit int, w http.ResponseWriter, r *http.Request)) *fakeUpstream {
@@ -66,7 +68,7 @@ func (f *fakeUpstream) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	f.mu.Lock()
-	f.seen = append(f.seen, seenRequest{auth: r.Header.Get("Authorization"), body: body})
+	f.seen = append(f.seen, seenRequest{auth: r.Header.Get("Authorization"), header: r.Header.Clone(), query: r.URL.RawQuery, body: body})
 	f.mu.Unlock()
 	f.script(hit, w, r.WithContext(context.WithValue(r.Context(), quitKey{}, f.quit)))
 }
@@ -81,7 +83,7 @@ func (f *fakeUpstream) requests() []seenRequest {
 // idle connections are closed at cleanup.
 func (f *fakeUpstream) client(cfg OpenAIConfig) *OpenAI {
 	f.t.Helper()
-	cfg.BaseURL = f.srv.URL + "/v1"
+	cfg.BaseURL = f.srv.URL + "/v1" + cfg.BaseURL // a test may give a query
 	c, err := NewOpenAI(cfg)
 	if err != nil {
 		f.t.Fatalf("NewOpenAI: %v", err)

@@ -55,11 +55,17 @@ type OpenAIConfig struct {
 	// ("http://127.0.0.1:8080") gets "/v1", the root every OpenAI-compatible
 	// server serves; any other path is used as given
 	// ("https://openrouter.ai/api/v1"). It must be http or https, without
-	// user info, query or fragment.
+	// user info or fragment. A query string is kept on every request
+	// ("?api-version=2024-10-21" for Azure OpenAI).
 	BaseURL string
 	// APIKey is sent as "Authorization: Bearer <APIKey>"; "" sends no
 	// Authorization header. It never appears in errors.
 	APIKey string
+	// Headers are added to every upstream request, such as Azure's
+	// "api-key"; Content-Type, Accept, Authorization (when APIKey is set)
+	// and X-Request-ID are the client's own and win over them. Their values
+	// never appear in errors.
+	Headers http.Header
 	// Model is used when Request.Model is ""; default DefaultOpenAIModel.
 	Model string
 	// Timeout bounds a whole call, retries and backoff included; zero or
@@ -87,6 +93,7 @@ type OpenAIConfig struct {
 type OpenAI struct {
 	endpoint   string
 	apiKey     string
+	headers    http.Header
 	model      string
 	timeout    time.Duration
 	idle       time.Duration
@@ -104,6 +111,7 @@ func NewOpenAI(cfg OpenAIConfig) (*OpenAI, error) {
 	c := &OpenAI{
 		endpoint:   endpoint,
 		apiKey:     cfg.APIKey,
+		headers:    cfg.Headers.Clone(),
 		model:      cfg.Model,
 		timeout:    cfg.Timeout,
 		idle:       cfg.IdleTimeout,
@@ -147,8 +155,8 @@ func chatEndpoint(base string) (string, error) {
 		return "", fmt.Errorf("new openai: invalid BaseURL %q: user info is not allowed, use APIKey", u.Redacted())
 	case u.Scheme != "http" && u.Scheme != "https", u.Host == "", u.Opaque != "":
 		return "", fmt.Errorf("new openai: invalid BaseURL %q: %s", base, want)
-	case u.RawQuery != "" || u.ForceQuery || u.Fragment != "":
-		return "", fmt.Errorf("new openai: invalid BaseURL %q: query and fragment are not allowed", base)
+	case u.Fragment != "":
+		return "", fmt.Errorf("new openai: invalid BaseURL %q: a fragment is not allowed", u.Redacted())
 	}
 	path := strings.TrimRight(u.Path, "/")
 	if path == "" {
@@ -212,7 +220,7 @@ func (c *OpenAI) Complete(ctx context.Context, req Request, onDelta func(string)
 	defer cancel()
 	for attempt := 1; ; attempt++ {
 		st := &stream{emit: onDelta, secret: c.apiKey}
-		err := c.attempt(callCtx, payload, st)
+		err := c.attempt(callCtx, payload, req.RequestID, st)
 		if err == nil {
 			resp := Response{Text: st.text.String(), Provider: ProviderOpenAI, Model: st.model, Usage: st.usage}
 			if resp.Model == "" {
@@ -241,7 +249,7 @@ func (c *OpenAI) Complete(ctx context.Context, req Request, onDelta func(string)
 }
 
 // attempt sends one request and consumes its stream into st.
-func (c *OpenAI) attempt(ctx context.Context, payload []byte, st *stream) error {
+func (c *OpenAI) attempt(ctx context.Context, payload []byte, requestID string, st *stream) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	idle := time.AfterFunc(c.idle, func() { cancel(errIdleCause) })
@@ -257,10 +265,16 @@ func (c *OpenAI) attempt(ctx context.Context, payload []byte, st *stream) error 
 	if err != nil {
 		return fmt.Errorf("build request: %w", err)
 	}
+	for k, vs := range c.headers {
+		req.Header[k] = vs
+	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "text/event-stream")
 	if c.apiKey != "" {
 		req.Header.Set("Authorization", "Bearer "+c.apiKey)
+	}
+	if requestID != "" {
+		req.Header.Set("X-Request-ID", requestID)
 	}
 	res, err := c.http.Do(req)
 	if err != nil {

@@ -52,6 +52,34 @@ func TestOpenAIStreamsReply(t *testing.T) {
 	}
 }
 
+// TestOpenAIHeadersQueryAndRequestID checks what Azure OpenAI needs (a
+// query in the base URL, an api-key header) and the request id sent
+// upstream; the client's own headers win over the extra ones.
+func TestOpenAIHeadersQueryAndRequestID(t *testing.T) {
+	f := newFake(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+		streamReply(w, "ok")
+	})
+	c := f.client(OpenAIConfig{
+		BaseURL: "?api-version=2024-10-21",
+		APIKey:  "sk-test",
+		Headers: http.Header{"Api-Key": {"azure-key"}, "Authorization": {"Bearer other"}, "X-Team": {"a", "b"}},
+	})
+	req := testReq
+	req.RequestID = "rid-123"
+	if _, err := c.Complete(context.Background(), req, nil); err != nil {
+		t.Fatalf("Complete: %v", err)
+	}
+	r := f.requests()[0]
+	if r.query != "api-version=2024-10-21" {
+		t.Errorf("upstream query = %q, want api-version=2024-10-21", r.query)
+	}
+	for k, want := range map[string]string{"Api-Key": "azure-key", "Authorization": "Bearer sk-test", "X-Request-Id": "rid-123", "X-Team": "a,b"} {
+		if got := strings.Join(r.header.Values(k), ","); got != want {
+			t.Errorf("upstream %s = %q, want %q", k, got, want)
+		}
+	}
+}
+
 func TestOpenAIModelAndKeyDefaults(t *testing.T) {
 	f := newFake(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
 		startStream(w)
@@ -466,6 +494,7 @@ func TestNewOpenAIBaseURL(t *testing.T) {
 		{"http://127.0.0.1:8080/", "http://127.0.0.1:8080/v1/chat/completions"},
 		{"https://api.openai.com/v1", "https://api.openai.com/v1/chat/completions"},
 		{"https://openrouter.ai/api/v1", "https://openrouter.ai/api/v1/chat/completions"},
+		{"https://r.openai.azure.com/openai/deployments/d?api-version=2024-10-21", "https://r.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-10-21"},
 	} {
 		c, err := NewOpenAI(OpenAIConfig{BaseURL: tc.base})
 		if err != nil {
@@ -476,7 +505,7 @@ func TestNewOpenAIBaseURL(t *testing.T) {
 			t.Errorf("NewOpenAI(%q) endpoint = %q, want %q", tc.base, c.endpoint, tc.want)
 		}
 	}
-	for _, base := range []string{"", "127.0.0.1:11434", "localhost/v1", "ftp://h/v1", "http://", "http://h/v1?x=1", "http://h/v1#f", "http://user:hunter2@h/v1"} {
+	for _, base := range []string{"", "127.0.0.1:11434", "localhost/v1", "ftp://h/v1", "http://", "http://h/v1#f", "http://user:hunter2@h/v1"} {
 		_, err := NewOpenAI(OpenAIConfig{BaseURL: base})
 		if err == nil || !strings.Contains(err.Error(), "BaseURL") {
 			t.Errorf("NewOpenAI(%q) error = %v, want an error naming BaseURL", base, err)

@@ -32,6 +32,9 @@ type Chat struct {
 	AgentID string
 	Message string
 	Origin  Origin // the worker that accepted the chat (and runs it unless Background)
+	// RequestID, if set, is the id of the request that started the chat;
+	// its first activity carries it as data.request_id.
+	RequestID string
 
 	// Background queues the chat as a job that any worker may run instead
 	// of running it in the caller.
@@ -87,6 +90,9 @@ func (s *Store) StartChat(ctx context.Context, c Chat) (Activity, error) {
 	act := Activity{
 		Time: now(), Type: "chat.started", AgentID: c.AgentID, ChatID: c.ID,
 		Worker: c.Origin.Worker, PID: c.Origin.PID,
+	}
+	if c.RequestID != "" {
+		act.Data = map[string]any{"request_id": c.RequestID}
 	}
 	status, attempts, started := ChatRunning, 1, sql.NullString{String: timeArg(act.Time), Valid: true}
 	if c.Background {

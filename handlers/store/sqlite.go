@@ -209,7 +209,7 @@ func sqlitePath(rawURL, rest string) (string, error) {
 }
 
 // sqliteDSN returns the driver's data source name for path. The pragmas are
-// the team's measured settings (DESIGN.md, Libraries): WAL so readers never
+// measured settings (docs/architecture.md, "The store"): WAL so readers never
 // block the writer; a 10 s busy timeout so writers from every worker queue
 // instead of failing; NORMAL sync, which in WAL mode loses at most the last
 // commits on power loss and never corrupts; BEGIN IMMEDIATE for every

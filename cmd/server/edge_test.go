@@ -1,0 +1,305 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// tries is how many times each client sends its oversized body.
+const tries = 20
+
+// rawPost writes a whole request with a body of n bytes, without Expect,
+// ignoring write errors as a client that writes before it reads does, then
+// reads the answer.
+func rawPost(addr string, n int) (int, string, http.Header, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return 0, "", nil, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	head := fmt.Sprintf("POST /api/chat HTTP/1.1\r\nHost: corral.test\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", n)
+	c.Write([]byte(head))
+	c.Write(bytes.Repeat([]byte("a"), n))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return 0, "", nil, err
+	}
+	body, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body), resp.Header, err
+}
+
+// isErrorJSON reports whether body is the API's JSON error with code.
+func isErrorJSON(body, code string) bool {
+	var e struct {
+		Error struct{ Code, Message string }
+	}
+	return json.Unmarshal([]byte(body), &e) == nil && e.Error.Code == code && e.Error.Message != ""
+}
+
+// TestOversizeBodyReachesClientAs413 sends a 2 MiB body, whole and without
+// Expect, from a raw socket, Python's http.client and Node's fetch: every
+// try must read the 413 JSON, not a reset connection.
+func TestOversizeBodyReachesClientAs413(t *testing.T) {
+	s := startServer(t, "WORKERS=1")
+	addr := "127.0.0.1:" + strconv.Itoa(s.port)
+	const size = 2 << 20
+
+	for i := range tries {
+		status, body, _, err := rawPost(addr, size)
+		if err != nil || status != 413 || !isErrorJSON(body, "body_too_large") {
+			t.Errorf("raw socket try %d: status %d body %q err %v, want 413 JSON", i+1, status, body, err)
+		}
+	}
+
+	python := fmt.Sprintf(`
+import http.client, json, sys
+ok = 0
+for i in range(%d):
+    c = http.client.HTTPConnection("127.0.0.1", %d, timeout=20)
+    try:
+        c.request("POST", "/api/chat", body=b"a" * %d, headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        body = json.loads(r.read())
+        if r.status == 413 and body["error"]["code"] == "body_too_large":
+            ok += 1
+        else:
+            print("try", i, r.status, body, file=sys.stderr)
+    except Exception as e:
+        print("try", i, repr(e), file=sys.stderr)
+    finally:
+        c.close()
+print(ok)
+`, tries, s.port, size)
+	node := fmt.Sprintf(`
+let ok = 0;
+(async () => {
+  for (let i = 0; i < %d; i++) {
+    try {
+      const r = await fetch("http://127.0.0.1:%d/api/chat", {method: "POST", headers: {"Content-Type": "application/json"}, body: "a".repeat(%d)});
+      const body = await r.json();
+      if (r.status === 413 && body.error.code === "body_too_large") ok++;
+      else console.error("try", i, r.status, body);
+    } catch (e) { console.error("try", i, String(e), e.cause ? String(e.cause) : ""); }
+  }
+  console.log(ok);
+})();
+`, tries, s.port, size)
+	for _, c := range []struct{ name, prog, arg string }{{"python3", python, "-c"}, {"node", node, "-e"}} {
+		if _, err := exec.LookPath(c.name); err != nil {
+			t.Logf("%s not installed: skipped", c.name)
+			continue
+		}
+		var stderr bytes.Buffer
+		cmd := exec.Command(c.name, c.arg, c.prog)
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if got := strings.TrimSpace(string(out)); err != nil || got != strconv.Itoa(tries) {
+			t.Errorf("%s: %s of %d tries got the 413 JSON (err %v); stderr:\n%s", c.name, got, tries, err, stderr.String())
+		}
+	}
+}
+
+// TestNormalCloseDoesNotLinger checks that a response the client asked to
+// close, and a keep-alive connection, are not held by the lingering close
+// meant for refused bodies.
+func TestNormalCloseDoesNotLinger(t *testing.T) {
+	s := startServer(t, "WORKERS=1")
+	c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(s.port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for i, conn := range []string{"keep-alive", "keep-alive", "close"} {
+		fmt.Fprintf(c, "GET /health HTTP/1.1\r\nHost: corral.test\r\nConnection: %s\r\n\r\n", conn)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i+1, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d: status %d, want 200", i+1, resp.StatusCode)
+		}
+	}
+	// The server closes at once: well before the 5 s a lingering close
+	// could take.
+	start := time.Now()
+	c.SetReadDeadline(time.Now().Add(4 * time.Second))
+	if n, err := br.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after Connection: close read %d bytes, %v; want EOF", n, err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("server closed %s after the response, want at once", took)
+	}
+}
+
+// TestRequestHeaderLimit checks the 16 KiB default for the request line
+// and headers, the 431 JSON past it, and LIMIT_REQUEST_HEADERS raising it.
+func TestRequestHeaderLimit(t *testing.T) {
+	get := func(port int, header int) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(port)+"/health", nil)
+		req.Header.Set("Authorization", "Bearer "+strings.Repeat("j", header))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("GET /health with a %d-byte header: %v", header, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	s := startServer(t, "WORKERS=1")
+	// A bearer JWT plus cookies: past fasthttp's 4 KiB, within 16 KiB.
+	if st, body := get(s.port, 15000); st != 200 {
+		t.Errorf("15000-byte header: %d %s, want 200", st, body)
+	}
+	if st, body := get(s.port, 17000); st != 431 || !isErrorJSON(body, "headers_too_large") {
+		t.Errorf("17000-byte header: %d %s, want 431 JSON", st, body)
+	}
+	s.stop()
+	big := startServer(t, "WORKERS=1", "LIMIT_REQUEST_HEADERS=32KiB")
+	if st, body := get(big.port, 30000); st != 200 {
+		t.Errorf("LIMIT_REQUEST_HEADERS=32KiB, 30000-byte header: %d %s, want 200", st, body)
+	}
+}
+
+// seenUpstream is one request the recording upstream received.
+type seenUpstream struct {
+	path, query string
+	header      http.Header
+}
+
+// recordingLLM is an OpenAI-compatible upstream on a loopback port that
+// answers every chat with a short streamed reply and records the requests.
+func recordingLLM(t *testing.T) (base string, seen func() []seenUpstream) {
+	t.Helper()
+	var mu sync.Mutex
+	var reqs []seenUpstream
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		mu.Lock()
+		reqs = append(reqs, seenUpstream{r.URL.Path, r.URL.RawQuery, r.Header.Clone()})
+		mu.Unlock()
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, sseChunk("hello ")+sseChunk("there")+sseFinish)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, func() []seenUpstream {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]seenUpstream(nil), reqs...)
+	}
+}
+
+// TestRequestIDEndToEnd follows one request id from the client through the
+// response, the access log, the chat's activities and the upstream LLM
+// request, with the upstream configured by OpenAI's variable names plus
+// Azure's query and api-key header; the key never reaches the log.
+func TestRequestIDEndToEnd(t *testing.T) {
+	const key, azureKey = "sk-never-logged-4711", "azure-never-logged-0815"
+	base, seen := recordingLLM(t)
+	s := startServer(t, "WORKERS=1", "ACCESS_LOG=true",
+		"OPENAI_BASE_URL="+base+"/openai/deployments/d?api-version=2024-10-21", "OPENAI_API_KEY="+key,
+		"LLM_HEADERS=api-key: "+azureKey)
+
+	req, _ := http.NewRequest("POST", s.url("/api/chat?trace=1"), strings.NewReader(`{"agent_id":"default","message":"hi"}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("User-Agent", "edge-test/1.0")
+	req.Header.Set("X-Request-ID", "client-id-42")
+	resp, err := fresh.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("X-Request-ID") != "client-id-42" {
+		t.Fatalf("POST /api/chat = %d %s, X-Request-ID %q; want 200 and the client's id", resp.StatusCode, body, resp.Header.Get("X-Request-ID"))
+	}
+	var chat chatAnswer
+	json.Unmarshal(body, &chat)
+
+	ups := seen()
+	if len(ups) != 1 {
+		t.Fatalf("upstream saw %d requests, want 1", len(ups))
+	}
+	u := ups[0]
+	for k, want := range map[string]string{"X-Request-Id": "client-id-42", "Authorization": "Bearer " + key, "Api-Key": azureKey} {
+		if got := u.header.Get(k); got != want {
+			t.Errorf("upstream %s = %q, want %q", k, got, want)
+		}
+	}
+	if u.path != "/openai/deployments/d/chat/completions" || u.query != "api-version=2024-10-21" {
+		t.Errorf("upstream URL = %s?%s, want /openai/deployments/d/chat/completions?api-version=2024-10-21", u.path, u.query)
+	}
+
+	types := map[string]bool{}
+	for _, a := range s.allActivities(t) {
+		if a.ChatID != chat.ID {
+			continue
+		}
+		types[a.Type] = true
+		if a.Data["request_id"] != "client-id-42" {
+			t.Errorf("activity %s data = %v, want request_id client-id-42", a.Type, a.Data)
+		}
+	}
+	if !types["chat.started"] || !types["chat.completed"] {
+		t.Errorf("activities of chat %s: %v, want chat.started and chat.completed", chat.ID, types)
+	}
+
+	var line map[string]any
+	waitFor(t, 5*time.Second, func() error {
+		lines := s.logs.find("request", map[string]any{"path": "/api/chat"})
+		if len(lines) == 0 {
+			return errors.New("no access log line for /api/chat")
+		}
+		line = lines[0]
+		return nil
+	})
+	for k, want := range map[string]string{"method": "POST", "query": "trace=1", "http_version": "1.1", "status": "200",
+		"user_agent": "edge-test/1.0", "request_id": "client-id-42", "remote": "127.0.0.1"} {
+		if got := fmt.Sprint(line[k]); got != want {
+			t.Errorf("access log %s = %q, want %q (line %v)", k, got, want, line)
+		}
+	}
+
+	// No id, or one that cannot be passed on, gets a new one.
+	for _, sent := range []string{"", strings.Repeat("x", 129), "bad\x01id"} {
+		req, _ := http.NewRequest("GET", s.url("/health"), nil)
+		if sent != "" {
+			req.Header["X-Request-Id"] = []string{sent}
+		}
+		resp, err := fresh.Do(req)
+		if err != nil {
+			// Go's client refuses to send a control byte; nothing to check.
+			continue
+		}
+		resp.Body.Close()
+		if got := resp.Header.Get("X-Request-ID"); len(got) != 32 || strings.Trim(got, "0123456789abcdef") != "" {
+			t.Errorf("sent X-Request-ID %q, got %q, want a new 32-hex-digit id", sent, got)
+		}
+	}
+	// Refused requests carry one too.
+	status, _, h, err := rawPost("127.0.0.1:"+strconv.Itoa(s.port), 2<<20)
+	if err != nil || status != 413 || len(h.Get("X-Request-ID")) != 32 {
+		t.Errorf("oversized POST: %d, X-Request-ID %q, %v; want 413 with a new id", status, h.Get("X-Request-ID"), err)
+	}
+
+	if logs := s.logs.String(); strings.Contains(logs, key) || strings.Contains(logs, azureKey) {
+		t.Errorf("the log shows the API key or the LLM_HEADERS value:\n%s", logs)
+	}
+}

@@ -1,0 +1,398 @@
+package prefork
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/activation"
+	"github.com/mattn/go-isatty"
+	"github.com/rs/zerolog"
+	"github.com/valyala/fasthttp"
+
+	"github.com/corralhq/corral/supervisor"
+	"github.com/corralhq/corral/supervisor/protocol"
+	"github.com/corralhq/corral/worker"
+)
+
+// Exit statuses of Main, as uvicorn and gunicorn use them.
+const (
+	ExitOK    = 0
+	ExitError = 1 // the master could not start or stopped on an error
+	ExitUsage = 2 // a bad command line, flag or variable
+	ExitBoot  = 3 // a worker of the first generation (or App.Master) failed
+)
+
+// App is an HTTP application run by Main under the process model. Set
+// Handler or FastHandler, or fill the worker's handler in Worker.
+type App struct {
+	// Name names the program in usage, messages ("NAME: invalid ..."),
+	// process titles ("NAME: worker 2/4") and the control socket.
+	// Default: the executable's base name.
+	Name string
+	// Version is what --version and the status show. Default "dev".
+	Version string
+	// Handler is a net/http application, served through worker.RunHTTP.
+	Handler http.Handler
+	// FastHandler is a fasthttp application, served through worker.Run;
+	// it is used when Handler is nil.
+	FastHandler fasthttp.RequestHandler
+	// Options are the application's own settings, read after the process
+	// model's with the same precedence and listed by --help.
+	Options []Option
+	// Check, if set, runs after every option was read, for checks across
+	// settings; its error is reported as a bad setting.
+	Check func(c Config) error
+	// UsageHead is printed by --help before the table of settings, and
+	// UsageFoot after it. Default: "Usage: NAME [flags]".
+	UsageHead, UsageFoot string
+	// ReloadBuild is the build command of reload mode when --reload-build
+	// is not given and the first reload folder holds go.mod. Default: go
+	// build of the main package this binary was built from.
+	ReloadBuild string
+	// Master, if set, runs in the master before the supervisor binds
+	// anything. It may fill in sc (status hooks, OnWorkerExit,
+	// ControlSocket, Reload.ExcludeDirs) and returns a function Main calls
+	// once the supervisor has stopped. An error stops the server with
+	// ExitBoot before any worker starts.
+	Master func(c Config, log zerolog.Logger, sc *supervisor.Config) (stop func(), err error)
+	// Worker, if set, runs in every worker before it serves. It may set
+	// any field of wc, the handler included, and returns a function Main
+	// calls after the drain. An error exits the worker with ExitBoot.
+	Worker func(c Config, in worker.Info, log zerolog.Logger, wc *worker.Config) (stop func(), err error)
+}
+
+func (a App) name() string {
+	if a.Name != "" {
+		return a.Name
+	}
+	if exe, err := os.Executable(); err == nil {
+		return filepath.Base(exe)
+	}
+	return filepath.Base(os.Args[0])
+}
+
+func (a App) version() string {
+	if a.Version != "" {
+		return a.Version
+	}
+	return "dev"
+}
+
+// reloadBuildDefault is the build command reload mode runs by default.
+func (a App) reloadBuildDefault() string {
+	if a.ReloadBuild != "" {
+		return a.ReloadBuild
+	}
+	pkg := "."
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Path != "" && !strings.HasSuffix(bi.Path, ".test") {
+		pkg = bi.Path
+	}
+	return `go build -o "$OUTPUT" ` + pkg
+}
+
+// Usage writes a's --help text to w.
+func (a App) Usage(w io.Writer) {
+	head := a.UsageHead
+	if head == "" {
+		head = "Usage: " + a.name() + " [flags]\n\n"
+	}
+	writeUsage(w, head, a.UsageFoot, a.options(new(Config)))
+}
+
+// Main runs a and returns the exit status for os.Exit. Started by hand it
+// is the master: it re-executes itself once so that ps shows a readable
+// title, binds the sockets and supervises workers, which are this same
+// binary re-executed with the role marker of package protocol. It reads
+// os.Args, so a program with subcommands dispatches them before calling
+// Main.
+func Main(a App) int { return a.run(os.Stdout, os.Stderr) }
+
+func (a App) run(stdout, stderr io.Writer) int {
+	name := a.name()
+	role := os.Getenv(protocol.EnvRole)
+	args, err := programArgs(role)
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return ExitUsage
+	}
+	cfg, err := a.Load(args, os.LookupEnv)
+	switch {
+	case errors.Is(err, ErrHelp):
+		a.Usage(stdout)
+		return ExitOK
+	case err != nil && IsUsageError(err):
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		a.Usage(stderr)
+		return ExitUsage
+	case err != nil:
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return ExitUsage
+	}
+	if cfg.ShowVersion {
+		fmt.Fprintf(stdout, "%s %s (%s, %s/%s)\n", name, a.version(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		return ExitOK
+	}
+	logOut := stderr
+	if role == protocol.RoleWorker {
+		// The supervisor hands the worker its own stderr for whole log
+		// lines; the worker's fd 2 is a pipe for everything else.
+		if f := os.NewFile(protocol.LogFD, "log"); f != nil {
+			logOut = f
+		}
+	}
+	log := NewLogger(cfg, logOut)
+	switch role {
+	case protocol.RoleWorker:
+		setComm("worker")
+		return a.runWorker(cfg, log, stderr)
+	case "":
+		reexecMaster(cfg, args, log) // returns only if exec failed
+	}
+	setComm("master")
+	return a.runMaster(cfg, args, log, stderr)
+}
+
+// programArgs returns the command-line arguments: the process's own, or,
+// in a process the master re-executed, the ones carried in EnvArgs so that
+// argv can hold the title alone.
+func programArgs(role string) ([]string, error) {
+	enc := os.Getenv(protocol.EnvArgs)
+	if role == "" || enc == "" {
+		return os.Args[1:], nil
+	}
+	var args []string
+	if err := json.Unmarshal([]byte(enc), &args); err != nil {
+		return nil, fmt.Errorf("invalid %s %q: it is set by the server itself; unset it", protocol.EnvArgs, enc)
+	}
+	return args, nil
+}
+
+// reexecMaster replaces the process image with itself, same pid, with argv
+// holding only the master's title, so ps and htop read
+// "server: master [4 workers, 0.0.0.0:8000]". The title is padded so that
+// the supervisor can rewrite it in place when the worker count changes.
+func reexecMaster(cfg Config, args []string, log zerolog.Logger) {
+	exe, err := os.Executable()
+	if err != nil {
+		log.Debug().Err(err).Msg("no re-exec for the process title")
+		return
+	}
+	enc, _ := json.Marshal(args)
+	title := fmt.Sprintf("%s: master [%d workers, %s]", filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
+	title += strings.Repeat(" ", 24)
+	env := append(os.Environ(), protocol.EnvRole+"="+protocol.RoleMaster, protocol.EnvArgs+"="+string(enc))
+	err = syscall.Exec(exe, []string{title}, env)
+	log.Debug().Err(err).Msg("no re-exec for the process title")
+}
+
+// SupervisorConfig is the supervisor's configuration for c: what Main
+// gives supervisor.New before App.Master adds to it.
+func (c Config) SupervisorConfig() supervisor.Config {
+	sc := supervisor.Config{
+		DrainDelay:         c.DrainDelay,
+		ControlSocket:      c.ControlSocket,
+		MaxMemory:          uint64(c.LimitMaxMemory),
+		MetricsAddr:        c.MetricsAddr,
+		MetricsToken:       c.MetricsToken,
+		Addr:               c.Addr(),
+		UDS:                c.UDS,
+		Workers:            c.EffectiveWorkers(),
+		SocketMode:         supervisor.SocketMode(c.SocketMode),
+		Backlog:            c.Backlog,
+		GracefulTimeout:    c.graceful(),
+		HealthcheckTimeout: c.HealthcheckTimeout,
+		MaxRequests:        c.LimitMaxRequests,
+		MaxRequestsJitter:  c.LimitMaxRequestsJitter,
+	}
+	if c.Reload {
+		sc.Reload = &supervisor.ReloadConfig{
+			Dirs:    c.ReloadDirs,
+			Include: c.ReloadInclude,
+			Exclude: c.ReloadExclude,
+			Delay:   c.ReloadDelay,
+			Build:   c.ReloadBuild,
+			Drain:   max(c.ReloadDrain, time.Nanosecond),
+		}
+	}
+	return sc
+}
+
+// WorkerConfig is the worker's configuration for c, without a handler:
+// what Main gives worker.Run before App.Worker adds to it.
+func (c Config) WorkerConfig() worker.Config {
+	wc := worker.Config{
+		AccessLog:        c.AccessLog,
+		GracefulTimeout:  c.graceful(),
+		KeepAliveTimeout: c.KeepAliveTimeout,
+		ReadTimeout:      c.ReadTimeout,
+		DisableKeepAlive: c.KeepAliveTimeout == 0,
+		MaxBodySize:      c.LimitRequestBody,
+		MaxHeaderSize:    c.LimitRequestHead,
+		MaxConcurrency:   c.LimitConcurrency,
+	}
+	if c.ProxyHeaders {
+		p := c.ForwardedAllowIPs
+		wc.Proxies = &p
+	}
+	return wc
+}
+
+// graceful is the drain budget. The libraries read a zero budget as "use
+// the default", so "cut requests at once" (0) becomes the smallest budget.
+func (c Config) graceful() time.Duration {
+	return max(c.GracefulTimeout, time.Nanosecond)
+}
+
+func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.Writer) int {
+	name := a.name()
+	// The markers served the re-exec; children get fresh ones.
+	os.Unsetenv(protocol.EnvRole)
+	os.Unsetenv(protocol.EnvArgs)
+	if cfg.Reload && cfg.WorkersSet && cfg.Workers > 1 {
+		log.Warn().Int("workers", cfg.Workers).Msg("RELOAD/--reload runs one worker; WORKERS/--workers is ignored")
+	}
+	sc := cfg.SupervisorConfig()
+	sc.Args = args
+	sc.Logger = log
+	sc.SetTitle = true
+	sc.Version = a.version()
+	if sc.ControlSocket == "" {
+		if d := os.Getenv("RUNTIME_DIRECTORY"); d != "" {
+			sc.ControlSocket = filepath.Join(strings.Split(d, ":")[0], name+".sock")
+		}
+	}
+	if sc.Reload != nil && !cfg.ReloadBuildSet {
+		sc.Reload.Build = ""
+		if _, err := os.Stat(filepath.Join(cfg.ReloadDirs[0], "go.mod")); err == nil {
+			sc.Reload.Build = a.reloadBuildDefault()
+		}
+	}
+	if a.Master != nil {
+		stop, err := a.Master(cfg, log, &sc)
+		if err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			return ExitBoot
+		}
+		if stop != nil {
+			defer stop()
+		}
+	}
+
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+	defer signal.Stop(sigs)
+	sc.Signals = sigs
+
+	// Socket activation: systemd passed the listening socket(s).
+	if lns := activation.Files(true); len(lns) > 0 {
+		log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
+		sc.Listeners = lns
+	}
+	sup, err := supervisor.New(sc)
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return ExitError
+	}
+	if err := sup.Run(); err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		if errors.Is(err, supervisor.ErrBoot) {
+			return ExitBoot
+		}
+		return ExitError
+	}
+	return ExitOK
+}
+
+func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
+	name := a.name()
+	in, err := worker.Self()
+	if err != nil {
+		if errors.Is(err, worker.ErrNotWorker) {
+			err = fmt.Errorf("%w (unset the CORRAL_* variables)", err)
+		}
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return ExitUsage
+	}
+	log = log.With().Int("worker", in.Slot).Int("pid", in.PID).Logger()
+	// A worker drains on TERM and INT; HUP, TTIN and TTOU are the
+	// supervisor's to act on, so a "pkill -HUP server" must not kill workers.
+	signal.Ignore(syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+
+	wc := cfg.WorkerConfig()
+	wc.Logger = log
+	wc.Signals = sigs
+	wc.Handler = a.FastHandler
+	if a.Handler != nil {
+		wc.Handler = worker.HTTPHandler(a.Handler)
+	}
+	if a.Worker != nil {
+		stop, err := a.Worker(cfg, in, log, &wc)
+		if err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			return ExitBoot
+		}
+		if stop != nil {
+			defer stop()
+		}
+	}
+	if err := worker.Run(in, wc); err != nil {
+		log.Error().Err(err).Msg("worker failed")
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return ExitBoot
+	}
+	return ExitOK
+}
+
+// NewLogger builds the root logger: console lines on a terminal, JSON
+// otherwise, unless the configuration says which.
+func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
+	var w io.Writer = stderr
+	f, isFile := stderr.(*os.File)
+	terminal := isFile && isatty.IsTerminal(f.Fd())
+	format := cfg.LogFormat
+	if format == "auto" {
+		format = "json"
+		if terminal {
+			format = "console"
+		}
+	}
+	if format == "console" {
+		// Colours only on a terminal: a journal or a file gets plain text.
+		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
+			// The access log reads as uvicorn's does: client, request, status.
+			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration", "bytes"}}
+	}
+	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
+	// Durations (uptime, startup, budget, delay) in seconds, as a float.
+	zerolog.DurationFieldUnit = time.Second
+	return zerolog.New(w).Level(cfg.LogLevel).With().Timestamp().Logger()
+}
+
+// setComm sets the short process name that ps -o comm, top and htop's
+// tree show: "server-master" or "server-worker" (15 bytes at most).
+func setComm(role string) {
+	exe, err := os.Executable()
+	if err != nil {
+		return
+	}
+	// The kernel keeps 15 bytes; shorten the program name, never the role.
+	base := filepath.Base(exe)
+	base = base[:min(len(base), 15-1-len(role))]
+	name := base + "-" + role
+	// /proc/self/comm is the main thread's name, whichever thread writes it.
+	_ = os.WriteFile("/proc/self/comm", []byte(name), 0)
+}
