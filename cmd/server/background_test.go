@@ -312,3 +312,51 @@ func TestBackgroundChatSurvivesRestart(t *testing.T) {
 		t.Fatalf("after restart = %+v, %v, want completed, attempts 1 (a shutdown does not count)", done, err)
 	}
 }
+
+// TestBackgroundQueueLimitAndMetrics: past --chat-queue-max a background
+// chat is refused with 503 and Retry-After; /metrics and the status show
+// the queue (depth, running, age of the oldest); cancelling queued chats
+// empties it.
+func TestBackgroundQueueLimitAndMetrics(t *testing.T) {
+	s := startServer(t, "WORKERS=1", "CHAT_CONCURRENCY=1", "CHAT_QUEUE_MAX=2", "SIMULATED_LATENCY=30s",
+		"METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info")
+	base := strings.TrimSuffix(s.url(""), "/")
+	running := startBackground(t, base, "occupy the worker")
+	waitRunning(t, base, running, 0)
+	queued := []string{startBackground(t, base, "wait 1"), startBackground(t, base, "wait 2")}
+	code, h, b := postJSON(t, base+"/api/chat", `{"agent_id":"default","message":"one too many","background":true}`)
+	if code != 503 || h.Get("Retry-After") == "" || !strings.Contains(string(b), "queue_full") {
+		t.Fatalf("POST past --chat-queue-max = %d %s (Retry-After %q), want 503 queue_full with Retry-After", code, b, h.Get("Retry-After"))
+	}
+
+	murl := s.metricsURL(t)
+	waitFor(t, 5*time.Second, func() error {
+		_, text := get(t, murl+"/metrics", "")
+		depth, _ := sample(text, "corral_chat_queue_depth")
+		run, _ := sample(text, "corral_chat_queue_running")
+		age, ok := sample(text, "corral_chat_queue_oldest_age_seconds")
+		if depth != 2 || run != 1 || !ok || age <= 0 {
+			return fmt.Errorf("queue metrics depth %v running %v oldest age %v, want 2, 1 and more than 0", depth, run, age)
+		}
+		return nil
+	})
+	_, status := get(t, murl+"/status.json", "")
+	if !strings.Contains(status, `{"name":"chats queued","value":"2"}`) {
+		t.Fatalf("/status.json = %s, want info chats queued 2", status)
+	}
+
+	for _, id := range append(queued, running) {
+		if code, _, b := postJSON(t, base+"/api/chats/"+id+"/cancel", ""); code != 200 {
+			t.Fatalf("POST cancel %s = %d %s", id, code, b)
+		}
+	}
+	waitFor(t, 5*time.Second, func() error {
+		_, text := get(t, murl+"/metrics", "")
+		depth, _ := sample(text, "corral_chat_queue_depth")
+		run, _ := sample(text, "corral_chat_queue_running")
+		if depth != 0 || run != 0 {
+			return fmt.Errorf("queue metrics depth %v running %v after cancelling all, want 0 and 0", depth, run)
+		}
+		return nil
+	})
+}
