@@ -448,7 +448,7 @@ func TestChatStreamKeepAlive(t *testing.T) {
 
 // TestChatCancelledOnDisconnect closes the client's connection while the
 // upstream call is in flight: the upstream must see its request cancelled
-// (the watcher peeks at the socket every 250 ms) and the chat must end as
+// (the watcher hears of the close from the kernel) and the chat must end as
 // chat.cancelled.
 func TestChatCancelledOnDisconnect(t *testing.T) {
 	// Not parallel: the bounds are on wall time.

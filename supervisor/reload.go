@@ -202,7 +202,9 @@ func (s *Supervisor) onBuild(res buildResult) {
 	r.building = nil
 	if res.err != nil {
 		first := firstLine(res.output, res.err)
-		s.log.Error().Strs("paths", res.paths).Dur("build_time", res.took).Str("error", first).Msg("build failed, old worker keeps serving")
+		// The compiler's output is printed once, framed below; the log
+		// line says only how the build ended.
+		s.log.Error().Strs("paths", res.paths).Dur("build_time", res.took).Str("error", res.err.Error()).Msg("build failed, old worker keeps serving")
 		printFramed(r.cfg.Output, fmt.Sprintf("build failed (%s)", res.took.Round(time.Millisecond)), res.output)
 		r.status = protocol.Message{Type: protocol.TypeReload, Build: "failed", Error: first}
 		s.tellWorkers(r.status)

@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -59,6 +60,27 @@ func probeAddr(addr string) (*net.TCPAddr, error) {
 		ta.Port = sa.Port
 	}
 	return ta, nil
+}
+
+// CheckAddr returns the error New would return for an address in use or
+// unusable (an *AddrError), or nil, without keeping anything bound. A
+// caller with slow or exclusive work to do before New (open a database,
+// claim a lock) checks first, so that a second copy of a server fails on
+// its port, the real mistake, rather than on what it does next. Sockets
+// handed over in cfg.Listeners are not checked; New still checks the rest.
+func CheckAddr(cfg Config) error {
+	switch {
+	case len(cfg.Listeners) > 0:
+		return nil
+	case cfg.UDS != "":
+		if c, err := net.DialTimeout("unix", cfg.UDS, time.Second); err == nil {
+			c.Close()
+			return &AddrError{Addr: cfg.UDS, Err: syscall.EADDRINUSE}
+		}
+		return nil
+	}
+	_, err := probeAddr(cmp.Or(cfg.Addr, DefaultAddr))
+	return err
 }
 
 // listenUDS creates the listening unix socket at path, mode 0666 as

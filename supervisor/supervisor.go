@@ -344,8 +344,11 @@ func (s *Supervisor) url() string {
 func (s *Supervisor) Run() error {
 	defer s.closeSockets()
 	s.log.Info().Int("pid", os.Getpid()).Msg("Started server process")
-	if s.cfg.SocketMode == Reuseport && migrateReqDisabled() {
-		s.log.Warn().Msg("net.ipv4.tcp_migrate_req is 0: scaling down resets connections queued on the removed worker's socket; set it to 1 to migrate them")
+	// Only a scale-down closes a slot's socket, and reload mode never
+	// scales: say it once, where it can happen.
+	if s.cfg.SocketMode == Reuseport && s.cfg.Reload == nil && len(s.slots) > 1 && migrateReqDisabled() {
+		s.log.Info().Str("fix", "sysctl -w net.ipv4.tcp_migrate_req=1").
+			Msg("net.ipv4.tcp_migrate_req is 0: scaling down resets the connections queued on the removed worker's socket")
 	}
 	s.log.Info().
 		Str("url", s.url()).

@@ -25,7 +25,7 @@ func TestMatcherWatched(t *testing.T) {
 		{"cmd/server/main.go", true},
 		{"go.mod", true},
 		{"config/app.yaml", true},
-		{".env", true}, // a literal include beats the ".*" exclude
+		{".env", false}, // watched only when it is the env file
 		{"handlers/handlers_test.go", false},
 		{"handlers/.handlers.go.swp", false},
 		{"handlers/handlers.go~", false},

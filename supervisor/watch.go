@@ -19,7 +19,8 @@ import (
 // Reload defaults, applied by New to zero fields of ReloadConfig.
 var (
 	// DefaultReloadInclude are the file names that trigger a reload.
-	DefaultReloadInclude = []string{"*.go", "go.mod", "go.sum", "*.json", "*.yaml", "*.yml", "*.toml", ".env"}
+	// An env file is added by the caller when it is one (--env-file).
+	DefaultReloadInclude = []string{"*.go", "go.mod", "go.sum", "*.json", "*.yaml", "*.yml", "*.toml"}
 	// DefaultReloadExclude are the names never watched: version control,
 	// data, dependencies, hidden folders, tests and editor temporary files.
 	DefaultReloadExclude = []string{".git", "data", "vendor", "node_modules", ".*", "*_test.go", "*.swp", "*.swx", "*~", "4913", ".#*"}

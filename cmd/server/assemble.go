@@ -27,7 +27,10 @@ var (
 func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log, Host: cfg.InstanceID, MaxOpenConns: cfg.DatabaseMaxConns})
+	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log, Host: cfg.InstanceID, MaxOpenConns: cfg.DatabaseMaxConns,
+		// Only the default data/ folder is created: a folder the user
+		// named and mistyped must not appear silently.
+		RefuseMissingFolder: cfg.DatabaseURL != defaultDatabaseURL})
 }
 
 // prepareStore runs once in the master before any worker starts: it opens

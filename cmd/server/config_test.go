@@ -118,6 +118,7 @@ func TestConfigPrecedence(t *testing.T) {
 		{"database-max-conns", []string{"DATABASE_MAX_CONNS", "8"}, []string{"--database-max-conns", "2"}, field("DatabaseMaxConns"), 8, 2},
 		{"instance-id", []string{"INSTANCE_ID", "web-1"}, []string{"--instance-id", "web-2"}, field("InstanceID"), "web-1", "web-2"},
 		{"limit-request-body", []string{"LIMIT_REQUEST_BODY", "2MiB"}, []string{"--limit-request-body", "4096"}, field("LimitRequestBody"), 2 << 20, 4096},
+		{"env-file", []string{"ENV_FILE", "/etc/a.env"}, []string{"--env-file", "b.env"}, field("EnvFile"), "/etc/a.env", "b.env"},
 		{"limit-request-headers", []string{"LIMIT_REQUEST_HEADERS", "32KiB"}, []string{"--limit-request-headers", "8192"}, field("LimitRequestHead"), 32 << 10, 8192},
 		{"llm-provider", []string{"LLM_PROVIDER", "openai", "LLM_BASE_URL", "http://llm:8080/v1"}, []string{"--llm-provider", "simulated"}, field("LLMProvider"), "openai", "simulated"},
 		{"llm-base-url", []string{"LLM_BASE_URL", "http://a:1/v1"}, []string{"--llm-base-url", "https://b/v1"}, field("LLMBaseURL"), "http://a:1/v1", "https://b/v1"},

@@ -10,10 +10,13 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -301,5 +304,184 @@ func TestRequestIDEndToEnd(t *testing.T) {
 
 	if logs := s.logs.String(); strings.Contains(logs, key) || strings.Contains(logs, azureKey) {
 		t.Errorf("the log shows the API key or the LLM_HEADERS value:\n%s", logs)
+	}
+}
+
+// chatModel runs a chat and returns the model the reply names.
+func (s *server) chatModel(t *testing.T) string {
+	t.Helper()
+	var out struct{ Model string }
+	if _, err := s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": "hi"}, &out); err != nil {
+		t.Fatalf("chat: %v", err)
+	}
+	return out.Model
+}
+
+// headerStatus is the status of GET /health with an n-byte header.
+func (s *server) headerStatus(t *testing.T, n int) int {
+	t.Helper()
+	req, _ := http.NewRequest("GET", s.url("/health"), nil)
+	req.Header.Set("Cookie", "s="+strings.Repeat("c", n))
+	resp, err := fresh.Do(req)
+	if err != nil {
+		t.Fatalf("GET /health with a %d-byte header: %v", n, err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestEnvFile reads settings from --env-file: the file's values apply, the
+// process environment wins over them and a flag over both; a line that
+// cannot be read exits 2 naming the file and the line.
+func TestEnvFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "corral.env")
+	os.WriteFile(path, []byte("# Corral\nexport LLM_MODEL=\"file-model\"\nWORKERS=3\nLIMIT_REQUEST_HEADERS='32KiB' # headers\n"), 0o600)
+	s := startServerArgs(t, []string{"--env-file", path, "--limit-request-headers", "20KiB"}, "WORKERS=1", "SIMULATED_LATENCY=0")
+	if got := s.chatModel(t); got != "file-model" {
+		t.Errorf("chat model = %q, want file-model from the env file", got)
+	}
+	if n := len(s.workerPIDs()); n != 1 {
+		t.Errorf("%d workers, want 1: WORKERS in the environment beats the file's 3", n)
+	}
+	if st := s.headerStatus(t, 18000); st != 200 {
+		t.Errorf("18000-byte header: %d, want 200", st)
+	}
+	if st := s.headerStatus(t, 25000); st != 431 {
+		t.Errorf("25000-byte header: %d, want 431: --limit-request-headers 20KiB beats the file's 32KiB", st)
+	}
+	s.stop()
+
+	os.WriteFile(path, []byte("A=1\nLLM_API_KEY sk-not-shown\n"), 0o600)
+	bad := launchArgs(t, []string{"--env-file=" + path})
+	if code := bad.wait(20 * time.Second); code != exitUsage {
+		t.Errorf("bad env file: exit %d, want %d", code, exitUsage)
+	}
+	if out := bad.logs.String(); !strings.Contains(out, path+" line 2: want NAME=VALUE") || strings.Contains(out, "sk-not-shown") {
+		t.Errorf("bad env file: stderr %q, want the file and line 2 named and the value not shown", out)
+	}
+}
+
+// TestEnvFileReload changes the env file under a server in reload mode:
+// the worker restarts with the new values.
+func TestEnvFileReload(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, ".env")
+	os.WriteFile(path, []byte("LLM_MODEL=model-1\n"), 0o600)
+	s := startServer(t, "RELOAD=true", "RELOAD_DIRS="+dir, "RELOAD_BUILD=", "ENV_FILE="+path, "SIMULATED_LATENCY=0")
+	if got := s.chatModel(t); got != "model-1" {
+		t.Fatalf("chat model = %q, want model-1", got)
+	}
+	os.WriteFile(path, []byte("LLM_MODEL=model-2\n"), 0o600)
+	waitFor(t, 30*time.Second, func() error {
+		if got := s.chatModel(t); got != "model-2" {
+			return fmt.Errorf("chat model = %q, want model-2 after the env file changed", got)
+		}
+		return nil
+	})
+}
+
+// TestJournaldPriorities runs the server with its stderr as the journal's
+// stream (JOURNAL_STREAM names it, as systemd sets it): every line, the
+// master's and the workers', starts with its syslog priority.
+func TestJournaldPriorities(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	var st syscall.Stat_t
+	syscall.Fstat(int(w.Fd()), &st)
+	exe, _ := os.Executable()
+	cmd := exec.Command(exe)
+	cmd.Dir = t.TempDir()
+	cmd.Env = append(os.Environ(), envAsServer+"=1", "HOST=127.0.0.1", "PORT=0", "LOG_LEVEL=debug", "WORKERS=1",
+		"DATABASE_URL=sqlite:"+filepath.Join(cmd.Dir, "server.db"), fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino))
+	cmd.Stderr = w
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	done := make(chan struct{})
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}()
+	lines := make(chan string, 1024)
+	go func() {
+		defer close(done)
+		defer close(lines)
+		sc := bufio.NewScanner(r)
+		sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		cmd.Wait()
+	}()
+
+	// seen[priority][message], for the master ("m") and the worker ("w").
+	seen := map[string]bool{}
+	var port int
+	deadline := time.After(20 * time.Second)
+	next := func() string {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatal("server exited")
+			}
+			return l
+		case <-deadline:
+			t.Fatalf("timed out; seen %v", seen)
+		}
+		return ""
+	}
+	for !seen["<3> w handler panicked"] {
+		l := next()
+		if len(l) < 4 || l[0] != '<' || l[2] != '>' || !strings.ContainsRune("0234567", rune(l[1])) {
+			t.Errorf("line without a priority: %q", l)
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l[3:]), &m); err != nil {
+			t.Errorf("line is not <N> and JSON: %q", l)
+			continue
+		}
+		who := "m"
+		if _, ok := m["worker"]; ok {
+			who = "w"
+		}
+		msg, _ := m["message"].(string)
+		seen[l[:3]+" "+who+" "+msg] = true
+		if msg == "Corral running, press CTRL+C to quit" {
+			u, _ := m["url"].(string)
+			_, p, _ := net.SplitHostPort(strings.TrimPrefix(u, "http://"))
+			port, _ = strconv.Atoi(p)
+			if l[:3] != "<6>" {
+				t.Errorf("info line with priority %s: %q", l[:3], l)
+			}
+		}
+		if msg == "Application startup complete" && port != 0 {
+			resp, err := fresh.Get("http://127.0.0.1:" + strconv.Itoa(port) + "/test/panic")
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+		}
+	}
+	for _, want := range []string{"<6> m Corral running, press CTRL+C to quit", "<3> w handler panicked"} {
+		if !seen[want] {
+			t.Errorf("no line %q; seen %v", want, seen)
+		}
+	}
+	debug := false
+	for k := range seen {
+		debug = debug || strings.HasPrefix(k, "<7> ")
+	}
+	if !debug {
+		t.Errorf("no debug line with <7>; seen %v", seen)
 	}
 }

@@ -97,11 +97,17 @@ func (b *logBuffer) String() string {
 // and waits until every worker is ready.
 func startServer(t *testing.T, env ...string) *server {
 	t.Helper()
-	s := launch(t, env...)
+	return startServerArgs(t, nil, env...)
+}
+
+// startServerArgs is startServer with command-line arguments.
+func startServerArgs(t *testing.T, args []string, env ...string) *server {
+	t.Helper()
+	s := launchArgs(t, args, env...)
 	s.waitStarted(t)
 	run := s.logs.find("Corral running, press CTRL+C to quit", nil)
 	u, _ := run[0]["url"].(string)
-	_, port, _ := net.SplitHostPort(strings.TrimPrefix(u, "http://"))
+	_, port, _ := net.SplitHostPort(u[strings.Index(u, "://")+3:])
 	s.port, _ = strconv.Atoi(port)
 	if s.port == 0 {
 		t.Fatalf("no port in %v", run[0])
@@ -128,11 +134,17 @@ func (s *server) waitStarted(t *testing.T) {
 // launch starts the server process without waiting for it.
 func launch(t *testing.T, env ...string) *server {
 	t.Helper()
+	return launchArgs(t, nil, env...)
+}
+
+// launchArgs is launch with command-line arguments.
+func launchArgs(t *testing.T, args []string, env ...string) *server {
+	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(exe)
+	cmd := exec.Command(exe, args...)
 	cmd.Dir = t.TempDir()
 	cmd.Env = append(os.Environ(),
 		envAsServer+"=1", "HOST=127.0.0.1", "PORT=0", "LOG_FORMAT=json", "LOG_LEVEL=debug",

@@ -40,6 +40,9 @@ var (
 	// ErrKeyReused means an idempotency key already names a chat with a
 	// different request.
 	ErrKeyReused = errors.New("store: idempotency key reused with another request")
+	// ErrNoFolder means the SQLite file's folder does not exist and
+	// Options.CreateFolder was not set.
+	ErrNoFolder = errors.New("store: database folder does not exist")
 	// ErrClosed means the Store was closed.
 	ErrClosed = errors.New("store: closed")
 )

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -228,16 +229,22 @@ func sqliteDSN(path string) string {
 	return u.String()
 }
 
-// openSQLite opens the database file at path, creating it and its folder if
-// needed, and checks at once what would otherwise fail on the first request:
-// a folder that cannot be created, a file that is not a database, a file or
-// folder we cannot write, a file system without WAL support.
-func openSQLite(ctx context.Context, path string, maxConns int) (*sql.DB, error) {
+// openSQLite opens the database file at path, creating it (and its folder
+// if createFolder is set) if needed, and checks at once what would
+// otherwise fail on the first request: a missing folder or one that cannot
+// be created, a file that is not a database, a file or folder we cannot
+// write, a file system without WAL support.
+func openSQLite(ctx context.Context, path string, maxConns int, createFolder bool) (*sql.DB, error) {
 	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
 		return nil, fmt.Errorf("open sqlite database %s: is a directory", path)
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("open sqlite database %s: create folder: %w", path, unwrapPathError(err))
+	dir := filepath.Dir(path)
+	if createFolder {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("open sqlite database %s: create folder: %w", path, unwrapPathError(err))
+		}
+	} else if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("open sqlite database %s: %w", path, &noFolderError{dir})
 	}
 	db, err := driver.Open(sqliteDSN(path))
 	if err != nil {
@@ -257,6 +264,16 @@ func openSQLite(ctx context.Context, path string, maxConns int) (*sql.DB, error)
 	}
 	return db, nil
 }
+
+// noFolderError says that the database's folder does not exist; it
+// matches ErrNoFolder.
+type noFolderError struct{ dir string }
+
+func (e *noFolderError) Error() string {
+	return "folder " + e.dir + " does not exist; create it first"
+}
+
+func (e *noFolderError) Is(target error) bool { return target == ErrNoFolder }
 
 func checkSQLite(ctx context.Context, db *sql.DB) error {
 	conn, err := db.Conn(ctx)

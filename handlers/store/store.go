@@ -45,6 +45,11 @@ type Options struct {
 	// PollInterval is the SQLite poller's period. Default
 	// DefaultPollInterval.
 	PollInterval time.Duration
+	// RefuseMissingFolder makes a missing folder of the SQLite file an
+	// error that names it (matching ErrNoFolder), so that a path the user
+	// typed is never silently created. By default Open creates the folder,
+	// as the server does for its default data/.
+	RefuseMissingFolder bool
 }
 
 // Store holds agents, chats and activities in a database every worker
@@ -122,7 +127,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		if opts.MaxOpenConns <= 0 {
 			opts.MaxOpenConns = DefaultMaxOpenConns
 		}
-		if db, err = openSQLite(ctx, path, opts.MaxOpenConns); err != nil {
+		if db, err = openSQLite(ctx, path, opts.MaxOpenConns, !opts.RefuseMissingFolder); err != nil {
 			return nil, err
 		}
 	default:

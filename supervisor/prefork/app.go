@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -58,7 +59,8 @@ type App struct {
 	UsageHead, UsageFoot string
 	// ReloadBuild is the build command of reload mode when --reload-build
 	// is not given and the first reload folder holds go.mod. Default: go
-	// build of the main package this binary was built from.
+	// build of the main package this binary was built from, by its import
+	// path, when the first reload folder is inside a module.
 	ReloadBuild string
 	// Master, if set, runs in the master before the supervisor binds
 	// anything. It may fill in sc (status hooks, OnWorkerExit,
@@ -101,6 +103,19 @@ func (a App) reloadBuildDefault() string {
 	return `go build -o "$OUTPUT" ` + pkg
 }
 
+// inModule reports whether reload mode can build in dir: it holds go.mod,
+// or, for the default build by import path, a folder above it does.
+func (a App) inModule(dir string) bool {
+	for d, _ := filepath.Abs(dir); ; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return true
+		}
+		if a.ReloadBuild != "" || d == filepath.Dir(d) {
+			return false
+		}
+	}
+}
+
 // Usage writes a's --help text to w.
 func (a App) Usage(w io.Writer) {
 	head := a.UsageHead
@@ -126,7 +141,27 @@ func (a App) run(stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitUsage
 	}
-	cfg, err := a.Load(args, os.LookupEnv)
+	lookupEnv := os.LookupEnv
+	if path := envFileArg(args, os.LookupEnv); path != "" {
+		vars, err := ReadEnvFile(path)
+		if err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			return ExitUsage
+		}
+		lookupEnv = withEnvFile(os.LookupEnv, vars)
+		// A worker puts the file's variables in its own environment, so
+		// the libraries it runs see them too. The master does not: its
+		// workers must start from the environment the user gave, so that
+		// one started after the file changed reads the new values.
+		if role == protocol.RoleWorker {
+			for k, v := range vars {
+				if _, set := os.LookupEnv(k); !set {
+					os.Setenv(k, v)
+				}
+			}
+		}
+	}
+	cfg, err := a.Load(args, lookupEnv)
 	switch {
 	case errors.Is(err, ErrHelp):
 		a.Usage(stdout)
@@ -224,6 +259,14 @@ func (c Config) SupervisorConfig() supervisor.Config {
 			Build:   c.ReloadBuild,
 			Drain:   max(c.ReloadDrain, time.Nanosecond),
 		}
+		if c.EnvFile != "" {
+			// A change of the env file restarts the worker, which reads it
+			// anew; its folder is watched when no reload folder holds it.
+			sc.Reload.Include = append(slices.Clip(sc.Reload.Include), filepath.Base(c.EnvFile))
+			if !insideAny(filepath.Dir(c.EnvFile), c.ReloadDirs) {
+				sc.Reload.Dirs = append(slices.Clip(sc.Reload.Dirs), filepath.Dir(c.EnvFile))
+			}
+		}
 	}
 	return sc
 }
@@ -274,14 +317,27 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	}
 	if sc.Reload != nil && !cfg.ReloadBuildSet {
 		sc.Reload.Build = ""
-		if _, err := os.Stat(filepath.Join(cfg.ReloadDirs[0], "go.mod")); err == nil {
+		if a.inModule(cfg.ReloadDirs[0]) {
 			sc.Reload.Build = a.reloadBuildDefault()
 		}
+	}
+	// Socket activation: systemd passed the listening socket(s).
+	if lns := activation.Files(true); len(lns) > 0 {
+		log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
+		sc.Listeners = lns
+	}
+	// A failure is printed once, as a log line in the configured format.
+	// The port comes first: a second copy of the server on the same port
+	// and database must hear about the port, not about what App.Master
+	// found the first copy holding.
+	if err := supervisor.CheckAddr(sc); err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return ExitError
 	}
 	if a.Master != nil {
 		stop, err := a.Master(cfg, log, &sc)
 		if err != nil {
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			log.Error().Err(err).Msg("cannot start")
 			return ExitBoot
 		}
 		if stop != nil {
@@ -294,22 +350,18 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	defer signal.Stop(sigs)
 	sc.Signals = sigs
 
-	// Socket activation: systemd passed the listening socket(s).
-	if lns := activation.Files(true); len(lns) > 0 {
-		log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
-		sc.Listeners = lns
-	}
 	sup, err := supervisor.New(sc)
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitError
 	}
 	if err := sup.Run(); err != nil {
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		// A boot failure was logged by the supervisor as it happened,
+		// with the worker's own error before it.
 		if errors.Is(err, supervisor.ErrBoot) {
 			return ExitBoot
 		}
+		log.Error().Err(err).Msg("stopped on an error")
 		return ExitError
 	}
 	return ExitOK
@@ -342,7 +394,7 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 	if a.Worker != nil {
 		stop, err := a.Worker(cfg, in, log, &wc)
 		if err != nil {
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			log.Error().Err(err).Msg("worker cannot start")
 			return ExitBoot
 		}
 		if stop != nil {
@@ -351,14 +403,15 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 	}
 	if err := worker.Run(in, wc); err != nil {
 		log.Error().Err(err).Msg("worker failed")
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitBoot
 	}
 	return ExitOK
 }
 
 // NewLogger builds the root logger: console lines on a terminal, JSON
-// otherwise, unless the configuration says which.
+// otherwise, unless the configuration says which. Under systemd, when
+// stderr is the journal's stream, every line starts with its syslog
+// priority ("<3>" for an error), which journald records.
 func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 	var w io.Writer = stderr
 	f, isFile := stderr.(*os.File)
@@ -370,11 +423,16 @@ func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 			format = "console"
 		}
 	}
+	var console *zerolog.ConsoleWriter
 	if format == "console" {
 		// Colours only on a terminal: a journal or a file gets plain text.
-		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
+		console = &zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
 			// The access log reads as uvicorn's does: client, request, status.
 			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration", "bytes"}}
+		w = console
+	}
+	if journalStream(stderr, os.Getenv("JOURNAL_STREAM")) {
+		w = newJournalWriter(stderr, console)
 	}
 	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
 	// Durations (uptime, startup, budget, delay) in seconds, as a float.
@@ -395,4 +453,22 @@ func setComm(role string) {
 	name := base + "-" + role
 	// /proc/self/comm is the main thread's name, whichever thread writes it.
 	_ = os.WriteFile("/proc/self/comm", []byte(name), 0)
+}
+
+// insideAny reports whether dir is one of roots or lies below one.
+func insideAny(dir string, roots []string) bool {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return false
+	}
+	for _, r := range roots {
+		ar, err := filepath.Abs(r)
+		if err != nil {
+			continue
+		}
+		if rel, err := filepath.Rel(ar, abs); err == nil && !strings.HasPrefix(rel, "..") {
+			return true
+		}
+	}
+	return false
 }

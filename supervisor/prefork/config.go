@@ -45,6 +45,7 @@ type Config struct {
 	MetricsAddr   string        // --metrics-addr, host:port; "" = no metrics server
 	MetricsToken  string        `json:"-"` // METRICS_TOKEN only; never printed
 	ControlSocket string        // --control-socket; "" = the application's default
+	EnvFile       string        // --env-file / ENV_FILE, read before every other setting; "" = none
 
 	LogLevel          zerolog.Level  // --log-level, default info
 	LogFormat         string         // --log-format: "auto" (default, resolved by NewLogger), "console" or "json"
@@ -229,6 +230,13 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 			Set: func(s Setting) (err error) {
 				c.Port, err = s.Whole(0, 65535, "a port number from 0 to 65535")
 				return err
+			}},
+		{Group: GroupServer, Flag: "env-file", Arg: "PATH", Env: []string{"ENV_FILE"}, Default: "(none)",
+			Help: "read variables from this file; the environment wins over it",
+			Set: func(s Setting) error {
+				// Main read the file before Load; here it is only recorded.
+				c.EnvFile = s.Text()
+				return nil
 			}},
 		{Group: GroupServer, Flag: "uds", Arg: "PATH", Env: []string{"UDS"}, Default: "(none)",
 			Help: "serve on this unix socket instead of HOST:PORT",
