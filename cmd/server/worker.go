@@ -59,17 +59,23 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 		ChatMaxAttempts: cfg.ChatMaxAttempts,
 		ChatQueueMax:    cfg.ChatQueueMax,
 	})
-	runner, err := st.RunChats(context.Background(), store.RunConfig{
-		Run:         h.RunChat,
-		Concurrency: cfg.ChatConcurrency,
-		RescueAfter: rescueAfter(cfg),
-		Logger:      log,
-	})
-	if err != nil {
-		h.Close()
-		st.Close()
-		return nil, err
-	}
+	// The chat runner starts beside the server rather than before it: its
+	// start (River's first queries) is no reason to delay readiness, and a
+	// failure is logged and leaves this worker serving requests, the other
+	// workers running the queue.
+	runner := make(chan *store.ChatRunner, 1)
+	go func() {
+		r, err := st.RunChats(context.Background(), store.RunConfig{
+			Run:         h.RunChat,
+			Concurrency: cfg.ChatConcurrency,
+			RescueAfter: rescueAfter(cfg),
+			Logger:      log,
+		})
+		if err != nil {
+			log.Error().Err(err).Msg("chat runner not started")
+		}
+		runner <- r
+	}()
 	stopRunner := stopRunnerOnSignal(wc, runner, runnerBudget(cfg.GracefulTimeout), log)
 	wc.Handler = h.Serve
 	wc.Error = handlers.WriteError
@@ -104,7 +110,20 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 // drains its requests meanwhile. It takes wc's signals and forwards them.
 // The returned function stops the runner now if no signal came (the
 // supervisor went away) and waits until it has stopped.
-func stopRunnerOnSignal(wc *worker.Config, runner *store.ChatRunner, budget time.Duration, log zerolog.Logger) func() {
+func stopRunnerOnSignal(wc *worker.Config, started <-chan *store.ChatRunner, budget time.Duration, log zerolog.Logger) func() {
+	var runner *store.ChatRunner
+	got := make(chan struct{})
+	go func() {
+		runner = <-started
+		close(got)
+	}()
+	stop := func(ctx context.Context) error {
+		<-got // RunChats does not wait on anything slow: River's start is local
+		if runner == nil {
+			return nil
+		}
+		return runner.Stop(ctx)
+	}
 	in := wc.Signals
 	out := make(chan os.Signal, 2)
 	wc.Signals = out
@@ -133,7 +152,7 @@ func stopRunnerOnSignal(wc *worker.Config, runner *store.ChatRunner, budget time
 		}()
 		ctx, cancel := context.WithTimeout(context.Background(), budget)
 		defer cancel()
-		if err := runner.Stop(ctx); err != nil {
+		if err := stop(ctx); err != nil {
 			log.Error().Err(err).Msg("chat runner stop failed")
 		}
 	}()
@@ -141,7 +160,7 @@ func stopRunnerOnSignal(wc *worker.Config, runner *store.ChatRunner, budget time
 		close(quit)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		runner.Stop(ctx)
+		stop(ctx)
 		<-stopped
 	}
 }
