@@ -1,6 +1,8 @@
 package handlers
 
 import (
+	"fmt"
+	"io"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +23,27 @@ const (
 	metricStoreErrors   = "corral_store_errors_total"
 	metricChatAttempts  = "corral_background_chat_attempts_total"
 )
+
+// metricFamilies describe the families above for the # HELP and # TYPE
+// lines of /metrics.
+var metricFamilies = []struct{ name, typ, help string }{
+	{metricRequests, "counter", "HTTP requests answered, by route and status."},
+	{metricDuration, "histogram", "Handler time of HTTP requests, by route; for a stream, the time to start it."},
+	{metricInFlight, "gauge", "HTTP requests being answered, by route."},
+	{metricChatsInFlight, "gauge", "Chats waiting on the LLM."},
+	{metricLLMDuration, "histogram", "Duration of LLM calls, by provider and outcome."},
+	{metricLLMTokens, "counter", "Tokens of LLM calls as the provider counted them, by kind (prompt, completion)."},
+	{metricActivities, "counter", "Activities written to the store, by type."},
+	{metricStoreErrors, "counter", "Store calls that failed for a reason of the server's, by operation."},
+}
+
+// WriteMetricsMeta writes the # HELP and # TYPE lines of the API's metric
+// families, which the metrics.Set a Handler was given does not write.
+func WriteMetricsMeta(w io.Writer) {
+	for _, f := range metricFamilies {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n", f.name, f.help, f.name, f.typ)
+	}
+}
 
 // Histogram buckets, in seconds. LLM calls run up to LLM_TIMEOUT (120 s).
 var (

@@ -85,6 +85,7 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 		if set == nil {
 			return
 		}
+		handlers.WriteMetricsMeta(w)
 		set.WritePrometheus(w)
 		metrics.WriteProcessMetrics(w)
 		metrics.WriteFDMetrics(w)
