@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -82,7 +83,7 @@ type Config struct {
 	// Env is the environment of the workers before the markers are added.
 	// Default os.Environ().
 	Env []string
-	// Name prefixes process titles ("NAME: worker 2/4 [gen 1]"). Default
+	// Name prefixes process titles ("NAME: worker 2 [gen 1]"). Default
 	// the executable's base name.
 	Name string
 	// Signals delivers the supervisor's signals: SIGINT, SIGTERM, SIGQUIT,
@@ -127,6 +128,12 @@ type Config struct {
 	// with a context that ends after 2 seconds; an error leaves the panel
 	// empty and is logged.
 	Panel func(ctx context.Context) (Panel, error)
+	// Metrics, if set, writes the application's own metrics in Prometheus
+	// text (such as a job queue's depth, which no one worker owns); /metrics
+	// appends them, unlabelled, after the supervisor's and the workers'. It
+	// is called outside the supervisor's loop, once per scrape, and must
+	// return quickly.
+	Metrics func(w io.Writer)
 	// OnWorkerExit, if set, is called from the supervisor's loop after a
 	// worker process exited; crashed is false when the supervisor had asked
 	// it to stop. It must return quickly.
@@ -456,7 +463,7 @@ func (s *Supervisor) forgive(now time.Time, stalled time.Duration) {
 	if stalled >= time.Second {
 		ev = s.log.Warn()
 	}
-	ev.Dur("stalled", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
+	ev.Dur("stalled_ms", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
 }
 
 func (s *Supervisor) onSignal(sig os.Signal) {
@@ -474,7 +481,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 			s.stopping, s.drainUntil = true, s.env.now().Add(s.cfg.DrainDelay)
 			s.rolling = nil
 			s.tellWorkers(protocol.Message{Type: protocol.TypeDrain})
-			s.log.Info().Dur("delay", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
+			s.log.Info().Dur("delay_ms", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
 			return
 		}
 		s.shutdown()
@@ -504,7 +511,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 func (s *Supervisor) shutdown() {
 	s.stopping = true
 	s.rolling = nil
-	s.log.Info().Dur("budget", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Msg("Shutting down")
+	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Msg("Shutting down")
 	for _, sl := range s.slots {
 		sl.restartAt = time.Time{}
 	}
