@@ -36,7 +36,7 @@ const (
 	DefaultAddr               = "0.0.0.0:8000"
 	DefaultWorkers            = 4
 	DefaultBacklog            = 2048
-	DefaultGracefulTimeout    = 75 * time.Second
+	DefaultGracefulTimeout    = protocol.DefaultGracefulTimeout
 	DefaultHealthcheckTimeout = 10 * time.Second
 	// DefaultKillGrace is how long a worker has between SIGQUIT (stack dump)
 	// or the end of its drain budget and SIGKILL.

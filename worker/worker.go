@@ -22,7 +22,7 @@ import (
 
 // Defaults applied by Run to zero fields of Config.
 const (
-	DefaultGracefulTimeout  = 75 * time.Second
+	DefaultGracefulTimeout  = protocol.DefaultGracefulTimeout
 	DefaultOrphanTimeout    = time.Second
 	DefaultKeepAliveTimeout = 5 * time.Second
 	DefaultReadTimeout      = 30 * time.Second
