@@ -60,6 +60,9 @@ type Config struct {
 	// UDS, if set, is a unix socket path served instead of Addr, by every
 	// worker on one socket (shared mode), as uvicorn's --uds.
 	UDS string
+	// TLS says the workers serve HTTPS, so the address is logged as an
+	// https:// URL.
+	TLS bool
 	// Workers is the initial number of workers. Default DefaultWorkers.
 	Workers int
 	// SocketMode is Reuseport (default) or Shared.
@@ -326,6 +329,9 @@ func (s *Supervisor) where() string {
 func (s *Supervisor) url() string {
 	if s.cfg.UDS != "" {
 		return s.where()
+	}
+	if s.cfg.TLS {
+		return "https://" + s.where()
 	}
 	return "http://" + s.where()
 }
