@@ -21,6 +21,7 @@ const (
 	metricLLMTokens     = "corral_llm_tokens_total"
 	metricActivities    = "corral_activities_written_total"
 	metricStoreErrors   = "corral_store_errors_total"
+	metricChatAttempts  = "corral_background_chat_attempts_total"
 )
 
 // metricFamilies describe the families above for the # HELP and # TYPE
@@ -52,7 +53,8 @@ var (
 
 // routes are the route labels; any other path is "other", so a scanner
 // cannot blow up the label set.
-var routes = []string{"/health", "/api/chat", "/api/activities", "/api/activities/stream", "/api/agents", "/api/agents/{id}", "other"}
+var routes = []string{"/health", "/api/chat", "/api/activities", "/api/activities/stream", "/api/agents", "/api/agents/{id}",
+	"/api/chats/{id}", "/api/chats/{id}/events", "/api/chats/{id}/cancel", "other"}
 
 // routeOf maps a request path to its route label.
 func routeOf(path string) string {
@@ -61,6 +63,13 @@ func routeOf(path string) string {
 		return path
 	case strings.HasPrefix(path, "/api/agents/") && !strings.Contains(path[len("/api/agents/"):], "/"):
 		return "/api/agents/{id}"
+	case strings.HasPrefix(path, "/api/chats/"):
+		if _, sub, ok := chatPath(path); ok {
+			if sub == "" {
+				return "/api/chats/{id}"
+			}
+			return "/api/chats/{id}/" + sub
+		}
 	}
 	return "other"
 }
@@ -149,6 +158,18 @@ func (m *meters) chatEnded() {
 	if m != nil {
 		m.chats.Dec()
 	}
+}
+
+// background counts an attempt of a background chat run by this worker.
+func (m *meters) background(attempt int) {
+	if m == nil {
+		return
+	}
+	kind := "first"
+	if attempt > 1 {
+		kind = "retry"
+	}
+	m.counter(metricChatAttempts, "kind", kind, "", "").Inc()
 }
 
 // activity counts one activity written by this worker.

@@ -138,6 +138,9 @@ func (s *Supervisor) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	w.Write(renderMetrics(snap))
+	if s.cfg.Metrics != nil {
+		s.cfg.Metrics(w)
+	}
 }
 
 // renderMetrics writes the supervisor's metrics and every worker's, each

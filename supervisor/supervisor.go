@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -130,6 +131,12 @@ type Config struct {
 	// with a context that ends after 2 seconds; an error leaves the panel
 	// empty and is logged.
 	Panel func(ctx context.Context) (Panel, error)
+	// Metrics, if set, writes the application's own metrics in Prometheus
+	// text (such as a job queue's depth, which no one worker owns); /metrics
+	// appends them, unlabelled, after the supervisor's and the workers'. It
+	// is called outside the supervisor's loop, once per scrape, and must
+	// return quickly.
+	Metrics func(w io.Writer)
 	// OnWorkerExit, if set, is called from the supervisor's loop after a
 	// worker process exited; crashed is false when the supervisor had asked
 	// it to stop. It must return quickly.

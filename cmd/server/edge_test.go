@@ -9,14 +9,12 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -179,34 +177,6 @@ func TestRequestHeaderLimit(t *testing.T) {
 	big := startServer(t, "WORKERS=1", "LIMIT_REQUEST_HEADERS=32KiB")
 	if st, body := get(big.port, 30000); st != 200 {
 		t.Errorf("LIMIT_REQUEST_HEADERS=32KiB, 30000-byte header: %d %s, want 200", st, body)
-	}
-}
-
-// seenUpstream is one request the recording upstream received.
-type seenUpstream struct {
-	path, query string
-	header      http.Header
-}
-
-// recordingLLM is an OpenAI-compatible upstream on a loopback port that
-// answers every chat with a short streamed reply and records the requests.
-func recordingLLM(t *testing.T) (base string, seen func() []seenUpstream) {
-	t.Helper()
-	var mu sync.Mutex
-	var reqs []seenUpstream
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		mu.Lock()
-		reqs = append(reqs, seenUpstream{r.URL.Path, r.URL.RawQuery, r.Header.Clone()})
-		mu.Unlock()
-		w.Header().Set("Content-Type", "text/event-stream")
-		io.WriteString(w, sseChunk("hello ")+sseChunk("there")+sseFinish)
-	}))
-	t.Cleanup(srv.Close)
-	return srv.URL, func() []seenUpstream {
-		mu.Lock()
-		defer mu.Unlock()
-		return append([]seenUpstream(nil), reqs...)
 	}
 }
 

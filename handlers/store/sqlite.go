@@ -49,6 +49,10 @@ type dialect struct {
 	// engine where ids could commit out of order it also takes the lock
 	// that prevents it.
 	insertActivity string
+	// uniqueViolation, if set, reports whether err is a unique constraint
+	// violation that a retry of the transaction resolves (an engine with
+	// several concurrent writers).
+	uniqueViolation func(err error) bool
 }
 
 var sqliteDialect = dialect{
@@ -106,6 +110,48 @@ CREATE TABLE activities (
 );
 CREATE INDEX activities_agent ON activities (agent_id, id);
 CREATE INDEX activities_type ON activities (type, id);
+`,
+	// 2: background chats. SQLite cannot change a CHECK constraint, so the
+	// chats table is rebuilt: statuses queued and running ("started" becomes
+	// "running"), the River job, attempts, the outcome and the idempotency
+	// key; and chat_events holds the batched deltas of background chats.
+	`
+CREATE TABLE chats_v2 (
+	id          TEXT PRIMARY KEY,
+	agent_id    TEXT NOT NULL,
+	message     TEXT NOT NULL,
+	status      TEXT NOT NULL CHECK (status IN ('queued', 'running', 'completed', 'failed', 'cancelled')),
+	background  INTEGER NOT NULL DEFAULT 0,
+	job_id      INTEGER,
+	attempts    INTEGER NOT NULL DEFAULT 0,
+	worker      INTEGER NOT NULL,
+	pid         INTEGER NOT NULL,
+	host        TEXT NOT NULL,
+	created_at  TEXT NOT NULL,
+	started_at  TEXT,
+	finished_at TEXT,
+	reply       TEXT,
+	detail      TEXT,
+	idem_key    TEXT,
+	idem_hash   TEXT
+);
+INSERT INTO chats_v2 (id, agent_id, message, status, attempts, worker, pid, host, created_at, started_at, finished_at)
+SELECT id, agent_id, message, CASE status WHEN 'started' THEN 'running' ELSE status END, 1,
+	worker, pid, host, created_at, created_at, finished_at FROM chats;
+DROP TABLE chats;
+ALTER TABLE chats_v2 RENAME TO chats;
+CREATE INDEX chats_running ON chats (host, pid) WHERE status = 'running';
+CREATE INDEX chats_queued ON chats (created_at) WHERE status = 'queued';
+CREATE UNIQUE INDEX chats_idem ON chats (idem_key);
+
+-- One row per batch of deltas; seq is the event id a client resumes after.
+CREATE TABLE chat_events (
+	chat_id TEXT NOT NULL,
+	seq     INTEGER NOT NULL,
+	attempt INTEGER NOT NULL,
+	text    TEXT NOT NULL,
+	PRIMARY KEY (chat_id, seq)
+);
 `,
 }
 

@@ -65,6 +65,7 @@ type Store struct {
 	probe     diskProbe             // explains SQLite's disk errors
 	diskFault atomic.Pointer[error] // the last disk error, until the disk takes writes again (see Ping)
 	claim     io.Closer             // see ClaimInstance; nil until then
+	jobs      *jobs                 // River, insert-only (see jobs.go)
 
 	// writing admits one read-write transaction of this Store at a time;
 	// nil on PostgreSQL. SQLite runs one writer at a time anyway; queuing
@@ -156,6 +157,14 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	}
 	if d.queueWrites {
 		s.writing = make(chan struct{}, 1)
+	}
+	if s.jobs, err = newJobs(db, pg != nil, opts.Logger); err != nil {
+		stopPoll()
+		db.Close()
+		if pg != nil {
+			pg.pool.Close()
+		}
+		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	s.feed.init()
 
