@@ -133,7 +133,8 @@ type Config struct {
 	Panel func(ctx context.Context) (Panel, error)
 	// Metrics, if set, writes the application's own metrics in Prometheus
 	// text (such as a job queue's depth, which no one worker owns); /metrics
-	// appends them, unlabelled, after the supervisor's and the workers'. It
+	// merges them, unlabelled, with the supervisor's and the workers'; its
+	// # HELP and # TYPE lines describe its families. It
 	// is called outside the supervisor's loop, once per scrape, and must
 	// return quickly.
 	Metrics func(w io.Writer)
