@@ -2,11 +2,14 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -113,5 +116,77 @@ func TestMigrateReqNoticeOnlyWhereItMatters(t *testing.T) {
 			t.Errorf("%v (tcp_migrate_req %q): %d notices, want %d:\n%s", tc.env, tcpMigrateReq(), len(got), want, s.logs)
 		}
 		s.stop()
+	}
+}
+
+// workerTitleRE matches a worker's process title, which has no worker count.
+var workerTitleRE = regexp.MustCompile(`: worker [0-9]+ \[gen [0-9]+\]$`)
+
+// processTitle returns pid's title as ps shows it.
+func processTitle(pid int) string {
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return strings.TrimRight(strings.ReplaceAll(string(b), "\x00", " "), " ")
+}
+
+// TestTitlesAfterScaling: the master's title counts its workers in
+// English ("1 worker", "2 workers") and follows scaling; worker titles
+// carry no count, so none goes stale.
+func TestTitlesAfterScaling(t *testing.T) {
+	s := startServer(t, "WORKERS=1")
+	master := s.cmd.Process.Pid
+	where := "127.0.0.1:" + strconv.Itoa(s.port)
+	if got := processTitle(master); !strings.HasSuffix(got, ": master [1 worker, "+where+"]") {
+		t.Errorf("master title = %q, want ...: master [1 worker, %s]", got, where)
+	}
+	s.cmd.Process.Signal(syscall.SIGTTIN)
+	waitFor(t, 20*time.Second, func() error {
+		if got := processTitle(master); !strings.HasSuffix(got, ": master [2 workers, "+where+"]") {
+			return fmt.Errorf("master title = %q, want ...: master [2 workers, %s]", got, where)
+		}
+		pids := s.workerPIDs()
+		if len(pids) != 2 {
+			return fmt.Errorf("workers %v, want 2", pids)
+		}
+		for _, pid := range pids {
+			if got := processTitle(pid); !workerTitleRE.MatchString(got) {
+				return fmt.Errorf("worker title = %q, want ...: worker N [gen G]", got)
+			}
+		}
+		return nil
+	})
+}
+
+// decimalField matches a number with a fraction in a JSON line, with its
+// field's name.
+var decimalField = regexp.MustCompile(`"([a-z_]+)":(-?[0-9]+)\.([0-9]+)`)
+
+// TestDurationsCarryTheirUnit: every number with a fraction in the logs
+// and in status --json is a duration whose field names its unit (_ms in
+// logs, _s in the status) and has at most 3 decimals.
+func TestDurationsCarryTheirUnit(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "c.sock")
+	s := startServer(t, "WORKERS=2", "ACCESS_LOG=true", "CONTROL_SOCKET="+sock)
+	if _, err := s.health(fresh); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := cli(t, "status", "--json", "--control-socket", sock)
+	if code != 0 {
+		t.Fatalf("server status --json: exit %d %s", code, errOut)
+	}
+	check := func(where, text, unit string) {
+		t.Helper()
+		for _, m := range decimalField.FindAllStringSubmatch(text, -1) {
+			if !strings.HasSuffix(m[1], unit) || len(m[3]) > 3 {
+				t.Errorf("%s: %q = %s.%s, want a field ending in %s with at most 3 decimals", where, m[1], m[2], m[3], unit)
+			}
+		}
+	}
+	check("status --json", strings.Join(strings.Fields(out), ""), "_s")
+	s.stop()
+	check("log", s.logs.String(), "_ms")
+	for _, f := range []string{"startup_ms", "uptime_ms", "budget_ms", "duration_ms"} {
+		if !strings.Contains(s.logs.String(), `"`+f+`":`) {
+			t.Errorf("no %s field in the log:\n%s", f, s.logs)
+		}
 	}
 }
