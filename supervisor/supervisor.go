@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/corralhq/corral/supervisor/protocol"
 )
@@ -466,8 +467,35 @@ func (s *Supervisor) forgive(now time.Time, stalled time.Duration) {
 	ev.Dur("stalled_ms", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
 }
 
+// signalMeanings says what each signal asks of the master, for the log.
+var signalMeanings = map[os.Signal]string{
+	syscall.SIGINT:  "drain and stop",
+	syscall.SIGTERM: "drain and stop",
+	syscall.SIGQUIT: "stop now",
+	syscall.SIGHUP:  "rolling restart",
+	syscall.SIGTTIN: "add a worker",
+	syscall.SIGTTOU: "remove a worker",
+}
+
+// describeSignal names sig as kill(1) does, with what it asks of the
+// master: "SIGTTIN (add a worker)". A second INT or TERM stops at once.
+func (s *Supervisor) describeSignal(sig os.Signal) string {
+	name := sig.String()
+	if n, ok := sig.(syscall.Signal); ok && unix.SignalName(n) != "" {
+		name = unix.SignalName(n)
+	}
+	meaning := signalMeanings[sig]
+	if s.stopping && (sig == syscall.SIGINT || sig == syscall.SIGTERM) {
+		meaning = "stop now"
+	}
+	if meaning == "" {
+		return name
+	}
+	return name + " (" + meaning + ")"
+}
+
 func (s *Supervisor) onSignal(sig os.Signal) {
-	s.log.Info().Str("signal", sig.String()).Msg("signal received")
+	s.log.Info().Str("signal", s.describeSignal(sig)).Msg("signal received")
 	switch sig {
 	case syscall.SIGINT, syscall.SIGTERM:
 		if s.stopping {
