@@ -152,12 +152,46 @@ func accept(bin, pg string) {
 		name = "postgres"
 	}
 	p := start(bin, env...)
-	defer p.stop()
 	postMany(p, 500, 64) // warm up
 	for i := range 3 {
 		rate, failed := postMany(p, 3000, 64)
 		fmt.Printf("accept %s run %d: %.0f background chats/s accepted (3000 posts, 64 clients, %d failed)\n", name, i+1, rate, failed)
 	}
+	p.stop()
+	// The same clients posting synchronous chats that answer at once: the
+	// store's write path without the job.
+	env = append(env, "SIMULATED_LATENCY=0")
+	p = start(bin, env...)
+	defer p.stop()
+	for i := range 2 {
+		rate, failed := syncMany(p, 3000, 64)
+		fmt.Printf("accept %s sync run %d: %.0f synchronous chats/s answered (same clients, no LLM latency, %d failed)\n", name, i+1, rate, failed)
+	}
+}
+
+// syncMany posts n synchronous chats from c clients and returns the rate.
+func syncMany(p *proc, n, c int) (float64, int) {
+	var next, failed atomic.Int64
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for range c {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1)
+				if i > int64(n) {
+					return
+				}
+				code, _, err := post(p.url("/api/chat"), fmt.Sprintf(`{"agent_id":"default","message":"sync %d"}`, i))
+				if err != nil || code != 200 {
+					failed.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return float64(n) / time.Since(t0).Seconds(), int(failed.Load())
 }
 
 // probe measures GET path every interval for d and returns p50 and p99.
@@ -211,6 +245,9 @@ func load(bin string) {
 	fmt.Printf("load: queue %v\n", q)
 	report("10000 queued + 1000 running")
 	fmt.Printf("load: queue after %v\n", queueState(p))
+	out, _ := exec.Command("sqlite3", filepath.Join(p.dir, "server.db"),
+		"SELECT count(*), sum(length(text)) FROM chat_events").Output()
+	fmt.Printf("load: stored delta batches (rows, bytes): %s", out)
 }
 
 // queueState counts chats by status straight from the database file.
@@ -313,4 +350,3 @@ func check(err error) {
 		panic(err)
 	}
 }
-
