@@ -318,7 +318,7 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 		code, obj := statusOf(callErr)
 		status = store.ChatFailed
 		data["reason"], data["status"], data["message"] = obj.Code, code, obj.Message
-		h.log.Warn().Err(callErr).Str("chat_id", c.id).Str("request_id", c.req.RequestID).Int("status", code).Dur("duration", d).Msg("chat failed")
+		h.log.Warn().Err(callErr).Str("chat_id", c.id).Str("request_id", c.req.RequestID).Int("status", code).Dur("duration_ms", d).Msg("chat failed")
 	default:
 		data["provider"], data["model"] = resp.Provider, resp.Model
 		data["usage"] = map[string]int{"prompt_tokens": resp.Usage.PromptTokens, "completion_tokens": resp.Usage.CompletionTokens}

@@ -58,7 +58,7 @@ type ReloadStatus struct {
 const KeepAliveInterval = 15 * time.Second
 
 // DefaultLLMTimeout bounds a chat's LLM call when Config.LLMTimeout is 0.
-const DefaultLLMTimeout = 120 * time.Second
+const DefaultLLMTimeout = llm.DefaultTimeout
 
 // Config configures New.
 type Config struct {

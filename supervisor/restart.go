@@ -7,6 +7,8 @@ import (
 	"slices"
 	"syscall"
 	"time"
+
+	"github.com/corralhq/corral/supervisor/protocol"
 )
 
 // The restart engine; its promise and invariants are in doc.go.
@@ -72,7 +74,7 @@ func (s *Supervisor) onReady(p *proc) {
 	old := sl.current
 	sl.current, sl.next = p, nil
 	s.log.Info().Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).
-		Dur("startup", now.Sub(p.started)).Str("reason", p.why).Msg("worker ready")
+		Dur("startup_ms", now.Sub(p.started)).Str("reason", p.why).Msg("worker ready")
 	if old != nil && old.state == ready {
 		s.stop(old, p.why)
 	}
@@ -85,7 +87,7 @@ func (s *Supervisor) onReady(p *proc) {
 	if s.reload != nil {
 		s.reload.proven(p.exe)
 		if p.why == "reload" {
-			s.log.Info().Int("pid", p.pid).Dur("since_change", now.Sub(s.reload.lastChange)).Msg("reloaded")
+			s.log.Info().Int("pid", p.pid).Dur("since_change_ms", now.Sub(s.reload.lastChange)).Msg("reloaded")
 		}
 	}
 	switch {
@@ -134,7 +136,7 @@ func (s *Supervisor) onExit(p *proc, status string) {
 	}
 	ev.Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).
 		Str("status", status).Str("reason", reason).
-		Dur("uptime", s.env.now().Sub(p.started)).Msg("worker exited")
+		Dur("uptime_ms", s.env.now().Sub(p.started)).Msg("worker exited")
 	if s.cfg.OnWorkerExit != nil {
 		s.cfg.OnWorkerExit(p.pid, crashed)
 	}
@@ -183,7 +185,7 @@ func (s *Supervisor) backoff(sl *slot, why string, stable bool) {
 		return
 	}
 	sl.restartAt, sl.restartWhy = s.env.now().Add(delay), why
-	s.log.Warn().Int("worker", sl.n).Int("failures", sl.failures).Dur("delay", delay).Msg("worker restart backed off")
+	s.log.Warn().Int("worker", sl.n).Int("failures", sl.failures).Dur("delay_ms", delay).Msg("worker restart backed off")
 }
 
 // stop asks p to drain; tick kills it if it outlives its budget.
@@ -201,14 +203,17 @@ func (s *Supervisor) stop(p *proc, reason string) {
 		}
 		return
 	}
-	budget := s.cfg.GracefulTimeout + DefaultKillGrace
+	drain, budget := s.cfg.GracefulTimeout, s.cfg.GracefulTimeout+DefaultKillGrace
 	if reason == "reload" {
 		// A dev reload does not wait for a 60 s chat to finish.
-		budget = s.reload.cfg.Drain
+		drain, budget = s.reload.cfg.Drain, s.reload.cfg.Drain
 	}
 	p.state, p.deadline = draining, s.env.now().Add(budget)
+	// The order goes first, so the worker logs this reason and drains
+	// within this budget rather than its own default.
+	p.tell(protocol.Message{Type: protocol.TypeStop, Reason: reason, BudgetMS: max(drain.Milliseconds(), 1)})
 	p.signal(syscall.SIGTERM)
-	s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).Str("reason", reason).Msg("worker draining")
+	s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).Str("reason", reason).Dur("budget_ms", drain).Msg("worker draining")
 }
 
 // due returns when p next needs the loop: the end of its ready timeout
@@ -239,7 +244,7 @@ func (s *Supervisor) tick(now time.Time) {
 		silent := now.Sub(p.lastBeat)
 		switch {
 		case p.state == starting:
-			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Dur("timeout", s.cfg.HealthcheckTimeout).Str("reason", "ready_timeout").Msg("worker not ready in time")
+			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Dur("timeout_ms", s.cfg.HealthcheckTimeout).Str("reason", "ready_timeout").Msg("worker not ready in time")
 			if !s.booted && !s.stopping {
 				s.bootFailed(&BootError{Slot: p.slot.n, PID: p.pid, Status: fmt.Sprintf("not ready within %s", s.cfg.HealthcheckTimeout)})
 				return

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/corralhq/corral/supervisor/protocol"
 )
@@ -35,7 +36,7 @@ const (
 	DefaultAddr               = "0.0.0.0:8000"
 	DefaultWorkers            = 4
 	DefaultBacklog            = 2048
-	DefaultGracefulTimeout    = 75 * time.Second
+	DefaultGracefulTimeout    = protocol.DefaultGracefulTimeout
 	DefaultHealthcheckTimeout = 10 * time.Second
 	// DefaultKillGrace is how long a worker has between SIGQUIT (stack dump)
 	// or the end of its drain budget and SIGKILL.
@@ -83,7 +84,7 @@ type Config struct {
 	// Env is the environment of the workers before the markers are added.
 	// Default os.Environ().
 	Env []string
-	// Name prefixes process titles ("NAME: worker 2/4 [gen 1]"). Default
+	// Name prefixes process titles ("NAME: worker 2 [gen 1]"). Default
 	// the executable's base name.
 	Name string
 	// Signals delivers the supervisor's signals: SIGINT, SIGTERM, SIGQUIT,
@@ -463,11 +464,38 @@ func (s *Supervisor) forgive(now time.Time, stalled time.Duration) {
 	if stalled >= time.Second {
 		ev = s.log.Warn()
 	}
-	ev.Dur("stalled", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
+	ev.Dur("stalled_ms", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
+}
+
+// signalMeanings says what each signal asks of the master, for the log.
+var signalMeanings = map[os.Signal]string{
+	syscall.SIGINT:  "drain and stop",
+	syscall.SIGTERM: "drain and stop",
+	syscall.SIGQUIT: "stop now",
+	syscall.SIGHUP:  "rolling restart",
+	syscall.SIGTTIN: "add a worker",
+	syscall.SIGTTOU: "remove a worker",
+}
+
+// describeSignal names sig as kill(1) does, with what it asks of the
+// master: "SIGTTIN (add a worker)". A second INT or TERM stops at once.
+func (s *Supervisor) describeSignal(sig os.Signal) string {
+	name := sig.String()
+	if n, ok := sig.(syscall.Signal); ok && unix.SignalName(n) != "" {
+		name = unix.SignalName(n)
+	}
+	meaning := signalMeanings[sig]
+	if s.stopping && (sig == syscall.SIGINT || sig == syscall.SIGTERM) {
+		meaning = "stop now"
+	}
+	if meaning == "" {
+		return name
+	}
+	return name + " (" + meaning + ")"
 }
 
 func (s *Supervisor) onSignal(sig os.Signal) {
-	s.log.Info().Str("signal", sig.String()).Msg("signal received")
+	s.log.Info().Str("signal", s.describeSignal(sig)).Msg("signal received")
 	switch sig {
 	case syscall.SIGINT, syscall.SIGTERM:
 		if s.stopping {
@@ -481,7 +509,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 			s.stopping, s.drainUntil = true, s.env.now().Add(s.cfg.DrainDelay)
 			s.rolling = nil
 			s.tellWorkers(protocol.Message{Type: protocol.TypeDrain})
-			s.log.Info().Dur("delay", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
+			s.log.Info().Dur("delay_ms", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
 			return
 		}
 		s.shutdown()
@@ -511,7 +539,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 func (s *Supervisor) shutdown() {
 	s.stopping = true
 	s.rolling = nil
-	s.log.Info().Dur("budget", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Msg("Shutting down")
+	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Msg("Shutting down")
 	for _, sl := range s.slots {
 		sl.restartAt = time.Time{}
 	}

@@ -15,13 +15,14 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/valyala/fasthttp"
 	"github.com/valyala/fasthttp/fasthttputil"
+	"golang.org/x/sys/unix"
 
 	"github.com/corralhq/corral/supervisor/protocol"
 )
 
 // Defaults applied by Run to zero fields of Config.
 const (
-	DefaultGracefulTimeout  = 75 * time.Second
+	DefaultGracefulTimeout  = protocol.DefaultGracefulTimeout
 	DefaultOrphanTimeout    = time.Second
 	DefaultKeepAliveTimeout = 5 * time.Second
 	DefaultReadTimeout      = 30 * time.Second
@@ -228,7 +229,8 @@ func Run(in Info, cfg Config) error {
 	}
 
 	lifelineEOF := make(chan struct{})
-	go watchLifeline(lifeline, lifelineEOF, cfg.OnMessage, log)
+	stopOrders := make(chan protocol.Message, 1)
+	go watchLifeline(lifeline, lifelineEOF, stopOrders, cfg.OnMessage, log)
 
 	stopBeat := make(chan struct{})
 	beatDone := make(chan struct{})
@@ -240,10 +242,21 @@ func Run(in Info, cfg Config) error {
 	var budget time.Duration
 	var reason string
 	select {
+	case m := <-stopOrders:
+		budget, reason = stopBudget(m, cfg.GracefulTimeout), m.Reason
 	case sig := <-cfg.Signals:
-		budget, reason = cfg.GracefulTimeout, "signal "+sig.String()
+		budget, reason = cfg.GracefulTimeout, "signal "+signalName(sig)
 		if os.Getppid() != in.SupervisorPID {
 			budget, reason = cfg.OrphanTimeout, "supervisor gone"
+			break
+		}
+		// The supervisor writes its order (reason, budget) on the
+		// lifeline before it signals; the reader may not have passed it
+		// on yet. A SIGTERM from anyone else waits this long for nothing.
+		select {
+		case m := <-stopOrders:
+			budget, reason = stopBudget(m, cfg.GracefulTimeout), m.Reason
+		case <-time.After(stopOrderWait):
 		}
 	case <-lifelineEOF:
 		budget, reason = cfg.OrphanTimeout, "supervisor gone"
@@ -254,7 +267,7 @@ func Run(in Info, cfg Config) error {
 	}
 	close(stopBeat)
 	<-beatDone
-	log.Info().Str("reason", reason).Dur("budget", budget).Int64("in_flight", w.inFlight.Load()).Msg("drain started")
+	log.Info().Str("reason", reason).Dur("budget_ms", budget).Int64("in_flight", w.inFlight.Load()).Msg("drain started")
 	// A draining worker still shows it is alive: the supervisor kills one
 	// that goes silent (stopped or stuck) instead of waiting out its budget.
 	stopDrainBeat := make(chan struct{})
@@ -315,9 +328,33 @@ func inheritListeners(n int) ([]net.Listener, error) {
 	return lns, nil
 }
 
-// watchLifeline hands the supervisor's messages to onMessage and closes eof
-// when the supervisor's end of the lifeline closes.
-func watchLifeline(f *os.File, eof chan<- struct{}, onMessage func(protocol.Message), log zerolog.Logger) {
+// stopOrderWait bounds how long a worker signalled with SIGTERM waits for
+// the supervisor's stop order, which the supervisor writes just before it
+// signals (see protocol.TypeStop).
+const stopOrderWait = 100 * time.Millisecond
+
+// stopBudget is the drain budget of a stop order; def if it names none.
+func stopBudget(m protocol.Message, def time.Duration) time.Duration {
+	if m.BudgetMS > 0 {
+		return time.Duration(m.BudgetMS) * time.Millisecond
+	}
+	return def
+}
+
+// signalName names sig as kill(1) and systemd do: "SIGTERM".
+func signalName(sig os.Signal) string {
+	if s, ok := sig.(syscall.Signal); ok {
+		if name := unix.SignalName(s); name != "" {
+			return name
+		}
+	}
+	return sig.String()
+}
+
+// watchLifeline hands the supervisor's messages to onMessage, passes the
+// first stop order to stops, and closes eof when the supervisor's end of
+// the lifeline closes.
+func watchLifeline(f *os.File, eof chan<- struct{}, stops chan<- protocol.Message, onMessage func(protocol.Message), log zerolog.Logger) {
 	defer close(eof)
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 0, 1024), 1<<16)
@@ -326,6 +363,12 @@ func watchLifeline(f *os.File, eof chan<- struct{}, onMessage func(protocol.Mess
 		if err != nil {
 			log.Warn().Err(err).Msg("bad lifeline message")
 			continue
+		}
+		if m.Type == protocol.TypeStop {
+			select {
+			case stops <- m: // the first order counts; a worker drains once
+			default:
+			}
 		}
 		if onMessage != nil {
 			onMessage(m)

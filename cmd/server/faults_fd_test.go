@@ -114,7 +114,7 @@ func TestWorkerOutOfDescriptors(t *testing.T) {
 	})
 	failed := s.logs.find("accept failed; new connections wait in the backlog, retrying", nil)[0]
 	again := s.logs.find("accepting again", nil)[0]
-	t.Logf("logged: %q, then accepting again after %vs", failed["error"], again["after"])
+	t.Logf("logged: %q, then accepting again after %v ms", failed["error"], again["after_ms"])
 	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &lim, nil); err != nil {
 		t.Error(err)
 	}

@@ -68,8 +68,8 @@ func TestCrashLoopBacksOff(t *testing.T) {
 	cpu := procCPU(master) - cpu0
 	var delays []time.Duration
 	for _, l := range s.logs.find("worker restart backed off", nil) {
-		d, _ := l["delay"].(float64) // main.go logs durations in seconds
-		delays = append(delays, time.Duration(d*float64(time.Second)).Round(time.Millisecond))
+		d, _ := l["delay_ms"].(float64)
+		delays = append(delays, time.Duration(d*float64(time.Millisecond)).Round(time.Millisecond))
 	}
 	crashes := s.logs.find("worker exited", map[string]any{"reason": "crashed"})
 	early := s.logs.find("worker exited", map[string]any{"reason": "died before ready"})

@@ -2,11 +2,14 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -114,4 +117,128 @@ func TestMigrateReqNoticeOnlyWhereItMatters(t *testing.T) {
 		}
 		s.stop()
 	}
+}
+
+// workerTitleRE matches a worker's process title, which has no worker count.
+var workerTitleRE = regexp.MustCompile(`: worker [0-9]+ \[gen [0-9]+\]$`)
+
+// processTitle returns pid's title as ps shows it.
+func processTitle(pid int) string {
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return strings.TrimRight(strings.ReplaceAll(string(b), "\x00", " "), " ")
+}
+
+// TestTitlesAfterScaling: the master's title counts its workers in
+// English ("1 worker", "2 workers") and follows scaling; worker titles
+// carry no count, so none goes stale.
+func TestTitlesAfterScaling(t *testing.T) {
+	s := startServer(t, "WORKERS=1")
+	master := s.cmd.Process.Pid
+	where := "127.0.0.1:" + strconv.Itoa(s.port)
+	if got := processTitle(master); !strings.HasSuffix(got, ": master [1 worker, "+where+"]") {
+		t.Errorf("master title = %q, want ...: master [1 worker, %s]", got, where)
+	}
+	s.cmd.Process.Signal(syscall.SIGTTIN)
+	waitFor(t, 20*time.Second, func() error {
+		if got := processTitle(master); !strings.HasSuffix(got, ": master [2 workers, "+where+"]") {
+			return fmt.Errorf("master title = %q, want ...: master [2 workers, %s]", got, where)
+		}
+		pids := s.workerPIDs()
+		if len(pids) != 2 {
+			return fmt.Errorf("workers %v, want 2", pids)
+		}
+		for _, pid := range pids {
+			if got := processTitle(pid); !workerTitleRE.MatchString(got) {
+				return fmt.Errorf("worker title = %q, want ...: worker N [gen G]", got)
+			}
+		}
+		return nil
+	})
+}
+
+// decimalField matches a number with a fraction in a JSON line, with its
+// field's name.
+var decimalField = regexp.MustCompile(`"([a-z_]+)":(-?[0-9]+)\.([0-9]+)`)
+
+// TestDurationsCarryTheirUnit: every number with a fraction in the logs
+// and in status --json is a duration whose field names its unit (_ms in
+// logs, _s in the status) and has at most 3 decimals.
+func TestDurationsCarryTheirUnit(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "c.sock")
+	s := startServer(t, "WORKERS=2", "ACCESS_LOG=true", "CONTROL_SOCKET="+sock)
+	if _, err := s.health(fresh); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := cli(t, "status", "--json", "--control-socket", sock)
+	if code != 0 {
+		t.Fatalf("server status --json: exit %d %s", code, errOut)
+	}
+	check := func(where, text, unit string) {
+		t.Helper()
+		for _, m := range decimalField.FindAllStringSubmatch(text, -1) {
+			if !strings.HasSuffix(m[1], unit) || len(m[3]) > 3 {
+				t.Errorf("%s: %q = %s.%s, want a field ending in %s with at most 3 decimals", where, m[1], m[2], m[3], unit)
+			}
+		}
+	}
+	check("status --json", strings.Join(strings.Fields(out), ""), "_s")
+	s.stop()
+	check("log", s.logs.String(), "_ms")
+	for _, f := range []string{"startup_ms", "uptime_ms", "budget_ms", "duration_ms"} {
+		if !strings.Contains(s.logs.String(), `"`+f+`":`) {
+			t.Errorf("no %s field in the log:\n%s", f, s.logs)
+		}
+	}
+}
+
+// TestSignalsAndStopReasons: the master names signals as kill(1) does,
+// with what they ask; a worker told to drain logs the master's reason and
+// the budget the master enforces, in a HUP roll and in reload mode.
+func TestSignalsAndStopReasons(t *testing.T) {
+	s := startServer(t, "WORKERS=1")
+	s.cmd.Process.Signal(syscall.SIGTTIN)
+	waitFor(t, 20*time.Second, func() error {
+		if len(s.logs.find("signal received", map[string]any{"signal": "SIGTTIN (add a worker)"})) != 1 {
+			return fmt.Errorf("no signal received line for SIGTTIN (add a worker):\n%s", s.logs)
+		}
+		if n := len(s.workerPIDs()); n != 2 {
+			return fmt.Errorf("%d workers, want 2", n)
+		}
+		return nil
+	})
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, 20*time.Second, func() error {
+		if len(s.logs.find("signal received", map[string]any{"signal": "SIGHUP (rolling restart)"})) != 1 {
+			return fmt.Errorf("no signal received line for SIGHUP (rolling restart)")
+		}
+		if n := len(s.logs.find("drain started", map[string]any{"reason": "hup"})); n != 2 {
+			return fmt.Errorf("%d workers drained with reason hup, want 2:\n%s", n, s.logs)
+		}
+		return nil
+	})
+	for _, l := range s.logs.find("drain started", nil) {
+		// launch sets TIMEOUT_GRACEFUL_SHUTDOWN=10s.
+		if l["budget_ms"] != 10000.0 || (l["reason"] != "hup" && l["reason"] != "rewire") {
+			t.Errorf("drain started %v, want reason hup or rewire with budget_ms 10000", l)
+		}
+	}
+	if n := strings.Count(s.logs.String(), "signal terminated"); n != 0 {
+		t.Errorf("%d lines still say \"signal terminated\":\n%s", n, s.logs)
+	}
+
+	dir := t.TempDir()
+	r := startServer(t, "RELOAD=true", "RELOAD_DIRS="+dir, "RELOAD_BUILD=", "RELOAD_DRAIN=2s", "RELOAD_DELAY=10ms")
+	if err := os.WriteFile(filepath.Join(dir, "settings.json"), []byte("{}"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, func() error {
+		lines := r.logs.find("drain started", nil)
+		if len(lines) != 1 {
+			return fmt.Errorf("%d drain started lines after a reload, want 1:\n%s", len(lines), r.logs)
+		}
+		if lines[0]["reason"] != "reload" || lines[0]["budget_ms"] != 2000.0 {
+			return fmt.Errorf("drain started %v, want reason reload and budget_ms 2000 (RELOAD_DRAIN)", lines[0])
+		}
+		return nil
+	})
 }

@@ -38,7 +38,7 @@ const (
 // Handler or FastHandler, or fill the worker's handler in Worker.
 type App struct {
 	// Name names the program in usage, messages ("NAME: invalid ..."),
-	// process titles ("NAME: worker 2/4") and the control socket.
+	// process titles ("NAME: worker 2 [gen 1]") and the control socket.
 	// Default: the executable's base name.
 	Name string
 	// Version is what --version and the status show. Default "dev".
@@ -224,7 +224,7 @@ func reexecMaster(cfg Config, args []string, log zerolog.Logger) {
 		return
 	}
 	enc, _ := json.Marshal(args)
-	title := fmt.Sprintf("%s: master [%d workers, %s]", filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
+	title := supervisor.MasterTitle(filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
 	title += strings.Repeat(" ", 24)
 	env := append(os.Environ(), protocol.EnvRole+"="+protocol.RoleMaster, protocol.EnvArgs+"="+string(enc))
 	err = syscall.Exec(exe, []string{title}, env)
@@ -428,15 +428,17 @@ func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 		// Colours only on a terminal: a journal or a file gets plain text.
 		console = &zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
 			// The access log reads as uvicorn's does: client, request, status.
-			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration", "bytes"}}
+			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration_ms", "bytes"}}
 		w = console
 	}
 	if journalStream(stderr, os.Getenv("JOURNAL_STREAM")) {
 		w = newJournalWriter(stderr, console)
 	}
 	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
-	// Durations (uptime, startup, budget, delay) in seconds, as a float.
-	zerolog.DurationFieldUnit = time.Second
+	// Durations in milliseconds with at most 3 decimals; every duration
+	// field says so in its name (startup_ms, uptime_ms, budget_ms, ...).
+	zerolog.DurationFieldUnit = time.Millisecond
+	zerolog.FloatingPointPrecision = 3
 	return zerolog.New(w).Level(cfg.LogLevel).With().Timestamp().Logger()
 }
 

@@ -81,6 +81,12 @@ const (
 	EnvMaxRequests = "CORRAL_MAX_REQUESTS"
 )
 
+// DefaultGracefulTimeout is the drain budget both sides apply when none is
+// configured: the supervisor waits that long for a stopping worker before
+// SIGKILL, and the worker bounds its own drain by it. Declared here, once,
+// because both packages need it and neither imports the other.
+const DefaultGracefulTimeout = 75 * time.Second
+
 // Role values of EnvRole.
 const (
 	RoleMaster = "master"
@@ -98,6 +104,11 @@ const (
 	// TypeDrain travels on the lifeline: the server is about to stop, so
 	// /health should fail while the worker keeps serving.
 	TypeDrain = "drain"
+	// TypeStop travels on the lifeline just before the supervisor sends
+	// SIGTERM: why the worker is asked to drain (Reason) and within what
+	// budget (BudgetMS), so that the worker logs the same reason as the
+	// supervisor and drains within the budget the supervisor enforces.
+	TypeStop = "stop"
 )
 
 // Message is one JSON line on the control pipe (worker to supervisor) or on
@@ -110,8 +121,11 @@ type Message struct {
 	Requests uint64 `json:"requests,omitempty"`
 	// InFlight is the number of requests being served now.
 	InFlight int64 `json:"in_flight,omitempty"`
-	// Reason says why a recycle is asked for (e.g. "max_requests").
+	// Reason says why a recycle is asked for (e.g. "max_requests"), or
+	// why a worker is stopped.
 	Reason string `json:"reason,omitempty"`
+	// BudgetMS is a TypeStop's drain budget in milliseconds.
+	BudgetMS int64 `json:"budget_ms,omitempty"`
 	// Build is "ok" or "failed" on a TypeReload message.
 	Build string `json:"build,omitempty"`
 	// Error is the first line of a failed build's output.
