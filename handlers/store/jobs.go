@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -40,6 +41,9 @@ const chatQueue = "corral_chats"
 // DefaultChatConcurrency is RunConfig.Concurrency's default.
 const DefaultChatConcurrency = 256
 
+// DefaultChatPoll is RunConfig.PollInterval's default.
+const DefaultChatPoll = 250 * time.Millisecond
+
 // chatArgs is a background chat's River job: only the chat id; the chat
 // row holds the rest.
 type chatArgs struct {
@@ -48,11 +52,15 @@ type chatArgs struct {
 
 func (chatArgs) Kind() string { return "corral_chat" }
 
-// jobs is a Store's insert-only River client.
+// jobs is a Store's River client for inserts and cancellations: an
+// insert-only one, until RunChats on SQLite replaces it with the running
+// client, whose insert then wakes its own fetcher at once.
 type jobs struct {
 	driver riverdriver.Driver[*sql.Tx]
-	client *river.Client[*sql.Tx]
+	cur    atomic.Pointer[river.Client[*sql.Tx]]
 }
+
+func (j *jobs) client() *river.Client[*sql.Tx] { return j.cur.Load() }
 
 func newJobs(db *sql.DB, postgres bool, log zerolog.Logger) (*jobs, error) {
 	var d riverdriver.Driver[*sql.Tx]
@@ -65,7 +73,9 @@ func newJobs(db *sql.DB, postgres bool, log zerolog.Logger) (*jobs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("river client: %w", err)
 	}
-	return &jobs{driver: d, client: c}, nil
+	j := &jobs{driver: d}
+	j.cur.Store(c)
+	return j, nil
 }
 
 // migrate brings River's own tables up to date. River's migrations add
@@ -101,7 +111,7 @@ func (j *jobs) migrate(ctx context.Context, db *sql.DB, postgres bool, log zerol
 }
 
 func (j *jobs) insertTx(ctx context.Context, tx *sql.Tx, chatID string) (int64, error) {
-	res, err := j.client.InsertTx(ctx, tx, chatArgs{ChatID: chatID}, &river.InsertOpts{Queue: chatQueue})
+	res, err := j.client().InsertTx(ctx, tx, chatArgs{ChatID: chatID}, &river.InsertOpts{Queue: chatQueue})
 	if err != nil {
 		return 0, fmt.Errorf("insert job: %w", err)
 	}
@@ -109,7 +119,7 @@ func (j *jobs) insertTx(ctx context.Context, tx *sql.Tx, chatID string) (int64, 
 }
 
 func (j *jobs) cancelTx(ctx context.Context, tx *sql.Tx, jobID int64) error {
-	_, err := j.client.JobCancelTx(ctx, tx, jobID)
+	_, err := j.client().JobCancelTx(ctx, tx, jobID)
 	if err != nil && !errors.Is(err, rivertype.ErrNotFound) {
 		return fmt.Errorf("cancel job %d: %w", jobID, err)
 	}
@@ -153,7 +163,9 @@ type RunConfig struct {
 	// DefaultChatConcurrency.
 	Concurrency int
 	// PollInterval is how often the runner looks for new jobs without a
-	// notification (always on SQLite). Default 100 ms.
+	// notification. On SQLite, where every look is a write transaction, a
+	// chat accepted by this process wakes its runner at once, and the
+	// others find it within a poll. Default DefaultChatPoll.
 	PollInterval time.Duration
 	// RescueAfter is River's RescueStuckJobsAfter: the time after which a
 	// job still running is taken back even though no death was reported
@@ -202,6 +214,7 @@ func (w *chatWorker) Timeout(*river.Job[chatArgs]) time.Duration { return -1 }
 type ChatRunner struct {
 	stop, stopAndCancel func(context.Context) error
 	pool                *pgxpool.Pool // PostgreSQL: the runner's own pool
+	restore             func()        // SQLite: give inserts back to the insert-only client
 	once                sync.Once
 	err                 error
 }
@@ -213,7 +226,7 @@ func (s *Store) RunChats(ctx context.Context, cfg RunConfig) (*ChatRunner, error
 		cfg.Concurrency = DefaultChatConcurrency
 	}
 	if cfg.PollInterval <= 0 {
-		cfg.PollInterval = 100 * time.Millisecond
+		cfg.PollInterval = DefaultChatPoll
 	}
 	workers := river.NewWorkers()
 	river.AddWorker(workers, &chatWorker{run: cfg.Run})
@@ -254,6 +267,8 @@ func (s *Store) RunChats(ctx context.Context, cfg RunConfig) (*ChatRunner, error
 		return nil, s.wrap(ctx, "start chat runner", err)
 	}
 	r.stop, r.stopAndCancel = c.Stop, c.StopAndCancel
+	insertOnly := s.jobs.cur.Swap(c)
+	r.restore = func() { s.jobs.cur.CompareAndSwap(c, insertOnly) }
 	return r, nil
 }
 
@@ -263,6 +278,9 @@ func (s *Store) RunChats(ctx context.Context, cfg RunConfig) (*ChatRunner, error
 // Calls after the first return the first result.
 func (r *ChatRunner) Stop(ctx context.Context) error {
 	r.once.Do(func() {
+		if r.restore != nil {
+			r.restore()
+		}
 		err := r.stop(ctx)
 		if ctx.Err() != nil {
 			cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
