@@ -111,6 +111,17 @@ func (w *queueWatch) fields() []supervisor.Field {
 	}
 }
 
+// queueMetricsMeta describes the queue's families for /metrics.
+const queueMetricsMeta = `# HELP corral_chat_queue_depth Background chats queued, database-wide.
+# TYPE corral_chat_queue_depth gauge
+# HELP corral_chat_queue_running Background chats running, database-wide.
+# TYPE corral_chat_queue_running gauge
+# HELP corral_chat_queue_retries_total Background chat attempts retried (chat.retried activities), database-wide.
+# TYPE corral_chat_queue_retries_total counter
+# HELP corral_chat_queue_oldest_age_seconds Age of the oldest queued background chat; 0 when none waits.
+# TYPE corral_chat_queue_oldest_age_seconds gauge
+`
+
 // writeMetrics writes the queue's metrics in Prometheus text.
 func (w *queueWatch) writeMetrics(out io.Writer) {
 	q, ok := w.state()
@@ -121,6 +132,7 @@ func (w *queueWatch) writeMetrics(out io.Writer) {
 	if !q.OldestQueued.IsZero() {
 		age = time.Since(q.OldestQueued).Seconds()
 	}
+	io.WriteString(out, queueMetricsMeta)
 	fmt.Fprintf(out, "corral_chat_queue_depth %d\n", q.Queued)
 	fmt.Fprintf(out, "corral_chat_queue_running %d\n", q.Running)
 	fmt.Fprintf(out, "corral_chat_queue_retries_total %d\n", q.Retried)
