@@ -30,11 +30,11 @@ type queueWatch struct {
 	st          *store.Store
 	log         zerolog.Logger
 	maxAttempts int
-	mu   sync.Mutex
-	q    store.QueueStats
-	ok   bool // q has been read at least once
-	stop chan struct{}
-	done chan struct{}
+	mu          sync.Mutex
+	q           store.QueueStats
+	ok          bool // q has been read at least once
+	stop        chan struct{}
+	done        chan struct{}
 }
 
 // lostEvery is how often the master looks for lost instances.
