@@ -22,18 +22,26 @@ const queueEvery = time.Second
 // the master's status (server status, /status.json, the status page) and
 // /metrics: one query a second in the master, so that neither a status
 // request nor a scrape waits on the database.
+//
+// On PostgreSQL it also hands back, every lostEvery, the background chats
+// of other instances whose claim on the database is gone (a host that died
+// with its master), so that they do not wait for River's rescuer.
 type queueWatch struct {
-	st   *store.Store
-	log  zerolog.Logger
-	mu   sync.Mutex
-	q    store.QueueStats
-	ok   bool // q has been read at least once
-	stop chan struct{}
-	done chan struct{}
+	st          *store.Store
+	log         zerolog.Logger
+	maxAttempts int
+	mu          sync.Mutex
+	q           store.QueueStats
+	ok          bool // q has been read at least once
+	stop        chan struct{}
+	done        chan struct{}
 }
 
-func newQueueWatch(st *store.Store, log zerolog.Logger) *queueWatch {
-	w := &queueWatch{st: st, log: log, stop: make(chan struct{}), done: make(chan struct{})}
+// lostEvery is how often the master looks for lost instances.
+const lostEvery = 2 * time.Second
+
+func newQueueWatch(st *store.Store, log zerolog.Logger, maxAttempts int) *queueWatch {
+	w := &queueWatch{st: st, log: log, maxAttempts: maxAttempts, stop: make(chan struct{}), done: make(chan struct{})}
 	go w.run()
 	return w
 }
@@ -43,10 +51,19 @@ func (w *queueWatch) run() {
 	t := time.NewTicker(queueEvery)
 	defer t.Stop()
 	failing := false
+	lastLost := time.Now()
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), queueEvery)
 		q, err := w.st.ChatQueueStats(ctx)
 		cancel()
+		if time.Since(lastLost) >= lostEvery {
+			lastLost = time.Now()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if _, err := w.st.HandBackLostHosts(ctx, w.maxAttempts); err != nil {
+				w.log.Warn().Err(err).Msg("chats of lost instances not handed back")
+			}
+			cancel()
+		}
 		switch {
 		case err != nil && !failing:
 			w.log.Warn().Err(err).Msg("chat queue state not read")

@@ -444,11 +444,56 @@ func (s *Store) RequeueChat(ctx context.Context, chatID string, attempt int, r R
 // "attempt": n}. It returns how many chats it requeued and failed. The
 // supervisor calls it when a worker dies and at start.
 func (s *Store) HandBackChats(ctx context.Context, pid int, reason string, maxAttempts int) (requeued, failed int, err error) {
+	return s.handBack(ctx, s.host, pid, reason, maxAttempts)
+}
+
+// HandBackLostHosts hands back, as HandBackChats does with reason
+// "instance_lost", the running background chats of every other instance
+// (--instance-id) whose claim on the database (ClaimInstance) is gone: its
+// server died with its master, or lost the database for good. PostgreSQL
+// only; on SQLite, one machine, the next start of that instance does it.
+// The masters of a deployment call it every few seconds. An instance that
+// lost its claim connection for a moment (it takes it again within
+// claimCheckEvery) may have its chats run twice; the first attempt's
+// outcome is then discarded (EndChat with Outcome.Attempt).
+func (s *Store) HandBackLostHosts(ctx context.Context, maxAttempts int) (int, error) {
+	if s.pg == nil {
+		return 0, nil
+	}
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT DISTINCT host FROM chats
+WHERE status = 'running' AND background AND host <> ? AND NOT EXISTS (
+	SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+	AND classid = ?::oid AND objid = hashtext(chats.host)::oid)`), s.host, int64(instanceLockClass))
+	if err != nil {
+		return 0, s.wrap(ctx, "find lost instances", err)
+	}
+	var hosts []string
+	for rows.Next() {
+		var h string
+		if err := rows.Scan(&h); err != nil {
+			rows.Close()
+			return 0, s.wrap(ctx, "find lost instances", err)
+		}
+		hosts = append(hosts, h)
+	}
+	rows.Close()
+	total := 0
+	for _, h := range hosts {
+		r, f, err := s.handBack(ctx, h, 0, "instance_lost", maxAttempts)
+		if err != nil {
+			return total, err
+		}
+		total += r + f
+	}
+	return total, nil
+}
+
+func (s *Store) handBack(ctx context.Context, host string, pid int, reason string, maxAttempts int) (requeued, failed int, err error) {
 	var acts []Activity
 	err = s.write(ctx, func(tx *sql.Tx) error {
 		acts, requeued, failed = acts[:0], 0, 0
 		query := `SELECT id, agent_id, worker, pid, attempts, job_id FROM chats WHERE host = ? AND status = 'running' AND background`
-		args := []any{s.host}
+		args := []any{host}
 		if pid != 0 {
 			query += ` AND pid = ?`
 			args = append(args, pid)
@@ -511,11 +556,11 @@ func (s *Store) HandBackChats(ctx context.Context, pid int, reason string, maxAt
 		return nil
 	})
 	if err != nil {
-		return 0, 0, s.wrap(ctx, "hand back chats of pid "+strconv.Itoa(pid), err)
+		return 0, 0, s.wrap(ctx, "hand back chats of "+host+" pid "+strconv.Itoa(pid), err)
 	}
 	if n := len(acts); n > 0 {
 		s.feed.advance(acts[n-1].ID)
-		s.log.Info().Int("pid", pid).Int("requeued", requeued).Int("failed", failed).Str("reason", reason).Msg("background chats handed back")
+		s.log.Info().Str("instance", host).Int("pid", pid).Int("requeued", requeued).Int("failed", failed).Str("reason", reason).Msg("background chats handed back")
 	}
 	return requeued, failed, nil
 }
