@@ -62,6 +62,9 @@ type Config struct {
 	// UDS, if set, is a unix socket path served instead of Addr, by every
 	// worker on one socket (shared mode), as uvicorn's --uds.
 	UDS string
+	// TLS says the workers serve HTTPS, so the address is logged as an
+	// https:// URL.
+	TLS bool
 	// Workers is the initial number of workers. Default DefaultWorkers.
 	Workers int
 	// SocketMode is Reuseport (default) or Shared.
@@ -134,7 +137,8 @@ type Config struct {
 	Charts []Chart
 	// Metrics, if set, writes the application's own metrics in Prometheus
 	// text (such as a job queue's depth, which no one worker owns); /metrics
-	// appends them, unlabelled, after the supervisor's and the workers'. It
+	// merges them, unlabelled, with the supervisor's and the workers'; its
+	// # HELP and # TYPE lines describe its families. It
 	// is called outside the supervisor's loop, once per scrape, and must
 	// return quickly.
 	Metrics func(w io.Writer)
@@ -338,6 +342,9 @@ func (s *Supervisor) where() string {
 func (s *Supervisor) url() string {
 	if s.cfg.UDS != "" {
 		return s.where()
+	}
+	if s.cfg.TLS {
+		return "https://" + s.where()
 	}
 	return "http://" + s.where()
 }

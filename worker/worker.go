@@ -3,6 +3,7 @@ package worker
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -69,6 +70,9 @@ type Config struct {
 	// (431 above). It is the size of each connection's read buffer.
 	// Default 16 KiB.
 	MaxHeaderSize int
+	// TLS, if set, serves HTTPS on every inherited listener (the worker's
+	// own health probe stays in memory, unencrypted).
+	TLS *tls.Config
 	// MaxConcurrency is the most requests served at once; more are answered
 	// 503 with Retry-After. 0 means no limit.
 	MaxConcurrency int
@@ -222,6 +226,10 @@ func Run(in Info, cfg Config) error {
 	}
 	for i := range lns {
 		lns[i] = lingerListener{patientListener{lns[i], log}}
+		if cfg.TLS != nil {
+			// Inside TLS, so that a lingering close discards the raw bytes.
+			lns[i] = tls.NewListener(lns[i], cfg.TLS)
+		}
 	}
 	serveErr := make(chan error, len(lns)+1)
 	for _, ln := range append(lns, net.Listener(w.probeLn)) {
