@@ -242,3 +242,16 @@ func TestSignalsAndStopReasons(t *testing.T) {
 		return nil
 	})
 }
+
+// TestUnknownFlagIsTwoLines: a mistyped flag exits with the documented
+// status, the error with a suggestion and one line pointing at --help.
+func TestUnknownFlagIsTwoLines(t *testing.T) {
+	code, out, errOut := cli(t, "--wokers", "3")
+	if want := documentedExit(t, "a bad flag"); code != want {
+		t.Errorf("exit %d, want %d", code, want)
+	}
+	want := "server: unknown flag: --wokers (did you mean --workers?)\nRun \"server --help\" for every flag and variable.\n"
+	if errOut != want || out != "" {
+		t.Errorf("stderr %q, stdout %q; want stderr %q", errOut, out, want)
+	}
+}

@@ -167,8 +167,10 @@ func (a App) run(stdout, stderr io.Writer) int {
 		a.Usage(stdout)
 		return ExitOK
 	case err != nil && IsUsageError(err):
+		// The error and one line, not the whole usage: the error must not
+		// scroll away.
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
-		a.Usage(stderr)
+		fmt.Fprintf(stderr, "Run \"%s --help\" for every flag and variable.\n", name)
 		return ExitUsage
 	case err != nil:
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)

@@ -411,13 +411,78 @@ func parse(name string, args []string, opts []Option) ([]Flag, Flag, error) {
 					break
 				}
 			}
+			if !strings.Contains(err.Error(), "(set ") {
+				if near := nearestFlag(ne.GetSpecifiedName(), opts); near != "" {
+					err = fmt.Errorf("%w (did you mean --%s?)", err, near)
+				}
+			}
 		}
 		return nil, Flag{}, UsageError{oneLine{err}}
 	}
 	if rest := fs.Args(); len(rest) > 0 {
+		// "--reload false": a switch takes no separate value.
+		if i := slices.Index(args, rest[0]); i > 0 && isSwitchWord(rest[0]) && strings.HasPrefix(args[i-1], "--") {
+			if f := fs.Lookup(strings.TrimPrefix(args[i-1], "--")); f != nil && f.NoOptDefVal != "" {
+				return nil, Flag{}, UsageError{fmt.Errorf("unexpected argument %q: a switch takes its value after =, as in %s=%s", rest[0], args[i-1], rest[0])}
+			}
+		}
 		return nil, Flag{}, UsageError{fmt.Errorf("unexpected argument %q: %s takes flags only", rest[0], name)}
 	}
 	return flags, version, nil
+}
+
+// isSwitchWord reports whether s is a value a switch takes.
+func isSwitchWord(s string) bool {
+	switch strings.ToLower(s) {
+	case "true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n":
+		return true
+	}
+	return false
+}
+
+// nearestFlag returns the flag name (without --) closest to name, if it is
+// at most two edits away, or "".
+func nearestFlag(name string, opts []Option) string {
+	if len(name) < 3 {
+		return ""
+	}
+	best, bestD := "", 3
+	consider := func(f string) {
+		if f == "" {
+			return
+		}
+		if d := editDistance(name, f); d < bestD {
+			best, bestD = f, d
+		}
+	}
+	for _, o := range opts {
+		consider(o.Flag)
+		consider(o.NegFlag)
+	}
+	consider("help")
+	consider("version")
+	return best
+}
+
+// editDistance is the Levenshtein distance between a and b.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }
 
 // Usage groups of the process model, in the order usage prints them; an
