@@ -7,6 +7,8 @@ import (
 	"slices"
 	"syscall"
 	"time"
+
+	"github.com/corralhq/corral/supervisor/protocol"
 )
 
 // The restart engine; its promise and invariants are in doc.go.
@@ -100,6 +102,11 @@ func (s *Supervisor) onReady(p *proc) {
 		s.booted = true
 		s.log.Info().Int("workers", len(s.slots)).Msg("Application startup complete")
 		s.notify.ready()
+		if s.handoff != nil {
+			s.handoff.send(protocol.Message{Type: protocol.TypeReady, PID: os.Getpid(), Version: s.cfg.Version})
+			s.log.Info().Int("old_pid", s.handoff.ParentPID).Str("old_version", s.handoff.ParentVersion).
+				Int("pid", os.Getpid()).Str("version", s.cfg.Version).Msg("upgrade: new master ready")
+		}
 	}
 	if s.rollSlot == sl {
 		s.rollSlot = nil
@@ -268,8 +275,9 @@ func (s *Supervisor) tick(now time.Time) {
 	}
 	if !s.drainUntil.IsZero() && !now.Before(s.drainUntil) {
 		s.drainUntil = time.Time{}
-		s.shutdown()
+		s.shutdown("shutdown")
 	}
+	s.upgradeTick(now)
 	s.notify.tick(now)
 }
 
