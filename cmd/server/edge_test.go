@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -377,4 +378,110 @@ func TestEnvFileReload(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestJournaldPriorities runs the server with its stderr as the journal's
+// stream (JOURNAL_STREAM names it, as systemd sets it): every line, the
+// master's and the workers', starts with its syslog priority.
+func TestJournaldPriorities(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	var st syscall.Stat_t
+	syscall.Fstat(int(w.Fd()), &st)
+	exe, _ := os.Executable()
+	cmd := exec.Command(exe)
+	cmd.Dir = t.TempDir()
+	cmd.Env = append(os.Environ(), envAsServer+"=1", "HOST=127.0.0.1", "PORT=0", "LOG_LEVEL=debug", "WORKERS=1",
+		"DATABASE_URL=sqlite:"+filepath.Join(cmd.Dir, "server.db"), fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino))
+	cmd.Stderr = w
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	done := make(chan struct{})
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}()
+	lines := make(chan string, 1024)
+	go func() {
+		defer close(done)
+		defer close(lines)
+		sc := bufio.NewScanner(r)
+		sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		cmd.Wait()
+	}()
+
+	// seen[priority][message], for the master ("m") and the worker ("w").
+	seen := map[string]bool{}
+	var port int
+	deadline := time.After(20 * time.Second)
+	next := func() string {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatal("server exited")
+			}
+			return l
+		case <-deadline:
+			t.Fatalf("timed out; seen %v", seen)
+		}
+		return ""
+	}
+	for !seen["<3> w handler panicked"] {
+		l := next()
+		if len(l) < 4 || l[0] != '<' || l[2] != '>' || !strings.ContainsRune("0234567", rune(l[1])) {
+			t.Errorf("line without a priority: %q", l)
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l[3:]), &m); err != nil {
+			t.Errorf("line is not <N> and JSON: %q", l)
+			continue
+		}
+		who := "m"
+		if _, ok := m["worker"]; ok {
+			who = "w"
+		}
+		msg, _ := m["message"].(string)
+		seen[l[:3]+" "+who+" "+msg] = true
+		if msg == "Corral running, press CTRL+C to quit" {
+			u, _ := m["url"].(string)
+			_, p, _ := net.SplitHostPort(strings.TrimPrefix(u, "http://"))
+			port, _ = strconv.Atoi(p)
+			if l[:3] != "<6>" {
+				t.Errorf("info line with priority %s: %q", l[:3], l)
+			}
+		}
+		if msg == "Application startup complete" && port != 0 {
+			resp, err := fresh.Get("http://127.0.0.1:" + strconv.Itoa(port) + "/test/panic")
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+		}
+	}
+	for _, want := range []string{"<6> m Corral running, press CTRL+C to quit", "<3> w handler panicked"} {
+		if !seen[want] {
+			t.Errorf("no line %q; seen %v", want, seen)
+		}
+	}
+	debug := false
+	for k := range seen {
+		debug = debug || strings.HasPrefix(k, "<7> ")
+	}
+	if !debug {
+		t.Errorf("no debug line with <7>; seen %v", seen)
+	}
 }

@@ -401,7 +401,9 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 }
 
 // NewLogger builds the root logger: console lines on a terminal, JSON
-// otherwise, unless the configuration says which.
+// otherwise, unless the configuration says which. Under systemd, when
+// stderr is the journal's stream, every line starts with its syslog
+// priority ("<3>" for an error), which journald records.
 func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 	var w io.Writer = stderr
 	f, isFile := stderr.(*os.File)
@@ -413,11 +415,16 @@ func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 			format = "console"
 		}
 	}
+	var console *zerolog.ConsoleWriter
 	if format == "console" {
 		// Colours only on a terminal: a journal or a file gets plain text.
-		w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
+		console = &zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
 			// The access log reads as uvicorn's does: client, request, status.
 			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration", "bytes"}}
+		w = console
+	}
+	if journalStream(stderr, os.Getenv("JOURNAL_STREAM")) {
+		w = newJournalWriter(stderr, console)
 	}
 	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
 	// Durations (uptime, startup, budget, delay) in seconds, as a float.
