@@ -103,6 +103,9 @@ func Inherited() (*Handoff, error) {
 // reason; the old master keeps serving and stops this one. It does nothing
 // once the handoff has been reported, and may be called more than once.
 func (h *Handoff) Fail(err error) {
+	if h == nil || err == nil {
+		return
+	}
 	h.send(protocol.Message{Type: protocol.TypeFailed, PID: os.Getpid(), Error: err.Error()})
 }
 
@@ -168,9 +171,15 @@ func (s *Supervisor) startUpgrade() error {
 	}
 	info := protocol.Upgrade{Parent: os.Getpid(), Version: s.cfg.Version, Workers: len(s.slots), UDS: s.cfg.UDS, Activated: s.activated}
 	files := []*os.File{w}
-	var dups []*os.File // closed once the new master has them
+	// Copies of the listeners this master serves itself. Handing one to a
+	// child puts its open file description, which the listener shares, in
+	// blocking mode (os/exec calls Fd); it goes back to non-blocking before
+	// the copy closes, or the listener's Accept would block in the kernel
+	// and its Close with it.
+	var dups []*os.File
 	defer func() {
 		for _, f := range dups {
+			syscall.SetNonblock(int(f.Fd()), true)
 			f.Close()
 		}
 	}()
@@ -321,18 +330,19 @@ func (s *Supervisor) handOver(up *upgrade, m protocol.Message) {
 	s.log.Info().Int("old_pid", os.Getpid()).Str("old_version", s.cfg.Version).
 		Int("new_pid", up.pid).Str("new_version", m.Version).
 		Dur("took", s.env.now().Sub(up.started)).Msg("new master ready, old workers draining")
-	for _, w := range up.waiters {
-		w <- Response{OK: true, Upgrade: &UpgradeStatus{State: "done", NewPID: up.pid, NewVersion: m.Version}}
-	}
 	s.up, s.handedOver = nil, true
 	// systemd follows the new master now; a STOPPING=1 from here would stop
 	// the service.
 	s.notify.enabled = false
 	// The control socket's path and the unix socket's are the new
-	// master's now.
+	// master's now. The listener closes before the answer below, so that a
+	// command sent after it reaches the new master.
 	if s.ctl != nil {
 		s.ctl.SetUnlinkOnClose(false)
 		s.ctl.Close()
+	}
+	for _, w := range up.waiters {
+		w <- Response{OK: true, Upgrade: &UpgradeStatus{State: "done", NewPID: up.pid, NewVersion: m.Version}}
 	}
 	if s.metricsLn != nil {
 		s.metricsLn.Close()

@@ -227,7 +227,9 @@ func reexecMaster(cfg Config, args []string, log zerolog.Logger) {
 	title := fmt.Sprintf("%s: master [%d workers, %s]", filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
 	title += strings.Repeat(" ", 24)
 	env := append(os.Environ(), protocol.EnvRole+"="+protocol.RoleMaster, protocol.EnvArgs+"="+string(enc))
-	err = syscall.Exec(exe, []string{title}, env)
+	// /proc/self/exe is the file this process runs, even if another was
+	// installed at exe since.
+	err = syscall.Exec("/proc/self/exe", []string{title}, env)
 	log.Debug().Err(err).Msg("no re-exec for the process title")
 }
 
@@ -321,9 +323,22 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 			sc.Reload.Build = a.reloadBuildDefault()
 		}
 	}
+	// A master started by an upgrade inherits its sockets (and the
+	// application's files) from the master it replaces, and tells it if it
+	// cannot start.
+	handoff, err := supervisor.Inherited()
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return ExitUsage
+	}
+	sc.Upgrade = handoff
+	if handoff != nil {
+		log.Info().Int("old_pid", handoff.ParentPID).Str("old_version", handoff.ParentVersion).Str("version", sc.Version).Msg("upgrade: new master starting")
+	}
 	if a.Master != nil {
 		stop, err := a.Master(cfg, log, &sc)
 		if err != nil {
+			handoff.Fail(err)
 			fmt.Fprintf(stderr, "%s: %v\n", name, err)
 			return ExitBoot
 		}
@@ -333,22 +348,24 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	}
 
 	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
 	sc.Signals = sigs
 
 	// Socket activation: systemd passed the listening socket(s).
-	if lns := activation.Files(true); len(lns) > 0 {
+	if lns := activation.Files(true); len(lns) > 0 && handoff == nil {
 		log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
 		sc.Listeners = lns
 	}
 	sup, err := supervisor.New(sc)
 	if err != nil {
+		handoff.Fail(err)
 		log.Error().Err(err).Msg("cannot start")
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitError
 	}
 	if err := sup.Run(); err != nil {
+		handoff.Fail(err)
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		if errors.Is(err, supervisor.ErrBoot) {
 			return ExitBoot
@@ -369,9 +386,9 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 		return ExitUsage
 	}
 	log = log.With().Int("worker", in.Slot).Int("pid", in.PID).Logger()
-	// A worker drains on TERM and INT; HUP, TTIN and TTOU are the
+	// A worker drains on TERM and INT; HUP, TTIN, TTOU and USR2 are the
 	// supervisor's to act on, so a "pkill -HUP server" must not kill workers.
-	signal.Ignore(syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+	signal.Ignore(syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGUSR2)
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 
