@@ -30,7 +30,9 @@ const (
 var activityTypes = []string{
 	"agent.created",
 	"agent.deleted",
+	"chat.queued",
 	"chat.started",
+	"chat.retried",
 	"chat.completed",
 	"chat.failed",
 	"chat.cancelled",

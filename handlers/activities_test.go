@@ -190,7 +190,7 @@ func TestActivitiesQueryValidation(t *testing.T) {
 	for _, query := range []string{"type=bogus", "type=chat.complete&wait=5", "type=CHAT.COMPLETED", "type=chat.*"} {
 		for _, path := range []string{"/api/activities?", "/api/activities/stream?"} {
 			wantError(t, path+query, a.get(path+query), http.StatusBadRequest, "bad_request",
-				"parameter type=", "agent.created, agent.deleted, chat.started, chat.completed, chat.failed, chat.cancelled")
+				"parameter type=", "agent.created, agent.deleted, chat.queued, chat.started, chat.retried, chat.completed, chat.failed, chat.cancelled")
 		}
 	}
 	wantError(t, "stream with Last-Event-ID: x", a.get("/api/activities/stream", "Last-Event-ID", "x"),

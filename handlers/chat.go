@@ -2,10 +2,15 @@ package handlers
 
 import (
 	"bufio"
+	"bytes"
 	"cmp"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -32,6 +37,13 @@ type chatUsage struct {
 	CompletionTokens int `json:"completion_tokens"`
 }
 
+// maxIdemKeyLen bounds the Idempotency-Key header.
+const maxIdemKeyLen = 255
+
+// errChatCancelled answers a synchronous chat cancelled through
+// POST /api/chats/{id}/cancel.
+var errChatCancelled = &requestError{fasthttp.StatusConflict, "the chat was cancelled"}
+
 // requestIDHeader carries the request id the worker gives every request.
 const requestIDHeader = "X-Request-ID"
 
@@ -42,15 +54,26 @@ type chatCall struct {
 	agent   store.Agent
 	req     llm.Request
 	started time.Time
+	base    context.Context // cancelled with errCancelRequested by a cancel
 }
 
 // chat runs POST /api/chat: record the start, call the LLM (streaming the
-// reply as server-sent events when asked), record exactly one finish.
+// reply as server-sent events when asked), record exactly one finish. A
+// background chat ("background": true or Prefer: respond-async) is queued
+// instead and answered 202 at once.
 func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	if !requireJSON(ctx) {
 		return
 	}
 	req, err := decodeChat(ctx.PostBody())
+	if err != nil {
+		fail(ctx, err)
+		return
+	}
+	if !req.Stream && preferAsync(ctx) {
+		req.Background = true
+	}
+	idemKey, err := h.idempotencyKey(ctx)
 	if err != nil {
 		fail(ctx, err)
 		return
@@ -65,29 +88,71 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	// The worker gives every request one valid id; it follows the chat to
 	// its activities and the upstream request.
 	rid := string(ctx.Request.Header.Peek(requestIDHeader))
-	act, err := h.cfg.Store.StartChat(sc, store.Chat{AgentID: agent.ID, Message: req.Message, Origin: h.origin, RequestID: rid})
-	if err != nil {
+	sum := sha256.Sum256([]byte(req.AgentID + "\x00" + req.Message))
+	chat := store.Chat{
+		ID: newChatID(), AgentID: agent.ID, Message: req.Message, Origin: h.origin, RequestID: rid,
+		Background: req.Background, QueueMax: h.cfg.ChatQueueMax,
+		IdemKey: idemKey, IdemHash: hex.EncodeToString(sum[:]),
+	}
+	base, cancelBase := context.WithCancelCause(context.Background())
+	unregister := func() {}
+	// release ends the chat's cancellation; the stream writer takes it
+	// over when there is one.
+	release := func() { unregister(); cancelBase(nil) }
+	defer func() { release() }()
+	if !req.Background {
+		// Registered before the chat exists, so no cancellation is missed.
+		if unregister, err = h.cancels.register(chat.ID, cancelBase); err != nil {
+			unregister = func() {}
+			h.storeFailed(ctx, "follow cancellations", err)
+			return
+		}
+	}
+	act, err := h.cfg.Store.StartChat(sc, chat)
+	if dup, ok := errors.AsType[*store.DuplicateError](err); ok {
+		h.replayChat(ctx, dup.ChatID, req)
+		return
+	}
+	switch {
+	case errors.Is(err, store.ErrKeyReused):
+		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, errorObject{Code: "idempotency_key_reused",
+			Message: "this Idempotency-Key was used with another request in the last 24 hours"})
+		return
+	case errors.Is(err, store.ErrQueueFull):
+		ctx.Response.Header.Set("Retry-After", "5")
+		writeErrorObject(ctx, fasthttp.StatusServiceUnavailable, errorObject{Code: "queue_full",
+			Message: fmt.Sprintf("%d background chats are queued, the most this server holds; retry later", h.cfg.ChatQueueMax)})
+		return
+	case err != nil:
 		h.storeFailed(ctx, "start chat", err)
 		return
 	}
 	h.m.activity(act.Type)
+	ctx.Response.Header.Set("X-Chat-Id", chat.ID)
+	if req.Background {
+		ctx.Response.Header.Set("Location", "/api/chats/"+chat.ID)
+		writeJSON(ctx, fasthttp.StatusAccepted, chatView{ID: chat.ID, AgentID: agent.ID, Status: store.ChatQueued,
+			Background: true, Created: act.Time})
+		return
+	}
 	h.m.chatStarted()
 	call := &chatCall{
 		h:     h,
-		id:    act.ChatID,
+		id:    chat.ID,
 		agent: agent,
 		req: llm.Request{Model: agent.Model, RequestID: rid, Messages: []llm.Message{
 			{Role: "system", Content: agent.SystemPrompt},
 			{Role: "user", Content: req.Message},
 		}},
 		started: time.Now(),
+		base:    base,
 	}
 	// The call outlives nothing of ctx: its context is its own, cancelled
-	// when the client goes away or the deadline passes.
-	callCtx, stop := context.WithTimeout(context.Background(), h.cfg.LLMTimeout)
+	// when the client goes away, the chat is cancelled or the deadline
+	// passes.
+	callCtx, stop := context.WithTimeout(base, h.cfg.LLMTimeout)
 	conn := ctx.Conn()
 	unwatch := h.watcher.watch(conn, stop)
-	ctx.Response.Header.Set("X-Chat-Id", call.id)
 	if !req.Stream {
 		defer stop()
 		defer unwatch()
@@ -106,7 +171,12 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	}
 	startSSE(ctx)
 	interval := h.cfg.KeepAliveInterval
+	// The stream writer runs after this handler returns: it owns the
+	// cancellation from here on.
+	keep := release
+	release = func() {}
 	ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
+		defer keep()
 		defer stop()
 		defer unwatch()
 		sw := newSSEWriter(w, interval, conn)
@@ -133,6 +203,100 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	})
 }
 
+// preferAsync reports whether the request carries Prefer: respond-async
+// (RFC 7240).
+func preferAsync(ctx *fasthttp.RequestCtx) bool {
+	for _, v := range ctx.Request.Header.PeekAll("Prefer") {
+		for _, p := range bytes.Split(v, []byte(",")) {
+			name, _, _ := bytes.Cut(p, []byte(";"))
+			if bytes.EqualFold(bytes.TrimSpace(name), []byte("respond-async")) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// idempotencyKey returns the stored form of the request's Idempotency-Key
+// ("" without one): with API tokens on, it is scoped to the caller's token,
+// so two clients never share a key.
+func (h *Handler) idempotencyKey(ctx *fasthttp.RequestCtx) (string, error) {
+	v := ctx.Request.Header.Peek("Idempotency-Key")
+	if v == nil {
+		return "", nil
+	}
+	if len(v) == 0 || len(v) > maxIdemKeyLen || bytes.ContainsFunc(v, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
+		return "", badRequest(fmt.Sprintf("header Idempotency-Key: want 1 to %d visible ASCII characters", maxIdemKeyLen))
+	}
+	key := string(v)
+	if len(h.tokens) > 0 {
+		auth := ctx.Request.Header.Peek("Authorization")
+		sum := sha256.Sum256(bytes.TrimSpace(auth[min(len(auth), 7):]))
+		key = hex.EncodeToString(sum[:8]) + ":" + key
+	}
+	return key, nil
+}
+
+// replayChat answers a request whose Idempotency-Key names chat id: a
+// background request gets the chat as it is now, a synchronous one waits
+// for it to end and gets its result (or, streaming, its events).
+func (h *Handler) replayChat(ctx *fasthttp.RequestCtx, id string, req chatRequest) {
+	ctx.Response.Header.Set("Idempotent-Replayed", "true")
+	ctx.Response.Header.Set("X-Chat-Id", id)
+	if req.Stream {
+		h.chatEvents(ctx, id, 0)
+		return
+	}
+	wait := time.Duration(0)
+	if !req.Background {
+		wait = h.cfg.LLMTimeout + storeTimeout
+	}
+	c, err := h.waitChat(ctx, id, wait)
+	if err != nil {
+		h.chatFailed(ctx, id, "read chat", err)
+		return
+	}
+	if req.Background {
+		ctx.Response.Header.Set("Location", "/api/chats/"+id)
+		writeJSON(ctx, fasthttp.StatusAccepted, viewChat(c))
+		return
+	}
+	v := viewChat(c)
+	switch c.Status {
+	case store.ChatCompleted:
+		res := chatResult{ID: c.ID, AgentID: c.AgentID, Reply: c.Reply, Provider: v.Provider, Model: v.Model, Worker: c.Worker}
+		if v.Usage != nil {
+			res.Usage = *v.Usage
+		}
+		if v.DurationMS != nil {
+			res.DurationMS = *v.DurationMS
+		}
+		writeJSON(ctx, fasthttp.StatusOK, res)
+	case store.ChatFailed:
+		status := fasthttp.StatusBadGateway
+		var d struct {
+			Status int `json:"status"`
+		}
+		if json.Unmarshal([]byte(c.Detail), &d) == nil && d.Status >= 400 {
+			status = d.Status
+		}
+		writeErrorObject(ctx, status, *v.Error)
+	case store.ChatCancelled:
+		fail(ctx, errChatCancelled)
+	default:
+		// Still running after the wait: say where to look.
+		ctx.Response.Header.Set("Location", "/api/chats/"+id)
+		writeJSON(ctx, fasthttp.StatusAccepted, v)
+	}
+}
+
+// newChatID returns 16 random hex characters, as the store would.
+func newChatID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
 // finish records how the call ended, exactly once, and returns the result
 // to send or the error to answer. clientGone says the client went away,
 // which makes the chat cancelled whatever the LLM returned.
@@ -140,10 +304,13 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 	h := c.h
 	d := time.Since(c.started)
 	status, data := store.ChatCompleted, map[string]any{"duration_ms": d.Milliseconds()}
+	cancelled := errors.Is(context.Cause(c.base), errCancelRequested)
 	if c.req.RequestID != "" {
 		data["request_id"] = c.req.RequestID
 	}
 	switch {
+	case cancelled:
+		status = store.ChatCancelled
 	case clientGone:
 		status, callErr = store.ChatCancelled, context.Canceled
 		data["reason"] = "client_disconnected"
@@ -151,19 +318,29 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 		code, obj := statusOf(callErr)
 		status = store.ChatFailed
 		data["reason"], data["status"], data["message"] = obj.Code, code, obj.Message
-		h.log.Warn().Err(callErr).Str("chat_id", c.id).Str("request_id", c.req.RequestID).Int("status", code).Dur("duration", d).Msg("chat failed")
+		h.log.Warn().Err(callErr).Str("chat_id", c.id).Str("request_id", c.req.RequestID).Int("status", code).Dur("duration_ms", d).Msg("chat failed")
 	default:
 		data["provider"], data["model"] = resp.Provider, resp.Model
 		data["usage"] = map[string]int{"prompt_tokens": resp.Usage.PromptTokens, "completion_tokens": resp.Usage.CompletionTokens}
 	}
 	h.m.chatEnded()
 	h.m.llmCall(cmp.Or(resp.Provider, "unknown"), status, d, resp.Usage.PromptTokens, resp.Usage.CompletionTokens)
+	if cancelled {
+		// The canceller recorded the end.
+		return chatResult{}, errChatCancelled
+	}
 	// The request may be over; recording its end must not depend on it.
 	sc, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
-	if act, err := h.cfg.Store.FinishChat(sc, c.id, status, data); err == nil {
+	if act, err := h.cfg.Store.EndChat(sc, c.id, store.Outcome{Status: status, Data: data, Reply: resp.Text}); err == nil {
 		h.m.activity(act.Type)
 	} else {
+		if errors.Is(err, store.ErrChatFinished) {
+			if cur, rerr := h.cfg.Store.ChatByID(sc, c.id); rerr == nil && cur.Status == store.ChatCancelled {
+				// Cancelled just as it ended.
+				return chatResult{}, errChatCancelled
+			}
+		}
 		h.m.storeError("finish chat")
 		h.log.Error().Err(err).Str("chat_id", c.id).Str("chat_status", status).Msg("chat finish not recorded")
 		if callErr == nil {

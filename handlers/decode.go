@@ -24,9 +24,10 @@ const (
 
 // chatRequest is the body of POST /api/chat.
 type chatRequest struct {
-	AgentID string
-	Message string
-	Stream  bool
+	AgentID    string
+	Message    string
+	Stream     bool
+	Background bool
 }
 
 // agentRequest is the body of POST /api/agents.
@@ -39,9 +40,10 @@ type agentRequest struct {
 // decodeChat parses and validates a chat request body.
 func decodeChat(body []byte) (chatRequest, error) {
 	var raw struct {
-		AgentID *string `json:"agent_id"`
-		Message *string `json:"message"`
-		Stream  *bool   `json:"stream"`
+		AgentID    *string `json:"agent_id"`
+		Message    *string `json:"message"`
+		Stream     *bool   `json:"stream"`
+		Background *bool   `json:"background"`
 	}
 	if err := decodeJSON(body, &raw); err != nil {
 		return chatRequest{}, err
@@ -56,6 +58,12 @@ func decodeChat(body []byte) (chatRequest, error) {
 	}
 	if raw.Stream != nil {
 		r.Stream = *raw.Stream
+	}
+	if raw.Background != nil {
+		r.Background = *raw.Background
+	}
+	if r.Stream && r.Background {
+		return chatRequest{}, badRequest(`"stream" and "background" exclude each other: a background chat streams from GET /api/chats/{id}/events`)
 	}
 	return r, nil
 }

@@ -46,6 +46,7 @@ var codes = map[int]string{
 	fasthttp.StatusUnauthorized:                "unauthorized",
 	fasthttp.StatusNotFound:                    "not_found",
 	fasthttp.StatusMethodNotAllowed:            "method_not_allowed",
+	fasthttp.StatusConflict:                    "conflict",
 	fasthttp.StatusRequestTimeout:              "request_timeout",
 	fasthttp.StatusRequestEntityTooLarge:       "body_too_large",
 	fasthttp.StatusUnsupportedMediaType:        "unsupported_media_type",

@@ -24,7 +24,12 @@ type Store interface {
 	Agents(ctx context.Context) ([]store.Agent, error)
 	DeleteAgent(ctx context.Context, id string, by store.Origin) error
 	StartChat(ctx context.Context, c store.Chat) (store.Activity, error)
-	FinishChat(ctx context.Context, chatID, status string, data map[string]any) (store.Activity, error)
+	EndChat(ctx context.Context, chatID string, o store.Outcome) (store.Activity, error)
+	ChatByID(ctx context.Context, id string) (store.ChatRow, error)
+	BeginAttempt(ctx context.Context, chatID string, by store.Origin) (store.ChatRow, error)
+	RequeueChat(ctx context.Context, chatID string, attempt int, r store.Requeue) (bool, error)
+	AppendChatEvents(ctx context.Context, deltas []store.ChatDelta) error
+	ChatEvents(ctx context.Context, chatID string, after int64, limit int) ([]store.ChatEvent, error)
 	Activities(ctx context.Context, f store.Filter) ([]store.Activity, error)
 	LastActivityID(ctx context.Context) (int64, error)
 	WaitActivity(ctx context.Context, after int64) error
@@ -53,7 +58,7 @@ type ReloadStatus struct {
 const KeepAliveInterval = 15 * time.Second
 
 // DefaultLLMTimeout bounds a chat's LLM call when Config.LLMTimeout is 0.
-const DefaultLLMTimeout = 120 * time.Second
+const DefaultLLMTimeout = llm.DefaultTimeout
 
 // Config configures New.
 type Config struct {
@@ -88,6 +93,12 @@ type Config struct {
 	// Internal, if set, reports requests to leave out of the metrics (the
 	// worker's own health probes).
 	Internal func(ctx *fasthttp.RequestCtx) bool
+	// ChatMaxAttempts is how many attempts a background chat gets before
+	// it fails with its last error. Default DefaultChatMaxAttempts.
+	ChatMaxAttempts int
+	// ChatQueueMax, if positive, bounds the queued background chats: past
+	// it POST /api/chat answers 503 with Retry-After.
+	ChatQueueMax int
 	// Extra, if set, is consulted before the built-in routes and reports
 	// whether it answered. It is a test seam (test-only routes), nil in
 	// production.
@@ -104,6 +115,8 @@ type Handler struct {
 	m       *meters
 	store   storeHealth
 	tokens  [][]byte // SHA-256 of each API token
+	cancels *cancels
+	deltas  *deltaBatcher
 }
 
 // New returns the API handler. Close releases its background goroutine.
@@ -114,6 +127,9 @@ func New(cfg Config) *Handler {
 	if cfg.KeepAliveInterval <= 0 {
 		cfg.KeepAliveInterval = KeepAliveInterval
 	}
+	if cfg.ChatMaxAttempts <= 0 {
+		cfg.ChatMaxAttempts = DefaultChatMaxAttempts
+	}
 	h := &Handler{
 		cfg:     cfg,
 		log:     cfg.Logger,
@@ -121,6 +137,11 @@ func New(cfg Config) *Handler {
 		watcher: newWatcher(),
 		m:       newMeters(cfg.Metrics),
 	}
+	h.cancels = &cancels{h: h, running: map[string]context.CancelCauseFunc{}}
+	h.deltas = newDeltaBatcher(cfg.Store, func(err error) {
+		h.m.storeError("append chat events")
+		h.log.Error().Err(err).Msg("chat deltas not stored")
+	})
 	for _, t := range cfg.APITokens {
 		sum := sha256.Sum256([]byte(t))
 		h.tokens = append(h.tokens, sum[:])
@@ -128,9 +149,15 @@ func New(cfg Config) *Handler {
 	return h
 }
 
-// Close stops the handler's disconnect watcher. Requests still running see
-// no more disconnects.
-func (h *Handler) Close() { h.watcher.close() }
+// Close stops the handler's background goroutines: the disconnect watcher
+// (requests still running see no more disconnects), the cancellation
+// follower and the delta writer, after it wrote what it holds. Stop the
+// chat runner first.
+func (h *Handler) Close() {
+	h.watcher.close()
+	h.cancels.close()
+	h.deltas.close()
+}
 
 // Serve answers one request.
 func (h *Handler) Serve(ctx *fasthttp.RequestCtx) {
@@ -170,6 +197,13 @@ func (h *Handler) serve(ctx *fasthttp.RequestCtx) {
 		if allow(ctx, "POST") {
 			h.chat(ctx)
 		}
+	case strings.HasPrefix(path, "/api/chats/"):
+		id, sub, ok := chatPath(path)
+		if !ok {
+			fail(ctx, errNoRoute)
+			return
+		}
+		h.chatRoute(ctx, id, sub)
 	case path == "/api/activities":
 		if allow(ctx, "GET", "HEAD") {
 			h.activities(ctx)

@@ -1,6 +1,8 @@
 package handlers
 
 import (
+	"fmt"
+	"io"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,7 +21,29 @@ const (
 	metricLLMTokens     = "corral_llm_tokens_total"
 	metricActivities    = "corral_activities_written_total"
 	metricStoreErrors   = "corral_store_errors_total"
+	metricChatAttempts  = "corral_background_chat_attempts_total"
 )
+
+// metricFamilies describe the families above for the # HELP and # TYPE
+// lines of /metrics.
+var metricFamilies = []struct{ name, typ, help string }{
+	{metricRequests, "counter", "HTTP requests answered, by route and status."},
+	{metricDuration, "histogram", "Handler time of HTTP requests, by route; for a stream, the time to start it."},
+	{metricInFlight, "gauge", "HTTP requests being answered, by route."},
+	{metricChatsInFlight, "gauge", "Chats waiting on the LLM."},
+	{metricLLMDuration, "histogram", "Duration of LLM calls, by provider and outcome."},
+	{metricLLMTokens, "counter", "Tokens of LLM calls as the provider counted them, by kind (prompt, completion)."},
+	{metricActivities, "counter", "Activities written to the store, by type."},
+	{metricStoreErrors, "counter", "Store calls that failed for a reason of the server's, by operation."},
+}
+
+// WriteMetricsMeta writes the # HELP and # TYPE lines of the API's metric
+// families, which the metrics.Set a Handler was given does not write.
+func WriteMetricsMeta(w io.Writer) {
+	for _, f := range metricFamilies {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n", f.name, f.help, f.name, f.typ)
+	}
+}
 
 // Histogram buckets, in seconds. LLM calls run up to LLM_TIMEOUT (120 s).
 var (
@@ -29,7 +53,8 @@ var (
 
 // routes are the route labels; any other path is "other", so a scanner
 // cannot blow up the label set.
-var routes = []string{"/health", "/api/chat", "/api/activities", "/api/activities/stream", "/api/agents", "/api/agents/{id}", "other"}
+var routes = []string{"/health", "/api/chat", "/api/activities", "/api/activities/stream", "/api/agents", "/api/agents/{id}",
+	"/api/chats/{id}", "/api/chats/{id}/events", "/api/chats/{id}/cancel", "other"}
 
 // routeOf maps a request path to its route label.
 func routeOf(path string) string {
@@ -38,6 +63,13 @@ func routeOf(path string) string {
 		return path
 	case strings.HasPrefix(path, "/api/agents/") && !strings.Contains(path[len("/api/agents/"):], "/"):
 		return "/api/agents/{id}"
+	case strings.HasPrefix(path, "/api/chats/"):
+		if _, sub, ok := chatPath(path); ok {
+			if sub == "" {
+				return "/api/chats/{id}"
+			}
+			return "/api/chats/{id}/" + sub
+		}
 	}
 	return "other"
 }
@@ -126,6 +158,18 @@ func (m *meters) chatEnded() {
 	if m != nil {
 		m.chats.Dec()
 	}
+}
+
+// background counts an attempt of a background chat run by this worker.
+func (m *meters) background(attempt int) {
+	if m == nil {
+		return
+	}
+	kind := "first"
+	if attempt > 1 {
+		kind = "retry"
+	}
+	m.counter(metricChatAttempts, "kind", kind, "", "").Inc()
 }
 
 // activity counts one activity written by this worker.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -266,13 +267,19 @@ func (s *Supervisor) addInfo(st *Status) {
 }
 
 // status snapshots the supervisor for `server status`.
+// seconds is d in seconds, to the millisecond: the *_s fields of the
+// status carry no more digits than they mean.
+func seconds(d time.Duration) float64 {
+	return math.Round(d.Seconds()*1000) / 1000
+}
+
 func (s *Supervisor) status() *Status {
 	now := s.env.now()
 	st := &Status{
 		Version:    s.cfg.Version,
 		PID:        os.Getpid(),
 		Started:    s.started,
-		UptimeS:    now.Sub(s.started).Seconds(),
+		UptimeS:    seconds(now.Sub(s.started)),
 		Addr:       s.where(),
 		SocketMode: string(s.cfg.SocketMode),
 		State:      "running",
@@ -295,12 +302,12 @@ func (s *Supervisor) status() *Status {
 		u := readUsage(p.pid)
 		w := WorkerStatus{
 			Slot: p.slot.n, PID: p.pid, Generation: p.gen, Version: s.cfg.Version, State: p.state.String(),
-			UptimeS: now.Sub(p.started).Seconds(), Requests: p.requests, InFlight: p.inFlight,
-			RSS: u.RSS, CPUS: u.CPU.Seconds(), FDs: u.FDs,
+			UptimeS: seconds(now.Sub(p.started)), Requests: p.requests, InFlight: p.inFlight,
+			RSS: u.RSS, CPUS: seconds(u.CPU), FDs: u.FDs,
 			Restarts: p.slot.restarts, LastReason: p.slot.lastReason, HeartbeatS: -1, StartReason: p.why,
 		}
 		if !p.lastBeat.IsZero() {
-			w.HeartbeatS = now.Sub(p.lastBeat).Seconds()
+			w.HeartbeatS = seconds(now.Sub(p.lastBeat))
 		}
 		st.Workers = append(st.Workers, w)
 	}

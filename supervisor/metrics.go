@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -12,6 +13,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"net"
 	"net/http"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -154,14 +156,18 @@ func (s *Supervisor) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	w.Write(renderMetrics(snap))
+	if s.cfg.Metrics != nil {
+		s.cfg.Metrics(w)
+	}
 }
 
 // renderMetrics writes the supervisor's metrics and every worker's, each
-// worker's samples labelled worker="N", grouped by metric name as the
-// exposition format wants.
+// worker's samples labelled worker="N", grouped by family with one # HELP
+// and one # TYPE line each, as the exposition format wants.
 func renderMetrics(snap snapshot) []byte {
 	var b bytes.Buffer
 	st := snap.status
+	fmt.Fprintf(&b, "corral_build_info{version=%q,goversion=%q} 1\n", cmp.Or(st.Version, "dev"), runtime.Version())
 	fmt.Fprintf(&b, "corral_supervisor_uptime_seconds %g\n", st.UptimeS)
 	states := map[string]int{"starting": 0, "ready": 0, "draining": 0, "killing": 0}
 	for _, wk := range st.Workers {
@@ -173,34 +179,20 @@ func renderMetrics(snap snapshot) []byte {
 	for _, k := range sortedKeys(snap.restarts) {
 		fmt.Fprintf(&b, "corral_worker_restarts_total{reason=%q} %d\n", k, snap.restarts[k])
 	}
-	var lines [][]byte
+	e := newExposition()
+	e.add(b.Bytes(), nil)
 	// The master's own process and Go metrics, labelled worker="master",
 	// so its goroutines, fds and memory are watched like the workers'.
 	var own bytes.Buffer
 	metrics.WriteProcessMetrics(&own)
 	metrics.WriteFDMetrics(&own)
-	for _, line := range bytes.Split(own.Bytes(), []byte("\n")) {
-		if len(line) > 0 && line[0] != '#' {
-			lines = append(lines, withLabel(line, []byte(`worker="master"`)))
-		}
-	}
+	e.add(own.Bytes(), []byte(`worker="master"`))
 	for _, slot := range sortedKeys(snap.workers) {
-		label := []byte(`worker="` + strconv.Itoa(slot) + `"`)
-		for _, line := range bytes.Split(snap.workers[slot], []byte("\n")) {
-			if len(line) == 0 || line[0] == '#' {
-				continue
-			}
-			lines = append(lines, withLabel(line, label))
-		}
+		e.add(snap.workers[slot], []byte(`worker="`+strconv.Itoa(slot)+`"`))
 	}
-	// Stable by name: each family's samples end up together, worker order
-	// kept within it.
-	slices.SortStableFunc(lines, func(x, y []byte) int { return bytes.Compare(metricName(x), metricName(y)) })
-	for _, l := range lines {
-		b.Write(l)
-		b.WriteByte('\n')
-	}
-	return b.Bytes()
+	var out bytes.Buffer
+	e.write(&out)
+	return out.Bytes()
 }
 
 // withLabel adds label as the first label of one sample line.

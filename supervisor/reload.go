@@ -111,7 +111,7 @@ func (s *Supervisor) startReload(stop <-chan struct{}) error {
 		return fmt.Errorf("supervisor: reload build folder: %w", err)
 	}
 	r.dir = dir
-	s.log.Info().Strs("dirs", r.cfg.Dirs).Str("build", r.cfg.Build).Dur("delay", r.cfg.Delay).Msg("watching for changes")
+	s.log.Info().Strs("dirs", r.cfg.Dirs).Str("build", r.cfg.Build).Dur("delay_ms", r.cfg.Delay).Msg("watching for changes")
 	return nil
 }
 
@@ -202,7 +202,9 @@ func (s *Supervisor) onBuild(res buildResult) {
 	r.building = nil
 	if res.err != nil {
 		first := firstLine(res.output, res.err)
-		s.log.Error().Strs("paths", res.paths).Dur("build_time", res.took).Str("error", first).Msg("build failed, old worker keeps serving")
+		// The compiler's output is printed once, framed below; the log
+		// line says only how the build ended.
+		s.log.Error().Strs("paths", res.paths).Dur("build_time_ms", res.took).Str("error", res.err.Error()).Msg("build failed, old worker keeps serving")
 		printFramed(r.cfg.Output, fmt.Sprintf("build failed (%s)", res.took.Round(time.Millisecond)), res.output)
 		r.status = protocol.Message{Type: protocol.TypeReload, Build: "failed", Error: first}
 		s.tellWorkers(r.status)
@@ -216,7 +218,7 @@ func (s *Supervisor) onBuild(res buildResult) {
 		}
 	}
 	r.status = protocol.Message{Type: protocol.TypeReload, Build: "ok"}
-	s.log.Info().Strs("paths", res.paths).Dur("build_time", res.took).Str("binary", s.exe).Msg("build succeeded, swapping worker")
+	s.log.Info().Strs("paths", res.paths).Dur("build_time_ms", res.took).Str("binary", s.exe).Msg("build succeeded, swapping worker")
 	s.replaceAll("reload")
 }
 

@@ -73,8 +73,13 @@ func TestReloadAFailedBuildKeepsTheOldWorker(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "fail"), nil, 0o644)
 	h.build("main.go")
 	wantStarted(t, h, 1)
-	if l := h.log.lines("build failed, old worker keeps serving"); len(l) != 1 || l[0]["error"] != "main.go:3:1: syntax error" {
-		t.Errorf("build failure lines = %v, want one naming the error", l)
+	// The compiler's output is printed once, framed; the log line says how
+	// the build ended.
+	if l := h.log.lines("build failed, old worker keeps serving"); len(l) != 1 || l[0]["error"] != "exit status 1" {
+		t.Errorf("build failure lines = %v, want one with the build's exit status", l)
+	}
+	if st := h.s.reload.status; st.Error != "main.go:3:1: syntax error" {
+		t.Errorf("reload status error = %q, want the compiler's first error", st.Error)
 	}
 	if !strings.Contains(out.b.String(), "│ main.go:3:1: syntax error") {
 		t.Errorf("compiler output not shown framed: %q", out.b.String())

@@ -74,7 +74,7 @@ func (s *Supervisor) onReady(p *proc) {
 	old := sl.current
 	sl.current, sl.next = p, nil
 	s.log.Info().Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).
-		Dur("startup", now.Sub(p.started)).Str("reason", p.why).Msg("worker ready")
+		Dur("startup_ms", now.Sub(p.started)).Str("reason", p.why).Msg("worker ready")
 	if old != nil && old.state == ready {
 		s.stop(old, p.why)
 	}
@@ -87,7 +87,7 @@ func (s *Supervisor) onReady(p *proc) {
 	if s.reload != nil {
 		s.reload.proven(p.exe)
 		if p.why == "reload" {
-			s.log.Info().Int("pid", p.pid).Dur("since_change", now.Sub(s.reload.lastChange)).Msg("reloaded")
+			s.log.Info().Int("pid", p.pid).Dur("since_change_ms", now.Sub(s.reload.lastChange)).Msg("reloaded")
 		}
 	}
 	switch {
@@ -141,7 +141,7 @@ func (s *Supervisor) onExit(p *proc, status string) {
 	}
 	ev.Int("pid", p.pid).Int("worker", sl.n).Int("generation", p.gen).
 		Str("status", status).Str("reason", reason).
-		Dur("uptime", s.env.now().Sub(p.started)).Msg("worker exited")
+		Dur("uptime_ms", s.env.now().Sub(p.started)).Msg("worker exited")
 	if s.cfg.OnWorkerExit != nil {
 		s.cfg.OnWorkerExit(p.pid, crashed)
 	}
@@ -190,7 +190,7 @@ func (s *Supervisor) backoff(sl *slot, why string, stable bool) {
 		return
 	}
 	sl.restartAt, sl.restartWhy = s.env.now().Add(delay), why
-	s.log.Warn().Int("worker", sl.n).Int("failures", sl.failures).Dur("delay", delay).Msg("worker restart backed off")
+	s.log.Warn().Int("worker", sl.n).Int("failures", sl.failures).Dur("delay_ms", delay).Msg("worker restart backed off")
 }
 
 // stop asks p to drain; tick kills it if it outlives its budget.
@@ -246,7 +246,7 @@ func (s *Supervisor) tick(now time.Time) {
 		silent := now.Sub(p.lastBeat)
 		switch {
 		case p.state == starting:
-			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Dur("timeout", s.cfg.HealthcheckTimeout).Str("reason", "ready_timeout").Msg("worker not ready in time")
+			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Dur("timeout_ms", s.cfg.HealthcheckTimeout).Str("reason", "ready_timeout").Msg("worker not ready in time")
 			if !s.booted && !s.stopping {
 				s.bootFailed(&BootError{Slot: p.slot.n, PID: p.pid, Status: fmt.Sprintf("not ready within %s", s.cfg.HealthcheckTimeout)})
 				return
@@ -285,7 +285,7 @@ func (s *Supervisor) tick(now time.Time) {
 // goroutine's stack to the log, and SIGKILL after the kill grace.
 func (s *Supervisor) hung(p *proc, now time.Time, reason string) {
 	s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).
-		Dur("silent", now.Sub(p.lastBeat)).Str("reason", reason).Msg("worker hung, sending SIGQUIT")
+		Dur("silent_ms", now.Sub(p.lastBeat)).Str("reason", reason).Msg("worker hung, sending SIGQUIT")
 	p.reason, p.state, p.deadline = reason, killing, now.Add(DefaultKillGrace)
 	p.signal(syscall.SIGQUIT)
 	p.signal(syscall.SIGCONT) // a stopped process dumps and exits too

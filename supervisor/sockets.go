@@ -1,6 +1,9 @@
 package supervisor
 
 import (
+	"bufio"
+	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -59,6 +62,27 @@ func probeAddr(addr string) (*net.TCPAddr, error) {
 		ta.Port = sa.Port
 	}
 	return ta, nil
+}
+
+// CheckAddr returns the error New would return for an address in use or
+// unusable (an *AddrError), or nil, without keeping anything bound. A
+// caller with slow or exclusive work to do before New (open a database,
+// claim a lock) checks first, so that a second copy of a server fails on
+// its port, the real mistake, rather than on what it does next. Sockets
+// handed over in cfg.Listeners are not checked; New still checks the rest.
+func CheckAddr(cfg Config) error {
+	switch {
+	case len(cfg.Listeners) > 0:
+		return nil
+	case cfg.UDS != "":
+		if c, err := net.DialTimeout("unix", cfg.UDS, time.Second); err == nil {
+			c.Close()
+			return &AddrError{Addr: cfg.UDS, Err: syscall.EADDRINUSE}
+		}
+		return nil
+	}
+	_, err := probeAddr(cmp.Or(cfg.Addr, DefaultAddr))
+	return err
 }
 
 // listenUDS creates the listening unix socket at path, mode 0666 as
@@ -171,6 +195,25 @@ func socketAddr(f *os.File) (net.Addr, error) {
 	return nil, fmt.Errorf("supervisor: inherited socket %s is neither a TCP nor a unix socket", f.Name())
 }
 
+// procField returns the field with index i (from 0) of a line of a /proc
+// table, fields separated by spaces, or nil; it does not allocate.
+func procField(line []byte, i int) []byte {
+	for n := 0; ; n++ {
+		line = bytes.TrimLeft(line, " ")
+		if len(line) == 0 {
+			return nil
+		}
+		end := bytes.IndexByte(line, ' ')
+		if end < 0 {
+			end = len(line)
+		}
+		if n == i {
+			return line[:end]
+		}
+		line = line[end:]
+	}
+}
+
 // foreignListeners counts the listening TCP sockets on port that are none
 // of ours. SO_REUSEPORT lets any process of the same user join our group;
 // the probe-bind stops another copy of the server at start, but two copies
@@ -187,25 +230,33 @@ func foreignListeners(port int, ours []*os.File) int {
 	}
 	n := 0
 	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		b, err := os.ReadFile(table)
+		// Read line by line: a busy machine's table runs to megabytes (one
+		// line per socket, TIME_WAIT included), which a whole-file read
+		// would leave in the master's heap for its lifetime.
+		t, err := os.Open(table)
 		if err != nil {
 			continue
 		}
-		for _, line := range strings.Split(string(b), "\n")[1:] {
-			f := strings.Fields(line)
-			// sl local_address rem_address st ... inode is field 10.
-			if len(f) < 10 || f[3] != "0A" {
+		sc := bufio.NewScanner(t)
+		for sc.Scan() {
+			// sl local_address rem_address st ... inode is field 10. Only
+			// listening sockets (st 0A) are parsed further, so the lines of
+			// the connections allocate nothing.
+			line := sc.Bytes()
+			if string(procField(line, 3)) != "0A" {
 				continue
 			}
-			i := strings.LastIndexByte(f[1], ':')
-			p, err := strconv.ParseUint(f[1][i+1:], 16, 16)
+			local := string(procField(line, 1))
+			i := strings.LastIndexByte(local, ':')
+			p, err := strconv.ParseUint(local[i+1:], 16, 16)
 			if err != nil || int(p) != port {
 				continue
 			}
-			if ino, err := strconv.ParseUint(f[9], 10, 64); err == nil && !mine[ino] {
+			if ino, err := strconv.ParseUint(string(procField(line, 9)), 10, 64); err == nil && !mine[ino] {
 				n++
 			}
 		}
+		t.Close()
 	}
 	return n
 }

@@ -109,7 +109,7 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 	}
 	cmd := &exec.Cmd{
 		Path: s.exe,
-		Args: []string{fmt.Sprintf("%s: worker %d/%d [gen %d]", s.cfg.Name, sl.n, len(s.slots), gen)},
+		Args: []string{workerTitle(s.cfg.Name, sl.n, gen)},
 		Env: workerEnv(s.cfg.Env, map[string]string{
 			protocol.EnvRole:               protocol.RoleWorker,
 			protocol.EnvProtocol:           protocol.Version,

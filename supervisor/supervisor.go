@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -35,7 +36,7 @@ const (
 	DefaultAddr               = "0.0.0.0:8000"
 	DefaultWorkers            = 4
 	DefaultBacklog            = 2048
-	DefaultGracefulTimeout    = 75 * time.Second
+	DefaultGracefulTimeout    = protocol.DefaultGracefulTimeout
 	DefaultHealthcheckTimeout = 10 * time.Second
 	// DefaultKillGrace is how long a worker has between SIGQUIT (stack dump)
 	// or the end of its drain budget and SIGKILL.
@@ -83,7 +84,7 @@ type Config struct {
 	// Env is the environment of the workers before the markers are added.
 	// Default os.Environ().
 	Env []string
-	// Name prefixes process titles ("NAME: worker 2/4 [gen 1]"). Default
+	// Name prefixes process titles ("NAME: worker 2 [gen 1]"). Default
 	// the executable's base name.
 	Name string
 	// Signals delivers the supervisor's signals: SIGINT, SIGTERM, SIGQUIT,
@@ -137,6 +138,12 @@ type Config struct {
 	// inherits on an upgrade, as Handoff.Files (the store's instance lock,
 	// for example). It is called from the supervisor's loop.
 	HandOver func() []*os.File
+	// Metrics, if set, writes the application's own metrics in Prometheus
+	// text (such as a job queue's depth, which no one worker owns); /metrics
+	// appends them, unlabelled, after the supervisor's and the workers'. It
+	// is called outside the supervisor's loop, once per scrape, and must
+	// return quickly.
+	Metrics func(w io.Writer)
 	// OnWorkerExit, if set, is called from the supervisor's loop after a
 	// worker process exited; crashed is false when the supervisor had asked
 	// it to stop. It must return quickly.
@@ -374,8 +381,11 @@ func (s *Supervisor) url() string {
 func (s *Supervisor) Run() error {
 	defer s.closeSockets()
 	s.log.Info().Int("pid", os.Getpid()).Msg("Started server process")
-	if s.cfg.SocketMode == Reuseport && migrateReqDisabled() {
-		s.log.Warn().Msg("net.ipv4.tcp_migrate_req is 0: scaling down resets connections queued on the removed worker's socket; set it to 1 to migrate them")
+	// Only a scale-down closes a slot's socket, and reload mode never
+	// scales: say it once, where it can happen.
+	if s.cfg.SocketMode == Reuseport && s.cfg.Reload == nil && len(s.slots) > 1 && migrateReqDisabled() {
+		s.log.Info().Str("fix", "sysctl -w net.ipv4.tcp_migrate_req=1").
+			Msg("net.ipv4.tcp_migrate_req is 0: scaling down resets the connections queued on the removed worker's socket")
 	}
 	s.log.Info().
 		Str("url", s.url()).
@@ -499,7 +509,7 @@ func (s *Supervisor) forgive(now time.Time, stalled time.Duration) {
 	if stalled >= time.Second {
 		ev = s.log.Warn()
 	}
-	ev.Dur("stalled", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
+	ev.Dur("stalled_ms", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
 }
 
 func (s *Supervisor) onSignal(sig os.Signal) {
@@ -517,7 +527,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 			s.stopping, s.drainUntil = true, s.env.now().Add(s.cfg.DrainDelay)
 			s.rolling = nil
 			s.tellWorkers(protocol.Message{Type: protocol.TypeDrain})
-			s.log.Info().Dur("delay", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
+			s.log.Info().Dur("delay_ms", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
 			return
 		}
 		s.shutdown("shutdown")
@@ -551,7 +561,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 func (s *Supervisor) shutdown(reason string) {
 	s.stopping = true
 	s.rolling = nil
-	s.log.Info().Dur("budget", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Str("reason", reason).Msg("Shutting down")
+	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Str("reason", reason).Msg("Shutting down")
 	for _, sl := range s.slots {
 		sl.restartAt = time.Time{}
 	}

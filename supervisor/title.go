@@ -14,7 +14,7 @@ func (s *Supervisor) setTitle() {
 	if !s.cfg.SetTitle {
 		return
 	}
-	title := fmt.Sprintf("%s: master [%d workers, %s]", s.cfg.Name, len(s.slots), s.where())
+	title := MasterTitle(s.cfg.Name, len(s.slots), s.where())
 	switch {
 	case s.handedOver:
 		title = s.cfg.Name + ": master [draining]"
@@ -24,6 +24,22 @@ func (s *Supervisor) setTitle() {
 	if err := writeTitle(title); err != nil {
 		s.log.Debug().Err(err).Msg("process title not updated")
 	}
+}
+
+// MasterTitle is the master's process title: "server: master [4 workers,
+// 0.0.0.0:8000]", "server: master [1 worker, ...]". Worker titles carry no
+// count ("server: worker 2 [gen 1]"), so they never go stale on scaling.
+func MasterTitle(name string, workers int, where string) string {
+	unit := "workers"
+	if workers == 1 {
+		unit = "worker"
+	}
+	return fmt.Sprintf("%s: master [%d %s, %s]", name, workers, unit, where)
+}
+
+// workerTitle is a worker's process title: "server: worker 2 [gen 1]".
+func workerTitle(name string, slot, gen int) string {
+	return fmt.Sprintf("%s: worker %d [gen %d]", name, slot, gen)
 }
 
 // writeTitle overwrites the process's argv area, which is what ps, htop and

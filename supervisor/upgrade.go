@@ -329,7 +329,7 @@ func (s *Supervisor) upgradeFailed(reason string) {
 func (s *Supervisor) handOver(up *upgrade, m protocol.Message) {
 	s.log.Info().Int("old_pid", os.Getpid()).Str("old_version", s.cfg.Version).
 		Int("new_pid", up.pid).Str("new_version", m.Version).
-		Dur("took", s.env.now().Sub(up.started)).Msg("new master ready, old workers draining")
+		Dur("took_ms", s.env.now().Sub(up.started)).Msg("new master ready, old workers draining")
 	s.up, s.handedOver = nil, true
 	// systemd follows the new master now; a STOPPING=1 from here would stop
 	// the service.

@@ -44,7 +44,7 @@ func (l patientListener) Accept() (net.Conn, error) {
 			continue
 		}
 		if wait != 0 && err == nil {
-			l.log.Info().Str("addr", l.Addr().String()).Dur("after", time.Since(since)).Msg("accepting again")
+			l.log.Info().Str("addr", l.Addr().String()).Dur("after_ms", time.Since(since)).Msg("accepting again")
 		}
 		return c, err
 	}

@@ -1,6 +1,9 @@
 // Package worker serves an HTTP handler as one worker process of the
 // supervisor: on the listening sockets it inherits, with readiness,
-// heartbeats, recycling and a bounded drain.
+// heartbeats, recycling and a bounded drain. Run serves a
+// fasthttp.RequestHandler and RunHTTP a net/http http.Handler, with the same
+// process model: the net/http handler runs behind fasthttp's adaptor, so
+// both get the same listeners, probes, limits, access log and drain.
 //
 // Mechanism. The supervisor starts the worker with the file descriptors and
 // environment markers described in package protocol. Run serves the handler
@@ -8,8 +11,9 @@
 // reuseport mode, a neighbour's, so a dead or stopped worker never strands
 // the connections queued on its socket) and on an in-memory listener that
 // only the worker itself dials. Through that in-memory listener the worker
-// sends GET /health to its own handler: the first success makes it ready,
-// and every later success is a heartbeat. A worker whose serving path is
+// sends GET /health to its own handler: the first answer below 500 makes
+// it ready (an application without a /health route answers 404, which
+// proves the serving path as well), and every later answer is a heartbeat. A worker whose serving path is
 // stuck therefore stops heartbeating, and the supervisor replaces it.
 //
 // Invariants.

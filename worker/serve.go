@@ -91,7 +91,7 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 			Int("status", ctx.Response.StatusCode()).
 			Bytes("user_agent", ctx.UserAgent()).
 			Str("request_id", id).
-			Dur("duration", time.Since(start)).
+			Dur("duration_ms", time.Since(start)).
 			Int("bytes", size).
 			Msg("request")
 	}

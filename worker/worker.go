@@ -21,7 +21,7 @@ import (
 
 // Defaults applied by Run to zero fields of Config.
 const (
-	DefaultGracefulTimeout  = 75 * time.Second
+	DefaultGracefulTimeout  = protocol.DefaultGracefulTimeout
 	DefaultOrphanTimeout    = time.Second
 	DefaultKeepAliveTimeout = 5 * time.Second
 	DefaultReadTimeout      = 30 * time.Second
@@ -254,7 +254,7 @@ func Run(in Info, cfg Config) error {
 	}
 	close(stopBeat)
 	<-beatDone
-	log.Info().Str("reason", reason).Dur("budget", budget).Int64("in_flight", w.inFlight.Load()).Msg("drain started")
+	log.Info().Str("reason", reason).Dur("budget_ms", budget).Int64("in_flight", w.inFlight.Load()).Msg("drain started")
 	// A draining worker still shows it is alive: the supervisor kills one
 	// that goes silent (stopped or stuck) instead of waiting out its budget.
 	stopDrainBeat := make(chan struct{})

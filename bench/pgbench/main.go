@@ -96,7 +96,10 @@ func main() {
 		var err error
 		switch name {
 		case "sqlite":
-			r, err = c.run(name, tmp, 1, "sqlite:"+filepath.Join(tmp, "sqlite", "server.db"))
+			// The server creates only its default data/ folder.
+			if err = os.MkdirAll(filepath.Join(tmp, "sqlite"), 0o755); err == nil {
+				r, err = c.run(name, tmp, 1, "sqlite:"+filepath.Join(tmp, "sqlite", "server.db"))
+			}
 		case "postgres", "postgres-2hosts":
 			hosts := 1
 			if name == "postgres-2hosts" {

@@ -68,7 +68,7 @@ func (w *logWatch) follow(r io.Reader, raw io.Writer) {
 			Generation int     `json:"generation"`
 			Reason     string  `json:"reason"`
 			URL        string  `json:"url"`
-			Startup    float64 `json:"startup"`
+			Startup    float64 `json:"startup_ms"`
 			Requests   int     `json:"requests"`
 		}
 		// Workers and master share stderr: a goroutine dump after SIGQUIT

@@ -23,12 +23,12 @@ type reloadTrial struct {
 	OldPID, NewPID int
 	Detect         time.Duration // save -> "change detected" (includes RELOAD_DELAY)
 	Build          time.Duration // "change detected" -> "build succeeded, swapping worker"
-	BuildField     time.Duration // build_time field of that line
+	BuildField     time.Duration // build_time_ms field of that line
 	Started        time.Duration // build end (or change detected) -> "worker started" of the new pid
 	Ready          time.Duration // build end (or change detected) -> "worker ready" of the new pid
 	Swap           time.Duration // build end (or change detected) -> first 200 from the new pid
 	Total          time.Duration // save -> first 200 from the new pid
-	SinceChange    time.Duration // "reloaded" line's since_change field
+	SinceChange    time.Duration // "reloaded" line's since_change_ms field
 	OldExited      time.Duration // first 200 from the new pid -> "worker exited" of the old one
 }
 
@@ -216,8 +216,8 @@ func (b *bench) reloadOnce(t *target, path string, n int, timeout time.Duration)
 			return tr, failed, err
 		}
 		tr.Build = built.At.Sub(det.At)
-		if v, ok := numField(built.Raw, "build_time"); ok {
-			tr.BuildField = time.Duration(v * float64(time.Second))
+		if v, ok := numField(built.Raw, "build_time_ms"); ok {
+			tr.BuildField = time.Duration(v * float64(time.Millisecond))
 		}
 		from = built.At
 	}
@@ -231,8 +231,8 @@ func (b *bench) reloadOnce(t *target, path string, n int, timeout time.Duration)
 		tr.Ready = ev.At.Sub(from)
 	}
 	if ev, err := wait("reloaded", isNew("reloaded")); err == nil {
-		if v, ok := numField(ev.Raw, "since_change"); ok {
-			tr.SinceChange = time.Duration(v * float64(time.Second))
+		if v, ok := numField(ev.Raw, "since_change_ms"); ok {
+			tr.SinceChange = time.Duration(v * float64(time.Millisecond))
 		}
 	}
 	tr.Swap = first.End().Sub(from)
@@ -315,7 +315,7 @@ func (r *reloadResult) markdown(p func(string, ...any)) {
 			run.Load.Failed, run.Load.Count, errText(run.Load.Errors), run.PollFailed, passFail(run.Swap < targetReloadSwap && run.Load.Failed == 0 && run.PollFailed == 0))
 	}
 	p("\nEach reload (for a restart only, \"build end\" is the change detected line):\n\n")
-	p("| RELOAD_BUILD | reload | old -> new pid | detect | build (lines) | build_time field | -> worker started | -> worker ready | -> first 200 | total | since_change field | first 200 -> old worker exited |\n")
+	p("| RELOAD_BUILD | reload | old -> new pid | detect | build (lines) | build_time_ms field | -> worker started | -> worker ready | -> first 200 | total | since_change_ms field | first 200 -> old worker exited |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, run := range r.Runs {
 		all := slices.Clone(run.Trials)

@@ -153,7 +153,7 @@ func (r results) markdown() string {
 		row("exec -> \"Corral running\" line", s.Running, s.MedianRunning, false)
 		row("exec -> first 200 from GET /health", s.FirstOK, s.MedianFirstOK, true)
 		row("exec -> \"Application startup complete\"", s.Complete, s.MedianComplete, true)
-		row("worker spawn -> ready (\"startup\" field, every worker)", s.WorkerStartup, s.MedianWorkerSpawnToReady, false)
+		row("worker spawn -> ready (\"startup_ms\" field, every worker)", s.WorkerStartup, s.MedianWorkerSpawnToReady, false)
 		row("baseline, 4 procs: exec -> first 200", s.BaselineOK, s.MedianBaselineOK, false)
 		p("\n")
 	}

@@ -661,11 +661,10 @@ func slug(s string) string {
 	return string(out)
 }
 
-// startupField reads the "startup" field of a worker ready line: seconds,
-// as the server sets zerolog's duration unit.
+// startupField reads the "startup_ms" field of a worker ready line.
 func startupField(raw string) (time.Duration, bool) {
-	v, ok := numField(raw, "startup")
-	return time.Duration(v * float64(time.Second)), ok
+	v, ok := numField(raw, "startup_ms")
+	return time.Duration(v * float64(time.Millisecond)), ok
 }
 
 // numField reads the number in field key of a JSON log line.

@@ -248,8 +248,8 @@ func TestUnusableDatabaseExits3(t *testing.T) {
 		if code, want := s.wait(20*time.Second), documentedExit(t, "the store cannot be opened"); code != want {
 			t.Errorf("DATABASE_URL=sqlite:%s: exit %d, want %d", path, code, want)
 		}
-		if out := s.logs.String(); !strings.Contains(out, "server: ") || !strings.Contains(out, path) {
-			t.Errorf("DATABASE_URL=sqlite:%s: stderr does not name the file:\n%s", path, out)
+		if got := s.startFailure(t); !strings.Contains(got, path) {
+			t.Errorf("DATABASE_URL=sqlite:%s: error %q does not name the file", path, got)
 		}
 	}
 }
@@ -275,10 +275,10 @@ func TestInstanceIDInUse(t *testing.T) {
 	if code, want := b.wait(20*time.Second), documentedExit(t, "instance id is in use"); code != want {
 		t.Errorf("second server with the same instance id: exit %d, want %d", code, want)
 	}
-	out := b.logs.String()
-	for _, want := range []string{"server: claim instance id", db, "--instance-id"} {
+	out := b.startFailure(t)
+	for _, want := range []string{"claim instance id", db, "--instance-id"} {
 		if !strings.Contains(out, want) {
-			t.Errorf("second server's stderr lacks %q:\n%s", want, out)
+			t.Errorf("second server's error %q lacks %q", out, want)
 		}
 	}
 	if r := <-reply; r.status != 200 {

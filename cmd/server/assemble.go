@@ -28,7 +28,10 @@ var (
 func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log, Host: cfg.InstanceID, MaxOpenConns: cfg.DatabaseMaxConns})
+	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log, Host: cfg.InstanceID, MaxOpenConns: cfg.DatabaseMaxConns,
+		// Only the default data/ folder is created: a folder the user
+		// named and mistyped must not appear silently.
+		RefuseMissingFolder: cfg.DatabaseURL != defaultDatabaseURL})
 }
 
 // prepareStore runs once in the master before any worker starts: it opens
@@ -74,6 +77,16 @@ func prepareStore(cfg config, log zerolog.Logger, handoff *supervisor.Handoff) (
 	}
 	if n > 0 {
 		log.Warn().Int("chats", n).Str("reason", "server_restarted").Msg("chats left running by a previous run marked failed")
+	}
+	// Background chats a previous run left running (its workers were
+	// killed) go back to the queue.
+	requeued, failed, err := st.HandBackChats(ctx, 0, "server_restarted", cfg.ChatMaxAttempts)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	if requeued+failed > 0 {
+		log.Warn().Int("requeued", requeued).Int("failed", failed).Str("reason", "server_restarted").Msg("background chats left running by a previous run handed back")
 	}
 	log.Info().Str("database", st.Path()).Int("schema", st.SchemaVersion()).Msg("store ready")
 	return st, nil
@@ -123,19 +136,22 @@ func activitiesPanel(st *store.Store) func(ctx context.Context) (supervisor.Pane
 	}
 }
 
-// orphanReaper records as failed the chats of workers that died in the
-// middle of them. The supervisor's loop hands it pids and never waits: the
-// buffer absorbs bursts, and a pid that does not fit is caught by the next
-// start's FailAllStarted.
+// orphanReaper records as failed the synchronous chats of workers that
+// died in the middle of them, and hands their background chats back to the
+// queue at once (their jobs are available again, for any worker). The
+// supervisor's loop hands it pids and never waits: the buffer absorbs
+// bursts, and a pid that does not fit is caught by the next start's
+// FailAllStarted and HandBackChats.
 type orphanReaper struct {
-	st   *store.Store
-	log  zerolog.Logger
-	pids chan int
-	done chan struct{}
+	st          *store.Store
+	log         zerolog.Logger
+	maxAttempts int
+	pids        chan int
+	done        chan struct{}
 }
 
-func newOrphanReaper(st *store.Store, log zerolog.Logger) *orphanReaper {
-	r := &orphanReaper{st: st, log: log, pids: make(chan int, 1024), done: make(chan struct{})}
+func newOrphanReaper(st *store.Store, log zerolog.Logger, maxAttempts int) *orphanReaper {
+	r := &orphanReaper{st: st, log: log, maxAttempts: maxAttempts, pids: make(chan int, 1024), done: make(chan struct{})}
 	go r.run()
 	return r
 }
@@ -154,12 +170,19 @@ func (r *orphanReaper) run() {
 	for pid := range r.pids {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		n, err := r.st.FailOrphanedChats(ctx, pid, "worker_died")
-		cancel()
 		switch {
 		case err != nil:
 			r.log.Error().Err(err).Int("pid", pid).Msg("orphaned chats not recorded")
 		case n > 0:
 			r.log.Warn().Int("pid", pid).Int("chats", n).Str("reason", "worker_died").Msg("chats of a dead worker marked failed")
+		}
+		requeued, failed, err := r.st.HandBackChats(ctx, pid, "worker_died", r.maxAttempts)
+		cancel()
+		switch {
+		case err != nil:
+			r.log.Error().Err(err).Int("pid", pid).Msg("background chats of a dead worker not handed back")
+		case requeued+failed > 0:
+			r.log.Warn().Int("pid", pid).Int("requeued", requeued).Int("failed", failed).Str("reason", "worker_died").Msg("background chats of a dead worker handed back")
 		}
 	}
 }

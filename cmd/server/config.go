@@ -11,7 +11,9 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/corralhq/corral/handlers"
 	"github.com/corralhq/corral/handlers/llm"
+	"github.com/corralhq/corral/handlers/store"
 	"github.com/corralhq/corral/supervisor"
 	"github.com/corralhq/corral/supervisor/prefork"
 	"github.com/corralhq/corral/worker"
@@ -39,6 +41,9 @@ type config struct {
 	SimulatedLatency time.Duration // --simulated-latency, default llm.DefaultSimulatedLatency, 0 allowed
 	APITokens        []string      `json:"-"` // API_TOKEN only; nil = none set; never printed
 	CORSOrigins      []string      // --cors-origins, normalised origins or ["*"]; nil = none
+	ChatConcurrency  int           // --chat-concurrency, background chats per worker, default 256
+	ChatMaxAttempts  int           // --chat-max-attempts, default 3
+	ChatQueueMax     int           // --chat-queue-max, default 10000, 0 = no limit
 }
 
 // Defaults and bounds of the agent API's settings; the process model's
@@ -84,8 +89,14 @@ func defaultConfig() config {
 		LLMTimeout:       llm.DefaultTimeout,
 		LLMIdleTimeout:   llm.DefaultIdleTimeout,
 		SimulatedLatency: llm.DefaultSimulatedLatency,
+		ChatConcurrency:  store.DefaultChatConcurrency,
+		ChatMaxAttempts:  handlers.DefaultChatMaxAttempts,
+		ChatQueueMax:     defaultChatQueueMax,
 	}
 }
+
+// defaultChatQueueMax is --chat-queue-max's default.
+const defaultChatQueueMax = 10000
 
 // String formats c for logs and debugging with LLMAPIKey, APITokens and
 // MetricsToken hidden, so that printing a config with %v or %+v never

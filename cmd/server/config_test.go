@@ -66,6 +66,9 @@ func TestConfigDefaults(t *testing.T) {
 		LLMTimeout:       120 * time.Second,
 		LLMIdleTimeout:   60 * time.Second,
 		SimulatedLatency: 3 * time.Second,
+		ChatConcurrency:  256,
+		ChatMaxAttempts:  3,
+		ChatQueueMax:     10000,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("loadConfig(nil, no env) =\n%+v\nwant\n%+v", got, want)
@@ -123,6 +126,9 @@ func TestConfigPrecedence(t *testing.T) {
 		{"llm-timeout", []string{"LLM_TIMEOUT", "30s"}, []string{"--llm-timeout", "45"}, field("LLMTimeout"), 30 * time.Second, 45 * time.Second},
 		{"llm-idle-timeout", []string{"LLM_IDLE_TIMEOUT", "10s"}, []string{"--llm-idle-timeout", "20s"}, field("LLMIdleTimeout"), 10 * time.Second, 20 * time.Second},
 		{"simulated-latency", []string{"SIMULATED_LATENCY", "0"}, []string{"--simulated-latency", "250ms"}, field("SimulatedLatency"), time.Duration(0), 250 * time.Millisecond},
+		{"chat-concurrency", []string{"CHAT_CONCURRENCY", "10"}, []string{"--chat-concurrency", "20"}, field("ChatConcurrency"), 10, 20},
+		{"chat-max-attempts", []string{"CHAT_MAX_ATTEMPTS", "1"}, []string{"--chat-max-attempts", "5"}, field("ChatMaxAttempts"), 1, 5},
+		{"chat-queue-max", []string{"CHAT_QUEUE_MAX", "0"}, []string{"--chat-queue-max", "50"}, field("ChatQueueMax"), 0, 50},
 		{"cors-origins", []string{"CORS_ORIGINS", "https://a.example.com"}, []string{"--cors-origins", "*"}, field("CORSOrigins"), []string{"https://a.example.com"}, []string{"*"}},
 		{"limit-max-memory", []string{"LIMIT_MAX_MEMORY", "512MiB"}, []string{"--limit-max-memory", "1GiB"}, field("LimitMaxMemory"), int64(512 << 20), int64(1 << 30)},
 		{"drain-delay", []string{"DRAIN_DELAY", "5s"}, []string{"--drain-delay", "0"}, field("DrainDelay"), 5 * time.Second, time.Duration(0)},

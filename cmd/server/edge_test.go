@@ -9,13 +9,12 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -178,34 +177,6 @@ func TestRequestHeaderLimit(t *testing.T) {
 	big := startServer(t, "WORKERS=1", "LIMIT_REQUEST_HEADERS=32KiB")
 	if st, body := get(big.port, 30000); st != 200 {
 		t.Errorf("LIMIT_REQUEST_HEADERS=32KiB, 30000-byte header: %d %s, want 200", st, body)
-	}
-}
-
-// seenUpstream is one request the recording upstream received.
-type seenUpstream struct {
-	path, query string
-	header      http.Header
-}
-
-// recordingLLM is an OpenAI-compatible upstream on a loopback port that
-// answers every chat with a short streamed reply and records the requests.
-func recordingLLM(t *testing.T) (base string, seen func() []seenUpstream) {
-	t.Helper()
-	var mu sync.Mutex
-	var reqs []seenUpstream
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		mu.Lock()
-		reqs = append(reqs, seenUpstream{r.URL.Path, r.URL.RawQuery, r.Header.Clone()})
-		mu.Unlock()
-		w.Header().Set("Content-Type", "text/event-stream")
-		io.WriteString(w, sseChunk("hello ")+sseChunk("there")+sseFinish)
-	}))
-	t.Cleanup(srv.Close)
-	return srv.URL, func() []seenUpstream {
-		mu.Lock()
-		defer mu.Unlock()
-		return append([]seenUpstream(nil), reqs...)
 	}
 }
 
@@ -483,5 +454,63 @@ func TestJournaldPriorities(t *testing.T) {
 	}
 	if !debug {
 		t.Errorf("no debug line with <7>; seen %v", seen)
+	}
+}
+
+// TestMetricsPromtool checks /metrics with Prometheus's own linter: one
+// # HELP and one # TYPE line per family (the master's aggregation keeps
+// them), names by Prometheus's conventions, and corral_build_info. It
+// runs where promtool is installed (Debian package prometheus).
+func TestMetricsPromtool(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "METRICS_ADDR=127.0.0.1:0", "SIMULATED_LATENCY=0")
+	base := s.metricsURL(t)
+	for range 4 {
+		if _, err := s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": "count me"}, &chatAnswer{}); err != nil {
+			t.Fatal(err)
+		}
+		s.postJSON("/api/agents/nobody", nil, nil)
+	}
+	var text string
+	waitFor(t, 10*time.Second, func() error {
+		_, text = get(t, base+"metrics", "")
+		if !strings.Contains(text, "corral_llm_call_duration_seconds_bucket") {
+			return errors.New("no LLM call histogram yet")
+		}
+		return nil
+	})
+	if v, ok := sample(text, `corral_build_info{version="dev",goversion="`+runtime.Version()+`"}`); !ok || v != 1 {
+		t.Errorf("corral_build_info = %v, %v; want 1 with version and goversion labels", v, ok)
+	}
+	help, typ := map[string]int{}, map[string]int{}
+	for _, l := range strings.Split(text, "\n") {
+		if f := strings.Fields(l); len(f) >= 4 && f[0] == "#" {
+			switch f[1] {
+			case "HELP":
+				help[f[2]]++
+			case "TYPE":
+				typ[f[2]]++
+			}
+		}
+	}
+	for name, n := range typ {
+		if n != 1 || help[name] != 1 {
+			t.Errorf("family %s: %d # TYPE and %d # HELP lines, want one each", name, n, help[name])
+		}
+	}
+	for _, fam := range []string{"corral_http_requests_total", "corral_http_request_duration_seconds", "corral_workers", "go_goroutines", "process_resident_memory_bytes"} {
+		if typ[fam] != 1 {
+			t.Errorf("family %s has no # TYPE line", fam)
+		}
+	}
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Log("promtool not installed (Debian package prometheus): the lint is skipped")
+		return
+	}
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = strings.NewReader(text)
+	out, err := cmd.CombinedOutput()
+	if err != nil || len(out) > 0 {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }

@@ -53,18 +53,21 @@ func prepareMaster(cfg config, log zerolog.Logger, sc *supervisor.Config) (func(
 		}
 		return nil
 	}
-	reaper := newOrphanReaper(st, log)
+	reaper := newOrphanReaper(st, log, cfg.ChatMaxAttempts)
 	sc.ControlSocket = controlPath(cfg.ControlSocket, cfg.DatabaseURL)
 	sc.OnWorkerExit = reaper.workerExited
 	sc.Panel = activitiesPanel(st)
 	info := []supervisor.Field{{Name: "store", Value: describeStore(st.Path())}, {Name: "llm", Value: describeLLM(cfg)}}
-	sc.Info = func() []supervisor.Field { return info }
+	queue := newQueueWatch(st, log)
+	sc.Info = func() []supervisor.Field { return append(info[:len(info):len(info)], queue.fields()...) }
+	sc.Metrics = queue.writeMetrics
 	if sc.Reload != nil {
 		// The database's folder is never watched, so its writes never
 		// trigger a reload.
 		sc.Reload.ExcludeDirs = dataDirsBelow(filepath.Dir(st.Path()), cfg.ReloadDirs)
 	}
 	return func() {
+		queue.close()
 		reaper.close()
 		st.Close()
 	}, nil

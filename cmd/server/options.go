@@ -1,10 +1,13 @@
 package main
 
 import (
+	"math"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 
+	"github.com/corralhq/corral/handlers"
 	"github.com/corralhq/corral/handlers/llm"
 	"github.com/corralhq/corral/handlers/store"
 	"github.com/corralhq/corral/supervisor/prefork"
@@ -104,6 +107,24 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 			Help: "reply time of the simulated provider",
 			Set: func(s prefork.Setting) (err error) {
 				c.SimulatedLatency, err = s.Duration(0, "0 or more")
+				return err
+			}},
+		{Group: groupAPI, Flag: "chat-concurrency", Arg: "N", Env: []string{"CHAT_CONCURRENCY"}, Default: strconv.Itoa(store.DefaultChatConcurrency),
+			Help: "background chats each worker runs at once, 1 to 100000",
+			Set: func(s prefork.Setting) (err error) {
+				c.ChatConcurrency, err = s.Whole(1, 100000, "a whole number from 1 to 100000")
+				return err
+			}},
+		{Group: groupAPI, Flag: "chat-max-attempts", Arg: "N", Env: []string{"CHAT_MAX_ATTEMPTS"}, Default: strconv.Itoa(handlers.DefaultChatMaxAttempts),
+			Help: "attempts a background chat gets before it fails, 1 to 100",
+			Set: func(s prefork.Setting) (err error) {
+				c.ChatMaxAttempts, err = s.Whole(1, 100, "a whole number from 1 to 100")
+				return err
+			}},
+		{Group: groupAPI, Flag: "chat-queue-max", Arg: "N", Env: []string{"CHAT_QUEUE_MAX"}, Default: strconv.Itoa(defaultChatQueueMax),
+			Help: "queued background chats, then 503; 0 = no limit",
+			Set: func(s prefork.Setting) (err error) {
+				c.ChatQueueMax, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
 		{Group: groupAPI, Flag: "cors-origins", Arg: "LIST", Env: []string{"CORS_ORIGINS"}, Default: "(none)",

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -63,8 +64,8 @@ func TestProcessTitlesAndGroups(t *testing.T) {
 	mst, _ := procStat(master)
 	for _, pid := range s.workerPIDs() {
 		args, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if !strings.Contains(string(args), ": worker ") || !strings.Contains(string(args), "/2 [gen 1]") {
-			t.Errorf("worker title = %q, want \"...: worker N/2 [gen 1]\"", args)
+		if !workerTitleRE.Match(bytes.TrimRight(args, "\x00")) {
+			t.Errorf("worker title = %q, want \"...: worker N [gen 1]\"", args)
 		}
 		if comm := readComm(pid); !strings.HasSuffix(comm, "-worker") {
 			t.Errorf("worker comm = %q, want ...-worker", comm)
@@ -485,9 +486,8 @@ func TestBusyPort(t *testing.T) {
 	if code, want := s.wait(10*time.Second), documentedExit(t, "address is in use"); code != want {
 		t.Errorf("exit status with a busy port = %d, want %d", code, want)
 	}
-	want := "server: address 127.0.0.1:" + port + " already in use"
-	if !strings.Contains(s.logs.String(), want) {
-		t.Errorf("stderr lacks %q:\n%s", want, s.logs)
+	if got, want := s.startFailure(t), "address 127.0.0.1:"+port+" already in use"; got != want {
+		t.Errorf("start-up error = %q, want %q", got, want)
 	}
 	// A second copy of the server on the first one's port is refused the same way.
 	first := startServer(t, "WORKERS=1")
@@ -508,8 +508,8 @@ func TestBootFailureExits3(t *testing.T) {
 	if !strings.Contains(s.logs.String(), "test worker refuses to boot") {
 		t.Errorf("the worker's error is not on stderr:\n%s", s.logs)
 	}
-	if !strings.Contains(s.logs.String(), "failed to boot: exit 3") {
-		t.Errorf("the master does not say which worker failed:\n%s", s.logs)
+	if n := len(s.logs.find("worker failed to boot, stopping", map[string]any{"status": "exit 3"})); n != 1 {
+		t.Errorf("the master says %d times which worker failed, want once:\n%s", n, s.logs)
 	}
 }
 

@@ -164,6 +164,9 @@ func TestReload(t *testing.T) {
 		if n := strings.Count(s.logs.String(), "┌─ build failed"); n != 1 {
 			t.Errorf("compiler output framed %d times, want once", n)
 		}
+		if n := strings.Count(s.logs.String(), "syntax error"); n != 1 {
+			t.Errorf("the compiler's error is on stderr %d times, want once:\n%s", n, s.logs)
+		}
 		f.setText("version 3")
 		if pid := s.waitText(t, "version 3"); pid == before {
 			t.Errorf("fixed build served by the old pid %d", pid)

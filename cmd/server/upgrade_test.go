@@ -213,6 +213,6 @@ func TestUpgrade(t *testing.T) {
 	if got := notify.from(oldMaster); strings.Contains(got, "STOPPING=1") {
 		t.Errorf("the old master told systemd %q: STOPPING=1 would stop the service", got)
 	}
-	t.Logf("upgrade with 10 chats in flight: answered after %s (new master ready %.3f s after it started); %d + %d requests, none failed",
-		took.Round(time.Millisecond), ready[0]["took"], okC, okO)
+	t.Logf("upgrade with 10 chats in flight: answered after %s (new master ready %.0f ms after it started); %d + %d requests, none failed",
+		took.Round(time.Millisecond), ready[0]["took_ms"], okC, okO)
 }

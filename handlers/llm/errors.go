@@ -118,3 +118,7 @@ func ctxError(ctx context.Context) error {
 		return err
 	}
 }
+
+// RetryAfter returns the wait upstream asked for in its Retry-After header,
+// and whether it sent a valid one.
+func (e *StatusError) RetryAfter() (time.Duration, bool) { return e.retryAfter, e.hasRetryAfter }

@@ -11,28 +11,78 @@ import (
 	"time"
 )
 
-// Chat statuses. A chat is "started" until it finishes exactly once.
+// Chat statuses. A background chat is "queued" until a worker takes it,
+// then "running"; a synchronous chat starts "running". A chat ends exactly
+// once, in one of the three final statuses. A background chat handed back
+// after a failed attempt is "queued" again.
 const (
-	ChatStarted   = "started"
+	ChatQueued    = "queued"
+	ChatRunning   = "running"
 	ChatCompleted = "completed"
 	ChatFailed    = "failed"
 	ChatCancelled = "cancelled"
 )
 
-// Chat is one message sent to an agent, run by one worker process.
+// IdempotencyWindow is how long an idempotency key names its chat.
+const IdempotencyWindow = 24 * time.Hour
+
+// Chat is one message sent to an agent: a new chat for StartChat.
 type Chat struct {
 	ID      string // generated if empty
 	AgentID string
 	Message string
-	Origin  Origin // the worker running the chat
+	Origin  Origin // the worker that accepted the chat (and runs it unless Background)
 	// RequestID, if set, is the id of the request that started the chat;
-	// the chat.started activity carries it as data.request_id.
+	// its first activity carries it as data.request_id.
 	RequestID string
+
+	// Background queues the chat as a job that any worker may run instead
+	// of running it in the caller.
+	Background bool
+	// QueueMax, if positive, refuses a Background chat with ErrQueueFull
+	// when that many chats are already queued.
+	QueueMax int
+	// IdemKey, if set, names the chat for IdempotencyWindow: a later
+	// StartChat with the same key and IdemHash returns an error matching
+	// ErrDuplicate (a *DuplicateError naming the first chat), one with
+	// another IdemHash ErrKeyReused.
+	IdemKey, IdemHash string
 }
 
-// StartChat stores c with status "started" and a "chat.started" activity in
-// one transaction and returns the activity (its ChatID carries a generated
-// id). The agent must exist (ErrNotFound); a taken chat id is ErrExists.
+// ChatRow is a chat as stored.
+type ChatRow struct {
+	ID         string
+	AgentID    string
+	Message    string
+	Status     string
+	Background bool
+	Attempts   int
+	Worker     int    // the worker that runs or last ran it
+	PID        int    // its process id
+	Host       string // its instance (Options.Host)
+	Created    time.Time
+	Started    time.Time // zero until first run
+	Finished   time.Time // zero until final
+	Reply      string    // when completed
+	// Detail is the JSON object of the finishing activity's data (usage,
+	// provider, model; or reason, status, message), or of the last failed
+	// attempt while a chat waits for a retry; empty otherwise.
+	Detail string
+	JobID  int64 // the River job of a background chat
+}
+
+// Final reports whether status is one a chat ends in.
+func Final(status string) bool {
+	return status == ChatCompleted || status == ChatFailed || status == ChatCancelled
+}
+
+// StartChat stores c in one transaction with its first activity and
+// returns that activity (its ChatID carries a generated id). A synchronous
+// chat is "running" with a "chat.started" activity; a Background chat is
+// "queued" with a "chat.queued" activity, and its River job is inserted in
+// the same transaction, so there is never a chat without its job or a job
+// without its chat. The agent must exist (ErrNotFound); a taken chat id is
+// ErrExists; see Chat for ErrQueueFull, ErrDuplicate and ErrKeyReused.
 func (s *Store) StartChat(ctx context.Context, c Chat) (Activity, error) {
 	if c.ID == "" {
 		c.ID = newID()
@@ -44,7 +94,16 @@ func (s *Store) StartChat(ctx context.Context, c Chat) (Activity, error) {
 	if c.RequestID != "" {
 		act.Data = map[string]any{"request_id": c.RequestID}
 	}
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	status, attempts, started := ChatRunning, 1, sql.NullString{String: timeArg(act.Time), Valid: true}
+	if c.Background {
+		act.Type, status, attempts, started = "chat.queued", ChatQueued, 0, sql.NullString{}
+	}
+	var idemKey, idemHash sql.NullString
+	if c.IdemKey != "" {
+		idemKey = sql.NullString{String: c.IdemKey, Valid: true}
+		idemHash = sql.NullString{String: c.IdemHash, Valid: true}
+	}
+	insert := func(tx *sql.Tx) error {
 		var one int
 		err := tx.QueryRowContext(ctx, s.q(`SELECT 1 FROM agents WHERE id = ?`), c.AgentID).Scan(&one)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -53,9 +112,25 @@ func (s *Store) StartChat(ctx context.Context, c Chat) (Activity, error) {
 		if err != nil {
 			return err
 		}
-		res, err := tx.ExecContext(ctx, s.q(`INSERT INTO chats (id, agent_id, message, status, worker, pid, host, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
-			c.ID, c.AgentID, c.Message, ChatStarted, c.Origin.Worker, c.Origin.PID, s.host, timeArg(act.Time))
+		if c.IdemKey != "" {
+			if err := s.checkIdemKeyTx(ctx, tx, c.IdemKey, c.IdemHash, act.Time); err != nil {
+				return err
+			}
+		}
+		if c.Background && c.QueueMax > 0 {
+			var n int
+			if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM chats WHERE status = 'queued'`).Scan(&n); err != nil {
+				return err
+			}
+			if n >= c.QueueMax {
+				return fmt.Errorf("%d chats queued: %w", n, ErrQueueFull)
+			}
+		}
+		res, err := tx.ExecContext(ctx, s.q(`INSERT INTO chats (id, agent_id, message, status, background, attempts,
+	worker, pid, host, created_at, started_at, idem_key, idem_hash)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
+			c.ID, c.AgentID, c.Message, status, c.Background, attempts,
+			c.Origin.Worker, c.Origin.PID, s.host, timeArg(act.Time), started, idemKey, idemHash)
 		if err != nil {
 			return err
 		}
@@ -64,8 +139,23 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
 		} else if n == 0 {
 			return ErrExists
 		}
+		if c.Background {
+			jobID, err := s.jobs.insertTx(ctx, tx, c.ID)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, s.q(`UPDATE chats SET job_id = ? WHERE id = ?`), jobID, c.ID); err != nil {
+				return err
+			}
+		}
 		return s.insertActivity(ctx, tx, &act)
-	})
+	}
+	err := s.write(ctx, insert)
+	if err != nil && c.IdemKey != "" && s.d.uniqueViolation != nil && s.d.uniqueViolation(err) {
+		// Another host inserted the same key between our check and our
+		// insert (PostgreSQL); now the check finds it.
+		err = s.write(ctx, insert)
+	}
 	if err != nil {
 		return Activity{}, s.wrap(ctx, "start chat "+c.ID, err)
 	}
@@ -73,23 +163,113 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
 	return act, nil
 }
 
-// FinishChat moves a started chat to status ("completed", "failed" or
-// "cancelled") and writes a "chat."+status activity carrying data, in one
-// transaction, and returns the activity. The activity's worker and pid are
-// the chat's. A chat finishes exactly once: a second FinishChat returns
-// ErrChatFinished and writes nothing; an unknown chat is ErrNotFound.
+// checkIdemKeyTx returns a *DuplicateError or ErrKeyReused when key names a
+// chat younger than IdempotencyWindow, and frees an older chat's key.
+func (s *Store) checkIdemKeyTx(ctx context.Context, tx *sql.Tx, key, hash string, t time.Time) error {
+	var id, prevHash string
+	var created time.Time
+	err := tx.QueryRowContext(ctx, s.q(`SELECT id, idem_hash, created_at FROM chats WHERE idem_key = ?`), key).
+		Scan(&id, &prevHash, dbTime{&created})
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if t.Sub(created) >= IdempotencyWindow {
+		_, err := tx.ExecContext(ctx, s.q(`UPDATE chats SET idem_key = NULL WHERE id = ?`), id)
+		return err
+	}
+	if prevHash != hash {
+		return fmt.Errorf("chat %s: %w", id, ErrKeyReused)
+	}
+	return &DuplicateError{ChatID: id}
+}
+
+// DuplicateError reports that an idempotency key already names a chat.
+// errors.Is(err, ErrDuplicate) is true for it.
+type DuplicateError struct{ ChatID string }
+
+func (e *DuplicateError) Error() string        { return "store: idempotency key names chat " + e.ChatID }
+func (e *DuplicateError) Is(target error) bool { return target == ErrDuplicate }
+
+const chatColumns = `id, agent_id, message, status, background, attempts, worker, pid, host,
+	created_at, started_at, finished_at, reply, detail, job_id`
+
+func scanChat(sc interface{ Scan(...any) error }) (ChatRow, error) {
+	var c ChatRow
+	var reply, detail sql.NullString
+	var job sql.NullInt64
+	err := sc.Scan(&c.ID, &c.AgentID, &c.Message, &c.Status, &c.Background, &c.Attempts, &c.Worker, &c.PID, &c.Host,
+		dbTime{&c.Created}, dbTime{&c.Started}, dbTime{&c.Finished}, &reply, &detail, &job)
+	c.Reply, c.Detail, c.JobID = reply.String, detail.String, job.Int64
+	return c, err
+}
+
+// ChatByID returns the chat with id, or an error matching ErrNotFound.
+func (s *Store) ChatByID(ctx context.Context, id string) (ChatRow, error) {
+	c, err := scanChat(s.db.QueryRowContext(ctx, s.q(`SELECT `+chatColumns+` FROM chats WHERE id = ?`), id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return ChatRow{}, fmt.Errorf("chat %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return ChatRow{}, s.wrap(ctx, "read chat "+id, err)
+	}
+	return c, nil
+}
+
+// Outcome is how a chat ended, for EndChat.
+type Outcome struct {
+	Status string         // ChatCompleted, ChatFailed or ChatCancelled
+	Data   map[string]any // the activity's data, also kept as the chat's Detail
+	Reply  string         // when completed
+	// Attempt, if positive, ends the chat only if this is still its
+	// current attempt and it is running: a background attempt handed back
+	// meanwhile finishes nothing (ErrChatFinished).
+	Attempt int
+}
+
+// FinishChat is EndChat without a reply or attempt.
 func (s *Store) FinishChat(ctx context.Context, chatID, status string, data map[string]any) (Activity, error) {
+	return s.EndChat(ctx, chatID, Outcome{Status: status, Data: data})
+}
+
+// EndChat moves a running chat (or, to cancel it, a queued one) to o.Status
+// and writes a "chat."+status activity carrying o.Data, in one transaction,
+// and returns the activity. The activity's worker and pid are the chat's. A
+// chat finishes exactly once: a second EndChat returns ErrChatFinished and
+// writes nothing; an unknown chat is ErrNotFound.
+func (s *Store) EndChat(ctx context.Context, chatID string, o Outcome) (Activity, error) {
 	op := "finish chat " + chatID
-	switch status {
+	switch o.Status {
 	case ChatCompleted, ChatFailed, ChatCancelled:
 	default:
-		return Activity{}, fmt.Errorf("%s: status %q, want %s, %s or %s", op, status, ChatCompleted, ChatFailed, ChatCancelled)
+		return Activity{}, fmt.Errorf("%s: status %q, want %s, %s or %s", op, o.Status, ChatCompleted, ChatFailed, ChatCancelled)
 	}
-	act := Activity{Time: now(), Type: "chat." + status, ChatID: chatID, Data: data}
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		err := tx.QueryRowContext(ctx, s.q(`UPDATE chats SET status = ?, finished_at = ?
-WHERE id = ? AND status = ? RETURNING agent_id, worker, pid`),
-			status, timeArg(act.Time), chatID, ChatStarted).Scan(&act.AgentID, &act.Worker, &act.PID)
+	detail, err := encodeData(o.Data)
+	if err != nil {
+		return Activity{}, fmt.Errorf("%s: %w", op, err)
+	}
+	var reply sql.NullString
+	if o.Status == ChatCompleted {
+		reply = sql.NullString{String: o.Reply, Valid: true}
+	}
+	act := Activity{Time: now(), Type: "chat." + o.Status, ChatID: chatID, Data: o.Data}
+	var jobID sql.NullInt64
+	err = s.write(ctx, func(tx *sql.Tx) error {
+		query := `UPDATE chats SET status = ?, finished_at = ?, reply = ?, detail = ?
+WHERE id = ? AND (status = 'running'`
+		args := []any{o.Status, timeArg(act.Time), reply, detail, chatID}
+		if o.Status == ChatCancelled {
+			query += ` OR status = 'queued'`
+		}
+		query += `)`
+		if o.Attempt > 0 {
+			query += ` AND attempts = ?`
+			args = append(args, o.Attempt)
+		}
+		query += ` RETURNING agent_id, worker, pid, job_id`
+		err := tx.QueryRowContext(ctx, s.q(query), args...).Scan(&act.AgentID, &act.Worker, &act.PID, &jobID)
 		if errors.Is(err, sql.ErrNoRows) {
 			var cur string
 			err = tx.QueryRowContext(ctx, s.q(`SELECT status FROM chats WHERE id = ?`), chatID).Scan(&cur)
@@ -104,6 +284,14 @@ WHERE id = ? AND status = ? RETURNING agent_id, worker, pid`),
 		if err != nil {
 			return err
 		}
+		if o.Status == ChatCancelled && jobID.Valid && o.Attempt == 0 {
+			// Cancelled from outside the job: River must not run or retry
+			// it. (A job that ends its own chat returns, and River
+			// completes it.)
+			if err := s.jobs.cancelTx(ctx, tx, jobID.Int64); err != nil {
+				return err
+			}
+		}
 		return s.insertActivity(ctx, tx, &act)
 	})
 	if err != nil {
@@ -113,10 +301,11 @@ WHERE id = ? AND status = ? RETURNING agent_id, worker, pid`),
 	return act, nil
 }
 
-// FailOrphanedChats fails every chat still "started" by process pid on this
-// Options.Host, each with a "chat.failed" activity whose data is
-// {"reason": reason}, and returns how many. The supervisor calls it when a
-// worker dies, so no chat stays "started" forever.
+// FailOrphanedChats fails every synchronous chat still running in process
+// pid on this Options.Host, each with a "chat.failed" activity whose data
+// is {"reason": reason}, and returns how many. The supervisor calls it when
+// a worker dies, so no chat stays running forever. (Background chats are
+// handed back instead: see HandBackChats.)
 func (s *Store) FailOrphanedChats(ctx context.Context, pid int, reason string) (int, error) {
 	n, err := s.failStarted(ctx, reason, `pid = ?`, pid)
 	if err != nil {
@@ -128,9 +317,10 @@ func (s *Store) FailOrphanedChats(ctx context.Context, pid int, reason string) (
 	return n, nil
 }
 
-// FailAllStarted fails every chat still "started" on this Options.Host, as
-// FailOrphanedChats does, and returns how many. The supervisor calls it at
-// start, before workers run: such chats were left by a previous run.
+// FailAllStarted fails every synchronous chat still running on this
+// Options.Host, as FailOrphanedChats does, and returns how many. The
+// supervisor calls it at start, before workers run: such chats were left by
+// a previous run.
 func (s *Store) FailAllStarted(ctx context.Context, reason string) (int, error) {
 	n, err := s.failStarted(ctx, reason, "")
 	if err != nil {
@@ -142,8 +332,8 @@ func (s *Store) FailAllStarted(ctx context.Context, reason string) (int, error) 
 	return n, nil
 }
 
-// failStarted fails this host's started chats matching the optional extra
-// condition cond (with args) in one transaction.
+// failStarted fails this host's running synchronous chats matching the
+// optional extra condition cond (with args) in one transaction.
 func (s *Store) failStarted(ctx context.Context, reason, cond string, args ...any) (int, error) {
 	type orphan struct {
 		act     Activity
@@ -153,14 +343,15 @@ func (s *Store) failStarted(ctx context.Context, reason, cond string, args ...an
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		found = found[:0]
 		t := now()
-		// The literal 'started' lets the planner use the partial index
-		// chats_started; a bound parameter would not.
-		query := `UPDATE chats SET status = ?, finished_at = ? WHERE host = ? AND status = 'started'`
+		detail, _ := encodeData(map[string]any{"reason": reason})
+		// The literal 'running' lets the planner use the partial index
+		// chats_running; a bound parameter would not.
+		query := `UPDATE chats SET status = ?, finished_at = ?, detail = ? WHERE host = ? AND status = 'running' AND NOT background`
 		if cond != "" {
 			query += " AND " + cond
 		}
 		query += " RETURNING id, agent_id, worker, pid, created_at"
-		rows, err := tx.QueryContext(ctx, s.q(query), append([]any{ChatFailed, timeArg(t), s.host}, args...)...)
+		rows, err := tx.QueryContext(ctx, s.q(query), append([]any{ChatFailed, timeArg(t), detail, s.host}, args...)...)
 		if err != nil {
 			return err
 		}

@@ -49,9 +49,14 @@
 //     every write transaction, from the activity insert to the end of the
 //     commit; see docs/deploy.md for the measured cost.)
 //   - Every state change writes its activity in the same transaction:
-//     "agent.created", "agent.deleted", "chat.started", and exactly one of
-//     "chat.completed", "chat.failed", "chat.cancelled" per chat.
+//     "agent.created", "agent.deleted", "chat.queued" (background),
+//     "chat.started", "chat.retried", and exactly one of "chat.completed",
+//     "chat.failed", "chat.cancelled" per chat.
 //   - A chat finishes once; a second FinishChat returns ErrChatFinished.
+//   - A background chat and its River job are inserted in one transaction
+//     (StartChat), and its cancellation cancels the job in the chat's
+//     transaction (EndChat); jobs.go has the River wiring, and
+//     HandBackChats makes a dead process's jobs available again at once.
 //   - Timestamps are UTC with microsecond precision.
 //
 // # Operations

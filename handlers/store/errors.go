@@ -31,6 +31,18 @@ var (
 	// ErrInstanceInUse means another running server holds this Store's
 	// host name (--instance-id) on the same database; see ClaimInstance.
 	ErrInstanceInUse = errors.New("store: instance id in use")
+	// ErrQueueFull means a background chat was refused because
+	// Chat.QueueMax chats are already queued.
+	ErrQueueFull = errors.New("store: chat queue full")
+	// ErrDuplicate means an idempotency key already names a chat with the
+	// same request; errors.As gives the *DuplicateError naming it.
+	ErrDuplicate = errors.New("store: idempotency key already used")
+	// ErrKeyReused means an idempotency key already names a chat with a
+	// different request.
+	ErrKeyReused = errors.New("store: idempotency key reused with another request")
+	// ErrNoFolder means the SQLite file's folder does not exist and
+	// Options.CreateFolder was not set.
+	ErrNoFolder = errors.New("store: database folder does not exist")
 	// ErrClosed means the Store was closed.
 	ErrClosed = errors.New("store: closed")
 )

@@ -66,6 +66,9 @@ func (s *Store) Migrate(ctx context.Context) error {
 	if errors.Is(err, ErrSchemaTooNew) {
 		return err
 	}
+	if err == nil {
+		err = s.jobs.migrate(ctx, s.db, s.pg != nil, s.log)
+	}
 	if err != nil {
 		return s.wrap(ctx, "migrate store "+s.path, err)
 	}

@@ -79,6 +79,10 @@ var postgresDialect = dialect{
 	hasTable:       `SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema() AND tablename = ?`,
 	lockMigrate:    fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d)`, migrateLockKey),
 	insertActivity: postgresInsertActivity,
+	uniqueViolation: func(err error) bool {
+		var pgErr *pgconn.PgError
+		return errors.As(err, &pgErr) && pgErr.Code == "23505"
+	},
 }
 
 // postgresInsertActivity takes the activity lock and inserts in one round
@@ -145,6 +149,35 @@ $$;
 CREATE TRIGGER activities_notify AFTER INSERT ON activities
 	FOR EACH ROW EXECUTE FUNCTION corral_notify_activity();
 `,
+	// 2: background chats (see sqliteMigrations).
+	`
+ALTER TABLE chats DROP CONSTRAINT chats_status_check;
+UPDATE chats SET status = 'running' WHERE status = 'started';
+ALTER TABLE chats ADD CONSTRAINT chats_status_check
+	CHECK (status IN ('queued', 'running', 'completed', 'failed', 'cancelled'));
+ALTER TABLE chats
+	ADD COLUMN background  boolean NOT NULL DEFAULT false,
+	ADD COLUMN job_id      bigint,
+	ADD COLUMN attempts    integer NOT NULL DEFAULT 0,
+	ADD COLUMN started_at  timestamptz,
+	ADD COLUMN reply       text,
+	ADD COLUMN detail      text,
+	ADD COLUMN idem_key    text,
+	ADD COLUMN idem_hash   text;
+UPDATE chats SET attempts = 1, started_at = created_at;
+DROP INDEX chats_started;
+CREATE INDEX chats_running ON chats (host, pid) WHERE status = 'running';
+CREATE INDEX chats_queued ON chats (created_at) WHERE status = 'queued';
+CREATE UNIQUE INDEX chats_idem ON chats (idem_key);
+
+CREATE TABLE chat_events (
+	chat_id text NOT NULL,
+	seq     integer NOT NULL,
+	attempt integer NOT NULL,
+	text    text NOT NULL,
+	PRIMARY KEY (chat_id, seq)
+);
+`,
 }
 
 // rebindDollar rewrites ? placeholders as $1, $2, ... The store's queries
@@ -204,10 +237,12 @@ func postgresUnavailable(err error) bool {
 
 // pgDatabase is what openPostgres sets up for a Store.
 type pgDatabase struct {
-	pool   *pgxpool.Pool
-	db     *sql.DB
-	name   string          // postgres://user@host:port/database, for messages
-	listen *pgx.ConnConfig // for the LISTEN connection
+	pool *pgxpool.Pool
+	db   *sql.DB
+	// poolConfig builds the chat runner's own pool (RunChats).
+	poolConfig *pgxpool.Config
+	name       string          // postgres://user@host:port/database, for messages
+	listen     *pgx.ConnConfig // for the LISTEN connection
 }
 
 // openPostgres parses url, builds the pool and checks that the server
@@ -244,7 +279,7 @@ func openPostgres(ctx context.Context, url string, maxConns int) (*pgDatabase, e
 	}
 	db := stdlib.OpenDBFromPool(pool)
 	db.SetMaxOpenConns(maxConns)
-	return &pgDatabase{pool: pool, db: db, name: name, listen: cfg.ConnConfig.Copy()}, nil
+	return &pgDatabase{pool: pool, db: db, name: name, listen: cfg.ConnConfig.Copy(), poolConfig: cfg.Copy()}, nil
 }
 
 // pgName names a database for messages and logs: scheme, user, first host

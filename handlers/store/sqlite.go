@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -48,6 +49,10 @@ type dialect struct {
 	// engine where ids could commit out of order it also takes the lock
 	// that prevents it.
 	insertActivity string
+	// uniqueViolation, if set, reports whether err is a unique constraint
+	// violation that a retry of the transaction resolves (an engine with
+	// several concurrent writers).
+	uniqueViolation func(err error) bool
 }
 
 var sqliteDialect = dialect{
@@ -105,6 +110,48 @@ CREATE TABLE activities (
 );
 CREATE INDEX activities_agent ON activities (agent_id, id);
 CREATE INDEX activities_type ON activities (type, id);
+`,
+	// 2: background chats. SQLite cannot change a CHECK constraint, so the
+	// chats table is rebuilt: statuses queued and running ("started" becomes
+	// "running"), the River job, attempts, the outcome and the idempotency
+	// key; and chat_events holds the batched deltas of background chats.
+	`
+CREATE TABLE chats_v2 (
+	id          TEXT PRIMARY KEY,
+	agent_id    TEXT NOT NULL,
+	message     TEXT NOT NULL,
+	status      TEXT NOT NULL CHECK (status IN ('queued', 'running', 'completed', 'failed', 'cancelled')),
+	background  INTEGER NOT NULL DEFAULT 0,
+	job_id      INTEGER,
+	attempts    INTEGER NOT NULL DEFAULT 0,
+	worker      INTEGER NOT NULL,
+	pid         INTEGER NOT NULL,
+	host        TEXT NOT NULL,
+	created_at  TEXT NOT NULL,
+	started_at  TEXT,
+	finished_at TEXT,
+	reply       TEXT,
+	detail      TEXT,
+	idem_key    TEXT,
+	idem_hash   TEXT
+);
+INSERT INTO chats_v2 (id, agent_id, message, status, attempts, worker, pid, host, created_at, started_at, finished_at)
+SELECT id, agent_id, message, CASE status WHEN 'started' THEN 'running' ELSE status END, 1,
+	worker, pid, host, created_at, created_at, finished_at FROM chats;
+DROP TABLE chats;
+ALTER TABLE chats_v2 RENAME TO chats;
+CREATE INDEX chats_running ON chats (host, pid) WHERE status = 'running';
+CREATE INDEX chats_queued ON chats (created_at) WHERE status = 'queued';
+CREATE UNIQUE INDEX chats_idem ON chats (idem_key);
+
+-- One row per batch of deltas; seq is the event id a client resumes after.
+CREATE TABLE chat_events (
+	chat_id TEXT NOT NULL,
+	seq     INTEGER NOT NULL,
+	attempt INTEGER NOT NULL,
+	text    TEXT NOT NULL,
+	PRIMARY KEY (chat_id, seq)
+);
 `,
 }
 
@@ -182,16 +229,22 @@ func sqliteDSN(path string) string {
 	return u.String()
 }
 
-// openSQLite opens the database file at path, creating it and its folder if
-// needed, and checks at once what would otherwise fail on the first request:
-// a folder that cannot be created, a file that is not a database, a file or
-// folder we cannot write, a file system without WAL support.
-func openSQLite(ctx context.Context, path string, maxConns int) (*sql.DB, error) {
+// openSQLite opens the database file at path, creating it (and its folder
+// if createFolder is set) if needed, and checks at once what would
+// otherwise fail on the first request: a missing folder or one that cannot
+// be created, a file that is not a database, a file or folder we cannot
+// write, a file system without WAL support.
+func openSQLite(ctx context.Context, path string, maxConns int, createFolder bool) (*sql.DB, error) {
 	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
 		return nil, fmt.Errorf("open sqlite database %s: is a directory", path)
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("open sqlite database %s: create folder: %w", path, unwrapPathError(err))
+	dir := filepath.Dir(path)
+	if createFolder {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("open sqlite database %s: create folder: %w", path, unwrapPathError(err))
+		}
+	} else if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("open sqlite database %s: %w", path, &noFolderError{dir})
 	}
 	db, err := driver.Open(sqliteDSN(path))
 	if err != nil {
@@ -211,6 +264,16 @@ func openSQLite(ctx context.Context, path string, maxConns int) (*sql.DB, error)
 	}
 	return db, nil
 }
+
+// noFolderError says that the database's folder does not exist; it
+// matches ErrNoFolder.
+type noFolderError struct{ dir string }
+
+func (e *noFolderError) Error() string {
+	return "folder " + e.dir + " does not exist; create it first"
+}
+
+func (e *noFolderError) Is(target error) bool { return target == ErrNoFolder }
 
 func checkSQLite(ctx context.Context, db *sql.DB) error {
 	conn, err := db.Conn(ctx)

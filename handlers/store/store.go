@@ -45,6 +45,11 @@ type Options struct {
 	// PollInterval is the SQLite poller's period. Default
 	// DefaultPollInterval.
 	PollInterval time.Duration
+	// RefuseMissingFolder makes a missing folder of the SQLite file an
+	// error that names it (matching ErrNoFolder), so that a path the user
+	// typed is never silently created. By default Open creates the folder,
+	// as the server does for its default data/.
+	RefuseMissingFolder bool
 }
 
 // Store holds agents, chats and activities in a database every worker
@@ -60,6 +65,7 @@ type Store struct {
 	probe     diskProbe             // explains SQLite's disk errors
 	diskFault atomic.Pointer[error] // the last disk error, until the disk takes writes again (see Ping)
 	claim     io.Closer             // see ClaimInstance; nil until then
+	jobs      *jobs                 // River, insert-only (see jobs.go)
 
 	// writing admits one read-write transaction of this Store at a time;
 	// nil on PostgreSQL. SQLite runs one writer at a time anyway; queuing
@@ -121,7 +127,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		if opts.MaxOpenConns <= 0 {
 			opts.MaxOpenConns = DefaultMaxOpenConns
 		}
-		if db, err = openSQLite(ctx, path, opts.MaxOpenConns); err != nil {
+		if db, err = openSQLite(ctx, path, opts.MaxOpenConns, !opts.RefuseMissingFolder); err != nil {
 			return nil, err
 		}
 	default:
@@ -151,6 +157,14 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	}
 	if d.queueWrites {
 		s.writing = make(chan struct{}, 1)
+	}
+	if s.jobs, err = newJobs(db, pg != nil, opts.Logger); err != nil {
+		stopPoll()
+		db.Close()
+		if pg != nil {
+			pg.pool.Close()
+		}
+		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	s.feed.init()
 

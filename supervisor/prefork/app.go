@@ -38,7 +38,7 @@ const (
 // Handler or FastHandler, or fill the worker's handler in Worker.
 type App struct {
 	// Name names the program in usage, messages ("NAME: invalid ..."),
-	// process titles ("NAME: worker 2/4") and the control socket.
+	// process titles ("NAME: worker 2 [gen 1]") and the control socket.
 	// Default: the executable's base name.
 	Name string
 	// Version is what --version and the status show. Default "dev".
@@ -224,7 +224,7 @@ func reexecMaster(cfg Config, args []string, log zerolog.Logger) {
 		return
 	}
 	enc, _ := json.Marshal(args)
-	title := fmt.Sprintf("%s: master [%d workers, %s]", filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
+	title := supervisor.MasterTitle(filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
 	title += strings.Repeat(" ", 24)
 	env := append(os.Environ(), protocol.EnvRole+"="+protocol.RoleMaster, protocol.EnvArgs+"="+string(enc))
 	// /proc/self/exe is the file this process runs, even if another was
@@ -328,18 +328,32 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	// cannot start.
 	handoff, err := supervisor.Inherited()
 	if err != nil {
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		log.Error().Err(err).Msg("cannot start")
 		return ExitUsage
 	}
 	sc.Upgrade = handoff
 	if handoff != nil {
 		log.Info().Int("old_pid", handoff.ParentPID).Str("old_version", handoff.ParentVersion).Str("version", sc.Version).Msg("upgrade: new master starting")
+	} else {
+		// Socket activation: systemd passed the listening socket(s).
+		if lns := activation.Files(true); len(lns) > 0 {
+			log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
+			sc.Listeners = lns
+		}
+		// A failure is printed once, as a log line in the configured format.
+		// The port comes first: a second copy of the server on the same port
+		// and database must hear about the port, not about what App.Master
+		// found the first copy holding.
+		if err := supervisor.CheckAddr(sc); err != nil {
+			log.Error().Err(err).Msg("cannot start")
+			return ExitError
+		}
 	}
 	if a.Master != nil {
 		stop, err := a.Master(cfg, log, &sc)
 		if err != nil {
 			handoff.Fail(err)
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			log.Error().Err(err).Msg("cannot start")
 			return ExitBoot
 		}
 		if stop != nil {
@@ -352,24 +366,20 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	defer signal.Stop(sigs)
 	sc.Signals = sigs
 
-	// Socket activation: systemd passed the listening socket(s).
-	if lns := activation.Files(true); len(lns) > 0 && handoff == nil {
-		log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
-		sc.Listeners = lns
-	}
 	sup, err := supervisor.New(sc)
 	if err != nil {
 		handoff.Fail(err)
 		log.Error().Err(err).Msg("cannot start")
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitError
 	}
 	if err := sup.Run(); err != nil {
 		handoff.Fail(err)
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		// A boot failure was logged by the supervisor as it happened,
+		// with the worker's own error before it.
 		if errors.Is(err, supervisor.ErrBoot) {
 			return ExitBoot
 		}
+		log.Error().Err(err).Msg("stopped on an error")
 		return ExitError
 	}
 	return ExitOK
@@ -402,7 +412,7 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 	if a.Worker != nil {
 		stop, err := a.Worker(cfg, in, log, &wc)
 		if err != nil {
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			log.Error().Err(err).Msg("worker cannot start")
 			return ExitBoot
 		}
 		if stop != nil {
@@ -411,7 +421,6 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 	}
 	if err := worker.Run(in, wc); err != nil {
 		log.Error().Err(err).Msg("worker failed")
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		return ExitBoot
 	}
 	return ExitOK
@@ -437,15 +446,17 @@ func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 		// Colours only on a terminal: a journal or a file gets plain text.
 		console = &zerolog.ConsoleWriter{Out: stderr, TimeFormat: "15:04:05.000", NoColor: !terminal,
 			// The access log reads as uvicorn's does: client, request, status.
-			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration", "bytes"}}
+			FieldsOrder: []string{"remote", "method", "path", "query", "http_version", "status", "user_agent", "request_id", "duration_ms", "bytes"}}
 		w = console
 	}
 	if journalStream(stderr, os.Getenv("JOURNAL_STREAM")) {
 		w = newJournalWriter(stderr, console)
 	}
 	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
-	// Durations (uptime, startup, budget, delay) in seconds, as a float.
-	zerolog.DurationFieldUnit = time.Second
+	// Durations in milliseconds with at most 3 decimals; every duration
+	// field says so in its name (startup_ms, uptime_ms, budget_ms, ...).
+	zerolog.DurationFieldUnit = time.Millisecond
+	zerolog.FloatingPointPrecision = 3
 	return zerolog.New(w).Level(cfg.LogLevel).With().Timestamp().Logger()
 }
 

@@ -115,6 +115,12 @@ type Upgrade struct {
 	Files     int    `json:"files,omitempty"`
 }
 
+// DefaultGracefulTimeout is the drain budget both sides apply when none is
+// configured: the supervisor waits that long for a stopping worker before
+// SIGKILL, and the worker bounds its own drain by it. Declared here, once,
+// because both packages need it and neither imports the other.
+const DefaultGracefulTimeout = 75 * time.Second
+
 // Role values of EnvRole.
 const (
 	RoleMaster = "master"
