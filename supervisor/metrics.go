@@ -81,7 +81,8 @@ func (s *Supervisor) serveMetrics(ln net.Listener, done <-chan struct{}) {
 		defer cancel()
 		srv.Shutdown(ctx)
 	}()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	// A listener closed under it was handed to a new master.
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 		s.log.Error().Err(err).Msg("metrics server stopped")
 	}
 }

@@ -224,6 +224,23 @@ type Supervisor struct {
 	up         *upgrade          // an upgrade in progress, nil when none
 	upgradeErr string            // why the last upgrade failed
 	handedOver bool              // a new master serves; this one drains and exits
+	// While an upgrade starts, the control and metrics listeners are the
+	// new master's to serve; these copies bring them back if it fails.
+	ctlFile, metricsFile *os.File
+	quit                 chan struct{} // closed when Run returns
+}
+
+// serveControlOn serves the control socket on ln until it closes.
+func (s *Supervisor) serveControlOn(ln *net.UnixListener) {
+	s.ctl = ln
+	go s.serveControl(ln, s.quit)
+}
+
+// serveMetricsOn serves the metrics address on ln until it closes or Run
+// returns.
+func (s *Supervisor) serveMetricsOn(ln *net.TCPListener) {
+	s.metricsLn = ln
+	go s.serveMetrics(ln, s.quit)
 }
 
 // New validates cfg, binds the listening sockets and returns a Supervisor
@@ -408,18 +425,19 @@ func (s *Supervisor) Run() error {
 		// Tell the old master, whatever ends this one before it is ready.
 		defer s.handoff.Fail(errors.New("the new master stopped before it was ready"))
 	}
+	s.quit = make(chan struct{})
+	defer close(s.quit)
 	if s.cfg.ControlSocket != "" {
 		ln, err := s.listenControl()
 		if err != nil {
 			return err
 		}
-		s.ctl = ln
-		done := make(chan struct{})
+		s.serveControlOn(ln)
 		defer func() {
-			close(done)
-			ln.Close() // also removes the socket file, unless handed over
+			if s.ctl != nil {
+				s.ctl.Close() // also removes the socket file
+			}
 		}()
-		go s.serveControl(ln, done)
 		s.log.Info().Str("path", s.cfg.ControlSocket).Msg("control socket ready")
 	}
 	if s.cfg.MetricsAddr != "" {
@@ -427,10 +445,7 @@ func (s *Supervisor) Run() error {
 		if err != nil {
 			return err
 		}
-		s.metricsLn = ln
-		done := make(chan struct{})
-		defer close(done)
-		go s.serveMetrics(ln, done)
+		s.serveMetricsOn(ln)
 		s.log.Info().Str("url", "http://"+ln.Addr().String()+"/").Msg("metrics and status page ready")
 	}
 	s.begin()

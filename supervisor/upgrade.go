@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"strconv"
@@ -171,35 +172,24 @@ func (s *Supervisor) startUpgrade() error {
 	}
 	info := protocol.Upgrade{Parent: os.Getpid(), Version: s.cfg.Version, Workers: len(s.slots), UDS: s.cfg.UDS, Activated: s.activated}
 	files := []*os.File{w}
-	// Copies of the listeners this master serves itself. Handing one to a
-	// child puts its open file description, which the listener shares, in
-	// blocking mode (os/exec calls Fd); it goes back to non-blocking before
-	// the copy closes, or the listener's Accept would block in the kernel
-	// and its Close with it.
-	var dups []*os.File
-	defer func() {
-		for _, f := range dups {
-			syscall.SetNonblock(int(f.Fd()), true)
-			f.Close()
-		}
-	}()
-	if s.ctl != nil {
-		f, err := s.ctl.File()
-		if err != nil {
-			r.Close()
-			w.Close()
-			return fmt.Errorf("%w: control socket: %w", ErrUpgrade, err)
-		}
-		dups, files, info.Control = append(dups, f), append(files, f), true
+	// The control and metrics listeners pass to the new master, which
+	// serves them from its start; this master stops accepting on them
+	// first. (Handing a descriptor to a child puts its open file
+	// description in blocking mode, os/exec calls Fd, and an Accept of this
+	// master's running meanwhile would then block in the kernel, and its
+	// Close with it.) Connections wait in the backlog until the new master
+	// accepts them; if it fails, this master serves them again (resume).
+	if err := s.pauseListeners(); err != nil {
+		r.Close()
+		w.Close()
+		s.resumeListeners()
+		return fmt.Errorf("%w: %w", ErrUpgrade, err)
 	}
-	if s.metricsLn != nil {
-		f, err := s.metricsLn.File()
-		if err != nil {
-			r.Close()
-			w.Close()
-			return fmt.Errorf("%w: metrics listener: %w", ErrUpgrade, err)
-		}
-		dups, files, info.Metrics = append(dups, f), append(files, f), true
+	if s.ctlFile != nil {
+		files, info.Control = append(files, s.ctlFile), true
+	}
+	if s.metricsFile != nil {
+		files, info.Metrics = append(files, s.metricsFile), true
 	}
 	if s.shared == nil {
 		for _, sl := range s.slots {
@@ -236,6 +226,7 @@ func (s *Supervisor) startUpgrade() error {
 	w.Close()
 	if err != nil {
 		r.Close()
+		s.resumeListeners()
 		return fmt.Errorf("%w: start %s: %w", ErrUpgrade, s.path, err)
 	}
 	now := s.env.now()
@@ -248,6 +239,65 @@ func (s *Supervisor) startUpgrade() error {
 	s.log.Info().Int("pid", os.Getpid()).Int("new_pid", s.up.pid).Str("binary", s.path).Str("version", s.cfg.Version).Msg("upgrade started")
 	s.setTitle()
 	return nil
+}
+
+// pauseListeners stops serving the control and metrics listeners and keeps
+// a copy of each in ctlFile and metricsFile.
+func (s *Supervisor) pauseListeners() error {
+	if s.ctl != nil {
+		f, err := s.ctl.File()
+		if err != nil {
+			return fmt.Errorf("control socket: %w", err)
+		}
+		s.ctl.SetUnlinkOnClose(false)
+		s.ctl.Close()
+		s.ctl, s.ctlFile = nil, f
+	}
+	if s.metricsLn != nil {
+		f, err := s.metricsLn.File()
+		if err != nil {
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		s.metricsLn.Close()
+		s.metricsLn, s.metricsFile = nil, f
+	}
+	return nil
+}
+
+// resumeListeners serves the listeners pauseListeners kept again.
+func (s *Supervisor) resumeListeners() {
+	if f := s.ctlFile; f != nil {
+		s.ctlFile = nil
+		ln, err := net.FileListener(f)
+		f.Close()
+		if ul, ok := ln.(*net.UnixListener); err == nil && ok {
+			ul.SetUnlinkOnClose(true)
+			s.serveControlOn(ul)
+		} else {
+			s.log.Error().Err(err).Msg("control socket lost")
+		}
+	}
+	if f := s.metricsFile; f != nil {
+		s.metricsFile = nil
+		ln, err := net.FileListener(f)
+		f.Close()
+		if tl, ok := ln.(*net.TCPListener); err == nil && ok {
+			s.serveMetricsOn(tl)
+		} else {
+			s.log.Error().Err(err).Msg("metrics listener lost")
+		}
+	}
+}
+
+// dropListeners closes the copies pauseListeners kept: the new master
+// serves the listeners now.
+func (s *Supervisor) dropListeners() {
+	for _, f := range []*os.File{s.ctlFile, s.metricsFile} {
+		if f != nil {
+			f.Close()
+		}
+	}
+	s.ctlFile, s.metricsFile = nil, nil
 }
 
 // masterEnv is base for a new master: the server's markers replaced, and
@@ -319,6 +369,7 @@ func (s *Supervisor) upgradeFailed(reason string) {
 		w <- Response{Error: "upgrade failed: " + reason}
 	}
 	up.waiters = nil
+	s.resumeListeners()
 	up.stopping = true
 	up.deadline = s.env.now().Add(s.cfg.GracefulTimeout + DefaultKillGrace)
 	up.process.Signal(syscall.SIGTERM)
@@ -335,17 +386,10 @@ func (s *Supervisor) handOver(up *upgrade, m protocol.Message) {
 	// the service.
 	s.notify.enabled = false
 	// The control socket's path and the unix socket's are the new
-	// master's now. The listener closes before the answer below, so that a
-	// command sent after it reaches the new master.
-	if s.ctl != nil {
-		s.ctl.SetUnlinkOnClose(false)
-		s.ctl.Close()
-	}
+	// master's now.
+	s.dropListeners()
 	for _, w := range up.waiters {
 		w <- Response{OK: true, Upgrade: &UpgradeStatus{State: "done", NewPID: up.pid, NewVersion: m.Version}}
-	}
-	if s.metricsLn != nil {
-		s.metricsLn.Close()
 	}
 	s.uds = ""
 	s.shutdown("upgrade")

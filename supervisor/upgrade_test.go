@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"slices"
 	"strings"
@@ -51,6 +52,9 @@ func TestUpgradeHandsOverOnceTheNewMasterIsReady(t *testing.T) {
 	if got := nm.env(protocol.EnvRole); got != protocol.RoleMaster {
 		t.Errorf("%s = %q, want master", protocol.EnvRole, got)
 	}
+	if h.s.ctl != nil {
+		t.Errorf("the old master still accepts on the control socket the new master serves")
+	}
 	if st := h.s.status(); st.State != "upgrading" || st.Upgrade == nil || st.Upgrade.NewPID != nm.pid {
 		t.Errorf("status = %s %+v, want upgrading to %d", st.State, st.Upgrade, nm.pid)
 	}
@@ -89,7 +93,15 @@ func TestUpgradeHandsOverOnceTheNewMasterIsReady(t *testing.T) {
 }
 
 func TestUpgradeFailsWhenTheNewMasterExits(t *testing.T) {
+	sock := t.TempDir() + "/ctl.sock"
 	h := bootWith(t, Config{Workers: 1})
+	ln, err := listenControl(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.s.quit = make(chan struct{})
+	defer close(h.s.quit)
+	h.s.serveControlOn(ln)
 	h.signal(syscall.SIGUSR2)
 	h.exit(h.procs[1], "exit 1")
 	l := h.log.lines("upgrade failed, old master keeps serving")
@@ -97,6 +109,15 @@ func TestUpgradeFailsWhenTheNewMasterExits(t *testing.T) {
 		t.Errorf("failure lines = %v, want one: exited (exit 1) before it was ready", l)
 	}
 	wantSignals(t, h.procs[0])
+	// The old master answers on the control socket again.
+	if h.s.ctl == nil {
+		t.Fatalf("control socket not served again after the failed upgrade")
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("control socket after the failed upgrade: %v", err)
+	}
+	c.Close()
 	st := h.s.status()
 	if st.State != "running" || st.Upgrade == nil || st.Upgrade.State != "failed" || !strings.Contains(st.Upgrade.Error, "exit 1") {
 		t.Errorf("status = %s %+v, want running with the failed upgrade", st.State, st.Upgrade)

@@ -99,7 +99,7 @@ func TestUpgrade(t *testing.T) {
 	os.WriteFile(versionFile, []byte("v1"), 0o644)
 	notify := newNotifySocket(t)
 	ctl := filepath.Join(dir, "server.sock")
-	s := launchExe(t, exe, nil, "WORKERS=2", "SIMULATED_LATENCY=4s", "TIMEOUT_GRACEFUL_SHUTDOWN=30s",
+	s := launchExe(t, exe, nil, "WORKERS=2", "SIMULATED_LATENCY=4s", "TIMEOUT_GRACEFUL_SHUTDOWN=30s", "TIMEOUT_WORKER_HEALTHCHECK=10s",
 		"CONTROL_SOCKET="+ctl, "NOTIFY_SOCKET="+notify.path, envVersionFile+"="+versionFile)
 	s.waitStarted(t)
 	u, _ := s.logs.find("Corral running, press CTRL+C to quit", nil)[0]["url"].(string)
