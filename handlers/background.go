@@ -219,10 +219,22 @@ func (cs *cancels) register(chatID string, cancel context.CancelCauseFunc) (unre
 	}, nil
 }
 
+// followEvery spaces the follower's reads: a busy feed (every chat writes
+// two activities) costs it at most this many queries a second, and a
+// cancellation still arrives well within a second.
+const followEvery = 100 * time.Millisecond
+
 func (cs *cancels) follow(ctx context.Context, after int64) {
 	defer close(cs.done)
 	st := cs.h.cfg.Store
+	t := time.NewTicker(followEvery)
+	defer t.Stop()
 	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 		if err := st.WaitActivity(ctx, after); err != nil {
 			if ctx.Err() != nil || errors.Is(err, store.ErrClosed) {
 				return

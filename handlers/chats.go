@@ -80,6 +80,7 @@ var failureMessages = map[string]string{
 	"worker_died":      "the worker running the chat died",
 	"server_restarted": "the server stopped while the chat ran",
 	"worker_stopping":  "the worker running the chat stopped",
+	"instance_lost":    "the server running the chat vanished",
 }
 
 func viewChat(c store.ChatRow) chatView {

@@ -155,17 +155,19 @@ func (s *Supervisor) handleMetrics(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "server stopping", http.StatusServiceUnavailable)
 		return
 	}
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	w.Write(renderMetrics(snap))
+	var extra bytes.Buffer
 	if s.cfg.Metrics != nil {
-		s.cfg.Metrics(w)
+		s.cfg.Metrics(&extra)
 	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	w.Write(renderMetrics(snap, extra.Bytes()))
 }
 
 // renderMetrics writes the supervisor's metrics and every worker's, each
 // worker's samples labelled worker="N", grouped by family with one # HELP
-// and one # TYPE line each, as the exposition format wants.
-func renderMetrics(snap snapshot) []byte {
+// and one # TYPE line each, as the exposition format wants. extra, the
+// application's own text (Config.Metrics), is merged in unlabelled.
+func renderMetrics(snap snapshot, extra []byte) []byte {
 	var b bytes.Buffer
 	st := snap.status
 	fmt.Fprintf(&b, "corral_build_info{version=%q,goversion=%q} 1\n", cmp.Or(st.Version, "dev"), runtime.Version())
@@ -191,6 +193,7 @@ func renderMetrics(snap snapshot) []byte {
 	for _, slot := range sortedKeys(snap.workers) {
 		e.add(snap.workers[slot], []byte(`worker="`+strconv.Itoa(slot)+`"`))
 	}
+	e.add(extra, nil)
 	var out bytes.Buffer
 	e.write(&out)
 	return out.Bytes()

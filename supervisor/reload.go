@@ -276,6 +276,9 @@ func (s *Supervisor) tellWorkers(m protocol.Message) {
 // continuously, so it does not block the loop; a worker that is gone just
 // fails the write.
 func (p *proc) tell(m protocol.Message) {
+	if p.lifeline == nil {
+		return
+	}
 	p.lifeline.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
 	p.lifeline.Write(m.Encode())
 }

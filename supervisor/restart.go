@@ -208,14 +208,17 @@ func (s *Supervisor) stop(p *proc, reason string) {
 		}
 		return
 	}
-	budget := s.cfg.GracefulTimeout + DefaultKillGrace
+	drain, budget := s.cfg.GracefulTimeout, s.cfg.GracefulTimeout+DefaultKillGrace
 	if reason == "reload" {
 		// A dev reload does not wait for a 60 s chat to finish.
-		budget = s.reload.cfg.Drain
+		drain, budget = s.reload.cfg.Drain, s.reload.cfg.Drain
 	}
 	p.state, p.deadline = draining, s.env.now().Add(budget)
+	// The order goes first, so the worker logs this reason and drains
+	// within this budget rather than its own default.
+	p.tell(protocol.Message{Type: protocol.TypeStop, Reason: reason, BudgetMS: max(drain.Milliseconds(), 1)})
 	p.signal(syscall.SIGTERM)
-	s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).Str("reason", reason).Msg("worker draining")
+	s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).Str("reason", reason).Dur("budget_ms", drain).Msg("worker draining")
 }
 
 // due returns when p next needs the loop: the end of its ready timeout

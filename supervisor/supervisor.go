@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/corralhq/corral/supervisor/protocol"
 )
@@ -62,6 +63,9 @@ type Config struct {
 	// UDS, if set, is a unix socket path served instead of Addr, by every
 	// worker on one socket (shared mode), as uvicorn's --uds.
 	UDS string
+	// TLS says the workers serve HTTPS, so the address is logged as an
+	// https:// URL.
+	TLS bool
 	// Workers is the initial number of workers. Default DefaultWorkers.
 	Workers int
 	// SocketMode is Reuseport (default) or Shared.
@@ -140,7 +144,8 @@ type Config struct {
 	HandOver func() []*os.File
 	// Metrics, if set, writes the application's own metrics in Prometheus
 	// text (such as a job queue's depth, which no one worker owns); /metrics
-	// appends them, unlabelled, after the supervisor's and the workers'. It
+	// merges them, unlabelled, with the supervisor's and the workers'; its
+	// # HELP and # TYPE lines describe its families. It
 	// is called outside the supervisor's loop, once per scrape, and must
 	// return quickly.
 	Metrics func(w io.Writer)
@@ -388,6 +393,9 @@ func (s *Supervisor) url() string {
 	if s.cfg.UDS != "" {
 		return s.where()
 	}
+	if s.cfg.TLS {
+		return "https://" + s.where()
+	}
 	return "http://" + s.where()
 }
 
@@ -527,8 +535,35 @@ func (s *Supervisor) forgive(now time.Time, stalled time.Duration) {
 	ev.Dur("stalled_ms", stalled).Msg("the master did not run for a while (stopped or starved); that time does not count as the workers' silence")
 }
 
+// signalMeanings says what each signal asks of the master, for the log.
+var signalMeanings = map[os.Signal]string{
+	syscall.SIGINT:  "drain and stop",
+	syscall.SIGTERM: "drain and stop",
+	syscall.SIGQUIT: "stop now",
+	syscall.SIGHUP:  "rolling restart",
+	syscall.SIGTTIN: "add a worker",
+	syscall.SIGTTOU: "remove a worker",
+}
+
+// describeSignal names sig as kill(1) does, with what it asks of the
+// master: "SIGTTIN (add a worker)". A second INT or TERM stops at once.
+func (s *Supervisor) describeSignal(sig os.Signal) string {
+	name := sig.String()
+	if n, ok := sig.(syscall.Signal); ok && unix.SignalName(n) != "" {
+		name = unix.SignalName(n)
+	}
+	meaning := signalMeanings[sig]
+	if s.stopping && (sig == syscall.SIGINT || sig == syscall.SIGTERM) {
+		meaning = "stop now"
+	}
+	if meaning == "" {
+		return name
+	}
+	return name + " (" + meaning + ")"
+}
+
 func (s *Supervisor) onSignal(sig os.Signal) {
-	s.log.Info().Str("signal", sig.String()).Msg("signal received")
+	s.log.Info().Str("signal", s.describeSignal(sig)).Msg("signal received")
 	switch sig {
 	case syscall.SIGINT, syscall.SIGTERM:
 		if s.stopping {

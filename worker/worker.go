@@ -3,6 +3,7 @@ package worker
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/valyala/fasthttp"
 	"github.com/valyala/fasthttp/fasthttputil"
+	"golang.org/x/sys/unix"
 
 	"github.com/corralhq/corral/supervisor/protocol"
 )
@@ -68,6 +70,9 @@ type Config struct {
 	// (431 above). It is the size of each connection's read buffer.
 	// Default 16 KiB.
 	MaxHeaderSize int
+	// TLS, if set, serves HTTPS on every inherited listener (the worker's
+	// own health probe stays in memory, unencrypted).
+	TLS *tls.Config
 	// MaxConcurrency is the most requests served at once; more are answered
 	// 503 with Retry-After. 0 means no limit.
 	MaxConcurrency int
@@ -221,6 +226,10 @@ func Run(in Info, cfg Config) error {
 	}
 	for i := range lns {
 		lns[i] = lingerListener{patientListener{lns[i], log}}
+		if cfg.TLS != nil {
+			// Inside TLS, so that a lingering close discards the raw bytes.
+			lns[i] = tls.NewListener(lns[i], cfg.TLS)
+		}
 	}
 	serveErr := make(chan error, len(lns)+1)
 	for _, ln := range append(lns, net.Listener(w.probeLn)) {
@@ -228,7 +237,8 @@ func Run(in Info, cfg Config) error {
 	}
 
 	lifelineEOF := make(chan struct{})
-	go watchLifeline(lifeline, lifelineEOF, cfg.OnMessage, log)
+	stopOrders := make(chan protocol.Message, 1)
+	go watchLifeline(lifeline, lifelineEOF, stopOrders, cfg.OnMessage, log)
 
 	stopBeat := make(chan struct{})
 	beatDone := make(chan struct{})
@@ -240,10 +250,21 @@ func Run(in Info, cfg Config) error {
 	var budget time.Duration
 	var reason string
 	select {
+	case m := <-stopOrders:
+		budget, reason = stopBudget(m, cfg.GracefulTimeout), m.Reason
 	case sig := <-cfg.Signals:
-		budget, reason = cfg.GracefulTimeout, "signal "+sig.String()
+		budget, reason = cfg.GracefulTimeout, "signal "+signalName(sig)
 		if os.Getppid() != in.SupervisorPID {
 			budget, reason = cfg.OrphanTimeout, "supervisor gone"
+			break
+		}
+		// The supervisor writes its order (reason, budget) on the
+		// lifeline before it signals; the reader may not have passed it
+		// on yet. A SIGTERM from anyone else waits this long for nothing.
+		select {
+		case m := <-stopOrders:
+			budget, reason = stopBudget(m, cfg.GracefulTimeout), m.Reason
+		case <-time.After(stopOrderWait):
 		}
 	case <-lifelineEOF:
 		budget, reason = cfg.OrphanTimeout, "supervisor gone"
@@ -315,9 +336,33 @@ func inheritListeners(n int) ([]net.Listener, error) {
 	return lns, nil
 }
 
-// watchLifeline hands the supervisor's messages to onMessage and closes eof
-// when the supervisor's end of the lifeline closes.
-func watchLifeline(f *os.File, eof chan<- struct{}, onMessage func(protocol.Message), log zerolog.Logger) {
+// stopOrderWait bounds how long a worker signalled with SIGTERM waits for
+// the supervisor's stop order, which the supervisor writes just before it
+// signals (see protocol.TypeStop).
+const stopOrderWait = 100 * time.Millisecond
+
+// stopBudget is the drain budget of a stop order; def if it names none.
+func stopBudget(m protocol.Message, def time.Duration) time.Duration {
+	if m.BudgetMS > 0 {
+		return time.Duration(m.BudgetMS) * time.Millisecond
+	}
+	return def
+}
+
+// signalName names sig as kill(1) and systemd do: "SIGTERM".
+func signalName(sig os.Signal) string {
+	if s, ok := sig.(syscall.Signal); ok {
+		if name := unix.SignalName(s); name != "" {
+			return name
+		}
+	}
+	return sig.String()
+}
+
+// watchLifeline hands the supervisor's messages to onMessage, passes the
+// first stop order to stops, and closes eof when the supervisor's end of
+// the lifeline closes.
+func watchLifeline(f *os.File, eof chan<- struct{}, stops chan<- protocol.Message, onMessage func(protocol.Message), log zerolog.Logger) {
 	defer close(eof)
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 0, 1024), 1<<16)
@@ -326,6 +371,12 @@ func watchLifeline(f *os.File, eof chan<- struct{}, onMessage func(protocol.Mess
 		if err != nil {
 			log.Warn().Err(err).Msg("bad lifeline message")
 			continue
+		}
+		if m.Type == protocol.TypeStop {
+			select {
+			case stops <- m: // the first order counts; a worker drains once
+			default:
+			}
 		}
 		if onMessage != nil {
 			onMessage(m)

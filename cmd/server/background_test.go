@@ -360,3 +360,51 @@ func TestBackgroundQueueLimitAndMetrics(t *testing.T) {
 		return nil
 	})
 }
+
+// TestMultihostBackgroundChat: two servers on one PostgreSQL database; a
+// background chat posted to one runs on either; that server is killed
+// whole (master and workers, SIGKILL), and the other one finishes the chat
+// after seeing the lost instance claim.
+func TestMultihostBackgroundChat(t *testing.T) {
+	dbURL := testPostgresDB(t)
+	env := []string{"DATABASE_URL=" + dbURL, "WORKERS=1", "SIMULATED_LATENCY=4s", "LOG_LEVEL=info"}
+	servers := map[string]*server{
+		"host-a": startServer(t, append(env, "INSTANCE_ID=host-a")...),
+		"host-b": startServer(t, append(env, "INSTANCE_ID=host-b")...),
+	}
+	baseA := strings.TrimSuffix(servers["host-a"].url(""), "/")
+	id := startBackground(t, baseA, "outlive my host")
+	c := waitRunning(t, baseA, id, 0)
+	victim := servers[c.Instance]
+	if victim == nil {
+		t.Fatalf("chat runs on instance %q, want host-a or host-b", c.Instance)
+	}
+	other := "host-a"
+	if c.Instance == "host-a" {
+		other = "host-b"
+	}
+	pids := victim.workerPIDs()
+	victim.cmd.Process.Kill()
+	for _, p := range pids {
+		syscall.Kill(p, syscall.SIGKILL)
+	}
+	<-victim.done
+	otherBase := strings.TrimSuffix(servers[other].url(""), "/")
+	var again chatState
+	waitFor(t, 20*time.Second, func() error {
+		var err error
+		again, err = getChat(otherBase, id, 0)
+		if err != nil || again.Instance != other && again.Status != "completed" {
+			return fmt.Errorf("chat = %+v, %v, want it running on %s or completed", again, err, other)
+		}
+		return nil
+	})
+	done, err := getChat(otherBase, id, 30)
+	if err != nil || done.Status != "completed" || done.Attempts != 2 {
+		t.Fatalf("chat after its host died = %+v, %v, want completed after 2 attempts", done, err)
+	}
+	feed, err := getFeed(fresh, servers[other].url("/api/activities?type=chat.retried"))
+	if err != nil || len(feed.Activities) != 1 {
+		t.Fatalf("chat.retried activities = %+v, %v, want one", feed.Activities, err)
+	}
+}

@@ -190,3 +190,55 @@ func TestDurationsCarryTheirUnit(t *testing.T) {
 		}
 	}
 }
+
+// TestSignalsAndStopReasons: the master names signals as kill(1) does,
+// with what they ask; a worker told to drain logs the master's reason and
+// the budget the master enforces, in a HUP roll and in reload mode.
+func TestSignalsAndStopReasons(t *testing.T) {
+	s := startServer(t, "WORKERS=1")
+	s.cmd.Process.Signal(syscall.SIGTTIN)
+	waitFor(t, 20*time.Second, func() error {
+		if len(s.logs.find("signal received", map[string]any{"signal": "SIGTTIN (add a worker)"})) != 1 {
+			return fmt.Errorf("no signal received line for SIGTTIN (add a worker):\n%s", s.logs)
+		}
+		if n := len(s.workerPIDs()); n != 2 {
+			return fmt.Errorf("%d workers, want 2", n)
+		}
+		return nil
+	})
+	s.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, 20*time.Second, func() error {
+		if len(s.logs.find("signal received", map[string]any{"signal": "SIGHUP (rolling restart)"})) != 1 {
+			return fmt.Errorf("no signal received line for SIGHUP (rolling restart)")
+		}
+		if n := len(s.logs.find("drain started", map[string]any{"reason": "hup"})); n != 2 {
+			return fmt.Errorf("%d workers drained with reason hup, want 2:\n%s", n, s.logs)
+		}
+		return nil
+	})
+	for _, l := range s.logs.find("drain started", nil) {
+		// launch sets TIMEOUT_GRACEFUL_SHUTDOWN=10s.
+		if l["budget_ms"] != 10000.0 || (l["reason"] != "hup" && l["reason"] != "rewire") {
+			t.Errorf("drain started %v, want reason hup or rewire with budget_ms 10000", l)
+		}
+	}
+	if n := strings.Count(s.logs.String(), "signal terminated"); n != 0 {
+		t.Errorf("%d lines still say \"signal terminated\":\n%s", n, s.logs)
+	}
+
+	dir := t.TempDir()
+	r := startServer(t, "RELOAD=true", "RELOAD_DIRS="+dir, "RELOAD_BUILD=", "RELOAD_DRAIN=2s", "RELOAD_DELAY=10ms")
+	if err := os.WriteFile(filepath.Join(dir, "settings.json"), []byte("{}"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, func() error {
+		lines := r.logs.find("drain started", nil)
+		if len(lines) != 1 {
+			return fmt.Errorf("%d drain started lines after a reload, want 1:\n%s", len(lines), r.logs)
+		}
+		if lines[0]["reason"] != "reload" || lines[0]["budget_ms"] != 2000.0 {
+			return fmt.Errorf("drain started %v, want reason reload and budget_ms 2000 (RELOAD_DRAIN)", lines[0])
+		}
+		return nil
+	})
+}

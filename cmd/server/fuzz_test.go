@@ -6,7 +6,7 @@ import (
 )
 
 // secretVars are the variables whose values must never be shown.
-var secretVars = map[string]bool{"LLM_API_KEY": true, "OPENAI_API_KEY": true, "LLM_HEADERS": true, "API_TOKEN": true, "METRICS_TOKEN": true}
+var secretVars = map[string]bool{"LLM_API_KEY": true, "OPENAI_API_KEY": true, "LLM_HEADERS": true, "SSL_KEYFILE_PASSWORD": true, "API_TOKEN": true, "METRICS_TOKEN": true}
 
 // secretMark starts every secret the fuzzer sets, so that a message that
 // quotes even the start of one is caught.
@@ -53,6 +53,8 @@ func FuzzLoadConfig(f *testing.F) {
 			"API_TOKEN":     secretMark + "t" + secret,
 			"METRICS_TOKEN": secretMark + "m" + secret,
 			"LLM_HEADERS":   "api-key: " + secretMark + "h" + secret,
+			// Refused without a certificate, with the value not shown.
+			"SSL_KEYFILE_PASSWORD": secretMark + "p" + secret,
 		}
 		for k, v := range secrets {
 			vals[k] = v

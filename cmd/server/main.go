@@ -58,7 +58,7 @@ func prepareMaster(cfg config, log zerolog.Logger, sc *supervisor.Config) (func(
 	sc.OnWorkerExit = reaper.workerExited
 	sc.Panel = activitiesPanel(st)
 	info := []supervisor.Field{{Name: "store", Value: describeStore(st.Path())}, {Name: "llm", Value: describeLLM(cfg)}}
-	queue := newQueueWatch(st, log)
+	queue := newQueueWatch(st, log, cfg.ChatMaxAttempts)
 	sc.Info = func() []supervisor.Field { return append(info[:len(info):len(info)], queue.fields()...) }
 	sc.Metrics = queue.writeMetrics
 	if sc.Reload != nil {

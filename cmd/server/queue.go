@@ -22,18 +22,26 @@ const queueEvery = time.Second
 // the master's status (server status, /status.json, the status page) and
 // /metrics: one query a second in the master, so that neither a status
 // request nor a scrape waits on the database.
+//
+// On PostgreSQL it also hands back, every lostEvery, the background chats
+// of other instances whose claim on the database is gone (a host that died
+// with its master), so that they do not wait for River's rescuer.
 type queueWatch struct {
-	st   *store.Store
-	log  zerolog.Logger
-	mu   sync.Mutex
-	q    store.QueueStats
-	ok   bool // q has been read at least once
-	stop chan struct{}
-	done chan struct{}
+	st          *store.Store
+	log         zerolog.Logger
+	maxAttempts int
+	mu          sync.Mutex
+	q           store.QueueStats
+	ok          bool // q has been read at least once
+	stop        chan struct{}
+	done        chan struct{}
 }
 
-func newQueueWatch(st *store.Store, log zerolog.Logger) *queueWatch {
-	w := &queueWatch{st: st, log: log, stop: make(chan struct{}), done: make(chan struct{})}
+// lostEvery is how often the master looks for lost instances.
+const lostEvery = 2 * time.Second
+
+func newQueueWatch(st *store.Store, log zerolog.Logger, maxAttempts int) *queueWatch {
+	w := &queueWatch{st: st, log: log, maxAttempts: maxAttempts, stop: make(chan struct{}), done: make(chan struct{})}
 	go w.run()
 	return w
 }
@@ -43,10 +51,19 @@ func (w *queueWatch) run() {
 	t := time.NewTicker(queueEvery)
 	defer t.Stop()
 	failing := false
+	lastLost := time.Now()
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), queueEvery)
 		q, err := w.st.ChatQueueStats(ctx)
 		cancel()
+		if time.Since(lastLost) >= lostEvery {
+			lastLost = time.Now()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if _, err := w.st.HandBackLostHosts(ctx, w.maxAttempts); err != nil {
+				w.log.Warn().Err(err).Msg("chats of lost instances not handed back")
+			}
+			cancel()
+		}
 		switch {
 		case err != nil && !failing:
 			w.log.Warn().Err(err).Msg("chat queue state not read")
@@ -94,6 +111,17 @@ func (w *queueWatch) fields() []supervisor.Field {
 	}
 }
 
+// queueMetricsMeta describes the queue's families for /metrics.
+const queueMetricsMeta = `# HELP corral_chat_queue_depth Background chats queued, database-wide.
+# TYPE corral_chat_queue_depth gauge
+# HELP corral_chat_queue_running Background chats running, database-wide.
+# TYPE corral_chat_queue_running gauge
+# HELP corral_chat_queue_retries_total Background chat attempts retried (chat.retried activities), database-wide.
+# TYPE corral_chat_queue_retries_total counter
+# HELP corral_chat_queue_oldest_age_seconds Age of the oldest queued background chat; 0 when none waits.
+# TYPE corral_chat_queue_oldest_age_seconds gauge
+`
+
 // writeMetrics writes the queue's metrics in Prometheus text.
 func (w *queueWatch) writeMetrics(out io.Writer) {
 	q, ok := w.state()
@@ -104,6 +132,7 @@ func (w *queueWatch) writeMetrics(out io.Writer) {
 	if !q.OldestQueued.IsZero() {
 		age = time.Since(q.OldestQueued).Seconds()
 	}
+	io.WriteString(out, queueMetricsMeta)
 	fmt.Fprintf(out, "corral_chat_queue_depth %d\n", q.Queued)
 	fmt.Fprintf(out, "corral_chat_queue_running %d\n", q.Running)
 	fmt.Fprintf(out, "corral_chat_queue_retries_total %d\n", q.Retried)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -40,6 +41,9 @@ const chatQueue = "corral_chats"
 // DefaultChatConcurrency is RunConfig.Concurrency's default.
 const DefaultChatConcurrency = 256
 
+// DefaultChatPoll is RunConfig.PollInterval's default.
+const DefaultChatPoll = 250 * time.Millisecond
+
 // chatArgs is a background chat's River job: only the chat id; the chat
 // row holds the rest.
 type chatArgs struct {
@@ -48,11 +52,15 @@ type chatArgs struct {
 
 func (chatArgs) Kind() string { return "corral_chat" }
 
-// jobs is a Store's insert-only River client.
+// jobs is a Store's River client for inserts and cancellations: an
+// insert-only one, until RunChats on SQLite replaces it with the running
+// client, whose insert then wakes its own fetcher at once.
 type jobs struct {
 	driver riverdriver.Driver[*sql.Tx]
-	client *river.Client[*sql.Tx]
+	cur    atomic.Pointer[river.Client[*sql.Tx]]
 }
+
+func (j *jobs) client() *river.Client[*sql.Tx] { return j.cur.Load() }
 
 func newJobs(db *sql.DB, postgres bool, log zerolog.Logger) (*jobs, error) {
 	var d riverdriver.Driver[*sql.Tx]
@@ -65,7 +73,9 @@ func newJobs(db *sql.DB, postgres bool, log zerolog.Logger) (*jobs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("river client: %w", err)
 	}
-	return &jobs{driver: d, client: c}, nil
+	j := &jobs{driver: d}
+	j.cur.Store(c)
+	return j, nil
 }
 
 // migrate brings River's own tables up to date. River's migrations add
@@ -101,7 +111,7 @@ func (j *jobs) migrate(ctx context.Context, db *sql.DB, postgres bool, log zerol
 }
 
 func (j *jobs) insertTx(ctx context.Context, tx *sql.Tx, chatID string) (int64, error) {
-	res, err := j.client.InsertTx(ctx, tx, chatArgs{ChatID: chatID}, &river.InsertOpts{Queue: chatQueue})
+	res, err := j.client().InsertTx(ctx, tx, chatArgs{ChatID: chatID}, &river.InsertOpts{Queue: chatQueue})
 	if err != nil {
 		return 0, fmt.Errorf("insert job: %w", err)
 	}
@@ -109,7 +119,7 @@ func (j *jobs) insertTx(ctx context.Context, tx *sql.Tx, chatID string) (int64, 
 }
 
 func (j *jobs) cancelTx(ctx context.Context, tx *sql.Tx, jobID int64) error {
-	_, err := j.client.JobCancelTx(ctx, tx, jobID)
+	_, err := j.client().JobCancelTx(ctx, tx, jobID)
 	if err != nil && !errors.Is(err, rivertype.ErrNotFound) {
 		return fmt.Errorf("cancel job %d: %w", jobID, err)
 	}
@@ -153,7 +163,9 @@ type RunConfig struct {
 	// DefaultChatConcurrency.
 	Concurrency int
 	// PollInterval is how often the runner looks for new jobs without a
-	// notification (always on SQLite). Default 100 ms.
+	// notification. On SQLite, where every look is a write transaction, a
+	// chat accepted by this process wakes its runner at once, and the
+	// others find it within a poll. Default DefaultChatPoll.
 	PollInterval time.Duration
 	// RescueAfter is River's RescueStuckJobsAfter: the time after which a
 	// job still running is taken back even though no death was reported
@@ -202,6 +214,7 @@ func (w *chatWorker) Timeout(*river.Job[chatArgs]) time.Duration { return -1 }
 type ChatRunner struct {
 	stop, stopAndCancel func(context.Context) error
 	pool                *pgxpool.Pool // PostgreSQL: the runner's own pool
+	restore             func()        // SQLite: give inserts back to the insert-only client
 	once                sync.Once
 	err                 error
 }
@@ -213,7 +226,7 @@ func (s *Store) RunChats(ctx context.Context, cfg RunConfig) (*ChatRunner, error
 		cfg.Concurrency = DefaultChatConcurrency
 	}
 	if cfg.PollInterval <= 0 {
-		cfg.PollInterval = 100 * time.Millisecond
+		cfg.PollInterval = DefaultChatPoll
 	}
 	workers := river.NewWorkers()
 	river.AddWorker(workers, &chatWorker{run: cfg.Run})
@@ -254,6 +267,8 @@ func (s *Store) RunChats(ctx context.Context, cfg RunConfig) (*ChatRunner, error
 		return nil, s.wrap(ctx, "start chat runner", err)
 	}
 	r.stop, r.stopAndCancel = c.Stop, c.StopAndCancel
+	insertOnly := s.jobs.cur.Swap(c)
+	r.restore = func() { s.jobs.cur.CompareAndSwap(c, insertOnly) }
 	return r, nil
 }
 
@@ -263,6 +278,9 @@ func (s *Store) RunChats(ctx context.Context, cfg RunConfig) (*ChatRunner, error
 // Calls after the first return the first result.
 func (r *ChatRunner) Stop(ctx context.Context) error {
 	r.once.Do(func() {
+		if r.restore != nil {
+			r.restore()
+		}
 		err := r.stop(ctx)
 		if ctx.Err() != nil {
 			cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -426,11 +444,56 @@ func (s *Store) RequeueChat(ctx context.Context, chatID string, attempt int, r R
 // "attempt": n}. It returns how many chats it requeued and failed. The
 // supervisor calls it when a worker dies and at start.
 func (s *Store) HandBackChats(ctx context.Context, pid int, reason string, maxAttempts int) (requeued, failed int, err error) {
+	return s.handBack(ctx, s.host, pid, reason, maxAttempts)
+}
+
+// HandBackLostHosts hands back, as HandBackChats does with reason
+// "instance_lost", the running background chats of every other instance
+// (--instance-id) whose claim on the database (ClaimInstance) is gone: its
+// server died with its master, or lost the database for good. PostgreSQL
+// only; on SQLite, one machine, the next start of that instance does it.
+// The masters of a deployment call it every few seconds. An instance that
+// lost its claim connection for a moment (it takes it again within
+// claimCheckEvery) may have its chats run twice; the first attempt's
+// outcome is then discarded (EndChat with Outcome.Attempt).
+func (s *Store) HandBackLostHosts(ctx context.Context, maxAttempts int) (int, error) {
+	if s.pg == nil {
+		return 0, nil
+	}
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT DISTINCT host FROM chats
+WHERE status = 'running' AND background AND host <> ? AND NOT EXISTS (
+	SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+	AND classid = ?::oid AND objid = hashtext(chats.host)::oid)`), s.host, int64(instanceLockClass))
+	if err != nil {
+		return 0, s.wrap(ctx, "find lost instances", err)
+	}
+	var hosts []string
+	for rows.Next() {
+		var h string
+		if err := rows.Scan(&h); err != nil {
+			rows.Close()
+			return 0, s.wrap(ctx, "find lost instances", err)
+		}
+		hosts = append(hosts, h)
+	}
+	rows.Close()
+	total := 0
+	for _, h := range hosts {
+		r, f, err := s.handBack(ctx, h, 0, "instance_lost", maxAttempts)
+		if err != nil {
+			return total, err
+		}
+		total += r + f
+	}
+	return total, nil
+}
+
+func (s *Store) handBack(ctx context.Context, host string, pid int, reason string, maxAttempts int) (requeued, failed int, err error) {
 	var acts []Activity
 	err = s.write(ctx, func(tx *sql.Tx) error {
 		acts, requeued, failed = acts[:0], 0, 0
 		query := `SELECT id, agent_id, worker, pid, attempts, job_id FROM chats WHERE host = ? AND status = 'running' AND background`
-		args := []any{s.host}
+		args := []any{host}
 		if pid != 0 {
 			query += ` AND pid = ?`
 			args = append(args, pid)
@@ -493,11 +556,11 @@ func (s *Store) HandBackChats(ctx context.Context, pid int, reason string, maxAt
 		return nil
 	})
 	if err != nil {
-		return 0, 0, s.wrap(ctx, "hand back chats of pid "+strconv.Itoa(pid), err)
+		return 0, 0, s.wrap(ctx, "hand back chats of "+host+" pid "+strconv.Itoa(pid), err)
 	}
 	if n := len(acts); n > 0 {
 		s.feed.advance(acts[n-1].ID)
-		s.log.Info().Int("pid", pid).Int("requeued", requeued).Int("failed", failed).Str("reason", reason).Msg("background chats handed back")
+		s.log.Info().Str("instance", host).Int("pid", pid).Int("requeued", requeued).Int("failed", failed).Str("reason", reason).Msg("background chats handed back")
 	}
 	return requeued, failed, nil
 }

@@ -244,6 +244,7 @@ func (c Config) SupervisorConfig() supervisor.Config {
 		MetricsToken:       c.MetricsToken,
 		Addr:               c.Addr(),
 		UDS:                c.UDS,
+		TLS:                c.TLS(),
 		Workers:            c.EffectiveWorkers(),
 		SocketMode:         supervisor.SocketMode(c.SocketMode),
 		Backlog:            c.Backlog,
@@ -306,6 +307,15 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	os.Unsetenv(protocol.EnvArgs)
 	if cfg.Reload && cfg.WorkersSet && cfg.Workers > 1 {
 		log.Warn().Int("workers", cfg.Workers).Msg("RELOAD/--reload runs one worker; WORKERS/--workers is ignored")
+	}
+	if cfg.TLS() {
+		// The files are checked before anything starts, so that a bad one
+		// is a usage error naming it rather than every worker failing.
+		if _, err := worker.LoadTLS(cfg.TLSFiles()); err != nil {
+			log.Error().Err(err).Msg("cannot serve HTTPS")
+			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			return ExitUsage
+		}
 	}
 	sc := cfg.SupervisorConfig()
 	sc.Args = args
@@ -403,6 +413,16 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 
 	wc := cfg.WorkerConfig()
+	if cfg.TLS() {
+		// Read at every start, so a roll (SIGHUP) serves renewed files.
+		tc, err := worker.LoadTLS(cfg.TLSFiles())
+		if err != nil {
+			log.Error().Err(err).Msg("cannot serve HTTPS")
+			fmt.Fprintf(stderr, "%s: %v\n", name, err)
+			return ExitBoot
+		}
+		wc.TLS = tc
+	}
 	wc.Logger = log
 	wc.Signals = sigs
 	wc.Handler = a.FastHandler

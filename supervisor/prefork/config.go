@@ -1,6 +1,7 @@
 package prefork
 
 import (
+	"crypto/tls"
 	"fmt"
 	"math"
 	"net"
@@ -46,6 +47,12 @@ type Config struct {
 	MetricsToken  string        `json:"-"` // METRICS_TOKEN only; never printed
 	ControlSocket string        // --control-socket; "" = the application's default
 	EnvFile       string        // --env-file / ENV_FILE, read before every other setting; "" = none
+
+	SSLKeyFile         string // --ssl-keyfile / SSL_KEYFILE; "" = plain HTTP
+	SSLCertFile        string // --ssl-certfile / SSL_CERTFILE; set with SSLKeyFile
+	SSLKeyFilePassword string `json:"-"` // --ssl-keyfile-password / SSL_KEYFILE_PASSWORD; never printed
+	SSLCACerts         string // --ssl-ca-certs / SSL_CA_CERTS: the CA of client certificates
+	SSLCertReqs        int    // --ssl-cert-reqs / SSL_CERT_REQS: 0 none, 1 optional, 2 required client certificates
 
 	LogLevel          zerolog.Level  // --log-level, default info
 	LogFormat         string         // --log-format: "auto" (default, resolved by NewLogger), "console" or "json"
@@ -150,7 +157,51 @@ func (c Config) Redacted() Config {
 	if c.MetricsToken != "" {
 		c.MetricsToken = "(hidden)"
 	}
+	if c.SSLKeyFilePassword != "" {
+		c.SSLKeyFilePassword = "(hidden)"
+	}
 	return c
+}
+
+// TLS reports whether c serves HTTPS.
+func (c Config) TLS() bool { return c.SSLCertFile != "" }
+
+// TLSFiles is what worker.LoadTLS reads for c.
+func (c Config) TLSFiles() worker.TLSFiles {
+	return worker.TLSFiles{
+		CertFile:    c.SSLCertFile,
+		KeyFile:     c.SSLKeyFile,
+		KeyPassword: c.SSLKeyFilePassword,
+		CAFile:      c.SSLCACerts,
+		ClientAuth:  []tls.ClientAuthType{tls.NoClientCert, tls.VerifyClientCertIfGiven, tls.RequireAndVerifyClientCert}[c.SSLCertReqs],
+	}
+}
+
+// checkTLS checks the TLS settings against each other: a key and a
+// certificate go together, and client certificates need a CA to verify
+// them. That the files load is checked by the master before any worker
+// starts (worker.LoadTLS).
+func checkTLS(c Config, given map[string]Setting) error {
+	key, hasKey := given["ssl-keyfile"]
+	cert, hasCert := given["ssl-certfile"]
+	switch {
+	case hasKey && !hasCert:
+		return key.Invalid("--ssl-certfile or SSL_CERTFILE set as well")
+	case hasCert && !hasKey:
+		return cert.Invalid("--ssl-keyfile or SSL_KEYFILE set as well")
+	case c.SSLCertReqs > 0 && c.SSLCACerts == "":
+		return given["ssl-cert-reqs"].Invalid("--ssl-ca-certs or SSL_CA_CERTS set as well, to verify client certificates")
+	case !hasCert && (c.SSLCertReqs > 0 || c.SSLCACerts != "" || c.SSLKeyFilePassword != ""):
+		for _, name := range []string{"ssl-cert-reqs", "ssl-ca-certs"} {
+			if s, ok := given[name]; ok {
+				return s.Invalid("--ssl-certfile and --ssl-keyfile set as well (HTTPS)")
+			}
+		}
+		return given["ssl-keyfile-password"].InvalidSecret("--ssl-certfile and --ssl-keyfile set as well (HTTPS)")
+	case c.UDS != "" && hasCert:
+		return cert.Invalid("no --uds: TLS is served on HOST:PORT")
+	}
+	return nil
 }
 
 // Load decides the configuration from args (without the program name) and
@@ -191,6 +242,9 @@ func (a App) Load(args []string, lookupEnv func(string) (string, bool)) (Config,
 		given[o.Name()] = s
 	}
 	if err := checkMetricsAddr(c, given); err != nil {
+		return Config{}, err
+	}
+	if err := checkTLS(c, given); err != nil {
 		return Config{}, err
 	}
 	if a.Check != nil {
@@ -278,6 +332,33 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				return err
 			}},
 
+		{Group: GroupTLS, Flag: "ssl-keyfile", Arg: "PATH", Env: []string{"SSL_KEYFILE"}, Default: "(none)",
+			Help: "serve HTTPS with this private key (PEM)",
+			Set:  func(s Setting) error { c.SSLKeyFile = s.Text(); return nil }},
+		{Group: GroupTLS, Flag: "ssl-certfile", Arg: "PATH", Env: []string{"SSL_CERTFILE"}, Default: "(none)",
+			Help: "and this certificate chain (PEM, leaf first)",
+			Set:  func(s Setting) error { c.SSLCertFile = s.Text(); return nil }},
+		{Group: GroupTLS, Flag: "ssl-keyfile-password", Arg: "PASS", Env: []string{"SSL_KEYFILE_PASSWORD"}, Default: "(none)",
+			Help: "password of an encrypted key; prefer the variable (ps shows flags)",
+			Set:  func(s Setting) error { c.SSLKeyFilePassword = s.Raw; return nil }},
+		{Group: GroupTLS, Flag: "ssl-ca-certs", Arg: "PATH", Env: []string{"SSL_CA_CERTS"}, Default: "(none)",
+			Help: "CA certificates (PEM) that client certificates must chain to",
+			Set:  func(s Setting) error { c.SSLCACerts = s.Text(); return nil }},
+		{Group: GroupTLS, Flag: "ssl-cert-reqs", Arg: "N", Env: []string{"SSL_CERT_REQS"}, Default: "0",
+			Help: "client certificates: 0 none, 1 optional, 2 required",
+			Set: func(s Setting) error {
+				switch s.Lower() {
+				case "0", "none", "cert_none":
+					c.SSLCertReqs = 0
+				case "1", "optional", "cert_optional":
+					c.SSLCertReqs = 1
+				case "2", "required", "cert_required":
+					c.SSLCertReqs = 2
+				default:
+					return s.Invalid("0 (none), 1 (optional) or 2 (required)")
+				}
+				return nil
+			}},
 		{Group: GroupLimits, Flag: "timeout-graceful-shutdown", Arg: "DUR", Env: []string{"TIMEOUT_GRACEFUL_SHUTDOWN"}, Default: FormatDuration(supervisor.DefaultGracefulTimeout),
 			Help: "drain budget per worker; 0 = cut requests at once",
 			Set: func(s Setting) (err error) {

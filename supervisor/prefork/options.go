@@ -424,6 +424,7 @@ func parse(name string, args []string, opts []Option) ([]Flag, Flag, error) {
 // application's own groups come after Logging and before Reload.
 const (
 	GroupServer = "Server"
+	GroupTLS    = "TLS (HTTPS)"
 	GroupLimits = "Timeouts and limits"
 	GroupLog    = "Logging"
 	GroupReload = "Reload (development)"

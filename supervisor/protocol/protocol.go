@@ -141,6 +141,11 @@ const (
 	// TypeFailed travels on the upgrade pipe, new master to old: the new
 	// master gives up (Error says why); the old one keeps serving.
 	TypeFailed = "failed"
+	// TypeStop travels on the lifeline just before the supervisor sends
+	// SIGTERM: why the worker is asked to drain (Reason) and within what
+	// budget (BudgetMS), so that the worker logs the same reason as the
+	// supervisor and drains within the budget the supervisor enforces.
+	TypeStop = "stop"
 )
 
 // Message is one JSON line on the control pipe (worker to supervisor) or on
@@ -153,8 +158,11 @@ type Message struct {
 	Requests uint64 `json:"requests,omitempty"`
 	// InFlight is the number of requests being served now.
 	InFlight int64 `json:"in_flight,omitempty"`
-	// Reason says why a recycle is asked for (e.g. "max_requests").
+	// Reason says why a recycle is asked for (e.g. "max_requests"), or
+	// why a worker is stopped.
 	Reason string `json:"reason,omitempty"`
+	// BudgetMS is a TypeStop's drain budget in milliseconds.
+	BudgetMS int64 `json:"budget_ms,omitempty"`
 	// Build is "ok" or "failed" on a TypeReload message.
 	Build string `json:"build,omitempty"`
 	// Error is the first line of a failed build's output.

@@ -1,0 +1,108 @@
+package prefork
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+// env returns a lookup over name, value pairs.
+func env(kv ...string) func(string) (string, bool) {
+	m := map[string]string{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return func(k string) (string, bool) { v, ok := m[k]; return v, ok }
+}
+
+// greeter is an application with one setting of its own and a check
+// across settings, as a user of the library writes one.
+func greeter(greeting *string) App {
+	return App{
+		Name: "greeter",
+		Options: []Option{{Group: "Greeting", Flag: "greeting", Arg: "TEXT", Env: []string{"GREETING"}, Default: "hello",
+			Help: "what GET / answers",
+			Set: func(s Setting) error {
+				if s.Text() == "" {
+					return s.Invalid("some text")
+				}
+				*greeting = s.Text()
+				return nil
+			}}},
+		Check: func(c Config) error {
+			if *greeting == "bye" && c.Workers > 1 {
+				return errors.New("bye needs one worker")
+			}
+			return nil
+		},
+	}
+}
+
+func TestAppOptions(t *testing.T) {
+	for _, tt := range []struct {
+		args, env []string
+		want      string
+		wantErr   string
+	}{
+		{nil, nil, "hello", ""},
+		{nil, []string{"GREETING", "hey"}, "hey", ""},
+		{[]string{"--greeting", "yo"}, []string{"GREETING", "hey"}, "yo", ""},
+		{[]string{"--greeting="}, nil, "", `invalid --greeting "": want some text`},
+		{[]string{"--greeting", "bye"}, []string{"WORKERS", "2"}, "", "bye needs one worker"},
+		{[]string{"--greeting", "bye"}, []string{"WORKERS", "1"}, "bye", ""},
+	} {
+		greeting := "hello"
+		c, err := greeter(&greeting).Load(tt.args, env(tt.env...))
+		switch {
+		case tt.wantErr != "" && (err == nil || err.Error() != tt.wantErr):
+			t.Errorf("Load(%q, %q) error = %v, want %q", tt.args, tt.env, err, tt.wantErr)
+		case tt.wantErr == "" && err != nil:
+			t.Errorf("Load(%q, %q) error = %v", tt.args, tt.env, err)
+		case tt.wantErr == "" && greeting != tt.want:
+			t.Errorf("Load(%q, %q) greeting = %q, want %q", tt.args, tt.env, greeting, tt.want)
+		case tt.wantErr == "" && c.Port != 8000:
+			t.Errorf("Load(%q, %q) Port = %d, want the default 8000", tt.args, tt.env, c.Port)
+		}
+	}
+
+	// --version reads nothing else, the application's settings included.
+	greeting := "unset"
+	c, err := greeter(&greeting).Load([]string{"--version"}, env("GREETING", "hey", "WORKERS", "junk"))
+	if err != nil || !c.ShowVersion || greeting != "unset" {
+		t.Errorf("Load(--version) = ShowVersion %v, greeting %q, %v; want true, unset, nil", c.ShowVersion, greeting, err)
+	}
+	if _, err := greeter(&greeting).Load([]string{"stray"}, env()); !IsUsageError(err) {
+		t.Errorf("Load(stray) error = %v, want a usage error", err)
+	}
+}
+
+func TestAppUsage(t *testing.T) {
+	var buf bytes.Buffer
+	greeting := ""
+	greeter(&greeting).Usage(&buf)
+	help := buf.String()
+	for _, want := range []string{"Usage: greeter [flags]", "Server:", "Greeting:", "--greeting TEXT", "GREETING", "--workers N", "WORKERS, WEB_CONCURRENCY", "`greeter status`"} {
+		if !strings.Contains(help, want) {
+			t.Errorf("usage lacks %q:\n%s", want, help)
+		}
+	}
+	// The application's group comes after the process model's, before Reload.
+	if i, j := strings.Index(help, "Greeting:"), strings.Index(help, "Reload (development):"); i < 0 || j < 0 || i > j {
+		t.Errorf("usage lists Greeting at %d and Reload at %d, want Greeting first", i, j)
+	}
+}
+
+func TestConfigToLibraries(t *testing.T) {
+	c := DefaultConfig()
+	c.Reload, c.Workers, c.GracefulTimeout, c.ProxyHeaders = true, 8, 0, false
+	sc := c.SupervisorConfig()
+	if sc.Workers != 1 || sc.Reload == nil || sc.GracefulTimeout != time.Nanosecond {
+		t.Errorf("SupervisorConfig() = Workers %d, Reload %v, GracefulTimeout %v; want 1 (reload runs one), set, 1ns (cut at once)", sc.Workers, sc.Reload, sc.GracefulTimeout)
+	}
+	wc := c.WorkerConfig()
+	if wc.Proxies != nil || wc.MaxBodySize != 1<<20 || wc.DisableKeepAlive {
+		t.Errorf("WorkerConfig() = Proxies %v, MaxBodySize %d, DisableKeepAlive %v; want nil, 1 MiB, false", wc.Proxies, wc.MaxBodySize, wc.DisableKeepAlive)
+	}
+}
