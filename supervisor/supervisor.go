@@ -132,6 +132,9 @@ type Config struct {
 	// with a context that ends after 2 seconds; an error leaves the panel
 	// empty and is logged.
 	Panel func(ctx context.Context) (Panel, error)
+	// Charts are the status page's small charts over the last 15 minutes,
+	// computed from the workers' metrics (see Chart); none by default.
+	Charts []Chart
 	// Metrics, if set, writes the application's own metrics in Prometheus
 	// text (such as a job queue's depth, which no one worker owns); /metrics
 	// merges them, unlabelled, with the supervisor's and the workers'; its
@@ -205,6 +208,7 @@ type Supervisor struct {
 	started    time.Time
 	controls   chan control
 	snapshots  chan snapshotReq
+	charts     *charts           // the status page's charts; nil without Config.Charts
 	restartsBy map[string]uint64 // workers started after the first, by reason
 	notify     *notifier
 	drainUntil time.Time // end of the drain delay; zero when none runs
@@ -395,6 +399,10 @@ func (s *Supervisor) Run() error {
 		}
 		done := make(chan struct{})
 		defer close(done)
+		if len(s.cfg.Charts) > 0 {
+			s.charts = newCharts(s.cfg.Charts)
+			go s.sampleCharts(done)
+		}
 		go s.serveMetrics(ln, done)
 		s.log.Info().Str("url", "http://"+ln.Addr().String()+"/").Msg("metrics and status page ready")
 	}
