@@ -142,6 +142,9 @@ type Config struct {
 	// inherits on an upgrade, as Handoff.Files (the store's instance lock,
 	// for example). It is called from the supervisor's loop.
 	HandOver func() []*os.File
+	// Charts are the status page's small charts over the last 15 minutes,
+	// computed from the workers' metrics (see Chart); none by default.
+	Charts []Chart
 	// Metrics, if set, writes the application's own metrics in Prometheus
 	// text (such as a job queue's depth, which no one worker owns); /metrics
 	// merges them, unlabelled, with the supervisor's and the workers'; its
@@ -217,6 +220,7 @@ type Supervisor struct {
 	started    time.Time
 	controls   chan control
 	snapshots  chan snapshotReq
+	charts     *charts           // the status page's charts; nil without Config.Charts
 	restartsBy map[string]uint64 // workers started after the first, by reason
 	notify     *notifier
 	drainUntil time.Time // end of the drain delay; zero when none runs
@@ -452,6 +456,10 @@ func (s *Supervisor) Run() error {
 		ln, err := s.listenMetrics()
 		if err != nil {
 			return err
+		}
+		if len(s.cfg.Charts) > 0 {
+			s.charts = newCharts(s.cfg.Charts)
+			go s.sampleCharts(s.quit)
 		}
 		s.serveMetricsOn(ln)
 		s.log.Info().Str("url", "http://"+ln.Addr().String()+"/").Msg("metrics and status page ready")

@@ -57,6 +57,7 @@ func prepareMaster(cfg config, log zerolog.Logger, sc *supervisor.Config) (func(
 	sc.ControlSocket = controlPath(cfg.ControlSocket, cfg.DatabaseURL)
 	sc.OnWorkerExit = reaper.workerExited
 	sc.Panel = activitiesPanel(st)
+	sc.Charts = statusCharts
 	info := []supervisor.Field{{Name: "store", Value: describeStore(st.Path())}, {Name: "llm", Value: describeLLM(cfg)}}
 	queue := newQueueWatch(st, log, cfg.ChatMaxAttempts)
 	sc.Info = func() []supervisor.Field { return append(info[:len(info):len(info)], queue.fields()...) }
