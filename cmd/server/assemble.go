@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"os"
 	"strconv"
 	"time"
 
@@ -37,7 +38,12 @@ func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 // the database, migrates it, claims the instance id and marks the chats a
 // previous run left started as failed. The store stays open for the
 // master's own writes.
-func prepareStore(cfg config, log zerolog.Logger) (*store.Store, error) {
+//
+// In a master started by an upgrade (handoff set) the instance id is taken
+// over from the old master, and no chat is failed: the old master's
+// workers are still finishing theirs, and the old master records the
+// chats of any of them that dies.
+func prepareStore(cfg config, log zerolog.Logger, handoff *supervisor.Handoff) (*store.Store, error) {
 	st, err := openStore(cfg, log)
 	if err != nil {
 		return nil, err
@@ -47,6 +53,18 @@ func prepareStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	if err := st.Migrate(ctx); err != nil {
 		st.Close()
 		return nil, err
+	}
+	if handoff != nil {
+		var claim *os.File
+		if len(handoff.Files) > 0 {
+			claim = handoff.Files[0]
+		}
+		if err := st.TakeOverInstance(claim); err != nil {
+			st.Close()
+			return nil, err
+		}
+		log.Info().Str("database", st.Path()).Int("schema", st.SchemaVersion()).Msg("store ready")
+		return st, nil
 	}
 	if err := st.ClaimInstance(ctx); err != nil {
 		st.Close()
