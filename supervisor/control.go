@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -21,7 +22,7 @@ import (
 
 // Request is one command on the control socket.
 type Request struct {
-	// Cmd is "status", "reload", "scale" or "stop".
+	// Cmd is "status", "reload", "scale", "stop" or "upgrade".
 	Cmd string `json:"cmd"`
 	// Workers is the target count for "scale".
 	Workers int `json:"workers,omitempty"`
@@ -34,6 +35,9 @@ type Response struct {
 	OK     bool    `json:"ok"`
 	Error  string  `json:"error,omitempty"`
 	Status *Status `json:"status,omitempty"`
+	// Upgrade answers "upgrade", which is answered once the new master is
+	// ready or the upgrade failed.
+	Upgrade *UpgradeStatus `json:"upgrade,omitempty"`
 }
 
 // Status is a snapshot of the supervisor and its workers.
@@ -47,6 +51,8 @@ type Status struct {
 	State      string         `json:"state"` // starting, running, rolling, stopping
 	Info       []Field        `json:"info,omitempty"`
 	Workers    []WorkerStatus `json:"workers"`
+	// Upgrade is the upgrade in progress or the last one that failed.
+	Upgrade *UpgradeStatus `json:"upgrade,omitempty"`
 }
 
 // Field is one named fact about the application in Status (Config.Info).
@@ -68,6 +74,7 @@ type WorkerStatus struct {
 	Slot        int     `json:"slot"`
 	PID         int     `json:"pid"`
 	Generation  int     `json:"generation"`
+	Version     string  `json:"version"` // the master's: a worker runs its master's binary
 	State       string  `json:"state"`
 	UptimeS     float64 `json:"uptime_s"`
 	Requests    uint64  `json:"requests"`
@@ -118,6 +125,24 @@ func listenControl(path string) (*net.UnixListener, error) {
 	return ln, nil
 }
 
+// listenControl listens on the control socket: the one a new master
+// inherits on an upgrade (the old master answered on it until then), or a
+// new one at Config.ControlSocket.
+func (s *Supervisor) listenControl() (*net.UnixListener, error) {
+	h := s.handoff
+	if h == nil || h.control == nil {
+		return listenControl(s.cfg.ControlSocket)
+	}
+	ln, err := net.FileListener(h.control)
+	h.control.Close()
+	ul, ok := ln.(*net.UnixListener)
+	if err != nil || !ok {
+		return nil, fmt.Errorf("supervisor: inherited control socket: %v", err)
+	}
+	ul.SetUnlinkOnClose(true) // the path is this master's now
+	return ul, nil
+}
+
 // serveControl accepts control connections until ln closes.
 func (s *Supervisor) serveControl(ln *net.UnixListener, done <-chan struct{}) {
 	for {
@@ -131,7 +156,8 @@ func (s *Supervisor) serveControl(ln *net.UnixListener, done <-chan struct{}) {
 
 func (s *Supervisor) handleControl(c *net.UnixConn, done <-chan struct{}) {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	// An upgrade is answered when it is done.
+	c.SetDeadline(time.Now().Add(DefaultUpgradeTimeout + 30*time.Second))
 	resp := Response{}
 	if err := sameUser(c); err != nil {
 		resp.Error = err.Error()
@@ -214,6 +240,13 @@ func (s *Supervisor) onControl(ctl control) {
 		for len(s.slots) > n {
 			s.scaleDown()
 		}
+	case "upgrade":
+		if err := s.startUpgrade(); err != nil {
+			r = Response{Error: strings.TrimPrefix(err.Error(), "supervisor: ")}
+			break
+		}
+		s.up.waiters = append(s.up.waiters, ctl.reply)
+		return
 	case "stop":
 		if ctl.req.Force {
 			s.kill("forced")
@@ -221,7 +254,7 @@ func (s *Supervisor) onControl(ctl control) {
 		}
 		s.onSignal(syscall.SIGTERM)
 	default:
-		r = Response{Error: fmt.Sprintf("unknown command %q: want status, reload, scale or stop", ctl.req.Cmd)}
+		r = Response{Error: fmt.Sprintf("unknown command %q: want status, reload, scale, stop or upgrade", ctl.req.Cmd)}
 	}
 	ctl.reply <- r
 }
@@ -252,9 +285,14 @@ func (s *Supervisor) status() *Status {
 		State:      "running",
 		Workers:    []WorkerStatus{},
 	}
+	st.Upgrade = s.upgradeStatus()
 	switch {
+	case s.handedOver:
+		st.State = "handed over"
 	case s.stopping:
 		st.State = "stopping"
+	case s.up != nil && !s.up.stopping:
+		st.State = "upgrading"
 	case !s.booted:
 		st.State = "starting"
 	case s.rollSlot != nil || len(s.rolling) > 0:
@@ -263,7 +301,7 @@ func (s *Supervisor) status() *Status {
 	for _, p := range s.sortedProcs() {
 		u := readUsage(p.pid)
 		w := WorkerStatus{
-			Slot: p.slot.n, PID: p.pid, Generation: p.gen, State: p.state.String(),
+			Slot: p.slot.n, PID: p.pid, Generation: p.gen, Version: s.cfg.Version, State: p.state.String(),
 			UptimeS: seconds(now.Sub(p.started)), Requests: p.requests, InFlight: p.inFlight,
 			RSS: u.RSS, CPUS: seconds(u.CPU), FDs: u.FDs,
 			Restarts: p.slot.restarts, LastReason: p.slot.lastReason, HeartbeatS: -1, StartReason: p.why,

@@ -192,6 +192,14 @@ func (f *fakeProc) die(status string) {
 	}
 }
 
+// pid is the pid of the process an event is about.
+func (ev event) pid() int {
+	if ev.up != nil {
+		return ev.up.pid
+	}
+	return ev.p.pid
+}
+
 // begin starts the workers.
 func (h *harness) begin() { h.s.begin() }
 
@@ -220,7 +228,7 @@ func (h *harness) send(f *fakeProc, m protocol.Message) {
 	if _, err := f.control.Write(m.Encode()); err != nil {
 		h.t.Fatal(err)
 	}
-	h.pump(m.Type+" from "+strconv.Itoa(f.pid), func(ev event) bool { return !ev.exited && ev.p.pid == f.pid && ev.msg.Type == m.Type })
+	h.pump(m.Type+" from "+strconv.Itoa(f.pid), func(ev event) bool { return !ev.exited && ev.pid() == f.pid && ev.msg.Type == m.Type })
 }
 
 func (h *harness) ready(fs ...*fakeProc) {
@@ -241,7 +249,7 @@ func (h *harness) beat(fs ...*fakeProc) {
 func (h *harness) exit(f *fakeProc, status string) {
 	h.t.Helper()
 	f.die(status)
-	h.pump("exit of "+strconv.Itoa(f.pid), func(ev event) bool { return ev.exited && ev.p.pid == f.pid })
+	h.pump("exit of "+strconv.Itoa(f.pid), func(ev event) bool { return ev.exited && ev.pid() == f.pid })
 }
 
 // signal delivers sig to the master.

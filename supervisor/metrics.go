@@ -42,11 +42,30 @@ type snapshot struct {
 
 type snapshotReq chan snapshot
 
+// listenMetrics listens on the metrics address, or takes the listener a
+// new master inherits on an upgrade.
+func (s *Supervisor) listenMetrics() (*net.TCPListener, error) {
+	if h := s.handoff; h != nil && h.metrics != nil {
+		ln, err := net.FileListener(h.metrics)
+		h.metrics.Close()
+		if tl, ok := ln.(*net.TCPListener); err == nil && ok {
+			return tl, nil
+		}
+		return nil, fmt.Errorf("supervisor: inherited metrics listener: %v", err)
+	}
+	ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: metrics address %s: %w", s.cfg.MetricsAddr, err)
+	}
+	return ln.(*net.TCPListener), nil
+}
+
 // serveMetrics runs the metrics HTTP server until done closes.
 func (s *Supervisor) serveMetrics(ln net.Listener, done <-chan struct{}) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
 	mux.HandleFunc("GET /status.json", s.handleStatusJSON)
+	mux.HandleFunc("GET /charts.json", s.handleChartsJSON)
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Header().Set("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'")
@@ -63,7 +82,8 @@ func (s *Supervisor) serveMetrics(ln net.Listener, done <-chan struct{}) {
 		defer cancel()
 		srv.Shutdown(ctx)
 	}()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	// A listener closed under it was handed to a new master.
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 		s.log.Error().Err(err).Msg("metrics server stopped")
 	}
 }

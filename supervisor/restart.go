@@ -102,6 +102,11 @@ func (s *Supervisor) onReady(p *proc) {
 		s.booted = true
 		s.log.Info().Int("workers", len(s.slots)).Msg("Application startup complete")
 		s.notify.ready()
+		if s.handoff != nil {
+			s.handoff.send(protocol.Message{Type: protocol.TypeReady, PID: os.Getpid(), Version: s.cfg.Version})
+			s.log.Info().Int("old_pid", s.handoff.ParentPID).Str("old_version", s.handoff.ParentVersion).
+				Int("pid", os.Getpid()).Str("version", s.cfg.Version).Msg("upgrade: new master ready")
+		}
 	}
 	if s.rollSlot == sl {
 		s.rollSlot = nil
@@ -273,8 +278,9 @@ func (s *Supervisor) tick(now time.Time) {
 	}
 	if !s.drainUntil.IsZero() && !now.Before(s.drainUntil) {
 		s.drainUntil = time.Time{}
-		s.shutdown()
+		s.shutdown("shutdown")
 	}
+	s.upgradeTick(now)
 	s.notify.tick(now)
 }
 
@@ -282,7 +288,7 @@ func (s *Supervisor) tick(now time.Time) {
 // goroutine's stack to the log, and SIGKILL after the kill grace.
 func (s *Supervisor) hung(p *proc, now time.Time, reason string) {
 	s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Int("generation", p.gen).
-		Dur("silent", now.Sub(p.lastBeat)).Str("reason", reason).Msg("worker hung, sending SIGQUIT")
+		Dur("silent_ms", now.Sub(p.lastBeat)).Str("reason", reason).Msg("worker hung, sending SIGQUIT")
 	p.reason, p.state, p.deadline = reason, killing, now.Add(DefaultKillGrace)
 	p.signal(syscall.SIGQUIT)
 	p.signal(syscall.SIGCONT) // a stopped process dumps and exits too

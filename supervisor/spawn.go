@@ -56,6 +56,7 @@ type proc struct {
 type event struct {
 	p      *proc
 	msg    protocol.Message
+	up     *upgrade // set on the new master's report or exit
 	exited bool
 	status string // how it exited: "exit 1", "signal killed"
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -132,6 +133,18 @@ type Config struct {
 	// with a context that ends after 2 seconds; an error leaves the panel
 	// empty and is logged.
 	Panel func(ctx context.Context) (Panel, error)
+	// Upgrade, if set, makes this master the successor of one that is
+	// upgrading (see Inherited): it serves the sockets handed over, binds
+	// nothing, and reports to the old master once all its workers are
+	// ready. Addr, UDS, Listeners, SocketMode and Workers are then ignored.
+	Upgrade *Handoff
+	// HandOver, if set, returns the application's own files a new master
+	// inherits on an upgrade, as Handoff.Files (the store's instance lock,
+	// for example). It is called from the supervisor's loop.
+	HandOver func() []*os.File
+	// Charts are the status page's small charts over the last 15 minutes,
+	// computed from the workers' metrics (see Chart); none by default.
+	Charts []Chart
 	// Metrics, if set, writes the application's own metrics in Prometheus
 	// text (such as a job queue's depth, which no one worker owns); /metrics
 	// merges them, unlabelled, with the supervisor's and the workers'; its
@@ -185,7 +198,9 @@ type Supervisor struct {
 	cfg    Config
 	env    env
 	log    zerolog.Logger
-	exe    string
+	exe    string     // what workers run: the binary this master runs, through self
+	path   string     // the installed binary, which an upgrade runs
+	self   *os.File   // this master's binary, kept open so workers never run another
 	addr   net.Addr   // *net.TCPAddr, or *net.UnixAddr with UDS
 	shared []*os.File // Shared mode: the one socket, or every activated one
 	uds    string     // the unix socket file to remove when done; "" once removed
@@ -205,10 +220,36 @@ type Supervisor struct {
 	started    time.Time
 	controls   chan control
 	snapshots  chan snapshotReq
+	charts     *charts           // the status page's charts; nil without Config.Charts
 	restartsBy map[string]uint64 // workers started after the first, by reason
 	notify     *notifier
 	drainUntil time.Time // end of the drain delay; zero when none runs
 	lastWake   time.Time // when the loop last woke, to measure its stalls
+
+	activated  bool              // the shared sockets are systemd's
+	ctl        *net.UnixListener // the control socket, nil without one
+	metricsLn  *net.TCPListener  // the metrics listener, nil without one
+	handoff    *Handoff          // this master's upgrade handoff, nil when started normally
+	up         *upgrade          // an upgrade in progress, nil when none
+	upgradeErr string            // why the last upgrade failed
+	handedOver bool              // a new master serves; this one drains and exits
+	// While an upgrade starts, the control and metrics listeners are the
+	// new master's to serve; these copies bring them back if it fails.
+	ctlFile, metricsFile *os.File
+	quit                 chan struct{} // closed when Run returns
+}
+
+// serveControlOn serves the control socket on ln until it closes.
+func (s *Supervisor) serveControlOn(ln *net.UnixListener) {
+	s.ctl = ln
+	go s.serveControl(ln, s.quit)
+}
+
+// serveMetricsOn serves the metrics address on ln until it closes or Run
+// returns.
+func (s *Supervisor) serveMetricsOn(ln *net.TCPListener) {
+	s.metricsLn = ln
+	go s.serveMetrics(ln, s.quit)
 }
 
 // New validates cfg, binds the listening sockets and returns a Supervisor
@@ -246,18 +287,28 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	if cfg.Env == nil {
 		cfg.Env = os.Environ()
 	}
-	exe, err := os.Executable()
+	path, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("supervisor: find own executable: %w", err)
 	}
+	// Workers run the binary this master runs, even after the file at path
+	// was replaced: execve resolves /proc/self/fd/N in the child, before
+	// close-on-exec closes it, to the file this master opened.
+	self, err := os.Open("/proc/self/exe")
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: open own executable: %w", err)
+	}
+	exe := "/proc/self/fd/" + strconv.Itoa(int(self.Fd()))
 	if cfg.Name == "" {
-		cfg.Name = filepath.Base(exe)
+		cfg.Name = filepath.Base(path)
 	}
 	s := &Supervisor{
 		cfg:        cfg,
 		env:        e,
 		log:        cfg.Logger,
 		exe:        exe,
+		path:       path,
+		self:       self,
 		procs:      make(map[int]*proc),
 		events:     make(chan event, 64),
 		rng:        rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(os.Getpid()))),
@@ -272,7 +323,14 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		rc.setDefaults()
 		s.reload = &reloadState{cfg: rc, changes: make(chan []string), builds: make(chan buildResult), good: s.exe}
 	}
+	if cfg.Upgrade != nil {
+		if err := s.adopt(cfg.Upgrade); err != nil {
+			return nil, err
+		}
+		return s, nil
+	}
 	if len(cfg.Listeners) > 0 {
+		s.activated = true
 		addr, err := socketAddr(cfg.Listeners[0])
 		if err != nil {
 			return nil, err
@@ -375,27 +433,35 @@ func (s *Supervisor) Run() error {
 		defer s.endReload()
 		changes, builds = s.reload.changes, s.reload.builds
 	}
+	if s.handoff != nil {
+		// Tell the old master, whatever ends this one before it is ready.
+		defer s.handoff.Fail(errors.New("the new master stopped before it was ready"))
+	}
+	s.quit = make(chan struct{})
+	defer close(s.quit)
 	if s.cfg.ControlSocket != "" {
-		ln, err := listenControl(s.cfg.ControlSocket)
+		ln, err := s.listenControl()
 		if err != nil {
 			return err
 		}
-		done := make(chan struct{})
+		s.serveControlOn(ln)
 		defer func() {
-			close(done)
-			ln.Close() // also removes the socket file
+			if s.ctl != nil {
+				s.ctl.Close() // also removes the socket file
+			}
 		}()
-		go s.serveControl(ln, done)
 		s.log.Info().Str("path", s.cfg.ControlSocket).Msg("control socket ready")
 	}
 	if s.cfg.MetricsAddr != "" {
-		ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
+		ln, err := s.listenMetrics()
 		if err != nil {
-			return fmt.Errorf("supervisor: metrics address %s: %w", s.cfg.MetricsAddr, err)
+			return err
 		}
-		done := make(chan struct{})
-		defer close(done)
-		go s.serveMetrics(ln, done)
+		if len(s.cfg.Charts) > 0 {
+			s.charts = newCharts(s.cfg.Charts)
+			go s.sampleCharts(s.quit)
+		}
+		s.serveMetricsOn(ln)
 		s.log.Info().Str("url", "http://"+ln.Addr().String()+"/").Msg("metrics and status page ready")
 	}
 	s.begin()
@@ -422,6 +488,9 @@ func (s *Supervisor) Run() error {
 		}
 		s.woke()
 	}
+	if s.handedOver {
+		s.log.Info().Msg("old workers drained, old master exiting")
+	}
 	if s.exitErr == nil {
 		s.log.Info().Msg("Finished server process")
 	}
@@ -437,7 +506,7 @@ func (s *Supervisor) begin() {
 }
 
 // done reports whether the loop is over: stopping, and every worker reaped.
-func (s *Supervisor) done() bool { return s.stopping && len(s.procs) == 0 }
+func (s *Supervisor) done() bool { return s.stopping && len(s.procs) == 0 && s.up == nil }
 
 // woke runs after each input the loop handled and each time its timer
 // fired: a stall of the master is taken out of the workers' silence, then
@@ -519,7 +588,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 			s.log.Info().Dur("delay_ms", s.cfg.DrainDelay).Msg("draining: health checks fail before shutdown")
 			return
 		}
-		s.shutdown()
+		s.shutdown("shutdown")
 	case syscall.SIGQUIT:
 		s.stopping = true
 		s.kill("quit")
@@ -538,20 +607,27 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 		s.scaleUp()
 	case syscall.SIGTTOU:
 		s.scaleDown()
+	case syscall.SIGUSR2:
+		if err := s.startUpgrade(); err != nil {
+			s.log.Error().Err(err).Msg("upgrade not started")
+		}
 	}
 }
 
 // shutdown starts the orderly stop: every worker drains within the
 // graceful budget and is killed after it.
-func (s *Supervisor) shutdown() {
+func (s *Supervisor) shutdown(reason string) {
 	s.stopping = true
 	s.rolling = nil
-	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Msg("Shutting down")
+	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Str("reason", reason).Msg("Shutting down")
 	for _, sl := range s.slots {
 		sl.restartAt = time.Time{}
 	}
 	for _, p := range s.procs {
-		s.stop(p, "shutdown")
+		s.stop(p, reason)
+	}
+	if s.up != nil && !s.up.stopping {
+		s.upgradeFailed("the old master is stopping")
 	}
 	// No worker will start again: let go of the listening sockets, so that
 	// they close once the draining workers close theirs (after the close
@@ -564,6 +640,9 @@ func (s *Supervisor) shutdown() {
 // kill sends SIGKILL to every worker; they are reaped as they exit.
 func (s *Supervisor) kill(reason string) {
 	s.stopping = true
+	if s.up != nil {
+		s.up.process.Signal(syscall.SIGKILL)
+	}
 	for _, p := range s.procs {
 		if p.signal(syscall.SIGKILL) {
 			s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Str("reason", reason).Msg("worker killed")
@@ -574,6 +653,10 @@ func (s *Supervisor) kill(reason string) {
 }
 
 func (s *Supervisor) onEvent(ev event) {
+	if ev.up != nil {
+		s.onUpgradeEvent(ev)
+		return
+	}
 	p := ev.p
 	if ev.exited {
 		s.onExit(p, ev.status)
@@ -614,6 +697,9 @@ func (s *Supervisor) nextDeadline() time.Time {
 	}
 	if !s.drainUntil.IsZero() {
 		next = minTime(next, s.drainUntil)
+	}
+	if d := s.upgradeDue(); !d.IsZero() {
+		next = minTime(next, d)
 	}
 	return minTime(next, s.notify.deadline(now))
 }

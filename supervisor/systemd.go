@@ -42,8 +42,16 @@ func (n *notifier) send(state string) {
 	}
 }
 
-// ready tells systemd that every worker is serving.
-func (n *notifier) ready() { n.send(daemon.SdNotifyReady + "\n" + n.statusLine()) }
+// ready tells systemd that every worker is serving. A master started by
+// an upgrade also says it is the service's main process now (systemd
+// accepts that from it with NotifyAccess=all), before the old one exits.
+func (n *notifier) ready() {
+	if n.s.handoff != nil {
+		n.send(fmt.Sprintf("MAINPID=%d\n%s\n%s", os.Getpid(), daemon.SdNotifyReady, n.statusLine()))
+		return
+	}
+	n.send(daemon.SdNotifyReady + "\n" + n.statusLine())
+}
 
 // reloading tells systemd a rolling restart started (Type=notify-reload
 // wants the monotonic time with it).

@@ -15,6 +15,12 @@ func (s *Supervisor) setTitle() {
 		return
 	}
 	title := MasterTitle(s.cfg.Name, len(s.slots), s.where())
+	switch {
+	case s.handedOver:
+		title = s.cfg.Name + ": master [draining]"
+	case s.up != nil && !s.up.stopping:
+		title = fmt.Sprintf("%s: master [upgrading to %d]", s.cfg.Name, s.up.pid)
+	}
 	if err := writeTitle(title); err != nil {
 		s.log.Debug().Err(err).Msg("process title not updated")
 	}

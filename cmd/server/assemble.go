@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"os"
 	"strconv"
 	"time"
 
@@ -37,7 +38,12 @@ func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 // the database, migrates it, claims the instance id and marks the chats a
 // previous run left started as failed. The store stays open for the
 // master's own writes.
-func prepareStore(cfg config, log zerolog.Logger) (*store.Store, error) {
+//
+// In a master started by an upgrade (handoff set) the instance id is taken
+// over from the old master, and no chat is failed: the old master's
+// workers are still finishing theirs, and the old master records the
+// chats of any of them that dies.
+func prepareStore(cfg config, log zerolog.Logger, handoff *supervisor.Handoff) (*store.Store, error) {
 	st, err := openStore(cfg, log)
 	if err != nil {
 		return nil, err
@@ -47,6 +53,18 @@ func prepareStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	if err := st.Migrate(ctx); err != nil {
 		st.Close()
 		return nil, err
+	}
+	if handoff != nil {
+		var claim *os.File
+		if len(handoff.Files) > 0 {
+			claim = handoff.Files[0]
+		}
+		if err := st.TakeOverInstance(claim); err != nil {
+			st.Close()
+			return nil, err
+		}
+		log.Info().Str("database", st.Path()).Int("schema", st.SchemaVersion()).Msg("store ready")
+		return st, nil
 	}
 	if err := st.ClaimInstance(ctx); err != nil {
 		st.Close()
@@ -96,11 +114,18 @@ func newLLM(cfg config) (handlers.LLM, error) {
 	return nil, fmt.Errorf("unknown LLM provider %q", cfg.LLMProvider)
 }
 
+// statusCharts are the status page's charts over the last 15 minutes.
+var statusCharts = []supervisor.Chart{
+	{Title: "requests / s", Metric: "corral_http_requests_total", Kind: supervisor.ChartRate},
+	{Title: "p99 latency, ms", Metric: "corral_http_request_duration_seconds", Kind: supervisor.ChartP99},
+	{Title: "chats in flight", Metric: "corral_chats_in_flight", Kind: supervisor.ChartSum},
+}
+
 // activitiesPanel is the status page's panel: the last 20 activities,
-// newest first.
+// newest first, with the reason of a failed or cancelled chat.
 func activitiesPanel(st *store.Store) func(ctx context.Context) (supervisor.Panel, error) {
 	return func(ctx context.Context) (supervisor.Panel, error) {
-		p := supervisor.Panel{Title: "Recent activities", Columns: []string{"id", "time", "type", "agent", "chat", "worker"}, Rows: [][]string{}}
+		p := supervisor.Panel{Title: "Recent activities", Columns: []string{"id", "time", "type", "agent", "chat", "worker", "reason"}, Rows: [][]string{}}
 		last, err := st.LastActivityID(ctx)
 		if err != nil {
 			return p, err
@@ -112,10 +137,24 @@ func activitiesPanel(st *store.Store) func(ctx context.Context) (supervisor.Pane
 		for i := len(acts) - 1; i >= 0; i-- {
 			a := acts[i]
 			p.Rows = append(p.Rows, []string{strconv.FormatInt(a.ID, 10), a.Time.Format("2006-01-02 15:04:05.000"), a.Type,
-				cmp.Or(a.AgentID, "–"), cmp.Or(a.ChatID, "–"), strconv.Itoa(a.Worker)})
+				cmp.Or(a.AgentID, "–"), cmp.Or(a.ChatID, "–"), strconv.Itoa(a.Worker), activityReason(a)})
 		}
 		return p, nil
 	}
+}
+
+// activityReason is why a chat failed or was cancelled, as its activity's
+// data says ("upstream_timeout: the LLM did not answer in time"), or "–".
+func activityReason(a store.Activity) string {
+	reason, _ := a.Data["reason"].(string)
+	msg, _ := a.Data["message"].(string)
+	switch {
+	case reason != "" && msg != "":
+		return reason + ": " + msg
+	case reason != "" || msg != "":
+		return reason + msg
+	}
+	return "–"
 }
 
 // orphanReaper records as failed the synchronous chats of workers that

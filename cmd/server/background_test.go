@@ -373,6 +373,28 @@ func TestMultihostBackgroundChat(t *testing.T) {
 		"host-b": startServer(t, append(env, "INSTANCE_ID=host-b")...),
 	}
 	baseA := strings.TrimSuffix(servers["host-a"].url(""), "/")
+	baseB := strings.TrimSuffix(servers["host-b"].url(""), "/")
+
+	// Cancelled through the other host than the one running it: the
+	// running worker lets go within two seconds.
+	cid := startBackground(t, baseA, "cancel me across hosts")
+	cc := waitRunning(t, baseA, cid, 0)
+	canceller := baseA
+	if cc.Instance == "host-a" {
+		canceller = baseB
+	}
+	cancelled := time.Now()
+	if code, _, b := postJSON(t, canceller+"/api/chats/"+cid+"/cancel", ""); code != 200 {
+		t.Fatalf("POST cancel on the other host = %d %s, want 200", code, b)
+	}
+	waitFor(t, 2*time.Second, func() error {
+		if n := len(servers[cc.Instance].logs.find("chat cancelled on request", map[string]any{"chat_id": cid})); n != 1 {
+			return fmt.Errorf("%d chat cancelled on request log lines on %s, want 1", n, cc.Instance)
+		}
+		return nil
+	})
+	t.Logf("cancel across hosts seen by the running worker within %v", time.Since(cancelled).Round(time.Millisecond))
+
 	id := startBackground(t, baseA, "outlive my host")
 	c := waitRunning(t, baseA, id, 0)
 	victim := servers[c.Instance]

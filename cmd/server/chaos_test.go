@@ -7,6 +7,7 @@ package main
 // named by CORRAL_CHAOS_REPORT.
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/corralhq/corral/handlers"
 )
 
 // chaosReq is one request of the load and how it ended.
@@ -219,6 +222,30 @@ func TestChaos(t *testing.T) {
 		})
 	}
 
+	// Background chats, one every 200 ms: they must all end completed (or
+	// failed after --chat-max-attempts), whatever dies under them.
+	var bgMu sync.Mutex
+	var background []string
+	load.Go(func() {
+		for i := range maxPer {
+			if time.Now().After(deadline) {
+				return
+			}
+			body := fmt.Sprintf(`{"agent_id":"default","message":"chaos background %d","background":true}`, i)
+			if resp, err := short.Post(s.url("/api/chat"), "application/json", strings.NewReader(body)); err == nil {
+				var c struct{ ID string }
+				json.NewDecoder(resp.Body).Decode(&c)
+				resp.Body.Close()
+				if resp.StatusCode == 202 && c.ID != "" {
+					bgMu.Lock()
+					background = append(background, c.ID)
+					bgMu.Unlock()
+				}
+			}
+			time.Sleep(200 * time.Millisecond) // pacing, not synchronization
+		}
+	})
+
 	// ---- the chaos ----
 	var kills []kill
 	hups, ttin, ttou := 0, 0, 0
@@ -295,6 +322,31 @@ func TestChaos(t *testing.T) {
 	if threads1 > 64 {
 		t.Errorf("master threads %d -> %d, want a few dozen at most", threads0, threads1)
 	}
+	// Every background chat ends: none stays queued or running, none is
+	// lost.
+	bgEnds := map[string]int{}
+	base := strings.TrimSuffix(s.url(""), "/")
+	for _, id := range background {
+		var c chatState
+		waitFor(t, 60*time.Second, func() error {
+			var err error
+			if c, err = getChat(base, id, 10); err != nil || (c.Status != "completed" && c.Status != "failed") {
+				return fmt.Errorf("background chat %s = %+v, %v, want completed or failed", id, c, err)
+			}
+			return nil
+		})
+		if c.Status == "failed" && c.Attempts < handlers.DefaultChatMaxAttempts {
+			t.Errorf("background chat %s failed after %d attempts (%+v), want completed or %d attempts", id, c.Attempts, c.Error, handlers.DefaultChatMaxAttempts)
+		}
+		bgEnds[c.Status]++
+		if c.Attempts > 1 {
+			bgEnds["retried"]++
+		}
+	}
+	if len(background) == 0 {
+		t.Errorf("no background chat was accepted")
+	}
+	t.Logf("background chats: %d accepted, ends %v (retried: ran more than once)", len(background), bgEnds)
 	feed := s.allActivities(t)
 	s.stop()
 

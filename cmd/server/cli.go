@@ -36,6 +36,7 @@ var commands = []command{
 	{"reload", "", "rolling restart of every worker (as SIGHUP)"},
 	{"scale", "N", "run N workers, 1 to 512"},
 	{"stop", "[--force]", "drain and stop (--force: kill the workers now)"},
+	{"upgrade", "", "run the installed binary as a new master on the same sockets, then drain the old one (as SIGUSR2); waits until the new master serves"},
 }
 
 // subcommands maps each command's name to its help.
@@ -131,6 +132,8 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, string(b))
 	case name == "status":
 		printStatus(stdout, resp.Status)
+	case name == "upgrade" && resp.Upgrade != nil:
+		fmt.Fprintf(stdout, "server upgrade: done: new master pid %d, version %s; the old one drains and exits\n", resp.Upgrade.NewPID, resp.Upgrade.NewVersion)
 	default:
 		fmt.Fprintf(stdout, "server %s: done\n", name)
 	}
@@ -213,7 +216,11 @@ func callControl(path string, req supervisor.Request) (supervisor.Response, erro
 		return resp, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	wait := 10 * time.Second
+	if req.Cmd == "upgrade" {
+		wait += supervisor.DefaultUpgradeTimeout // answered once done
+	}
+	c.SetDeadline(time.Now().Add(wait))
 	b, _ := json.Marshal(req)
 	if _, err := c.Write(append(b, '\n')); err != nil {
 		return resp, fmt.Errorf("control socket %s: %w", path, err)
@@ -242,9 +249,17 @@ func printStatus(w io.Writer, st *supervisor.Status) {
 		}
 		fmt.Fprintf(w, "%s %s", f.Name, f.Value)
 	}
-	fmt.Fprint(w, "\n\n")
+	fmt.Fprint(w, "\n")
+	switch u := st.Upgrade; {
+	case u == nil:
+	case u.State == "failed":
+		fmt.Fprintf(w, "last upgrade failed: %s\n", u.Error)
+	default:
+		fmt.Fprintf(w, "upgrade %s: new master %d\n", u.State, u.NewPID)
+	}
+	fmt.Fprint(w, "\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SLOT\tPID\tGEN\tSTATE\tUPTIME\tREQUESTS\tIN FLIGHT\tRSS\tCPU\tFDS\tRESTARTS\tHEARTBEAT")
+	fmt.Fprintln(tw, "SLOT\tPID\tGEN\tVERSION\tSTATE\tUPTIME\tREQUESTS\tIN FLIGHT\tRSS\tCPU\tFDS\tRESTARTS\tHEARTBEAT")
 	for _, wk := range st.Workers {
 		restarts := strconv.Itoa(wk.Restarts)
 		if wk.LastReason != "" {
@@ -254,8 +269,8 @@ func printStatus(w io.Writer, st *supervisor.Status) {
 		if wk.HeartbeatS >= 0 {
 			beat = fmt.Sprintf("%.1fs ago", wk.HeartbeatS)
 		}
-		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%d\t%d\t%.1fMiB\t%.1fs\t%d\t%s\t%s\n",
-			wk.Slot, wk.PID, wk.Generation, wk.State, age(wk.UptimeS), wk.Requests, wk.InFlight,
+		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%.1fMiB\t%.1fs\t%d\t%s\t%s\n",
+			wk.Slot, wk.PID, wk.Generation, wk.Version, wk.State, age(wk.UptimeS), wk.Requests, wk.InFlight,
 			float64(wk.RSS)/(1<<20), wk.CPUS, wk.FDs, restarts, beat)
 	}
 	tw.Flush()

@@ -144,6 +144,13 @@ func launchArgs(t *testing.T, args []string, env ...string) *server {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return launchExe(t, exe, args, env...)
+}
+
+// launchExe starts the server from the binary exe, a copy of the test
+// binary.
+func launchExe(t *testing.T, exe string, args []string, env ...string) *server {
+	t.Helper()
 	cmd := exec.Command(exe, args...)
 	cmd.Dir = t.TempDir()
 	cmd.Env = append(os.Environ(),

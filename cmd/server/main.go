@@ -42,14 +42,22 @@ func run(stdout, stderr io.Writer) int {
 // (migrations run once, here, before any worker starts) and gives the
 // supervisor the hooks that need it. The returned function closes both.
 func prepareMaster(cfg config, log zerolog.Logger, sc *supervisor.Config) (func(), error) {
-	st, err := prepareStore(cfg, log)
+	st, err := prepareStore(cfg, log, sc.Upgrade)
 	if err != nil {
 		return nil, err
+	}
+	// A new master started by an upgrade inherits the instance claim.
+	sc.HandOver = func() []*os.File {
+		if f := st.InstanceClaim(); f != nil {
+			return []*os.File{f}
+		}
+		return nil
 	}
 	reaper := newOrphanReaper(st, log, cfg.ChatMaxAttempts)
 	sc.ControlSocket = controlPath(cfg.ControlSocket, cfg.DatabaseURL)
 	sc.OnWorkerExit = reaper.workerExited
 	sc.Panel = activitiesPanel(st)
+	sc.Charts = statusCharts
 	info := []supervisor.Field{{Name: "store", Value: describeStore(st.Path())}, {Name: "llm", Value: describeLLM(cfg)}}
 	queue := newQueueWatch(st, log, cfg.ChatMaxAttempts)
 	sc.Info = func() []supervisor.Field { return append(info[:len(info):len(info)], queue.fields()...) }

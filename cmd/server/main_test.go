@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -22,6 +23,11 @@ const envAsServer = "CORRALTEST_AS_SERVER"
 // envFailBoot makes a worker of the test binary exit 3 before it is ready.
 const envFailBoot = "CORRALTEST_FAIL_BOOT"
 
+// envVersionFile names a file whose content is the version of a master of
+// the test binary started after it was written: the upgrade tests install
+// "another build" by changing it.
+const envVersionFile = "CORRALTEST_VERSION_FILE"
+
 // envCrashAfter, a Go duration, makes a worker of generation 2 or later
 // exit 1 that long after it started: a slot whose replacements keep
 // crashing. The first generation is spared so that the server boots.
@@ -35,6 +41,12 @@ func TestMain(m *testing.M) {
 		}
 		if os.Getenv(protocol.EnvRole) == protocol.RoleWorker {
 			testWorkerFaults()
+		}
+		if f := os.Getenv(envVersionFile); f != "" && os.Getenv(protocol.EnvRole) != protocol.RoleWorker {
+			// A master reads its version at start, as if stamped at build.
+			if b, err := os.ReadFile(f); err == nil {
+				version = strings.TrimSpace(string(b))
+			}
 		}
 		extraRoutes = testRoutes
 		os.Exit(run(os.Stdout, os.Stderr))

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -120,9 +121,30 @@ func TestStatusPageInChromium(t *testing.T) {
 	if err != nil {
 		t.Skip("chromium not installed (Debian package chromium; .ci/run installs it)")
 	}
-	s := startServer(t, "WORKERS=2", "METRICS_ADDR=127.0.0.1:0")
+	s := startServer(t, "WORKERS=2", "METRICS_ADDR=127.0.0.1:0", "SIMULATED_LATENCY=5s")
 	page := s.metricsURL(t)
 	pids := s.workerPIDs()
+	// A cancelled chat: the activities table shows why. Another stays in
+	// flight for the chats chart.
+	go s.chat(&http.Client{Timeout: 30 * time.Second}, "to cancel", false)
+	var chatID string
+	waitFor(t, 10*time.Second, func() error {
+		p, err := s.activities("type=chat.started")
+		if err == nil && len(p.Activities) == 0 {
+			err = fmt.Errorf("no chat started yet")
+		}
+		if err == nil {
+			chatID = p.Activities[0].ChatID
+		}
+		return err
+	})
+	if resp, err := fresh.Post(s.url("/api/chats/"+chatID+"/cancel"), "application/json", nil); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("cancel chat %s: %v %v", chatID, resp, err)
+	}
+	go s.chat(&http.Client{Timeout: 30 * time.Second}, "in flight", false)
+	for range 20 {
+		s.health(fresh)
+	}
 	browse := func(extra ...string) string {
 		t.Helper()
 		args := append([]string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -147,9 +169,23 @@ func TestStatusPageInChromium(t *testing.T) {
 		}
 		// The server's own facts and panel, through the supervisor's
 		// neutral hooks (Config.Info, Config.Panel).
-		for _, want := range []string{`llm <b>simulated`, `store <b>sqlite:`, `<h2 id="panel-title">Recent activities</h2>`} {
+		for _, want := range []string{`llm <b>simulated`, `store <b>sqlite:`, `<h2 id="panel-title">Recent activities</h2>`,
+			`<th>reason</th>`, `<td>cancel_requested</td>`} {
 			if !strings.Contains(dom, want) {
 				return fmt.Errorf("status page lacks %s:\n%.4000s", want, dom)
+			}
+		}
+		// The charts draw: each has a line through at least one point
+		// (the master samples every 5 s; rates need two samples).
+		for _, kind := range []string{"rate", "p99", "sum"} {
+			m := regexp.MustCompile(`<div class="chart" data-kind="` + kind + `">.*?data-points="([0-9]+)".*?<path class="line" d="(M[^"]*)"`).FindStringSubmatch(dom)
+			if m == nil || m[1] == "0" {
+				return fmt.Errorf("chart %s draws no line:\n%.6000s", kind, dom)
+			}
+		}
+		for _, title := range []string{"requests / s", "p99 latency, ms", "chats in flight"} {
+			if !strings.Contains(dom, title) {
+				return fmt.Errorf("no chart %q", title)
 			}
 		}
 		return nil

@@ -18,11 +18,13 @@ import (
 	"github.com/corralhq/corral/supervisor"
 )
 
-// notifySocket is a unixgram socket standing in for systemd's.
+// notifySocket is a unixgram socket standing in for systemd's. Like
+// systemd it takes the sender's pid from the kernel (SO_PASSCRED).
 type notifySocket struct {
 	path string
 	mu   sync.Mutex
 	msgs []string
+	pids []int // the sender of each message
 }
 
 func newNotifySocket(t *testing.T) *notifySocket {
@@ -32,20 +34,43 @@ func newNotifySocket(t *testing.T) *notifySocket {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if raw, err := c.SyscallConn(); err == nil {
+		raw.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_PASSCRED, 1) })
+	}
 	t.Cleanup(func() { c.Close() })
 	go func() {
-		buf := make([]byte, 4096)
+		buf, oob := make([]byte, 4096), make([]byte, 1024)
 		for {
-			k, err := c.Read(buf)
+			k, noob, _, _, err := c.ReadMsgUnix(buf, oob)
 			if err != nil {
 				return
 			}
+			pid := 0
+			if cms, err := syscall.ParseSocketControlMessage(oob[:noob]); err == nil && len(cms) > 0 {
+				if cred, err := syscall.ParseUnixCredentials(&cms[0]); err == nil {
+					pid = int(cred.Pid)
+				}
+			}
 			n.mu.Lock()
 			n.msgs = append(n.msgs, string(buf[:k]))
+			n.pids = append(n.pids, pid)
 			n.mu.Unlock()
 		}
 	}()
 	return n
+}
+
+// from returns the messages pid sent, one after the other.
+func (n *notifySocket) from(pid int) string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var b strings.Builder
+	for i, m := range n.msgs {
+		if n.pids[i] == pid {
+			b.WriteString(m + "\n")
+		}
+	}
+	return b.String()
 }
 
 // count returns how many messages contain line as one of their lines.

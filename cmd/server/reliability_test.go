@@ -194,7 +194,8 @@ func (c *chatRecord) terminal() (dbActivity, int) {
 	var last dbActivity
 	n := 0
 	for _, a := range c.Activities {
-		if a.Type != "chat.started" {
+		switch a.Type {
+		case "chat.completed", "chat.failed", "chat.cancelled":
 			last = a
 			n++
 		}

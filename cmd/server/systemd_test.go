@@ -104,7 +104,7 @@ func TestSystemdServiceContract(t *testing.T) {
 	unit := unitSettings(t, serviceUnit)
 	want := map[string]string{
 		"Type":             "notify",
-		"NotifyAccess":     "main",
+		"NotifyAccess":     "all", // the new master of an upgrade sends MAINPID=
 		"ExecReload":       "/bin/kill -HUP $MAINPID",
 		"KillMode":         "mixed",
 		"StateDirectory":   "corral",

@@ -44,6 +44,48 @@ func (s *Store) ClaimInstance(ctx context.Context) error {
 	return err
 }
 
+// InstanceClaim returns the file whose lock is this Store's SQLite claim,
+// for a new master to inherit in an upgrade (see TakeOverInstance); nil on
+// PostgreSQL or before ClaimInstance. The Store keeps it.
+func (s *Store) InstanceClaim() *os.File {
+	f, _ := s.claim.(*os.File)
+	return f
+}
+
+// TakeOverInstance claims the instance id from the master this process
+// replaces in an upgrade, with no moment at which a third server could take
+// it. On SQLite, inherited is that master's InstanceClaim: the lock belongs
+// to the open file description, which both processes share, so it passes
+// at once and stays when the old master exits. On PostgreSQL, where a
+// session lock cannot change hands, the claim is waited for on a
+// connection of its own (pg_advisory_lock, in the background) and granted
+// by the database the moment the old master's session ends; a third server
+// trying meanwhile finds it held.
+func (s *Store) TakeOverInstance(inherited *os.File) error {
+	if s.claim != nil {
+		return nil
+	}
+	if s.pg != nil {
+		c := &pgClaim{stop: make(chan struct{}), done: make(chan struct{}), waiting: true}
+		go s.keepClaim(c)
+		s.claim = c
+		return nil
+	}
+	if inherited == nil {
+		return fmt.Errorf("claim instance id %q: the old master handed over no claim", s.host)
+	}
+	// Our own description's lock: setting it again succeeds, and fails if
+	// the file is not the claim after all.
+	lk := unix.Flock_t{Type: unix.F_WRLCK}
+	if err := unix.FcntlFlock(inherited.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		return fmt.Errorf("claim instance id %q: inherited claim: %w", s.host, err)
+	}
+	inherited.Truncate(0)
+	inherited.WriteAt([]byte(fmt.Sprintf("%d\n", os.Getpid())), 0)
+	s.claim = inherited
+	return nil
+}
+
 // claimFile locks path.instance-HOST.lock and writes the pid into it.
 func claimFile(path, host string) (io.Closer, error) {
 	name := path + ".instance-" + url.PathEscape(host) + ".lock"
@@ -77,6 +119,9 @@ type pgClaim struct {
 	conn *pgx.Conn // owned by keep once it runs; nil while the claim is lost
 	stop chan struct{}
 	done chan struct{}
+	// waiting: the claim is being taken over from an upgrading master, and
+	// is waited for rather than tried.
+	waiting bool
 }
 
 func (c *pgClaim) Close() error {
@@ -125,10 +170,50 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
 	return conn, nil
 }
 
+// waitInstance takes the instance lock, waiting until whoever holds it
+// lets go, on a connection of its own; nil once stop closes first.
+func (s *Store) waitInstance(stop <-chan struct{}) *pgx.Conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	for {
+		conn, err := pgx.ConnectConfig(ctx, s.pg.listen)
+		if err == nil {
+			_, err = conn.Exec(ctx, `SELECT pg_advisory_lock($1, hashtext($2))`, int32(instanceLockClass), s.host)
+			if err == nil {
+				return conn
+			}
+			closeListenConn(conn)
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		s.log.Error().Err(err).Msg("instance claim not taken over yet")
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(claimCheckEvery):
+		}
+	}
+}
+
 // keepClaim checks c's connection every claimCheckEvery and, once it is
 // broken, takes the lock again on a new one until it succeeds or c closes.
 func (s *Store) keepClaim(c *pgClaim) {
 	defer close(c.done)
+	if c.waiting {
+		c.conn = s.waitInstance(c.stop)
+		if c.conn == nil {
+			return
+		}
+		s.log.Info().Str("instance_id", s.host).Str("database", s.path).Msg("instance claim taken over from the old master")
+	}
 	tick := time.NewTicker(claimCheckEvery)
 	defer tick.Stop()
 	var lastErr string

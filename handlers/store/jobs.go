@@ -545,6 +545,31 @@ func (s *Store) handBack(ctx context.Context, host string, pid int, reason strin
 			}
 			acts = append(acts, o.act)
 		}
+		// A chat the process had already put back in the queue (it was
+		// stopping, or its LLM call failed) whose job River had not yet
+		// been told about when the process died: its job is still
+		// "running" and would wait for River's rescuer.
+		orphanQuery := `SELECT c.job_id FROM chats c JOIN river_job j ON j.id = c.job_id
+WHERE c.host = ? AND c.status = 'queued' AND c.background AND j.state = 'running'`
+		if pid != 0 {
+			orphanQuery += ` AND c.pid = ?`
+		}
+		jrows, err := tx.QueryContext(ctx, s.q(orphanQuery), args...)
+		if err != nil {
+			return err
+		}
+		for jrows.Next() {
+			var id int64
+			if err := jrows.Scan(&id); err != nil {
+				jrows.Close()
+				return err
+			}
+			ids, states = append(ids, id), append(states, string(rivertype.JobStateAvailable))
+		}
+		jrows.Close()
+		if err := jrows.Err(); err != nil {
+			return err
+		}
 		if err := s.jobs.rescueTx(ctx, tx, ids, states, reason); err != nil {
 			return err
 		}

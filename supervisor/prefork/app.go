@@ -227,7 +227,9 @@ func reexecMaster(cfg Config, args []string, log zerolog.Logger) {
 	title := supervisor.MasterTitle(filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
 	title += strings.Repeat(" ", 24)
 	env := append(os.Environ(), protocol.EnvRole+"="+protocol.RoleMaster, protocol.EnvArgs+"="+string(enc))
-	err = syscall.Exec(exe, []string{title}, env)
+	// /proc/self/exe is the file this process runs, even if another was
+	// installed at exe since.
+	err = syscall.Exec("/proc/self/exe", []string{title}, env)
 	log.Debug().Err(err).Msg("no re-exec for the process title")
 }
 
@@ -331,22 +333,36 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 			sc.Reload.Build = a.reloadBuildDefault()
 		}
 	}
-	// Socket activation: systemd passed the listening socket(s).
-	if lns := activation.Files(true); len(lns) > 0 {
-		log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
-		sc.Listeners = lns
-	}
-	// A failure is printed once, as a log line in the configured format.
-	// The port comes first: a second copy of the server on the same port
-	// and database must hear about the port, not about what App.Master
-	// found the first copy holding.
-	if err := supervisor.CheckAddr(sc); err != nil {
+	// A master started by an upgrade inherits its sockets (and the
+	// application's files) from the master it replaces, and tells it if it
+	// cannot start.
+	handoff, err := supervisor.Inherited()
+	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
-		return ExitError
+		return ExitUsage
+	}
+	sc.Upgrade = handoff
+	if handoff != nil {
+		log.Info().Int("old_pid", handoff.ParentPID).Str("old_version", handoff.ParentVersion).Str("version", sc.Version).Msg("upgrade: new master starting")
+	} else {
+		// Socket activation: systemd passed the listening socket(s).
+		if lns := activation.Files(true); len(lns) > 0 {
+			log.Info().Int("sockets", len(lns)).Msg("using sockets from systemd")
+			sc.Listeners = lns
+		}
+		// A failure is printed once, as a log line in the configured format.
+		// The port comes first: a second copy of the server on the same port
+		// and database must hear about the port, not about what App.Master
+		// found the first copy holding.
+		if err := supervisor.CheckAddr(sc); err != nil {
+			log.Error().Err(err).Msg("cannot start")
+			return ExitError
+		}
 	}
 	if a.Master != nil {
 		stop, err := a.Master(cfg, log, &sc)
 		if err != nil {
+			handoff.Fail(err)
 			log.Error().Err(err).Msg("cannot start")
 			return ExitBoot
 		}
@@ -356,16 +372,18 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	}
 
 	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
 	sc.Signals = sigs
 
 	sup, err := supervisor.New(sc)
 	if err != nil {
+		handoff.Fail(err)
 		log.Error().Err(err).Msg("cannot start")
 		return ExitError
 	}
 	if err := sup.Run(); err != nil {
+		handoff.Fail(err)
 		// A boot failure was logged by the supervisor as it happened,
 		// with the worker's own error before it.
 		if errors.Is(err, supervisor.ErrBoot) {
@@ -388,9 +406,9 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 		return ExitUsage
 	}
 	log = log.With().Int("worker", in.Slot).Int("pid", in.PID).Logger()
-	// A worker drains on TERM and INT; HUP, TTIN and TTOU are the
+	// A worker drains on TERM and INT; HUP, TTIN, TTOU and USR2 are the
 	// supervisor's to act on, so a "pkill -HUP server" must not kill workers.
-	signal.Ignore(syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+	signal.Ignore(syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGUSR2)
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 

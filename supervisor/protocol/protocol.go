@@ -81,6 +81,40 @@ const (
 	EnvMaxRequests = "CORRAL_MAX_REQUESTS"
 )
 
+// EnvUpgrade is set on a master started by an upgrade (SIGUSR2 to the
+// master it replaces): an Upgrade as JSON, naming the descriptors it
+// inherits from UpgradeFD on.
+const EnvUpgrade = "CORRAL_UPGRADE"
+
+// UpgradeFD is, on a master started by an upgrade, the pipe on which it
+// reports to the old master: one TypeReady message once every worker of
+// its own is ready, or one TypeFailed message. Its listening sockets follow
+// from UpgradeFD+1 in the order of Upgrade's fields.
+const UpgradeFD = 3
+
+// Upgrade describes what a new master inherits from the one it replaces.
+// The descriptors follow UpgradeFD in this order: the control socket's
+// listener (if Control), the metrics listener (if Metrics), Slots
+// per-slot sockets (reuseport mode, slot 1 first), Shared shared sockets,
+// Files files of the application's own.
+type Upgrade struct {
+	// Parent is the old master's pid; Version its version.
+	Parent  int    `json:"parent"`
+	Version string `json:"version,omitempty"`
+	// Workers is how many workers the old master runs; the new one runs as
+	// many.
+	Workers int  `json:"workers"`
+	Control bool `json:"control,omitempty"`
+	Metrics bool `json:"metrics,omitempty"`
+	Slots   int  `json:"slots,omitempty"`
+	Shared  int  `json:"shared,omitempty"`
+	// UDS is the path of the unix socket among the shared ones; Activated
+	// says the shared sockets came from systemd (their files are systemd's).
+	UDS       string `json:"uds,omitempty"`
+	Activated bool   `json:"activated,omitempty"`
+	Files     int    `json:"files,omitempty"`
+}
+
 // DefaultGracefulTimeout is the drain budget both sides apply when none is
 // configured: the supervisor waits that long for a stopping worker before
 // SIGKILL, and the worker bounds its own drain by it. Declared here, once,
@@ -104,6 +138,9 @@ const (
 	// TypeDrain travels on the lifeline: the server is about to stop, so
 	// /health should fail while the worker keeps serving.
 	TypeDrain = "drain"
+	// TypeFailed travels on the upgrade pipe, new master to old: the new
+	// master gives up (Error says why); the old one keeps serving.
+	TypeFailed = "failed"
 	// TypeStop travels on the lifeline just before the supervisor sends
 	// SIGTERM: why the worker is asked to drain (Reason) and within what
 	// budget (BudgetMS), so that the worker logs the same reason as the
@@ -133,6 +170,9 @@ type Message struct {
 	// Metrics is the worker's Prometheus text, on heartbeats when
 	// EnvMetrics is "true".
 	Metrics string `json:"metrics,omitempty"`
+	// Version is the new master's version, on its TypeReady message on
+	// the upgrade pipe.
+	Version string `json:"version,omitempty"`
 }
 
 // MaxMessage bounds one encoded message.
