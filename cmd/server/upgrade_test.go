@@ -186,6 +186,12 @@ func TestUpgrade(t *testing.T) {
 			t.Errorf("chat in flight during the upgrade: status %d, event %q, err %v, body %.200s", r.status, r.event, r.err, r.body)
 		}
 	}
+	// The new master failed none of the chats the old workers were running.
+	for _, a := range s.allActivities(t) {
+		if a.Type == "chat.failed" {
+			t.Errorf("chat %s failed across the upgrade: %v", a.ChatID, a.Data)
+		}
+	}
 	waitFor(t, 30*time.Second, func() error {
 		if alive(oldMaster) {
 			return fmt.Errorf("old master %d still running after its chats ended", oldMaster)
