@@ -53,3 +53,24 @@ func TestJournalStream(t *testing.T) {
 		t.Error("journalStream = true for another stream, no JOURNAL_STREAM or a non-file, want false")
 	}
 }
+
+// TestConsoleAccessLogOrder checks that the console format prints an
+// access log line's fields in uvicorn's order: client, method, path,
+// query, HTTP version, status.
+func TestConsoleAccessLogOrder(t *testing.T) {
+	var out bytes.Buffer
+	cfg := DefaultConfig()
+	cfg.LogFormat = "console"
+	log := NewLogger(cfg, &out)
+	log.Info().Str("request_id", "r1").Int("status", 200).Str("http_version", "1.1").Str("query", "a=1").
+		Str("path", "/x").Str("method", "GET").Str("remote", "10.0.0.1").Str("user_agent", "ua").Msg("request")
+	line := out.String()
+	last := -1
+	for _, f := range []string{"remote=", "method=", "path=", "query=", "http_version=", "status=", "user_agent=", "request_id="} {
+		i := strings.Index(line, f)
+		if i < last {
+			t.Fatalf("console line %q: %s out of uvicorn's order", line, f)
+		}
+		last = i
+	}
+}
