@@ -32,14 +32,16 @@ const (
 // POST /api/chats/{id}/cancel (seen here through the activity feed).
 var errCancelRequested = errors.New("chat cancelled")
 
-// RunChat runs one attempt of the background chat chatID: it marks the chat
+// RunChat runs one attempt of the background chat chatID, queued by the
+// request requestID, which goes upstream and into the attempt's end
+// activity as the synchronous path does: it marks the chat
 // running here, calls the LLM, writes the deltas to the store in batches
 // and records the end. ctx ends when this worker stops; the chat then goes
 // back to the queue without counting the attempt. Upstream errors worth a
 // retry (timeouts, 429, 5xx, a cut stream, unreachable) requeue it with
 // backoff, honouring Retry-After, until Config.ChatMaxAttempts; others fail
 // it. Its errors (the store's) make River retry the job.
-func (h *Handler) RunChat(ctx context.Context, chatID string) error {
+func (h *Handler) RunChat(ctx context.Context, chatID, requestID string) error {
 	callCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	unregister, err := h.cancels.register(chatID, cancel)
@@ -47,6 +49,14 @@ func (h *Handler) RunChat(ctx context.Context, chatID string) error {
 		return err
 	}
 	defer unregister()
+	// The end of each attempt carries the queuing request's id, as a
+	// synchronous chat's does.
+	tagged := func(data map[string]any) map[string]any {
+		if requestID != "" {
+			data["request_id"] = requestID
+		}
+		return data
+	}
 
 	sc, scancel := context.WithTimeout(context.Background(), storeTimeout)
 	c, err := h.cfg.Store.BeginAttempt(sc, chatID, h.origin)
@@ -68,12 +78,12 @@ func (h *Handler) RunChat(ctx context.Context, chatID string) error {
 		h.m.chatEnded()
 		if errors.Is(err, store.ErrNotFound) {
 			_, obj := statusOf(errNoAgent)
-			return h.endAttempt(c, store.Outcome{Status: store.ChatFailed, Data: map[string]any{
-				"reason": obj.Code, "status": http.StatusNotFound, "message": obj.Message}})
+			return h.endAttempt(c, store.Outcome{Status: store.ChatFailed, Data: tagged(map[string]any{
+				"reason": obj.Code, "status": http.StatusNotFound, "message": obj.Message})})
 		}
 		return h.requeue(c, store.Requeue{Reason: "store_unavailable", Uncounted: true}, time.Second)
 	}
-	req := llm.Request{Model: agent.Model, Messages: []llm.Message{
+	req := llm.Request{Model: agent.Model, RequestID: requestID, Messages: []llm.Message{
 		{Role: "system", Content: agent.SystemPrompt},
 		{Role: "user", Content: c.Message},
 	}}
@@ -92,10 +102,10 @@ func (h *Handler) RunChat(ctx context.Context, chatID string) error {
 	}()
 	switch {
 	case err == nil:
-		return h.endAttempt(c, store.Outcome{Status: store.ChatCompleted, Reply: resp.Text, Data: map[string]any{
+		return h.endAttempt(c, store.Outcome{Status: store.ChatCompleted, Reply: resp.Text, Data: tagged(map[string]any{
 			"duration_ms": d.Milliseconds(), "provider": resp.Provider, "model": resp.Model,
 			"usage": map[string]int{"prompt_tokens": resp.Usage.PromptTokens, "completion_tokens": resp.Usage.CompletionTokens},
-		}})
+		})})
 	case errors.Is(context.Cause(callCtx), errCancelRequested) || store.JobCancelled(ctx):
 		status = store.ChatCancelled
 		h.log.Info().Str("chat_id", c.ID).Int("attempt", c.Attempts).Msg("chat cancelled on request")
@@ -107,7 +117,7 @@ func (h *Handler) RunChat(ctx context.Context, chatID string) error {
 		return h.requeue(c, store.Requeue{Reason: "worker_stopping", Uncounted: true}, 0)
 	}
 	code, obj := statusOf(err)
-	data := map[string]any{"reason": obj.Code, "status": code, "message": obj.Message, "duration_ms": d.Milliseconds()}
+	data := tagged(map[string]any{"reason": obj.Code, "status": code, "message": obj.Message, "duration_ms": d.Milliseconds()})
 	if retryable(err) {
 		status = store.ChatQueued
 		h.log.Warn().Err(err).Str("chat_id", c.ID).Int("attempt", c.Attempts).Msg("background chat attempt failed")

@@ -53,7 +53,14 @@ func postJSON(t *testing.T, u, body string, headers ...string) (int, http.Header
 // checking the 202 answer.
 func startBackground(t *testing.T, base, message string) string {
 	t.Helper()
-	code, h, b := postJSON(t, base+"/api/chat", fmt.Sprintf(`{"agent_id":"default","message":%q,"background":true}`, message))
+	return startBackgroundWith(t, base, message)
+}
+
+// startBackgroundWith is startBackground with request headers, given as
+// name, value pairs.
+func startBackgroundWith(t *testing.T, base, message string, headers ...string) string {
+	t.Helper()
+	code, h, b := postJSON(t, base+"/api/chat", fmt.Sprintf(`{"agent_id":"default","message":%q,"background":true}`, message), headers...)
 	var c chatState
 	json.Unmarshal(b, &c)
 	if code != http.StatusAccepted || c.Status != "queued" || c.ID == "" || h.Get("Location") != "/api/chats/"+c.ID {

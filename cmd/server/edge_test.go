@@ -235,6 +235,30 @@ func TestRequestIDEndToEnd(t *testing.T) {
 		t.Errorf("activities of chat %s: %v, want chat.started and chat.completed", chat.ID, types)
 	}
 
+	// A background chat runs later, in whichever worker takes its job: the
+	// id of the request that queued it still goes upstream and into its
+	// activities.
+	bg := startBackgroundWith(t, s.url(""), "hi later", "X-Request-ID", "client-bg-7")
+	if c, err := getChat(s.url(""), bg, 30); err != nil || c.Status != "completed" {
+		t.Fatalf("background chat %s = %+v, %v; want completed", bg, c, err)
+	}
+	if ups := seen(); len(ups) != 2 || ups[1].header.Get("X-Request-Id") != "client-bg-7" {
+		t.Errorf("upstream requests %d, the background one's X-Request-Id %q; want 2 and client-bg-7", len(ups), ups[len(ups)-1].header.Get("X-Request-Id"))
+	}
+	bgTypes := map[string]bool{}
+	for _, a := range s.allActivities(t) {
+		if a.ChatID != bg {
+			continue
+		}
+		bgTypes[a.Type] = true
+		if a.Type != "chat.started" && a.Data["request_id"] != "client-bg-7" {
+			t.Errorf("background activity %s data = %v, want request_id client-bg-7", a.Type, a.Data)
+		}
+	}
+	if !bgTypes["chat.queued"] || !bgTypes["chat.completed"] {
+		t.Errorf("activities of background chat %s: %v, want chat.queued and chat.completed", bg, bgTypes)
+	}
+
 	var line map[string]any
 	waitFor(t, 5*time.Second, func() error {
 		lines := s.logs.find("request", map[string]any{"path": "/api/chat"})

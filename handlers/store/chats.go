@@ -33,7 +33,8 @@ type Chat struct {
 	Message string
 	Origin  Origin // the worker that accepted the chat (and runs it unless Background)
 	// RequestID, if set, is the id of the request that started the chat;
-	// its first activity carries it as data.request_id.
+	// its first activity carries it as data.request_id, and a background
+	// chat's job hands it to every attempt.
 	RequestID string
 
 	// Background queues the chat as a job that any worker may run instead
@@ -140,7 +141,7 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
 			return ErrExists
 		}
 		if c.Background {
-			jobID, err := s.jobs.insertTx(ctx, tx, c.ID)
+			jobID, err := s.jobs.insertTx(ctx, tx, c.ID, c.RequestID)
 			if err != nil {
 				return err
 			}

@@ -48,6 +48,9 @@ const DefaultChatPoll = 250 * time.Millisecond
 // row holds the rest.
 type chatArgs struct {
 	ChatID string `json:"chat_id"`
+	// RequestID is the id of the request that queued the chat, which every
+	// attempt sends upstream and records in its activities.
+	RequestID string `json:"request_id,omitempty"`
 }
 
 func (chatArgs) Kind() string { return "corral_chat" }
@@ -110,8 +113,8 @@ func (j *jobs) migrate(ctx context.Context, db *sql.DB, postgres bool, log zerol
 	return nil
 }
 
-func (j *jobs) insertTx(ctx context.Context, tx *sql.Tx, chatID string) (int64, error) {
-	res, err := j.client().InsertTx(ctx, tx, chatArgs{ChatID: chatID}, &river.InsertOpts{Queue: chatQueue})
+func (j *jobs) insertTx(ctx context.Context, tx *sql.Tx, chatID, requestID string) (int64, error) {
+	res, err := j.client().InsertTx(ctx, tx, chatArgs{ChatID: chatID, RequestID: requestID}, &river.InsertOpts{Queue: chatQueue})
 	if err != nil {
 		return 0, fmt.Errorf("insert job: %w", err)
 	}
@@ -155,10 +158,11 @@ func (j *jobs) rescueTx(ctx context.Context, tx *sql.Tx, ids []int64, states []s
 
 // RunConfig configures RunChats.
 type RunConfig struct {
-	// Run runs one attempt of the background chat chatID; ctx ends when
-	// the runner stops. Its error, if any, makes River retry the job with
-	// its own backoff, except one made by RetryIn.
-	Run func(ctx context.Context, chatID string) error
+	// Run runs one attempt of the background chat chatID, queued by the
+	// request requestID (empty if unknown); ctx ends when the runner
+	// stops. Its error, if any, makes River retry the job with its own
+	// backoff, except one made by RetryIn.
+	Run func(ctx context.Context, chatID, requestID string) error
 	// Concurrency caps the chats this process runs at once. Default
 	// DefaultChatConcurrency.
 	Concurrency int
@@ -195,11 +199,11 @@ func RetryIn(d time.Duration) error { return &retryError{after: max(d, 0)} }
 
 type chatWorker struct {
 	river.WorkerDefaults[chatArgs]
-	run func(ctx context.Context, chatID string) error
+	run func(ctx context.Context, chatID, requestID string) error
 }
 
 func (w *chatWorker) Work(ctx context.Context, job *river.Job[chatArgs]) error {
-	err := w.run(ctx, job.Args.ChatID)
+	err := w.run(ctx, job.Args.ChatID, job.Args.RequestID)
 	if r, ok := errors.AsType[*retryError](err); ok {
 		return river.JobSnooze(r.after)
 	}

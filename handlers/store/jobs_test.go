@@ -79,7 +79,7 @@ func runBackgroundSuite(t *testing.T, open func(t *testing.T, host string) *Stor
 	worker := open(t, "host-a")
 	var mu sync.Mutex
 	runs := map[string]int{}
-	runner, err := worker.RunChats(ctx, RunConfig{Run: func(ctx context.Context, id string) error {
+	runner, err := worker.RunChats(ctx, RunConfig{Run: func(ctx context.Context, id, _ string) error {
 		mu.Lock()
 		runs[id]++
 		mu.Unlock()
