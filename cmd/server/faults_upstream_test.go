@@ -32,8 +32,9 @@ func TestUpstreamFaults(t *testing.T) {
 		t.Fatalf("warm-up chat = %d %s %v", r.status, r.body, r.err)
 	}
 	pid := s.workerPIDs()[0]
-	// Goroutines: the worker's own count less fasthttp's idle pool workers
-	// (kept up to 10 s after a burst, not a leak), from /test/goroutines;
+	// Goroutines: the worker's own count less those no request owns
+	// (fasthttp's idle pool workers, kept up to 10 s after a burst, and the
+	// job queue's), from /test/goroutines;
 	// go_goroutines in /metrics is the same count, logged for reference.
 	// Sockets: the worker's socket fds from /proc (the workers' /metrics
 	// carry no process_open_fds, see docs/reliability.md); SQLite files
@@ -141,7 +142,7 @@ func TestUpstreamFaults(t *testing.T) {
 			return err
 		}
 		if after.goroutines-after.idlePool > before.goroutines-before.idlePool || after.sockets > before.sockets {
-			return fmt.Errorf("worker goroutines %d (%d idle in the pool), sockets %d; before the faults %d (%d), %d",
+			return fmt.Errorf("worker goroutines %d (%d idle pool or job queue), sockets %d; before the faults %d (%d), %d",
 				after.goroutines, after.idlePool, after.sockets, before.goroutines, before.idlePool, before.sockets)
 		}
 		return nil
