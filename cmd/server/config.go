@@ -215,8 +215,14 @@ func usageFoot() string {
 	for _, c := range commands {
 		wc = max(wc, len(c.name+" "+c.args))
 	}
+	// Meanings wrap so that the usage stays within 100 columns.
+	indent := 2 + len("server ") + wc + 2
 	for _, c := range commands {
-		fmt.Fprintf(&b, "  server %-*s  %s\n", wc, strings.TrimSpace(c.name+" "+c.args), c.help)
+		lines := prefork.Wrap(c.help, 100-indent)
+		fmt.Fprintf(&b, "  server %-*s  %s\n", wc, strings.TrimSpace(c.name+" "+c.args), lines[0])
+		for _, l := range lines[1:] {
+			fmt.Fprintf(&b, "%*s%s\n", indent, "", l)
+		}
 	}
 	return b.String()
 }

@@ -840,18 +840,27 @@ func TestConfigUsage(t *testing.T) {
 			t.Errorf("usage does not contain %q", want)
 		}
 	}
-	// One line per option holds its flag, its variables and its default.
+	// One line per option holds its flag, its variables and its default
+	// (a long default on the next line, "default: ..."); the meaning
+	// follows. Nothing is wider than 100 columns.
 	lines := strings.Split(help, "\n")
+	for _, line := range lines {
+		if len(line) > 100 {
+			t.Errorf("usage line of %d columns, want at most 100: %q", len(line), line)
+		}
+	}
 	for _, o := range allOptions() {
 		name := "(no flag)"
 		if o.Flag != "" {
 			name = "--" + o.Flag
 		}
 		found := false
-		for _, line := range lines {
+		for i, line := range lines {
 			f := strings.Fields(line)
 			if len(f) > 2 && (f[0] == name || o.Flag == "" && f[0]+" "+f[1] == name && strings.TrimSuffix(f[2], ",") == o.Env[0]) {
-				found = strings.Contains(line, strings.Join(o.Env, ", ")) && strings.Contains(line, "  "+o.Default+"  ")
+				withDefault := strings.HasSuffix(line, "  "+o.Default) ||
+					i+1 < len(lines) && lines[i+1] == "      default: "+o.Default
+				found = strings.Contains(line, strings.Join(o.Env, ", ")) && withDefault
 				break
 			}
 		}

@@ -431,6 +431,31 @@ func parse(name string, args []string, opts []Option) ([]Flag, Flag, error) {
 	return flags, version, nil
 }
 
+// usageWidth is the width --help keeps within.
+const usageWidth = 100
+
+// Wrap breaks text into lines of at most width columns, at spaces; a
+// longer word gets a line of its own. It returns at least one line.
+func Wrap(text string, width int) []string {
+	var lines []string
+	cur := ""
+	for _, word := range strings.Fields(text) {
+		switch {
+		case cur == "":
+			cur = word
+		case len(cur)+1+len(word) <= width:
+			cur += " " + word
+		default:
+			lines = append(lines, cur)
+			cur = word
+		}
+	}
+	if cur != "" || len(lines) == 0 {
+		lines = append(lines, cur)
+	}
+	return lines
+}
+
 // isSwitchWord reports whether s is a value a switch takes.
 func isSwitchWord(s string) bool {
 	switch strings.ToLower(s) {
@@ -527,8 +552,20 @@ func writeUsage(w io.Writer, head, foot string, opts []Option) {
 	for _, r := range rows {
 		wf, we, wd = max(wf, len(r.flag)), max(we, len(r.env)), max(wd, len(r.def))
 	}
+	// One line with the flag, its variables and its default, then the
+	// meaning below it, wrapped, so that the usage fits in usageWidth
+	// columns.
 	line := func(r row) {
-		fmt.Fprintf(w, "  %-*s  %-*s  %-*s  %s\n", wf, r.flag, we, r.env, wd, r.def, r.help)
+		first := strings.TrimRight(fmt.Sprintf("  %-*s  %-*s  %s", wf, r.flag, we, r.env, r.def), " ")
+		if len(first) > usageWidth {
+			// A long default gets a line of its own.
+			fmt.Fprintln(w, strings.TrimRight(fmt.Sprintf("  %-*s  %s", wf, r.flag, r.env), " "))
+			first = "      default: " + r.def
+		}
+		fmt.Fprintln(w, first)
+		for _, l := range Wrap(r.help, usageWidth-6) {
+			fmt.Fprintln(w, "      "+l)
+		}
 	}
 	fmt.Fprint(w, head)
 	line(row{"FLAG", "VARIABLE", "DEFAULT", "MEANING"})
