@@ -57,7 +57,7 @@ func eventKey(ev unix.EpollEvent) uint64 {
 // (the socket must still be open). Connections that are not sockets
 // (in-memory ones) are not watched.
 func (w *watcher) watch(c net.Conn, cancel context.CancelFunc) (unwatch func()) {
-	sc, ok := c.(syscall.Conn)
+	sc, ok := socketOf(c)
 	if !ok {
 		return func() {}
 	}
@@ -209,4 +209,21 @@ func peerClosed(raw syscall.RawConn) bool {
 		}
 	})
 	return closed || err != nil
+}
+
+// socketOf finds the socket under c, which the server may have wrapped (TLS,
+// the worker's lingering close); wrappers expose what they wrap by NetConn,
+// as crypto/tls does.
+func socketOf(c net.Conn) (syscall.Conn, bool) {
+	for c != nil {
+		if sc, ok := c.(syscall.Conn); ok {
+			return sc, true
+		}
+		u, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = u.NetConn()
+	}
+	return nil, false
 }

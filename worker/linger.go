@@ -44,6 +44,10 @@ type lingerConn struct {
 	lingering atomic.Bool
 }
 
+// NetConn returns the connection c wraps, as crypto/tls's Conn does, so
+// that handlers can reach the socket (to watch for the client going away).
+func (c *lingerConn) NetConn() net.Conn { return c.Conn }
+
 // linger makes the next Close a lingering one.
 func (c *lingerConn) linger() { c.lingering.Store(true) }
 

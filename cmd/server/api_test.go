@@ -7,9 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -234,6 +236,41 @@ func TestChatOfKilledWorkerIsRecordedFailed(t *testing.T) {
 			}
 		}
 		return fmt.Errorf("chat %s of killed worker %d not failed with worker_died: %+v", started.ChatID, started.PID, p.Activities)
+	})
+}
+
+// TestChatCancelledWhenClientGoesAway: a client that closes its connection
+// while its chat waits on the LLM cancels the chat, through every wrapper
+// the worker puts around the socket.
+func TestChatCancelledWhenClientGoesAway(t *testing.T) {
+	s := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=60s")
+	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(s.port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := `{"agent_id":"default","message":"long"}`
+	fmt.Fprintf(conn, "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	var started activity
+	waitFor(t, 10*time.Second, func() error {
+		p, err := s.activities("type=chat.started")
+		if err != nil || len(p.Activities) == 0 {
+			return fmt.Errorf("no chat.started yet (%v)", err)
+		}
+		started = p.Activities[0]
+		return nil
+	})
+	conn.Close()
+	waitFor(t, 5*time.Second, func() error {
+		p, err := s.activities("type=chat.cancelled")
+		if err != nil {
+			return err
+		}
+		for _, a := range p.Activities {
+			if a.ChatID == started.ChatID && a.Data["reason"] == "client_disconnected" {
+				return nil
+			}
+		}
+		return fmt.Errorf("chat %s not cancelled with client_disconnected after its client closed: %+v", started.ChatID, p.Activities)
 	})
 }
 
