@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"syscall"
 	"time"
 
@@ -292,13 +291,15 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 		return nil, fmt.Errorf("supervisor: find own executable: %w", err)
 	}
 	// Workers run the binary this master runs, even after the file at path
-	// was replaced: execve resolves /proc/self/fd/N in the child, before
-	// close-on-exec closes it, to the file this master opened.
+	// was replaced: the child's execve resolves /proc/MASTER/fd/N to the
+	// file this master opened. Not /proc/self/fd/N: in the child, N may
+	// already hold one of the worker's inherited descriptors, which are
+	// moved into place before execve.
 	self, err := os.Open("/proc/self/exe")
 	if err != nil {
 		return nil, fmt.Errorf("supervisor: open own executable: %w", err)
 	}
-	exe := "/proc/self/fd/" + strconv.Itoa(int(self.Fd()))
+	exe := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), self.Fd())
 	if cfg.Name == "" {
 		cfg.Name = filepath.Base(path)
 	}
