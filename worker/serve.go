@@ -34,10 +34,10 @@ type worker struct {
 	// in streaming, until fasthttp has written it (connState).
 	inFlight  atomic.Int64
 	streaming sync.Map // net.Conn -> struct{}: a streamed response being written
-	conns    atomic.Int64
-	panics   atomic.Uint64
-	draining atomic.Bool
-	recycle  chan struct{} // one token once MaxRequests is reached
+	conns     atomic.Int64
+	panics    atomic.Uint64
+	draining  atomic.Bool
+	recycle   chan struct{} // one token once MaxRequests is reached
 }
 
 // ErrPanic is what the Error hook receives for a request whose handler
