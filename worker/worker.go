@@ -205,7 +205,11 @@ func Run(in Info, cfg Config) error {
 		CloseOnShutdown:              true,
 		DisablePreParseMultipartForm: true,
 		Logger:                       fasthttpLogger{log},
-		ConnState:                    w.connState,
+		// A request fasthttp cannot read is otherwise quoted in its error,
+		// raw bytes and all: a bearer token, a ?token= query, a cookie
+		// would reach the debug log and the 400's body.
+		SecureErrorLogMessage: true,
+		ConnState:             w.connState,
 		// A body announced over the limit is refused before the client
 		// sends it, not after a 100 Continue.
 		ExpectHandler: func(ctx *fasthttp.RequestCtx) int {

@@ -59,8 +59,11 @@ const (
 	providerOpenAI    = llm.ProviderOpenAI
 )
 
-// groupAPI heads the agent API's settings in usage.
-const groupAPI = "Agent API"
+// Usage groups of the agent API's own settings.
+const (
+	groupStore = "Store and background chats"
+	groupLLM   = "LLM"
+)
 
 // defaultReloadBuild builds this server into the path the supervisor gives.
 const defaultReloadBuild = `go build -o "$OUTPUT" ./cmd/server`

@@ -839,7 +839,7 @@ func TestConfigUsage(t *testing.T) {
 	var buf bytes.Buffer
 	usage(&buf)
 	help := buf.String()
-	for _, want := range []string{"Server:", "Timeouts and limits:", "Logging:", "Agent API:", "--help", "--version", "LLM_API_KEY", "API_TOKEN", "WEB_CONCURRENCY"} {
+	for _, want := range []string{"Process model:", "HTTP:", "HTTPS (TLS):", "Reload (development):", "Store and background chats:", "LLM:", "Operations:", "--help", "--version", "LLM_API_KEY", "API_TOKEN", "WEB_CONCURRENCY"} {
 		if !strings.Contains(help, want) {
 			t.Errorf("usage does not contain %q", want)
 		}
