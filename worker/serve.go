@@ -43,6 +43,12 @@ var ErrPanic = errors.New("worker: handler panicked")
 // the concurrency limit.
 var ErrOverloaded = errors.New("worker: too many requests in flight")
 
+// ErrFoldedHeader is what the Error hook receives, with status 400, for a
+// request whose headers use obsolete line folding (RFC 9112 section 5.2: a
+// header line that starts with a space or a tab continues the previous
+// one).
+var ErrFoldedHeader = errors.New("worker: obsolete line folding in a request header")
+
 // serve is the one panic boundary of the worker, and where requests are
 // counted, limited and logged.
 func (w *worker) serve(ctx *fasthttp.RequestCtx) {
@@ -54,10 +60,20 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 	// Copied: the handler may rewrite the request's headers.
 	id := string(setRequestID(ctx))
 	n := w.inFlight.Add(1)
-	if w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) && (w.cfg.Unlimited == nil || !w.cfg.Unlimited(ctx)) {
+	switch {
+	case folded(ctx.Request.Header.RawHeaders()):
+		// fasthttp joins a folded line to the one before it and obeys the
+		// result, a folded Transfer-Encoding or Content-Length included,
+		// while a front end may have framed the same bytes otherwise (or
+		// dropped the line). RFC 9112 lets a server reject the request; the
+		// connection closes with the answer, so nothing the two disagree
+		// on is read as a next request.
+		ctx.SetConnectionClose()
+		w.cfg.Error(ctx, fasthttp.StatusBadRequest, ErrFoldedHeader)
+	case w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) && (w.cfg.Unlimited == nil || !w.cfg.Unlimited(ctx)):
 		ctx.Response.Header.Set("Retry-After", "1")
 		w.cfg.Error(ctx, fasthttp.StatusServiceUnavailable, ErrOverloaded)
-	} else {
+	default:
 		w.guard(ctx)
 	}
 	ctx.Response.Header.Set(RequestIDHeader, id)
@@ -95,6 +111,23 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 			Int("bytes", size).
 			Msg("request")
 	}
+}
+
+// folded reports whether raw, a request's header block as received (after
+// the request line), holds a line that starts with a space or a tab.
+// fasthttp itself refuses such a line right after the request line.
+func folded(raw []byte) bool {
+	for i := bytes.IndexByte(raw, '\n'); i >= 0 && i+1 < len(raw); {
+		if c := raw[i+1]; c == ' ' || c == '\t' {
+			return true
+		}
+		j := bytes.IndexByte(raw[i+1:], '\n')
+		if j < 0 {
+			return false
+		}
+		i += 1 + j
+	}
+	return false
 }
 
 // guard runs the handler and turns a panic into a logged 500.
