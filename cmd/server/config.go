@@ -44,6 +44,7 @@ type config struct {
 	ChatConcurrency  int           // --chat-concurrency, background chats per worker, default 256
 	ChatMaxAttempts  int           // --chat-max-attempts, default 3
 	ChatQueueMax     int           // --chat-queue-max, default 10000, 0 = no limit
+	IdemWindow       time.Duration // --idempotency-window, default 24h, at least 1s
 }
 
 // Defaults and bounds of the agent API's settings; the process model's
@@ -95,6 +96,7 @@ func defaultConfig() config {
 		ChatConcurrency:  store.DefaultChatConcurrency,
 		ChatMaxAttempts:  handlers.DefaultChatMaxAttempts,
 		ChatQueueMax:     defaultChatQueueMax,
+		IdemWindow:       store.DefaultIdempotencyWindow,
 	}
 }
 

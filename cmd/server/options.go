@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/corralhq/corral/handlers"
 	"github.com/corralhq/corral/handlers/llm"
@@ -125,6 +126,12 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 			Help: "queued background chats, then 503; 0 = no limit",
 			Set: func(s prefork.Setting) (err error) {
 				c.ChatQueueMax, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
+				return err
+			}},
+		{Group: groupStore, Flag: "idempotency-window", Arg: "DUR", Env: []string{"IDEMPOTENCY_WINDOW"}, Default: "24h",
+			Help: "how long an Idempotency-Key names its chat; at least 1s",
+			Set: func(s prefork.Setting) (err error) {
+				c.IdemWindow, err = s.Duration(time.Second, "at least 1s")
 				return err
 			}},
 		{Group: prefork.GroupHTTP, Flag: "cors-origins", Arg: "LIST", Env: []string{"CORS_ORIGINS"}, Default: "(none)",
