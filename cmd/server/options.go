@@ -128,6 +128,12 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.ChatQueueMax, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
+		{Group: groupStore, Flag: "limit-agents", Arg: "N", Env: []string{"LIMIT_AGENTS"}, Default: strconv.Itoa(defaultLimitAgents),
+			Help: "agents the store keeps, then 409; 0 = no limit",
+			Set: func(s prefork.Setting) (err error) {
+				c.LimitAgents, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
+				return err
+			}},
 		{Group: groupStore, Flag: "idempotency-window", Arg: "DUR", Env: []string{"IDEMPOTENCY_WINDOW"}, Default: "24h",
 			Help: "how long an Idempotency-Key names its chat; at least 1s",
 			Set: func(s prefork.Setting) (err error) {
