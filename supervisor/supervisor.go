@@ -137,6 +137,11 @@ type Config struct {
 	// nothing, and reports to the old master once all its workers are
 	// ready. Addr, UDS, Listeners, SocketMode and Workers are then ignored.
 	Upgrade *Handoff
+	// UpgradeTimeout is how long a new master started by an upgrade may
+	// take, migrations and its workers' start included, to report that it
+	// is ready; past it the upgrade fails and this master serves on.
+	// Default DefaultUpgradeTimeout.
+	UpgradeTimeout time.Duration
 	// HandOver, if set, returns the application's own files a new master
 	// inherits on an upgrade, as Handoff.Files (the store's instance lock,
 	// for example). It is called from the supervisor's loop.
@@ -282,6 +287,9 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	}
 	if cfg.HealthcheckTimeout <= 0 {
 		cfg.HealthcheckTimeout = DefaultHealthcheckTimeout
+	}
+	if cfg.UpgradeTimeout <= 0 {
+		cfg.UpgradeTimeout = DefaultUpgradeTimeout
 	}
 	if cfg.Env == nil {
 		cfg.Env = os.Environ()
