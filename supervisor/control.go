@@ -147,7 +147,9 @@ func (s *Supervisor) listenControl() (*net.UnixListener, error) {
 	if err != nil || !ok {
 		return nil, fmt.Errorf("supervisor: inherited control socket: %v", err)
 	}
-	ul.SetUnlinkOnClose(true) // the path is this master's now
+	// The path stays the old master's until this one is ready (takeOver):
+	// a new master that fails must leave it to the old one.
+	ul.SetUnlinkOnClose(false)
 	return ul, nil
 }
 

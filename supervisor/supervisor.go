@@ -627,6 +627,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 // graceful budget and is killed after it.
 func (s *Supervisor) shutdown(reason string) {
 	s.stopping = true
+	s.giveBack()
 	s.rolling = nil
 	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Str("reason", reason).Msg("Shutting down")
 	for _, sl := range s.slots {
@@ -649,6 +650,7 @@ func (s *Supervisor) shutdown(reason string) {
 // kill sends SIGKILL to every worker; they are reaped as they exit.
 func (s *Supervisor) kill(reason string) {
 	s.stopping = true
+	s.giveBack()
 	if s.up != nil {
 		s.up.process.Signal(syscall.SIGKILL)
 	}

@@ -141,15 +141,44 @@ func (s *Supervisor) adopt(h *Handoff) error {
 		}
 		s.addr, s.shared, s.cfg.SocketMode, s.cfg.UDS = addr, h.shared, Shared, h.info.UDS
 		s.activated = h.info.Activated
-		if h.info.UDS != "" && !h.info.Activated {
-			s.uds = h.info.UDS // ours to remove now
-		}
 		for range s.cfg.Workers {
 			s.addSlot() // cannot fail: shared slots open no socket
 		}
 		return nil
 	}
 	return fmt.Errorf("%w: the old master handed over no listening socket", ErrUpgrade)
+}
+
+// takeOver makes the paths of the control socket and of the --uds socket
+// this master's to remove when it stops, once its workers are ready and it
+// has told the old master so. Until then they are the old master's: a new
+// master that fails leaves them in place for it.
+func (s *Supervisor) takeOver() {
+	h := s.handoff
+	if s.ctl != nil {
+		s.ctl.SetUnlinkOnClose(true)
+	}
+	if h.info.UDS != "" && !h.info.Activated {
+		s.uds = h.info.UDS
+	}
+}
+
+// giveBack closes, in a new master that stops before it was ready, the
+// control and metrics listeners it was serving: the old master serves them
+// again, and no request may reach a master on its way out. The control
+// socket's path stays (takeOver has not run).
+func (s *Supervisor) giveBack() {
+	if s.handoff == nil || s.handoff.report == nil {
+		return
+	}
+	if s.ctl != nil {
+		s.ctl.Close()
+		s.ctl = nil
+	}
+	if s.metricsLn != nil {
+		s.metricsLn.Close()
+		s.metricsLn = nil
+	}
 }
 
 // startUpgrade starts a new master from the installed binary, or says why
@@ -368,10 +397,12 @@ func (s *Supervisor) upgradeFailed(reason string) {
 		w <- Response{Error: "upgrade failed: " + reason}
 	}
 	up.waiters = nil
-	s.resumeListeners()
+	// The new master closes its copies of the listeners when it gets the
+	// signal; until then a connection may still reach it.
+	up.process.Signal(syscall.SIGTERM)
 	up.stopping = true
 	up.deadline = s.env.now().Add(s.cfg.GracefulTimeout + DefaultKillGrace)
-	up.process.Signal(syscall.SIGTERM)
+	s.resumeListeners()
 }
 
 // handOver lets the new master serve alone: the old master drains its

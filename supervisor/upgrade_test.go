@@ -226,3 +226,53 @@ func TestANewMasterServesTheHandedOverSocketsAndReportsReady(t *testing.T) {
 		t.Errorf("new master's status after the old one exited: upgrade %+v, want none", st.Upgrade)
 	}
 }
+
+// A new master that fails leaves the --uds socket's path and the control
+// socket's to the old master; once ready, they are its own to remove.
+func TestANewMasterTakesThePathsOverOnlyOnceReady(t *testing.T) {
+	dir := t.TempDir()
+	path, ctlPath := dir+"/api.sock", dir+"/ctl.sock"
+	for _, ready := range []bool{false, true} {
+		uds, err := listenUDS(path, 16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctl, err := listenControl(ctlPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctlFile, err := ctl.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctl.SetUnlinkOnClose(false)
+		ctl.Close()
+		_, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ho := &Handoff{
+			ParentPID: os.Getppid(), ParentVersion: "v1",
+			info:   protocol.Upgrade{Parent: os.Getppid(), Version: "v1", Workers: 1, Shared: 1, UDS: path, Control: true},
+			report: w, control: ctlFile, shared: []*os.File{uds},
+		}
+		h := newHarness(t, Config{Version: "v2", Upgrade: ho, ControlSocket: ctlPath})
+		if h.s.ctl, err = h.s.listenControl(); err != nil {
+			t.Fatal(err)
+		}
+		h.begin()
+		if ready {
+			h.ready(h.procs[0])
+		}
+		// What Run does when it returns.
+		h.s.ctl.Close()
+		h.s.closeSockets()
+		for _, p := range []string{path, ctlPath} {
+			_, err := os.Stat(p)
+			if gone := errors.Is(err, os.ErrNotExist); gone != ready {
+				t.Errorf("ready %v: %s gone = %v, want %v", ready, p, gone, ready)
+			}
+			os.Remove(p)
+		}
+	}
+}
