@@ -83,7 +83,10 @@ func (h *Handler) RunChat(ctx context.Context, chatID, requestID string) error {
 		}
 		return h.requeue(c, store.Requeue{Reason: "store_unavailable", Uncounted: true}, time.Second)
 	}
-	req := llm.Request{Model: agent.Model, RequestID: requestID, Messages: []llm.Message{
+	// One upstream request per attempt: the retries, their backoff and
+	// Retry-After are the job's, so a wait frees the worker's slot, lasts
+	// across restarts and counts in attempts.
+	req := llm.Request{Model: agent.Model, RequestID: requestID, NoRetry: true, Messages: []llm.Message{
 		{Role: "system", Content: agent.SystemPrompt},
 		{Role: "user", Content: c.Message},
 	}}

@@ -92,7 +92,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	chat := store.Chat{
 		ID: newChatID(), AgentID: agent.ID, Message: req.Message, Origin: h.origin, RequestID: rid,
 		Background: req.Background, QueueMax: h.cfg.ChatQueueMax,
-		IdemKey: idemKey, IdemHash: hex.EncodeToString(sum[:]),
+		IdemKey: idemKey, IdemHash: hex.EncodeToString(sum[:]), IdemWindow: h.cfg.IdempotencyWindow,
 	}
 	base, cancelBase := context.WithCancelCause(context.Background())
 	unregister := func() {}
@@ -116,7 +116,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	switch {
 	case errors.Is(err, store.ErrKeyReused):
 		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, errorObject{Code: "idempotency_key_reused",
-			Message: "this Idempotency-Key was used with another request in the last 24 hours"})
+			Message: "this Idempotency-Key was used with another request in the last " + windowText(h.cfg.IdempotencyWindow)})
 		return
 	case errors.Is(err, store.ErrQueueFull):
 		ctx.Response.Header.Set("Retry-After", "5")
@@ -235,6 +235,27 @@ func (h *Handler) idempotencyKey(ctx *fasthttp.RequestCtx) (string, error) {
 		key = hex.EncodeToString(sum[:8]) + ":" + key
 	}
 	return key, nil
+}
+
+// windowText says d the way the 422 for a reused key does: "24 hours",
+// "90 seconds", "1h30m0s".
+func windowText(d time.Duration) string {
+	switch {
+	case d%time.Hour == 0:
+		return plural(int(d/time.Hour), "hour")
+	case d%time.Minute == 0:
+		return plural(int(d/time.Minute), "minute")
+	case d%time.Second == 0:
+		return plural(int(d/time.Second), "second")
+	}
+	return d.String()
+}
+
+func plural(n int, unit string) string {
+	if n == 1 {
+		return "1 " + unit
+	}
+	return fmt.Sprintf("%d %ss", n, unit)
 }
 
 // replayChat answers a request whose Idempotency-Key names chat id: a

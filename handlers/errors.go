@@ -154,6 +154,9 @@ var requestFaults = []struct{ prefix, msg string }{
 	{"empty hex number", "invalid chunked body"}, // a chunk size that is not hex
 	{"too large hex number", "invalid chunked body"},
 	{"forbidden trailer key", "invalid chunked body trailer"},
+	// The worker's own refusal (worker.ErrFoldedHeader), matched like
+	// fasthttp's: handlers does not import the process model.
+	{"worker: obsolete line folding", "obsolete line folding: a header line starts with a space or tab"},
 	{"invalid trailer value", "invalid chunked body trailer"},
 }
 

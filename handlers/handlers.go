@@ -99,6 +99,9 @@ type Config struct {
 	// ChatQueueMax, if positive, bounds the queued background chats: past
 	// it POST /api/chat answers 503 with Retry-After.
 	ChatQueueMax int
+	// IdempotencyWindow is how long an Idempotency-Key names its chat.
+	// Default store.DefaultIdempotencyWindow.
+	IdempotencyWindow time.Duration
 	// Extra, if set, is consulted before the built-in routes and reports
 	// whether it answered. It is a test seam (test-only routes), nil in
 	// production.
@@ -129,6 +132,9 @@ func New(cfg Config) *Handler {
 	}
 	if cfg.ChatMaxAttempts <= 0 {
 		cfg.ChatMaxAttempts = DefaultChatMaxAttempts
+	}
+	if cfg.IdempotencyWindow <= 0 {
+		cfg.IdempotencyWindow = store.DefaultIdempotencyWindow
 	}
 	h := &Handler{
 		cfg:     cfg,

@@ -120,14 +120,12 @@ func listenControl(path string) (*net.UnixListener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("supervisor: control socket: %w", err)
 	}
+	// The umask around bind gives the mode; a chmod after it would follow
+	// a symlink put at path meanwhile (see listenUDS).
 	old := syscall.Umask(0o177)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	syscall.Umask(old)
 	if err != nil {
-		return nil, fmt.Errorf("supervisor: control socket: %w", err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
 		return nil, fmt.Errorf("supervisor: control socket: %w", err)
 	}
 	return ln, nil

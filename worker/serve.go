@@ -28,11 +28,16 @@ type worker struct {
 	control   *os.File
 
 	requests atomic.Uint64 // finished requests, the worker's own probes excluded
-	inFlight atomic.Int64
-	conns    atomic.Int64
-	panics   atomic.Uint64
-	draining atomic.Bool
-	recycle  chan struct{} // one token once MaxRequests is reached
+	// inFlight counts requests from their start to their last byte: a
+	// streamed response (server-sent events, a streamed chat) is written
+	// after its handler returned, so it stays counted, with its connection
+	// in streaming, until fasthttp has written it (connState).
+	inFlight  atomic.Int64
+	streaming sync.Map // net.Conn -> struct{}: a streamed response being written
+	conns     atomic.Int64
+	panics    atomic.Uint64
+	draining  atomic.Bool
+	recycle   chan struct{} // one token once MaxRequests is reached
 }
 
 // ErrPanic is what the Error hook receives for a request whose handler
@@ -42,6 +47,12 @@ var ErrPanic = errors.New("worker: handler panicked")
 // ErrOverloaded is what the Error hook receives for a request refused by
 // the concurrency limit.
 var ErrOverloaded = errors.New("worker: too many requests in flight")
+
+// ErrFoldedHeader is what the Error hook receives, with status 400, for a
+// request whose headers use obsolete line folding (RFC 9112 section 5.2: a
+// header line that starts with a space or a tab continues the previous
+// one).
+var ErrFoldedHeader = errors.New("worker: obsolete line folding in a request header")
 
 // serve is the one panic boundary of the worker, and where requests are
 // counted, limited and logged.
@@ -54,17 +65,34 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 	// Copied: the handler may rewrite the request's headers.
 	id := string(setRequestID(ctx))
 	n := w.inFlight.Add(1)
-	if w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) && (w.cfg.Unlimited == nil || !w.cfg.Unlimited(ctx)) {
+	switch {
+	case folded(ctx.Request.Header.RawHeaders()):
+		// fasthttp joins a folded line to the one before it and obeys the
+		// result, a folded Transfer-Encoding or Content-Length included,
+		// while a front end may have framed the same bytes otherwise (or
+		// dropped the line). RFC 9112 lets a server reject the request; the
+		// connection closes with the answer, so nothing the two disagree
+		// on is read as a next request.
+		ctx.SetConnectionClose()
+		w.cfg.Error(ctx, fasthttp.StatusBadRequest, ErrFoldedHeader)
+	case w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) && (w.cfg.Unlimited == nil || !w.cfg.Unlimited(ctx)):
 		ctx.Response.Header.Set("Retry-After", "1")
 		w.cfg.Error(ctx, fasthttp.StatusServiceUnavailable, ErrOverloaded)
-	} else {
+	default:
 		w.guard(ctx)
 	}
 	ctx.Response.Header.Set(RequestIDHeader, id)
 	if w.draining.Load() {
 		ctx.SetConnectionClose()
 	}
-	w.inFlight.Add(-1)
+	if ctx.Response.IsBodyStream() {
+		// fasthttp writes the stream once this returns; the connection
+		// turns idle or closed after its last byte (or a failed write),
+		// and only then is the request no longer in flight.
+		w.streaming.Store(ctx.Conn(), struct{}{})
+	} else {
+		w.inFlight.Add(-1)
+	}
 	done := w.requests.Add(1)
 	if max := w.in.MaxRequests; max > 0 && done == max {
 		select {
@@ -95,6 +123,23 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 			Int("bytes", size).
 			Msg("request")
 	}
+}
+
+// folded reports whether raw, a request's header block as received (after
+// the request line), holds a line that starts with a space or a tab.
+// fasthttp itself refuses such a line right after the request line.
+func folded(raw []byte) bool {
+	for i := bytes.IndexByte(raw, '\n'); i >= 0 && i+1 < len(raw); {
+		if c := raw[i+1]; c == ' ' || c == '\t' {
+			return true
+		}
+		j := bytes.IndexByte(raw[i+1:], '\n')
+		if j < 0 {
+			return false
+		}
+		i += 1 + j
+	}
+	return false
 }
 
 // guard runs the handler and turns a panic into a logged 500.

@@ -34,7 +34,8 @@ func main() {
 	server := flag.String("server", "./server", "the server binary to measure")
 	base := flag.String("base", "", "a baseline build for the synchronous chat latency (A/B)")
 	pg := flag.String("pg", "", "a PostgreSQL database URL (emptied first) for the PostgreSQL runs")
-	run := flag.String("run", "accept,load,death,sync", "scenarios")
+	run := flag.String("run", "accept,load,death,sync,syncrate", "scenarios")
+	rounds := flag.Int("rounds", 3, "alternated rounds of the A/B scenarios (sync, syncrate)")
 	flag.Parse()
 	want := func(s string) bool { return slices.Contains(strings.Split(*run, ","), s) }
 	if want("accept") {
@@ -50,7 +51,10 @@ func main() {
 		death(*server)
 	}
 	if want("sync") && *base != "" {
-		syncAB(*server, *base)
+		syncAB(*server, *base, *rounds)
+	}
+	if want("syncrate") && *base != "" {
+		syncRateAB(*server, *base, *rounds)
 	}
 }
 
@@ -318,7 +322,7 @@ func death(bin string) {
 
 // syncAB: sequential synchronous chats (simulated provider, no latency)
 // on this build and a baseline build, alternated in rounds.
-func syncAB(bin, base string) {
+func syncAB(bin, base string, rounds int) {
 	measure := func(b string) []time.Duration {
 		p := start(b, "WORKERS=4", "SIMULATED_LATENCY=0")
 		defer p.stop()
@@ -336,13 +340,39 @@ func syncAB(bin, base string) {
 		slices.Sort(lat)
 		return lat
 	}
-	for round := range 3 {
+	for round := range rounds {
 		for _, b := range []struct{ name, bin string }{{"before", base}, {"after", bin}} {
 			lat := measure(b.bin)
 			fmt.Printf("sync round %d %s: median %v p99 %v (1000 sequential chats)\n", round+1, b.name,
 				lat[len(lat)/2].Round(time.Microsecond), lat[len(lat)*99/100].Round(time.Microsecond))
 		}
 	}
+}
+
+// syncRateAB: synchronous chats answered per second by this build and by
+// base, alternated, each round on a fresh server (2 workers, 16 clients,
+// 3,000 chats after 300 warm-up, no LLM latency); prints each round's
+// rates, their ratio and the medians.
+func syncRateAB(bin, base string, rounds int) {
+	measure := func(b string) float64 {
+		p := start(b, "WORKERS=2", "SIMULATED_LATENCY=0")
+		defer p.stop()
+		syncMany(p, 300, 16)
+		rate, failed := syncMany(p, 3000, 16)
+		if failed > 0 {
+			panic(fmt.Sprintf("%d synchronous chats failed", failed))
+		}
+		return rate
+	}
+	var before, after, ratios []float64
+	for round := range rounds {
+		b := measure(base)
+		a := measure(bin)
+		before, after, ratios = append(before, b), append(after, a), append(ratios, a/b)
+		fmt.Printf("syncrate round %d: before %.0f/s after %.0f/s ratio %.2f\n", round+1, b, a, a/b)
+	}
+	med := func(v []float64) float64 { v = slices.Clone(v); slices.Sort(v); return v[len(v)/2] }
+	fmt.Printf("syncrate medians: before %.0f/s after %.0f/s ratio %.2f (%d rounds)\n", med(before), med(after), med(ratios), rounds)
 }
 
 func check(err error) {

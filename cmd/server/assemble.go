@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -89,7 +90,24 @@ func prepareStore(cfg config, log zerolog.Logger, handoff *supervisor.Handoff) (
 		log.Warn().Int("requeued", requeued).Int("failed", failed).Str("reason", "server_restarted").Msg("background chats left running by a previous run handed back")
 	}
 	log.Info().Str("database", st.Path()).Int("schema", st.SchemaVersion()).Msg("store ready")
+	warnSharedFiles(st.Path(), log)
 	return st, nil
+}
+
+// warnSharedFiles logs one warning per SQLite file that other local users
+// may read: one created before the server set its umask, or by hand. The
+// server creates its files 0600 but leaves an existing file's mode alone,
+// since an operator may have chosen it.
+func warnSharedFiles(path string, log zerolog.Logger) {
+	if strings.Contains(path, "://") {
+		return
+	}
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			log.Warn().Str("path", p).Str("mode", fmt.Sprintf("%04o", fi.Mode().Perm())).
+				Msg("database file readable by other local users; chmod 600 it")
+		}
+	}
 }
 
 // newLLM builds the configured provider.

@@ -437,3 +437,63 @@ func TestMultihostBackgroundChat(t *testing.T) {
 		t.Fatalf("chat.retried activities = %+v, %v, want one", feed.Activities, err)
 	}
 }
+
+// TestIdempotencyKeyScopeAndWindow: with API tokens on, the same
+// Idempotency-Key under two tokens names two chats (two upstream calls);
+// under one token it names one. Past --idempotency-window the key is free
+// again: another body with it starts a new chat instead of a 422.
+func TestIdempotencyKeyScopeAndWindow(t *testing.T) {
+	llm := newFakeLLM(t)
+	const window = 3 * time.Second
+	s := startServer(t, "WORKERS=2", "LLM_BASE_URL="+llm.baseURL(), "API_TOKEN=tok-a,tok-b",
+		"IDEMPOTENCY_WINDOW="+window.String(), "LOG_LEVEL=info")
+	base := strings.TrimSuffix(s.url(""), "/")
+	chat := func(token, key, message string) (int, string, http.Header) {
+		t.Helper()
+		code, h, b := postJSON(t, base+"/api/chat", fmt.Sprintf(`{"agent_id":"default","message":%q}`, message),
+			"Authorization", "Bearer "+token, "Idempotency-Key", key)
+		var r struct{ ID string }
+		json.Unmarshal(b, &r)
+		if code == 200 && r.ID == "" {
+			t.Fatalf("POST chat = %d %s, want a chat id", code, b)
+		}
+		return code, r.ID, h
+	}
+
+	first := time.Now()
+	codeA, a1, _ := chat("tok-a", "shared-key", "ok scoped")
+	codeB, b1, _ := chat("tok-b", "shared-key", "ok scoped")
+	codeA2, a2, h := chat("tok-a", "shared-key", "ok scoped")
+	if codeA != 200 || codeB != 200 || codeA2 != 200 || a1 == b1 || a2 != a1 || h.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("same key: token a %d %s, token b %d %s, token a again %d %s (replayed %q); want two chats, a's replayed",
+			codeA, a1, codeB, b1, codeA2, a2, h.Get("Idempotent-Replayed"))
+	}
+	if n := llm.attemptsFor("ok scoped"); n != 2 {
+		t.Fatalf("upstream calls = %d, want 2 (one per token)", n)
+	}
+
+	// Within the window another body is refused; once it has passed, the
+	// key starts a new chat.
+	var renewed string
+	waitFor(t, window+10*time.Second, func() error {
+		code, id, _ := chat("tok-a", "shared-key", "ok after the window")
+		switch {
+		case code == 422:
+			return fmt.Errorf("another body with the key %v after the first use = 422, want a new chat once %v passed", time.Since(first).Round(time.Millisecond), window)
+		case code != 200 || id == a1:
+			t.Fatalf("another body with the key = %d, chat %s, want 422 or a new chat", code, id)
+		}
+		renewed = id
+		return nil
+	})
+	if d := time.Since(first); d < window {
+		t.Fatalf("key free again %v after its first use, want no sooner than %v", d, window)
+	}
+	if n := llm.attemptsFor("ok after the window"); n != 1 || renewed == "" {
+		t.Fatalf("upstream calls for the new body = %d, want 1", n)
+	}
+	// The key now names the new chat.
+	if code, id, _ := chat("tok-a", "shared-key", "ok after the window"); code != 200 || id != renewed {
+		t.Fatalf("the key again = %d %s, want the new chat %s", code, id, renewed)
+	}
+}

@@ -44,6 +44,7 @@ type config struct {
 	ChatConcurrency  int           // --chat-concurrency, background chats per worker, default 256
 	ChatMaxAttempts  int           // --chat-max-attempts, default 3
 	ChatQueueMax     int           // --chat-queue-max, default 10000, 0 = no limit
+	IdemWindow       time.Duration // --idempotency-window, default 24h, at least 1s
 }
 
 // Defaults and bounds of the agent API's settings; the process model's
@@ -58,8 +59,11 @@ const (
 	providerOpenAI    = llm.ProviderOpenAI
 )
 
-// groupAPI heads the agent API's settings in usage.
-const groupAPI = "Agent API"
+// Usage groups of the agent API's own settings.
+const (
+	groupStore = "Store and background chats"
+	groupLLM   = "LLM"
+)
 
 // defaultReloadBuild builds this server into the path the supervisor gives.
 const defaultReloadBuild = `go build -o "$OUTPUT" ./cmd/server`
@@ -92,6 +96,7 @@ func defaultConfig() config {
 		ChatConcurrency:  store.DefaultChatConcurrency,
 		ChatMaxAttempts:  handlers.DefaultChatMaxAttempts,
 		ChatQueueMax:     defaultChatQueueMax,
+		IdemWindow:       store.DefaultIdempotencyWindow,
 	}
 }
 

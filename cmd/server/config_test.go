@@ -70,6 +70,7 @@ func TestConfigDefaults(t *testing.T) {
 		ChatConcurrency:  256,
 		ChatMaxAttempts:  3,
 		ChatQueueMax:     10000,
+		IdemWindow:       24 * time.Hour,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("loadConfig(nil, no env) =\n%+v\nwant\n%+v", got, want)
@@ -136,6 +137,7 @@ func TestConfigPrecedence(t *testing.T) {
 		{"chat-concurrency", []string{"CHAT_CONCURRENCY", "10"}, []string{"--chat-concurrency", "20"}, field("ChatConcurrency"), 10, 20},
 		{"chat-max-attempts", []string{"CHAT_MAX_ATTEMPTS", "1"}, []string{"--chat-max-attempts", "5"}, field("ChatMaxAttempts"), 1, 5},
 		{"chat-queue-max", []string{"CHAT_QUEUE_MAX", "0"}, []string{"--chat-queue-max", "50"}, field("ChatQueueMax"), 0, 50},
+		{"idempotency-window", []string{"IDEMPOTENCY_WINDOW", "1h"}, []string{"--idempotency-window", "90s"}, field("IdemWindow"), time.Hour, 90 * time.Second},
 		{"cors-origins", []string{"CORS_ORIGINS", "https://a.example.com"}, []string{"--cors-origins", "*"}, field("CORSOrigins"), []string{"https://a.example.com"}, []string{"*"}},
 		{"limit-max-memory", []string{"LIMIT_MAX_MEMORY", "512MiB"}, []string{"--limit-max-memory", "1GiB"}, field("LimitMaxMemory"), int64(512 << 20), int64(1 << 30)},
 		{"drain-delay", []string{"DRAIN_DELAY", "5s"}, []string{"--drain-delay", "0"}, field("DrainDelay"), 5 * time.Second, time.Duration(0)},
@@ -538,6 +540,8 @@ var configInvalidCases = []struct {
 
 	{[]string{"--llm-timeout", "0"}, nil, `invalid --llm-timeout "0": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
 	{nil, []string{"LLM_TIMEOUT", "500ms"}, `invalid LLM_TIMEOUT "500ms": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
+	{nil, []string{"IDEMPOTENCY_WINDOW", "500ms"}, `invalid IDEMPOTENCY_WINDOW "500ms": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
+	{[]string{"--idempotency-window", "0"}, nil, `invalid --idempotency-window "0": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
 
 	{[]string{"--llm-idle-timeout", "0s"}, nil, `invalid --llm-idle-timeout "0s": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
 	{nil, []string{"LLM_IDLE_TIMEOUT", "x"}, `invalid LLM_IDLE_TIMEOUT "x": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
@@ -840,7 +844,7 @@ func TestConfigUsage(t *testing.T) {
 	var buf bytes.Buffer
 	usage(&buf)
 	help := buf.String()
-	for _, want := range []string{"Server:", "Timeouts and limits:", "Logging:", "Agent API:", "--help", "--version", "LLM_API_KEY", "API_TOKEN", "WEB_CONCURRENCY"} {
+	for _, want := range []string{"Process model:", "HTTP:", "HTTPS (TLS):", "Reload (development):", "Store and background chats:", "LLM:", "Operations:", "--help", "--version", "LLM_API_KEY", "API_TOKEN", "WEB_CONCURRENCY"} {
 		if !strings.Contains(help, want) {
 			t.Errorf("usage does not contain %q", want)
 		}

@@ -26,9 +26,13 @@ type fakeLLM struct {
 	mu       sync.Mutex
 	always   string         // if set, the fault of every chat whatever its message
 	attempts map[string]int // requests seen per user message
-	seen     []seenUpstream
-	wg       sync.WaitGroup
-	done     chan struct{}
+	// at holds when each request arrived, per user message; hangups when
+	// the worker closed each request's connection before the fake was
+	// done with it.
+	at, hangups map[string][]time.Time
+	seen        []seenUpstream
+	wg          sync.WaitGroup
+	done        chan struct{}
 }
 
 func newFakeLLM(t *testing.T) *fakeLLM {
@@ -37,7 +41,8 @@ func newFakeLLM(t *testing.T) *fakeLLM {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fakeLLM{ln: ln, attempts: map[string]int{}, done: make(chan struct{})}
+	f := &fakeLLM{ln: ln, attempts: map[string]int{}, at: map[string][]time.Time{}, hangups: map[string][]time.Time{},
+		done: make(chan struct{})}
 	f.wg.Add(1)
 	go func() {
 		defer f.wg.Done()
@@ -92,6 +97,21 @@ func (f *fakeLLM) attemptsFor(msg string) int {
 	return f.attempts[msg]
 }
 
+// arrivals returns when each request for msg arrived, in order.
+func (f *fakeLLM) arrivals(msg string) []time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]time.Time(nil), f.at[msg]...)
+}
+
+// hangupsFor returns when the worker closed the connection of a request
+// for msg while the fake still meant to use it.
+func (f *fakeLLM) hangupsFor(msg string) []time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]time.Time(nil), f.hangups[msg]...)
+}
+
 const sseHeader = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
 
 func sseChunk(text string) string {
@@ -121,6 +141,7 @@ func (f *fakeLLM) serve(c net.Conn) {
 	}
 	f.mu.Lock()
 	f.attempts[msg]++
+	f.at[msg] = append(f.at[msg], time.Now())
 	attempt := f.attempts[msg]
 	f.seen = append(f.seen, seenUpstream{req.URL.Path, req.URL.RawQuery, req.Header.Clone()})
 	always := f.always
@@ -128,11 +149,20 @@ func (f *fakeLLM) serve(c net.Conn) {
 	// gone closes when the worker closes its side (it gave up) or the test
 	// ends, so that slow faults never outlive their use.
 	gone := make(chan struct{})
+	served := make(chan struct{})
+	defer close(served)
 	go func() {
 		defer close(gone)
 		buf := make([]byte, 512)
 		for {
 			if _, err := c.Read(buf); err != nil {
+				select {
+				case <-served: // our own close
+				default:
+					f.mu.Lock()
+					f.hangups[msg] = append(f.hangups[msg], time.Now())
+					f.mu.Unlock()
+				}
 				return
 			}
 		}
@@ -180,6 +210,15 @@ func (f *fakeLLM) serve(c net.Conn) {
 		if attempt == 1 {
 			io.WriteString(c, "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 43\r\nConnection: close\r\n\r\n"+
 				`{"error":{"message":"rate limited","x":1}}`+"\n")
+			return
+		}
+		ok()
+	case "slow-down":
+		// Rate limited with Retry-After: 2 on the first request, then
+		// recovered.
+		if attempt == 1 {
+			io.WriteString(c, "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Type: application/json\r\nContent-Length: 35\r\nConnection: close\r\n\r\n"+
+				`{"error":{"message":"slow down"}}`+"\r\n")
 			return
 		}
 		ok()

@@ -103,7 +103,18 @@ func startServer(t *testing.T, env ...string) *server {
 // startServerArgs is startServer with command-line arguments.
 func startServerArgs(t *testing.T, args []string, env ...string) *server {
 	t.Helper()
-	s := launchArgs(t, args, env...)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startExe(t, exe, args, env...)
+}
+
+// startExe is startServerArgs with the binary exe, a copy of the test
+// binary or a script that executes it.
+func startExe(t *testing.T, exe string, args []string, env ...string) *server {
+	t.Helper()
+	s := launchExe(t, exe, args, env...)
 	s.waitStarted(t)
 	run := s.logs.find("Corral running, press CTRL+C to quit", nil)
 	u, _ := run[0]["url"].(string)

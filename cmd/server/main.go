@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/rs/zerolog"
 
@@ -34,6 +35,12 @@ func run(stdout, stderr io.Writer) int {
 	if os.Getenv(protocol.EnvRole) == "" && len(os.Args) > 1 && subcommands[os.Args[1]] != "" {
 		return runCLI(os.Args[1], os.Args[2:], stdout, stderr)
 	}
+	// Every file the server creates (the database, its -wal and -shm, the
+	// instance lock, the control socket) is readable by the server's user
+	// only, whatever the caller's umask: the database holds every prompt
+	// and message. systemd's unit sets the same (UMask=0077); a shell
+	// usually has 022. The workers inherit it.
+	syscall.Umask(0o077)
 	c := defaultConfig()
 	return prefork.Main(newApp(&c))
 }

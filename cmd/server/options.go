@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/corralhq/corral/handlers"
 	"github.com/corralhq/corral/handlers/llm"
@@ -18,7 +19,7 @@ import (
 // setting for the check across settings in newApp.
 func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 	return []prefork.Option{
-		{Group: groupAPI, Flag: "database-url", Arg: "URL", Env: []string{"DATABASE_URL"}, Default: defaultDatabaseURL,
+		{Group: groupStore, Flag: "database-url", Arg: "URL", Env: []string{"DATABASE_URL"}, Default: defaultDatabaseURL,
 			Help: "sqlite:PATH or postgres://user@host/db",
 			Set: func(s prefork.Setting) error {
 				t := s.Text()
@@ -41,13 +42,13 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.DatabaseURL = t
 				return nil
 			}},
-		{Group: groupAPI, Flag: "database-max-conns", Arg: "N", Env: []string{"DATABASE_MAX_CONNS"}, Default: "0",
+		{Group: groupStore, Flag: "database-max-conns", Arg: "N", Env: []string{"DATABASE_MAX_CONNS"}, Default: "0",
 			Help: "database connections per worker; 0 = 4 (PostgreSQL), 6 (SQLite)",
 			Set: func(s prefork.Setting) (err error) {
 				c.DatabaseMaxConns, err = s.Whole(0, 1000, "a whole number from 0 to 1000")
 				return err
 			}},
-		{Group: groupAPI, Flag: "instance-id", Arg: "ID", Env: []string{"INSTANCE_ID"}, Default: "(host name)",
+		{Group: groupStore, Flag: "instance-id", Arg: "ID", Env: []string{"INSTANCE_ID"}, Default: "(host name)",
 			Help: "names this server in the store; distinct per server sharing a database",
 			Set: func(s prefork.Setting) error {
 				t := s.Text()
@@ -57,7 +58,7 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.InstanceID = t
 				return nil
 			}},
-		{Group: groupAPI, Flag: "llm-provider", Arg: "NAME", Env: []string{"LLM_PROVIDER"}, Default: providerSimulated,
+		{Group: groupLLM, Flag: "llm-provider", Arg: "NAME", Env: []string{"LLM_PROVIDER"}, Default: providerSimulated,
 			Help: "simulated, or openai (default with a base URL)",
 			Set: func(s prefork.Setting) error {
 				p := s.Lower()
@@ -67,7 +68,7 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.LLMProvider, *provider = p, s
 				return nil
 			}},
-		{Group: groupAPI, Flag: "llm-base-url", Arg: "URL", Env: []string{"LLM_BASE_URL", "OPENAI_BASE_URL"}, Default: "(none)",
+		{Group: groupLLM, Flag: "llm-base-url", Arg: "URL", Env: []string{"LLM_BASE_URL", "OPENAI_BASE_URL"}, Default: "(none)",
 			Help: "OpenAI-compatible endpoint: https://host/v1",
 			Set: func(s prefork.Setting) error {
 				t := s.Text()
@@ -85,49 +86,55 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.LLMBaseURL = t
 				return nil
 			}},
-		{Group: groupAPI, Flag: "llm-model", Arg: "NAME", Env: []string{"LLM_MODEL"}, Default: "(none)",
+		{Group: groupLLM, Flag: "llm-model", Arg: "NAME", Env: []string{"LLM_MODEL"}, Default: "(none)",
 			Help: "model name; none = the provider's default",
 			Set: func(s prefork.Setting) error {
 				c.LLMModel = s.Text()
 				return nil
 			}},
-		{Group: groupAPI, Flag: "llm-timeout", Arg: "DUR", Env: []string{"LLM_TIMEOUT"}, Default: prefork.FormatDuration(llm.DefaultTimeout),
+		{Group: groupLLM, Flag: "llm-timeout", Arg: "DUR", Env: []string{"LLM_TIMEOUT"}, Default: prefork.FormatDuration(llm.DefaultTimeout),
 			Help: "deadline of one LLM call; at least 1s",
 			Set: func(s prefork.Setting) (err error) {
 				c.LLMTimeout, err = s.Duration(minLLMTimeout, "at least 1s")
 				return err
 			}},
-		{Group: groupAPI, Flag: "llm-idle-timeout", Arg: "DUR", Env: []string{"LLM_IDLE_TIMEOUT"}, Default: prefork.FormatDuration(llm.DefaultIdleTimeout),
+		{Group: groupLLM, Flag: "llm-idle-timeout", Arg: "DUR", Env: []string{"LLM_IDLE_TIMEOUT"}, Default: prefork.FormatDuration(llm.DefaultIdleTimeout),
 			Help: "longest gap between streamed chunks; at least 1s",
 			Set: func(s prefork.Setting) (err error) {
 				c.LLMIdleTimeout, err = s.Duration(minLLMTimeout, "at least 1s")
 				return err
 			}},
-		{Group: groupAPI, Flag: "simulated-latency", Arg: "DUR", Env: []string{"SIMULATED_LATENCY"}, Default: prefork.FormatDuration(llm.DefaultSimulatedLatency),
+		{Group: groupLLM, Flag: "simulated-latency", Arg: "DUR", Env: []string{"SIMULATED_LATENCY"}, Default: prefork.FormatDuration(llm.DefaultSimulatedLatency),
 			Help: "reply time of the simulated provider",
 			Set: func(s prefork.Setting) (err error) {
 				c.SimulatedLatency, err = s.Duration(0, "0 or more")
 				return err
 			}},
-		{Group: groupAPI, Flag: "chat-concurrency", Arg: "N", Env: []string{"CHAT_CONCURRENCY"}, Default: strconv.Itoa(store.DefaultChatConcurrency),
+		{Group: groupStore, Flag: "chat-concurrency", Arg: "N", Env: []string{"CHAT_CONCURRENCY"}, Default: strconv.Itoa(store.DefaultChatConcurrency),
 			Help: "background chats each worker runs at once, 1 to 100000",
 			Set: func(s prefork.Setting) (err error) {
 				c.ChatConcurrency, err = s.Whole(1, 100000, "a whole number from 1 to 100000")
 				return err
 			}},
-		{Group: groupAPI, Flag: "chat-max-attempts", Arg: "N", Env: []string{"CHAT_MAX_ATTEMPTS"}, Default: strconv.Itoa(handlers.DefaultChatMaxAttempts),
+		{Group: groupStore, Flag: "chat-max-attempts", Arg: "N", Env: []string{"CHAT_MAX_ATTEMPTS"}, Default: strconv.Itoa(handlers.DefaultChatMaxAttempts),
 			Help: "attempts a background chat gets before it fails, 1 to 100",
 			Set: func(s prefork.Setting) (err error) {
 				c.ChatMaxAttempts, err = s.Whole(1, 100, "a whole number from 1 to 100")
 				return err
 			}},
-		{Group: groupAPI, Flag: "chat-queue-max", Arg: "N", Env: []string{"CHAT_QUEUE_MAX"}, Default: strconv.Itoa(defaultChatQueueMax),
+		{Group: groupStore, Flag: "chat-queue-max", Arg: "N", Env: []string{"CHAT_QUEUE_MAX"}, Default: strconv.Itoa(defaultChatQueueMax),
 			Help: "queued background chats, then 503; 0 = no limit",
 			Set: func(s prefork.Setting) (err error) {
 				c.ChatQueueMax, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
-		{Group: groupAPI, Flag: "cors-origins", Arg: "LIST", Env: []string{"CORS_ORIGINS"}, Default: "(none)",
+		{Group: groupStore, Flag: "idempotency-window", Arg: "DUR", Env: []string{"IDEMPOTENCY_WINDOW"}, Default: "24h",
+			Help: "how long an Idempotency-Key names its chat; at least 1s",
+			Set: func(s prefork.Setting) (err error) {
+				c.IdemWindow, err = s.Duration(time.Second, "at least 1s")
+				return err
+			}},
+		{Group: prefork.GroupHTTP, Flag: "cors-origins", Arg: "LIST", Env: []string{"CORS_ORIGINS"}, Default: "(none)",
 			Help: "browser origins allowed, comma-separated, or *",
 			Set: func(s prefork.Setting) error {
 				t := s.Text()
@@ -154,7 +161,7 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 
 		// Secrets have no flag: a command line is visible to every user
 		// through ps and /proc, the environment only to the owner.
-		{Group: groupAPI, Env: []string{"LLM_API_KEY", "OPENAI_API_KEY"}, Default: "(none)",
+		{Group: groupLLM, Env: []string{"LLM_API_KEY", "OPENAI_API_KEY"}, Default: "(none)",
 			Help: "API key for the LLM provider",
 			Set: func(s prefork.Setting) error {
 				t := s.Text()
@@ -164,13 +171,13 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.LLMAPIKey = t
 				return nil
 			}},
-		{Group: groupAPI, Env: []string{"LLM_HEADERS"}, Default: "(none)",
+		{Group: groupLLM, Env: []string{"LLM_HEADERS"}, Default: "(none)",
 			Help: "extra upstream headers: Name: value, comma-separated",
 			Set: func(s prefork.Setting) (err error) {
 				c.LLMHeaders, err = parseHeaders(s)
 				return err
 			}},
-		{Group: groupAPI, Env: []string{"API_TOKEN"}, Default: "(none)",
+		{Group: prefork.GroupHTTP, Env: []string{"API_TOKEN"}, Default: "(none)",
 			Help: "bearer tokens the API accepts, comma-separated",
 			Set: func(s prefork.Setting) error {
 				var tokens []string

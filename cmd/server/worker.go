@@ -58,6 +58,8 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 
 		ChatMaxAttempts: cfg.ChatMaxAttempts,
 		ChatQueueMax:    cfg.ChatQueueMax,
+
+		IdempotencyWindow: cfg.IdemWindow,
 	})
 	// The chat runner starts beside the server rather than before it: its
 	// start (River's first queries) is no reason to delay readiness, and a

@@ -23,6 +23,10 @@ type Request struct {
 	// RequestID, if set, is sent upstream as X-Request-ID, so that one id
 	// follows a chat from the client to the LLM.
 	RequestID string
+	// NoRetry makes a provider try once: a caller that retries on its own,
+	// with its own backoff (a background chat's job), gets every failure
+	// at once instead of after the provider's retries.
+	NoRetry bool
 }
 
 // Usage counts tokens as upstream reported them (zero if it did not) or, for

@@ -81,7 +81,8 @@
 // error has one, else 250 ms doubling per retry, jittered to [d/2, d); after
 // a refused connection the base is 25 ms, so a closed port fails within
 // about 100 ms in all. A retry whose pause would outlast Timeout is not
-// made: the last error is returned at once.
+// made: the last error is returned at once. A Request with NoRetry is
+// tried once (a background chat's job retries on its own).
 //
 // Errors, for the HTTP layer to map:
 //

@@ -231,7 +231,7 @@ func (c *OpenAI) Complete(ctx context.Context, req Request, onDelta func(string)
 		if !st.abandoned && callCtx.Err() != nil {
 			err = ctxError(callCtx)
 		}
-		if st.delivered || attempt > c.maxRetries || !retryable(err) {
+		if st.delivered || req.NoRetry || attempt > c.maxRetries || !retryable(err) {
 			return Response{}, fmt.Errorf("openai complete attempt %d: %w", attempt, err)
 		}
 		wait := retryWait(attempt, err)

@@ -178,6 +178,18 @@ func TestOpenAIMaxRetriesNegativeDisablesRetries(t *testing.T) {
 	}
 }
 
+func TestOpenAINoRetryRequestTriesOnce(t *testing.T) {
+	f := newFake(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	})
+	req := testReq
+	req.NoRetry = true
+	_, err := f.client(OpenAIConfig{}).Complete(context.Background(), req, nil)
+	if se, ok := errors.AsType[*StatusError](err); !ok || se.Status != 503 || f.hits.Load() != 1 {
+		t.Errorf("Complete(NoRetry) error = %v after %d hits, want a 503 StatusError after 1", err, f.hits.Load())
+	}
+}
+
 func TestOpenAIClientErrorNotRetried(t *testing.T) {
 	f := newFake(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
 		http.Error(w, `{"error":{"message":"bad model"}}`, http.StatusBadRequest)

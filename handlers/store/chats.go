@@ -23,8 +23,9 @@ const (
 	ChatCancelled = "cancelled"
 )
 
-// IdempotencyWindow is how long an idempotency key names its chat.
-const IdempotencyWindow = 24 * time.Hour
+// DefaultIdempotencyWindow is Chat.IdemWindow's default: how long an
+// idempotency key names its chat.
+const DefaultIdempotencyWindow = 24 * time.Hour
 
 // Chat is one message sent to an agent: a new chat for StartChat.
 type Chat struct {
@@ -43,11 +44,15 @@ type Chat struct {
 	// QueueMax, if positive, refuses a Background chat with ErrQueueFull
 	// when that many chats are already queued.
 	QueueMax int
-	// IdemKey, if set, names the chat for IdempotencyWindow: a later
-	// StartChat with the same key and IdemHash returns an error matching
+	// IdemKey, if set, names the chat for IdemWindow: a later StartChat
+	// with the same key and IdemHash returns an error matching
 	// ErrDuplicate (a *DuplicateError naming the first chat), one with
 	// another IdemHash ErrKeyReused.
 	IdemKey, IdemHash string
+	// IdemWindow is how long an earlier chat's key counts, measured from
+	// that chat's creation by the later StartChat (so it is the later
+	// caller's window that applies). Default DefaultIdempotencyWindow.
+	IdemWindow time.Duration
 }
 
 // ChatRow is a chat as stored.
@@ -114,7 +119,7 @@ func (s *Store) StartChat(ctx context.Context, c Chat) (Activity, error) {
 			return err
 		}
 		if c.IdemKey != "" {
-			if err := s.checkIdemKeyTx(ctx, tx, c.IdemKey, c.IdemHash, act.Time); err != nil {
+			if err := s.checkIdemKeyTx(ctx, tx, c.IdemKey, c.IdemHash, act.Time, cmp.Or(c.IdemWindow, DefaultIdempotencyWindow)); err != nil {
 				return err
 			}
 		}
@@ -165,8 +170,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
 }
 
 // checkIdemKeyTx returns a *DuplicateError or ErrKeyReused when key names a
-// chat younger than IdempotencyWindow, and frees an older chat's key.
-func (s *Store) checkIdemKeyTx(ctx context.Context, tx *sql.Tx, key, hash string, t time.Time) error {
+// chat younger than window at t, and frees an older chat's key.
+func (s *Store) checkIdemKeyTx(ctx context.Context, tx *sql.Tx, key, hash string, t time.Time, window time.Duration) error {
 	var id, prevHash string
 	var created time.Time
 	err := tx.QueryRowContext(ctx, s.q(`SELECT id, idem_hash, created_at FROM chats WHERE idem_key = ?`), key).
@@ -177,7 +182,7 @@ func (s *Store) checkIdemKeyTx(ctx context.Context, tx *sql.Tx, key, hash string
 	if err != nil {
 		return err
 	}
-	if t.Sub(created) >= IdempotencyWindow {
+	if t.Sub(created) >= window {
 		_, err := tx.ExecContext(ctx, s.q(`UPDATE chats SET idem_key = NULL WHERE id = ?`), id)
 		return err
 	}

@@ -89,7 +89,7 @@ func (s *Store) TakeOverInstance(inherited *os.File) error {
 // claimFile locks path.instance-HOST.lock and writes the pid into it.
 func claimFile(path, host string) (io.Closer, error) {
 	name := path + ".instance-" + url.PathEscape(host) + ".lock"
-	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644)
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("claim instance id %q: %w", host, err)
 	}

@@ -240,7 +240,7 @@ func openSQLite(ctx context.Context, path string, maxConns int, createFolder boo
 	}
 	dir := filepath.Dir(path)
 	if createFolder {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, fmt.Errorf("open sqlite database %s: create folder: %w", path, unwrapPathError(err))
 		}
 	} else if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {

@@ -48,7 +48,7 @@ type Options struct {
 	// RefuseMissingFolder makes a missing folder of the SQLite file an
 	// error that names it (matching ErrNoFolder), so that a path the user
 	// typed is never silently created. By default Open creates the folder,
-	// as the server does for its default data/.
+	// mode 0700, as the server does for its default data/.
 	RefuseMissingFolder bool
 }
 

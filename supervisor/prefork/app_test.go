@@ -83,14 +83,16 @@ func TestAppUsage(t *testing.T) {
 	greeting := ""
 	greeter(&greeting).Usage(&buf)
 	help := buf.String()
-	for _, want := range []string{"Usage: greeter [flags]", "Server:", "Greeting:", "--greeting TEXT", "GREETING", "--workers N", "WORKERS, WEB_CONCURRENCY", "`greeter status`"} {
+	for _, want := range []string{"Usage: greeter [flags]", "Process model:", "Greeting:", "--greeting TEXT", "GREETING", "--workers N", "WORKERS, WEB_CONCURRENCY", "`greeter status`"} {
 		if !strings.Contains(help, want) {
 			t.Errorf("usage lacks %q:\n%s", want, help)
 		}
 	}
-	// The application's group comes after the process model's, before Reload.
-	if i, j := strings.Index(help, "Greeting:"), strings.Index(help, "Reload (development):"); i < 0 || j < 0 || i > j {
-		t.Errorf("usage lists Greeting at %d and Reload at %d, want Greeting first", i, j)
+	// The application's group comes after the process model's (Reload is
+	// the last of them) and before Operations.
+	r, g, o := strings.Index(help, "Reload (development):"), strings.Index(help, "Greeting:"), strings.Index(help, "Operations:")
+	if r < 0 || g < 0 || o < 0 || !(r < g && g < o) {
+		t.Errorf("usage lists Reload at %d, Greeting at %d, Operations at %d; want them in that order", r, g, o)
 	}
 }
 

@@ -274,7 +274,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 		return s.Invalid(fmt.Sprintf("a path of at most %d bytes, the most a unix socket address holds", maxSocketPath))
 	}
 	return []Option{
-		{Group: GroupServer, Flag: "host", Arg: "ADDR", Env: []string{"HOST"}, Default: defaultHost,
+		{Group: GroupHTTP, Flag: "host", Arg: "ADDR", Env: []string{"HOST"}, Default: defaultHost,
 			Help: "address to listen on; :: = every IPv6 and IPv4 address",
 			Set: func(s Setting) error {
 				h, ok := parseHost(s.Text())
@@ -284,20 +284,20 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.Host = h
 				return nil
 			}},
-		{Group: GroupServer, Flag: "port", Arg: "N", Env: []string{"PORT"}, Default: strconv.Itoa(defaultPort),
+		{Group: GroupHTTP, Flag: "port", Arg: "N", Env: []string{"PORT"}, Default: strconv.Itoa(defaultPort),
 			Help: "0 = pick a free port (logged)",
 			Set: func(s Setting) (err error) {
 				c.Port, err = s.Whole(0, 65535, "a port number from 0 to 65535")
 				return err
 			}},
-		{Group: GroupServer, Flag: "env-file", Arg: "PATH", Env: []string{"ENV_FILE"}, Default: "(none)",
+		{Group: GroupOps, Flag: "env-file", Arg: "PATH", Env: []string{"ENV_FILE"}, Default: "(none)",
 			Help: "read variables from this file; the environment wins over it",
 			Set: func(s Setting) error {
 				// Main read the file before Load; here it is only recorded.
 				c.EnvFile = s.Text()
 				return nil
 			}},
-		{Group: GroupServer, Flag: "uds", Arg: "PATH", Env: []string{"UDS"}, Default: "(none)",
+		{Group: GroupHTTP, Flag: "uds", Arg: "PATH", Env: []string{"UDS"}, Default: "(none)",
 			Help: "serve on this unix socket instead of HOST:PORT",
 			Set: func(s Setting) error {
 				t := s.Text()
@@ -307,20 +307,20 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.UDS = t // only a flag can be empty: it overrides the variable
 				return nil
 			}},
-		{Group: GroupServer, Flag: "workers", Arg: "N", Env: []string{"WORKERS", "WEB_CONCURRENCY"}, Default: strconv.Itoa(supervisor.DefaultWorkers),
+		{Group: GroupProcess, Flag: "workers", Arg: "N", Env: []string{"WORKERS", "WEB_CONCURRENCY"}, Default: strconv.Itoa(supervisor.DefaultWorkers),
 			Help: fmt.Sprintf("worker processes, 1 to %d", supervisor.MaxWorkers),
 			Set: func(s Setting) (err error) {
 				c.Workers, err = s.Whole(1, supervisor.MaxWorkers, fmt.Sprintf("a whole number from 1 to %d", supervisor.MaxWorkers))
 				c.WorkersSet = err == nil
 				return err
 			}},
-		{Group: GroupServer, Flag: "reload", Env: []string{"RELOAD"}, Default: "false",
+		{Group: GroupProcess, Flag: "reload", Env: []string{"RELOAD"}, Default: "false",
 			Help: "dev mode: one worker, restarted on code changes",
 			Set: func(s Setting) (err error) {
 				c.Reload, err = s.Bool()
 				return err
 			}},
-		{Group: GroupServer, Flag: "socket-mode", Arg: "MODE", Env: []string{"SOCKET_MODE"}, Default: string(supervisor.Reuseport),
+		{Group: GroupProcess, Flag: "socket-mode", Arg: "MODE", Env: []string{"SOCKET_MODE"}, Default: string(supervisor.Reuseport),
 			Help: "reuseport (a socket per worker) or shared",
 			Set: func(s Setting) error {
 				m := supervisor.SocketMode(s.Lower())
@@ -330,7 +330,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.SocketMode = string(m)
 				return nil
 			}},
-		{Group: GroupServer, Flag: "backlog", Arg: "N", Env: []string{"BACKLOG"}, Default: strconv.Itoa(supervisor.DefaultBacklog),
+		{Group: GroupProcess, Flag: "backlog", Arg: "N", Env: []string{"BACKLOG"}, Default: strconv.Itoa(supervisor.DefaultBacklog),
 			Help: "listen queue per socket, 1 to 65535",
 			Set: func(s Setting) (err error) {
 				c.Backlog, err = s.Whole(1, 65535, "a whole number from 1 to 65535")
@@ -364,55 +364,55 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				}
 				return nil
 			}},
-		{Group: GroupLimits, Flag: "timeout-graceful-shutdown", Arg: "DUR", Env: []string{"TIMEOUT_GRACEFUL_SHUTDOWN"}, Default: FormatDuration(supervisor.DefaultGracefulTimeout),
+		{Group: GroupProcess, Flag: "timeout-graceful-shutdown", Arg: "DUR", Env: []string{"TIMEOUT_GRACEFUL_SHUTDOWN"}, Default: FormatDuration(supervisor.DefaultGracefulTimeout),
 			Help: "drain budget per worker; 0 = cut requests at once",
 			Set: func(s Setting) (err error) {
 				c.GracefulTimeout, err = s.Duration(0, "0 or more")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "timeout-keep-alive", Arg: "DUR", Env: []string{"TIMEOUT_KEEP_ALIVE"}, Default: FormatDuration(worker.DefaultKeepAliveTimeout),
+		{Group: GroupHTTP, Flag: "timeout-keep-alive", Arg: "DUR", Env: []string{"TIMEOUT_KEEP_ALIVE"}, Default: FormatDuration(worker.DefaultKeepAliveTimeout),
 			Help: "idle connection lifetime; 0 = no keep-alive",
 			Set: func(s Setting) (err error) {
 				c.KeepAliveTimeout, err = s.Duration(0, "0 or more")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "timeout-worker-healthcheck", Arg: "DUR", Env: []string{"TIMEOUT_WORKER_HEALTHCHECK"}, Default: FormatDuration(supervisor.DefaultHealthcheckTimeout),
+		{Group: GroupProcess, Flag: "timeout-worker-healthcheck", Arg: "DUR", Env: []string{"TIMEOUT_WORKER_HEALTHCHECK"}, Default: FormatDuration(supervisor.DefaultHealthcheckTimeout),
 			Help: "replace a worker silent this long; at least 100ms",
 			Set: func(s Setting) (err error) {
 				c.HealthcheckTimeout, err = s.Duration(minHealthcheckTimeout, "at least 100ms")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "timeout-upgrade", Arg: "DUR", Env: []string{"TIMEOUT_UPGRADE"}, Default: FormatDuration(supervisor.DefaultUpgradeTimeout),
+		{Group: GroupProcess, Flag: "timeout-upgrade", Arg: "DUR", Env: []string{"TIMEOUT_UPGRADE"}, Default: FormatDuration(supervisor.DefaultUpgradeTimeout),
 			Help: "an upgrade's new master must be ready within it; at least 1s",
 			Set: func(s Setting) (err error) {
 				c.UpgradeTimeout, err = s.Duration(minUpgradeTimeout, "at least 1s")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "timeout-read-request", Arg: "DUR", Env: []string{"TIMEOUT_READ_REQUEST"}, Default: FormatDuration(worker.DefaultReadTimeout),
+		{Group: GroupHTTP, Flag: "timeout-read-request", Arg: "DUR", Env: []string{"TIMEOUT_READ_REQUEST"}, Default: FormatDuration(worker.DefaultReadTimeout),
 			Help: "time to read one request's headers and body; at least 100ms",
 			Set: func(s Setting) (err error) {
 				c.ReadTimeout, err = s.Duration(minReadTimeout, "at least 100ms")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "limit-concurrency", Arg: "N", Env: []string{"LIMIT_CONCURRENCY"}, Default: "0",
+		{Group: GroupHTTP, Flag: "limit-concurrency", Arg: "N", Env: []string{"LIMIT_CONCURRENCY"}, Default: "0",
 			Help: "requests in flight per worker, then 503; 0 = none",
 			Set: func(s Setting) (err error) {
 				c.LimitConcurrency, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "limit-max-requests", Arg: "N", Env: []string{"LIMIT_MAX_REQUESTS"}, Default: "0",
+		{Group: GroupProcess, Flag: "limit-max-requests", Arg: "N", Env: []string{"LIMIT_MAX_REQUESTS"}, Default: "0",
 			Help: "recycle a worker after N requests; 0 = never",
 			Set: func(s Setting) (err error) {
 				c.LimitMaxRequests, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "limit-max-requests-jitter", Arg: "N", Env: []string{"LIMIT_MAX_REQUESTS_JITTER"}, Default: "0",
+		{Group: GroupProcess, Flag: "limit-max-requests-jitter", Arg: "N", Env: []string{"LIMIT_MAX_REQUESTS_JITTER"}, Default: "0",
 			Help: "add 0 to N to each worker's max requests",
 			Set: func(s Setting) (err error) {
 				c.LimitMaxRequestsJitter, err = s.Whole(0, math.MaxInt32, "a whole number, 0 or more")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "limit-max-memory", Arg: "SIZE", Env: []string{"LIMIT_MAX_MEMORY"}, Default: "0",
+		{Group: GroupProcess, Flag: "limit-max-memory", Arg: "SIZE", Env: []string{"LIMIT_MAX_MEMORY"}, Default: "0",
 			Help: "recycle a worker whose memory (RSS) passes SIZE; 0 = none",
 			Set: func(s Setting) error {
 				n, ok := s.Size()
@@ -422,13 +422,13 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.LimitMaxMemory = int64(n)
 				return nil
 			}},
-		{Group: GroupLimits, Flag: "drain-delay", Arg: "DUR", Env: []string{"DRAIN_DELAY"}, Default: "0s",
+		{Group: GroupProcess, Flag: "drain-delay", Arg: "DUR", Env: []string{"DRAIN_DELAY"}, Default: "0s",
 			Help: "on SIGTERM, fail /health this long before draining",
 			Set: func(s Setting) (err error) {
 				c.DrainDelay, err = s.Duration(0, "0 or more")
 				return err
 			}},
-		{Group: GroupLimits, Flag: "limit-request-body", Arg: "SIZE", Env: []string{"LIMIT_REQUEST_BODY"}, Default: "1MiB",
+		{Group: GroupHTTP, Flag: "limit-request-body", Arg: "SIZE", Env: []string{"LIMIT_REQUEST_BODY"}, Default: "1MiB",
 			Help: "largest request body, 1KiB to 1GiB; over it 413",
 			Set: func(s Setting) error {
 				n, ok := s.Size()
@@ -438,7 +438,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.LimitRequestBody = n
 				return nil
 			}},
-		{Group: GroupLimits, Flag: "limit-request-headers", Arg: "SIZE", Env: []string{"LIMIT_REQUEST_HEADERS"}, Default: "16KiB",
+		{Group: GroupHTTP, Flag: "limit-request-headers", Arg: "SIZE", Env: []string{"LIMIT_REQUEST_HEADERS"}, Default: "16KiB",
 			Help: "largest request line plus headers, 4KiB to 1MiB; over it 431",
 			Set: func(s Setting) error {
 				n, ok := s.Size()
@@ -448,7 +448,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.LimitRequestHead = n
 				return nil
 			}},
-		{Group: GroupServer, Flag: "metrics-addr", Arg: "ADDR", Env: []string{"METRICS_ADDR"}, Default: "(off)",
+		{Group: GroupOps, Flag: "metrics-addr", Arg: "ADDR", Env: []string{"METRICS_ADDR"}, Default: "(off)",
 			Help: "host:port for /metrics and the status page, e.g. 127.0.0.1:9100",
 			Set: func(s Setting) error {
 				host, port, err := net.SplitHostPort(s.Text())
@@ -461,7 +461,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.MetricsAddr = s.Text()
 				return nil
 			}},
-		{Group: GroupServer, Env: []string{"METRICS_TOKEN"}, Default: "(none)",
+		{Group: GroupOps, Env: []string{"METRICS_TOKEN"}, Default: "(none)",
 			Help: "bearer token the metrics address requires",
 			Set: func(s Setting) error {
 				if !IsVisibleASCII(s.Text()) {
@@ -470,7 +470,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.MetricsToken = s.Text()
 				return nil
 			}},
-		{Group: GroupServer, Flag: "control-socket", Arg: "PATH", Env: []string{"CONTROL_SOCKET"}, Default: "(see docs)",
+		{Group: GroupOps, Flag: "control-socket", Arg: "PATH", Env: []string{"CONTROL_SOCKET"}, Default: "(see docs)",
 			Help: "unix socket for `" + name + " status` and friends",
 			Set: func(s Setting) error {
 				t := s.Text()
@@ -484,7 +484,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				return nil
 			}},
 
-		{Group: GroupLog, Flag: "log-level", Arg: "LEVEL", Env: []string{"LOG_LEVEL"}, Default: "info",
+		{Group: GroupOps, Flag: "log-level", Arg: "LEVEL", Env: []string{"LOG_LEVEL"}, Default: "info",
 			Help: "trace, debug, info, warning, error or critical",
 			Set: func(s Setting) error {
 				l, ok := map[string]zerolog.Level{
@@ -498,7 +498,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.LogLevel = l
 				return nil
 			}},
-		{Group: GroupLog, Flag: "log-format", Arg: "FORMAT", Env: []string{"LOG_FORMAT"}, Default: "auto",
+		{Group: GroupOps, Flag: "log-format", Arg: "FORMAT", Env: []string{"LOG_FORMAT"}, Default: "auto",
 			Help: "auto (console on a terminal, else json), console, json",
 			Set: func(s Setting) error {
 				f := s.Lower()
@@ -508,19 +508,19 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.LogFormat = f
 				return nil
 			}},
-		{Group: GroupLog, Flag: "access-log", NegFlag: "no-access-log", Env: []string{"ACCESS_LOG"}, Default: "true",
+		{Group: GroupOps, Flag: "access-log", NegFlag: "no-access-log", Env: []string{"ACCESS_LOG"}, Default: "true",
 			Help: "log one line per request",
 			Set: func(s Setting) (err error) {
 				c.AccessLog, err = s.Bool()
 				return err
 			}},
-		{Group: GroupLog, Flag: "proxy-headers", NegFlag: "no-proxy-headers", Env: []string{"PROXY_HEADERS"}, Default: "true",
+		{Group: GroupHTTP, Flag: "proxy-headers", NegFlag: "no-proxy-headers", Env: []string{"PROXY_HEADERS"}, Default: "true",
 			Help: "take the access log's client from X-Forwarded-For sent by a trusted proxy",
 			Set: func(s Setting) (err error) {
 				c.ProxyHeaders, err = s.Bool()
 				return err
 			}},
-		{Group: GroupLog, Flag: "forwarded-allow-ips", Arg: "LIST", Env: []string{"FORWARDED_ALLOW_IPS"}, Default: "127.0.0.1",
+		{Group: GroupHTTP, Flag: "forwarded-allow-ips", Arg: "LIST", Env: []string{"FORWARDED_ALLOW_IPS"}, Default: "127.0.0.1",
 			Help: "proxies trusted with X-Forwarded-For: IPs and networks, comma-separated, or *",
 			Set: func(s Setting) error {
 				p, bad, ok := worker.ParseProxies(s.Text())

@@ -511,13 +511,13 @@ func editDistance(a, b string) int {
 }
 
 // Usage groups of the process model, in the order usage prints them; an
-// application's own groups come after Logging and before Reload.
+// application's own groups come after Reload and before Operations.
 const (
-	GroupServer = "Server"
-	GroupTLS    = "TLS (HTTPS)"
-	GroupLimits = "Timeouts and limits"
-	GroupLog    = "Logging"
-	GroupReload = "Reload (development)"
+	GroupProcess = "Process model"
+	GroupHTTP    = "HTTP"
+	GroupTLS     = "HTTPS (TLS)"
+	GroupReload  = "Reload (development)"
+	GroupOps     = "Operations"
 )
 
 // writeUsage writes the --help text: head, one line per flag with its
@@ -525,10 +525,10 @@ const (
 func writeUsage(w io.Writer, head, foot string, opts []Option) {
 	type row struct{ flag, env, def, help string }
 	var rows []row
-	groups := []string{GroupServer, GroupLimits, GroupLog}
+	groups := []string{GroupProcess, GroupHTTP, GroupTLS, GroupReload}
 	byGroup := map[string][]row{}
 	add := func(group string, r row) {
-		if !slices.Contains(groups, group) && group != GroupReload {
+		if !slices.Contains(groups, group) && group != GroupOps {
 			groups = append(groups, group)
 		}
 		byGroup[group] = append(byGroup[group], r)
@@ -544,7 +544,7 @@ func writeUsage(w io.Writer, head, foot string, opts []Option) {
 			add(o.Group, row{"--" + o.NegFlag, "", "", "same as --" + o.Flag + "=false"})
 		}
 	}
-	groups = append(groups, GroupReload)
+	groups = append(groups, GroupOps)
 	add("Other", row{"-h, --help", "", "", "print this help and exit"})
 	add("Other", row{"--version", "", "", "print the version and exit"})
 
