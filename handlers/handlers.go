@@ -21,7 +21,7 @@ import (
 type Store interface {
 	CreateAgent(ctx context.Context, a store.Agent, by store.Origin) (store.Agent, error)
 	Agent(ctx context.Context, id string) (store.Agent, error)
-	Agents(ctx context.Context) ([]store.Agent, error)
+	Agents(ctx context.Context, p store.AgentPage) ([]store.Agent, string, error)
 	DeleteAgent(ctx context.Context, id string, by store.Origin) error
 	StartChat(ctx context.Context, c store.Chat) (store.Activity, error)
 	EndChat(ctx context.Context, chatID string, o store.Outcome) (store.Activity, error)

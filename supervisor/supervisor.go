@@ -81,9 +81,12 @@ type Config struct {
 	// MaxRequests recycles a worker after that many requests, plus a random
 	// 0..MaxRequestsJitter; 0 means never.
 	MaxRequests, MaxRequestsJitter int
-	// Args are the command-line arguments the workers parse, as given to
-	// the server (without the program name).
+	// Args are the command-line arguments as given to the server (without
+	// the program name); a new master started by an upgrade parses them.
 	Args []string
+	// WorkerArgs are the command-line arguments the workers parse. Default
+	// Args; an empty, non-nil slice gives workers no argument.
+	WorkerArgs []string
 	// Env is the environment of the workers before the markers are added.
 	// Default os.Environ().
 	Env []string
@@ -293,6 +296,9 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	}
 	if cfg.Env == nil {
 		cfg.Env = os.Environ()
+	}
+	if cfg.WorkerArgs == nil {
+		cfg.WorkerArgs = cfg.Args
 	}
 	path, err := os.Executable()
 	if err != nil {

@@ -135,3 +135,126 @@ func TestConcurrencyLimitCountsStreams(t *testing.T) {
 		return nil
 	})
 }
+
+// TestAgentsPagedAndBounded creates agents from many clients at once
+// through two workers with LIMIT_AGENTS=150: exactly the limit is created,
+// the rest get 409 naming it. GET /api/agents answers 100 by default with
+// a next_after that pages through every agent once, in creation order;
+// limit and after are checked; deleting an agent makes room again.
+func TestAgentsPagedAndBounded(t *testing.T) {
+	const limit = 150
+	s := startServer(t, "WORKERS=2", "LIMIT_AGENTS="+strconv.Itoa(limit))
+	client := &http.Client{Timeout: 20 * time.Second}
+	post := func(i int) (int, string) {
+		body := fmt.Sprintf(`{"name":"agent %d","system_prompt":"p"}`, i)
+		resp, err := client.Post(s.url("/api/agents"), "application/json", strings.NewReader(body))
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	// The default agent is one of the limit; 40 more are tried than fit.
+	const tries = limit - 1 + 40
+	statuses := make(chan [2]string, tries)
+	sem := make(chan struct{}, 16)
+	for i := range tries {
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem }()
+			st, body := post(i)
+			statuses <- [2]string{strconv.Itoa(st), body}
+		}()
+	}
+	created, refused := 0, 0
+	for range tries {
+		r := <-statuses
+		switch {
+		case r[0] == "201":
+			created++
+		case r[0] == "409" && isErrorJSON(r[1], "conflict") && strings.Contains(r[1], "150 agents"):
+			refused++
+		default:
+			t.Errorf("POST /api/agents: %s %s, want 201 or 409 naming the limit", r[0], r[1])
+		}
+	}
+	if created != limit-1 || refused != 40 {
+		t.Fatalf("created %d, refused %d; want %d and 40", created, refused, limit-1)
+	}
+
+	type page struct {
+		Agents []struct {
+			ID string `json:"id"`
+		} `json:"agents"`
+		NextAfter *string `json:"next_after"`
+	}
+	get := func(query string) (int, page, string) {
+		t.Helper()
+		resp, err := client.Get(s.url("/api/agents" + query))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		var p page
+		if resp.StatusCode == 200 {
+			if err := json.Unmarshal(b, &p); err != nil {
+				t.Fatalf("GET /api/agents%s: %v in %s", query, err, b)
+			}
+		}
+		return resp.StatusCode, p, string(b)
+	}
+	_, all, _ := get("?limit=500")
+	if len(all.Agents) != limit || all.NextAfter != nil || all.Agents[0].ID != "default" {
+		t.Fatalf("?limit=500: %d agents, next_after %v; want %d starting with default and no next_after", len(all.Agents), all.NextAfter, limit)
+	}
+	var paged []string
+	query, sizes := "", []int{}
+	for range 5 {
+		st, p, body := get(query)
+		if st != 200 {
+			t.Fatalf("GET /api/agents%s: %d %s", query, st, body)
+		}
+		sizes = append(sizes, len(p.Agents))
+		for _, a := range p.Agents {
+			paged = append(paged, a.ID)
+		}
+		if p.NextAfter == nil {
+			break
+		}
+		query = "?after=" + *p.NextAfter
+	}
+	if fmt.Sprint(sizes) != "[100 50]" {
+		t.Errorf("page sizes %v, want [100 50]", sizes)
+	}
+	for i, a := range all.Agents {
+		if i >= len(paged) || paged[i] != a.ID {
+			t.Fatalf("paged ids differ from the single page at %d: %v vs %v", i, paged, all.Agents)
+		}
+	}
+	for _, q := range []string{"?limit=0", "?limit=501", "?limit=x", "?after=bogus", "?after=" + strings.Repeat("A", 40)} {
+		if st, _, body := get(q); st != 400 || !isErrorJSON(body, "bad_request") || !strings.Contains(body, "parameter") {
+			t.Errorf("GET /api/agents%s: %d %s, want 400 naming the parameter", q, st, body)
+		}
+	}
+
+	// A cursor survives the deletion of its agent, and the deletion makes
+	// room for one more.
+	_, first, _ := get("?limit=2")
+	req, _ := http.NewRequest("DELETE", s.url("/api/agents/"+first.Agents[1].ID), nil)
+	resp, err := client.Do(req)
+	if err != nil || resp.StatusCode != 204 {
+		t.Fatalf("DELETE: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	if st, p, body := get("?limit=1&after=" + *first.NextAfter); st != 200 || len(p.Agents) != 1 || p.Agents[0].ID != all.Agents[2].ID {
+		t.Errorf("page after a deleted agent's cursor: %d %s, want %s", st, body, all.Agents[2].ID)
+	}
+	if st, body := post(9999); st != 201 {
+		t.Errorf("POST after a deletion: %d %s, want 201", st, body)
+	}
+	if st, body := post(10000); st != 409 {
+		t.Errorf("POST past the limit again: %d %s, want 409", st, body)
+	}
+}
