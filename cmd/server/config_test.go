@@ -35,6 +35,7 @@ func fakeEnv(kv ...string) func(string) (string, bool) {
 }
 
 func TestConfigDefaults(t *testing.T) {
+	t.Parallel()
 	got, err := loadConfig(nil, fakeEnv())
 	if err != nil {
 		t.Fatalf("loadConfig(nil, no env) error: %v", err)
@@ -83,6 +84,7 @@ func TestConfigDefaults(t *testing.T) {
 // TestConfigPrecedence checks, for every option, that the variable beats the
 // default and that the flag beats the variable.
 func TestConfigPrecedence(t *testing.T) {
+	t.Parallel()
 	field := func(name string) func(config) any {
 		return func(c config) any { return reflect.ValueOf(c).FieldByName(name).Interface() }
 	}
@@ -185,6 +187,7 @@ func TestConfigPrecedence(t *testing.T) {
 }
 
 func TestConfigWorkers(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		args    []string
 		env     []string
@@ -214,6 +217,7 @@ func TestConfigWorkers(t *testing.T) {
 }
 
 func TestConfigBooleans(t *testing.T) {
+	t.Parallel()
 	for _, v := range []string{"true", "TRUE", "True", "1", "yes", "YES", "on", "On", " true "} {
 		for _, args := range [][]string{{"--reload=" + v}, nil} {
 			c, err := loadConfig(args, fakeEnv("RELOAD", v))
@@ -257,6 +261,7 @@ func TestConfigBooleans(t *testing.T) {
 }
 
 func TestConfigDurations(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		in   string
 		want time.Duration
@@ -291,6 +296,7 @@ func TestConfigDurations(t *testing.T) {
 }
 
 func TestConfigSizes(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		in   string
 		want int
@@ -317,6 +323,7 @@ func TestConfigSizes(t *testing.T) {
 }
 
 func TestConfigValues(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		args  []string
 		env   []string
@@ -373,6 +380,7 @@ func TestConfigValues(t *testing.T) {
 }
 
 func TestConfigLLMProvider(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		args     []string
 		env      []string
@@ -616,6 +624,7 @@ var configInvalidCases = []struct {
 }
 
 func TestConfigInvalid(t *testing.T) {
+	t.Parallel()
 	for _, tt := range configInvalidCases {
 		_, err := loadConfig(tt.args, fakeEnv(tt.env...))
 		if err == nil {
@@ -632,6 +641,7 @@ func TestConfigInvalid(t *testing.T) {
 }
 
 func TestConfigUsageErrors(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		args []string
 		want string
@@ -668,6 +678,7 @@ func TestConfigUsageErrors(t *testing.T) {
 }
 
 func TestConfigHelp(t *testing.T) {
+	t.Parallel()
 	for _, args := range [][]string{{"--help"}, {"-h"}, {"--port", "junk", "--help"}, {"--reload", "-h"}} {
 		_, err := loadConfig(args, fakeEnv("WORKERS", "junk"))
 		if !errors.Is(err, errHelp) {
@@ -677,6 +688,7 @@ func TestConfigHelp(t *testing.T) {
 }
 
 func TestConfigVersion(t *testing.T) {
+	t.Parallel()
 	// --version must work whatever else is wrong, apart from the command line.
 	c, err := loadConfig([]string{"--version", "--port", "junk"}, fakeEnv("WORKERS", "junk", "LLM_PROVIDER", "openai"))
 	if err != nil || !c.ShowVersion {
@@ -694,6 +706,7 @@ func TestConfigVersion(t *testing.T) {
 // TestConfigSecretsNeverShown checks that LLM_API_KEY and API_TOKEN appear in
 // no error, in usage, or in any formatting of a config.
 func TestConfigSecretsNeverShown(t *testing.T) {
+	t.Parallel()
 	const key, token = "sk-VERYSECRETKEY123", "TOKENSECRET456"
 	secrets := []string{key, token, "VERYSECRET", "TOKENSECRET"}
 	check := func(what, text string) {
@@ -760,6 +773,7 @@ func TestConfigSecretsNeverShown(t *testing.T) {
 // TestConfigDocsMatchUsage keeps docs/configuration.md equal to --help: the
 // same flags both ways, every variable, and the same defaults.
 func TestConfigDocsMatchUsage(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("../../docs/configuration.md")
 	if err != nil {
 		t.Fatalf("read docs: %v", err)
@@ -848,6 +862,7 @@ func TestConfigDocsMatchUsage(t *testing.T) {
 }
 
 func TestConfigUsage(t *testing.T) {
+	t.Parallel()
 	var buf bytes.Buffer
 	usage(&buf)
 	help := buf.String()

@@ -20,6 +20,7 @@ import (
 // is answered 400 with the API's error shape and the connection closes
 // after it. The same requests unfolded are served.
 func TestFoldedHeadersRefused(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	addr := "127.0.0.1:" + strconv.Itoa(s.port)
 	const next = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -69,6 +69,7 @@ func statusInFlight(t *testing.T, sock string) ([]int64, error) {
 // answers, status shows in_flight 2, and once a client leaves its slot is
 // free again.
 func TestConcurrencyLimitCountsStreams(t *testing.T) {
+	t.Parallel()
 	fake := newFakeLLM(t)
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	s := startServer(t, "WORKERS=1", "LIMIT_CONCURRENCY=2", "CONTROL_SOCKET="+sock,
@@ -142,6 +143,7 @@ func TestConcurrencyLimitCountsStreams(t *testing.T) {
 // a next_after that pages through every agent once, in creation order;
 // limit and after are checked; deleting an agent makes room again.
 func TestAgentsPagedAndBounded(t *testing.T) {
+	t.Parallel()
 	const limit = 150
 	s := startServer(t, "WORKERS=2", "LIMIT_AGENTS="+strconv.Itoa(limit))
 	client := &http.Client{Timeout: 20 * time.Second}
@@ -265,6 +267,7 @@ func TestAgentsPagedAndBounded(t *testing.T) {
 // Retry-After, while another client and the first client's ordinary
 // requests are served; a closed stream makes room again.
 func TestStreamsPerClientLimit(t *testing.T) {
+	t.Parallel()
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	s := startServer(t, "WORKERS=1", "LIMIT_STREAMS_PER_CLIENT=3", "CONTROL_SOCKET="+sock)
 	addr := "127.0.0.1:" + strconv.Itoa(s.port)
