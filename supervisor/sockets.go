@@ -89,6 +89,11 @@ func CheckAddr(cfg Config) error {
 // uvicorn's --uds makes it (the folder's permissions decide who may
 // connect). A socket file left by a dead server is replaced; a live one, or
 // a file that is not a socket, is an error.
+//
+// The mode comes from the umask around bind, never from a chmod after it:
+// chmod follows a symlink, which another user could put at path in a
+// shared folder between the two calls, and the server would then open up
+// a file of its own (the database) to everyone.
 func listenUDS(path string, backlog int) (*os.File, error) {
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
@@ -105,16 +110,14 @@ func listenUDS(path string, backlog int) (*os.File, error) {
 		return nil, &AddrError{Addr: path, Err: err}
 	}
 	f := os.NewFile(uintptr(fd), path)
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+	old := unix.Umask(0o111)
+	err = unix.Bind(fd, &unix.SockaddrUnix{Name: path})
+	unix.Umask(old)
+	if err != nil {
 		f.Close()
 		return nil, &AddrError{Addr: path, Err: err}
 	}
 	if err := unix.Listen(fd, backlog); err != nil {
-		f.Close()
-		os.Remove(path)
-		return nil, &AddrError{Addr: path, Err: err}
-	}
-	if err := os.Chmod(path, 0o666); err != nil {
 		f.Close()
 		os.Remove(path)
 		return nil, &AddrError{Addr: path, Err: err}

@@ -101,7 +101,7 @@ func (s *Supervisor) start(sl *slot, why string, listeners []*os.File) (*proc, e
 		lifelineW.Close()
 		return nil, fmt.Errorf("supervisor: output pipe: %w", err)
 	}
-	args, _ := json.Marshal(s.cfg.Args)
+	args, _ := json.Marshal(s.cfg.WorkerArgs)
 	gen := sl.gen + 1
 	maxReq := 0
 	if s.cfg.MaxRequests > 0 {

@@ -81,9 +81,12 @@ type Config struct {
 	// MaxRequests recycles a worker after that many requests, plus a random
 	// 0..MaxRequestsJitter; 0 means never.
 	MaxRequests, MaxRequestsJitter int
-	// Args are the command-line arguments the workers parse, as given to
-	// the server (without the program name).
+	// Args are the command-line arguments as given to the server (without
+	// the program name); a new master started by an upgrade parses them.
 	Args []string
+	// WorkerArgs are the command-line arguments the workers parse. Default
+	// Args; an empty, non-nil slice gives workers no argument.
+	WorkerArgs []string
 	// Env is the environment of the workers before the markers are added.
 	// Default os.Environ().
 	Env []string
@@ -137,6 +140,11 @@ type Config struct {
 	// nothing, and reports to the old master once all its workers are
 	// ready. Addr, UDS, Listeners, SocketMode and Workers are then ignored.
 	Upgrade *Handoff
+	// UpgradeTimeout is how long a new master started by an upgrade may
+	// take, migrations and its workers' start included, to report that it
+	// is ready; past it the upgrade fails and this master serves on.
+	// Default DefaultUpgradeTimeout.
+	UpgradeTimeout time.Duration
 	// HandOver, if set, returns the application's own files a new master
 	// inherits on an upgrade, as Handoff.Files (the store's instance lock,
 	// for example). It is called from the supervisor's loop.
@@ -283,8 +291,14 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	if cfg.HealthcheckTimeout <= 0 {
 		cfg.HealthcheckTimeout = DefaultHealthcheckTimeout
 	}
+	if cfg.UpgradeTimeout <= 0 {
+		cfg.UpgradeTimeout = DefaultUpgradeTimeout
+	}
 	if cfg.Env == nil {
 		cfg.Env = os.Environ()
+	}
+	if cfg.WorkerArgs == nil {
+		cfg.WorkerArgs = cfg.Args
 	}
 	path, err := os.Executable()
 	if err != nil {
@@ -619,6 +633,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 // graceful budget and is killed after it.
 func (s *Supervisor) shutdown(reason string) {
 	s.stopping = true
+	s.giveBack()
 	s.rolling = nil
 	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Str("reason", reason).Msg("Shutting down")
 	for _, sl := range s.slots {
@@ -641,6 +656,7 @@ func (s *Supervisor) shutdown(reason string) {
 // kill sends SIGKILL to every worker; they are reaped as they exit.
 func (s *Supervisor) kill(reason string) {
 	s.stopping = true
+	s.giveBack()
 	if s.up != nil {
 		s.up.process.Signal(syscall.SIGKILL)
 	}

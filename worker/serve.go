@@ -28,11 +28,16 @@ type worker struct {
 	control   *os.File
 
 	requests atomic.Uint64 // finished requests, the worker's own probes excluded
-	inFlight atomic.Int64
-	conns    atomic.Int64
-	panics   atomic.Uint64
-	draining atomic.Bool
-	recycle  chan struct{} // one token once MaxRequests is reached
+	// inFlight counts requests from their start to their last byte: a
+	// streamed response (server-sent events, a streamed chat) is written
+	// after its handler returned, so it stays counted, with its connection
+	// in streaming, until fasthttp has written it (connState).
+	inFlight  atomic.Int64
+	streaming sync.Map // net.Conn -> struct{}: a streamed response being written
+	conns     atomic.Int64
+	panics    atomic.Uint64
+	draining  atomic.Bool
+	recycle   chan struct{} // one token once MaxRequests is reached
 }
 
 // ErrPanic is what the Error hook receives for a request whose handler
@@ -80,7 +85,14 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 	if w.draining.Load() {
 		ctx.SetConnectionClose()
 	}
-	w.inFlight.Add(-1)
+	if ctx.Response.IsBodyStream() {
+		// fasthttp writes the stream once this returns; the connection
+		// turns idle or closed after its last byte (or a failed write),
+		// and only then is the request no longer in flight.
+		w.streaming.Store(ctx.Conn(), struct{}{})
+	} else {
+		w.inFlight.Add(-1)
+	}
 	done := w.requests.Add(1)
 	if max := w.in.MaxRequests; max > 0 && done == max {
 		select {
@@ -97,7 +109,7 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 		}
 		// uvicorn's order: client, method, path, query, HTTP version, status.
 		e := w.log.Info().
-			Str("remote", w.cfg.Proxies.client(ctx)).
+			Str("remote", w.cfg.Proxies.Client(ctx)).
 			Bytes("method", ctx.Method()).
 			Bytes("path", ctx.Path())
 		if q := ctx.URI().QueryString(); len(q) > 0 {

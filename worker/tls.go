@@ -17,8 +17,10 @@ type TLSFiles struct {
 	CertFile string
 	// KeyFile holds its private key in PEM (PKCS#1, PKCS#8 or SEC 1).
 	KeyFile string
-	// KeyPassword decrypts a KeyFile encrypted in the traditional PEM way
-	// ("Proc-Type: 4,ENCRYPTED"). It is never shown in errors.
+	// KeyPassword decrypts an encrypted KeyFile: PKCS#8 ("BEGIN ENCRYPTED
+	// PRIVATE KEY", PBES2 with PBKDF2 and AES- or 3DES-CBC) or the
+	// traditional PEM way ("Proc-Type: 4,ENCRYPTED"). It is never shown in
+	// errors.
 	KeyPassword string
 	// CAFile holds the certificates that client certificates must chain
 	// to; required when ClientAuth asks for client certificates.
@@ -75,7 +77,8 @@ func LoadTLS(f TLSFiles) (*tls.Config, error) {
 }
 
 // decryptKey returns keyPEM with its private key decrypted by password
-// when it is encrypted the traditional PEM way, and as it is otherwise.
+// when it is encrypted (PKCS#8 or the traditional PEM way), and as it is
+// otherwise.
 func decryptKey(keyPEM []byte, password string) ([]byte, error) {
 	rest := keyPEM
 	for {
@@ -85,7 +88,14 @@ func decryptKey(keyPEM []byte, password string) ([]byte, error) {
 		case b == nil:
 			return nil, errors.New("no PEM private key in it")
 		case b.Type == "ENCRYPTED PRIVATE KEY":
-			return nil, errors.New("an encrypted PKCS#8 key, which Go cannot read: convert it to the traditional form with openssl pkey -in KEY -traditional -aes256 -out NEW")
+			if password == "" {
+				return nil, errors.New("the key is encrypted and no password is given")
+			}
+			der, err := decryptPKCS8(b.Bytes, password)
+			if err != nil {
+				return nil, err
+			}
+			return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 		case !strings.HasSuffix(b.Type, "PRIVATE KEY"):
 			continue
 		//lint:ignore SA1019 the traditional PEM encryption is what `openssl genrsa -aes256 -traditional` writes and what uvicorn's --ssl-keyfile-password reads
@@ -97,7 +107,7 @@ func decryptKey(keyPEM []byte, password string) ([]byte, error) {
 		//lint:ignore SA1019 see above
 		der, err := x509.DecryptPEMBlock(b, []byte(password))
 		if err != nil {
-			return nil, errors.New("the password does not decrypt the key")
+			return nil, errWrongPassword
 		}
 		return pem.EncodeToMemory(&pem.Block{Type: b.Type, Bytes: der}), nil
 	}

@@ -74,7 +74,9 @@ type Config struct {
 	// own health probe stays in memory, unencrypted).
 	TLS *tls.Config
 	// MaxConcurrency is the most requests served at once; more are answered
-	// 503 with Retry-After. 0 means no limit.
+	// 503 with Retry-After. A request counts until its response's last
+	// byte is written: a streamed body (SetBodyStreamWriter) counts while
+	// it streams, after its handler returned. 0 means no limit.
 	MaxConcurrency int
 	// Unlimited, if set, names the requests the concurrency limit does not
 	// apply to, such as a cheap health check that must not fail because
@@ -408,7 +410,10 @@ func (w *worker) drain(budget time.Duration) {
 }
 
 // connState counts client connections (not the worker's own probe) so the
-// drain can tell when the lead-in has nothing left to do.
+// drain can tell when the lead-in has nothing left to do, and ends the
+// count of a streamed response in flight once its connection has written
+// it: a connection turns idle only after its response's last byte, and
+// closed when the write failed or the response closed it.
 func (w *worker) connState(c net.Conn, st fasthttp.ConnState) {
 	if isProbe(c) {
 		return
@@ -416,8 +421,19 @@ func (w *worker) connState(c net.Conn, st fasthttp.ConnState) {
 	switch st {
 	case fasthttp.StateNew:
 		w.conns.Add(1)
+	case fasthttp.StateIdle:
+		w.endStream(c)
 	case fasthttp.StateClosed, fasthttp.StateHijacked:
+		w.endStream(c)
 		w.conns.Add(-1)
+	}
+}
+
+// endStream takes c's streamed response, if it had one, out of the
+// requests in flight.
+func (w *worker) endStream(c net.Conn) {
+	if _, ok := w.streaming.LoadAndDelete(c); ok {
+		w.inFlight.Add(-1)
 	}
 }
 

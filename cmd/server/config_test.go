@@ -47,6 +47,7 @@ func TestConfigDefaults(t *testing.T) {
 			GracefulTimeout:    75 * time.Second,
 			KeepAliveTimeout:   5 * time.Second,
 			HealthcheckTimeout: 10 * time.Second,
+			UpgradeTimeout:     2 * time.Minute,
 			ReadTimeout:        30 * time.Second,
 			Backlog:            2048,
 			SocketMode:         "reuseport",
@@ -103,6 +104,7 @@ func TestConfigPrecedence(t *testing.T) {
 		{"timeout-graceful-shutdown", []string{"TIMEOUT_GRACEFUL_SHUTDOWN", "30"}, []string{"--timeout-graceful-shutdown", "1m"}, field("GracefulTimeout"), 30 * time.Second, time.Minute},
 		{"timeout-keep-alive", []string{"TIMEOUT_KEEP_ALIVE", "0"}, []string{"--timeout-keep-alive", "2s"}, field("KeepAliveTimeout"), time.Duration(0), 2 * time.Second},
 		{"timeout-worker-healthcheck", []string{"TIMEOUT_WORKER_HEALTHCHECK", "500ms"}, []string{"--timeout-worker-healthcheck", "2"}, field("HealthcheckTimeout"), 500 * time.Millisecond, 2 * time.Second},
+		{"timeout-upgrade", []string{"TIMEOUT_UPGRADE", "30"}, []string{"--timeout-upgrade", "5m"}, field("UpgradeTimeout"), 30 * time.Second, 5 * time.Minute},
 		{"timeout-read-request", []string{"TIMEOUT_READ_REQUEST", "5"}, []string{"--timeout-read-request", "2s"}, field("ReadTimeout"), 5 * time.Second, 2 * time.Second},
 		{"limit-concurrency", []string{"LIMIT_CONCURRENCY", "10"}, []string{"--limit-concurrency", "20"}, field("LimitConcurrency"), 10, 20},
 		{"limit-max-requests", []string{"LIMIT_MAX_REQUESTS", "1000"}, []string{"--limit-max-requests", "2000"}, field("LimitMaxRequests"), 1000, 2000},
@@ -340,6 +342,8 @@ func TestConfigValues(t *testing.T) {
 			[]string{"https://app.example.com", "http://localhost:3000", "http://x"}, "origins are normalised"},
 		{[]string{"--cors-origins="}, []string{"CORS_ORIGINS", "*"}, func(c config) any { return c.CORSOrigins }, []string(nil), "an empty flag clears the variable"},
 		{nil, []string{"DATABASE_URL", "postgresql://u:p@db:5432/x?sslmode=disable"}, func(c config) any { return c.DatabaseURL }, "postgresql://u:p@db:5432/x?sslmode=disable", "postgresql"},
+		{nil, []string{"DATABASE_URL", "postgres://u:hun%40ter2@db/x?application_name=me@host"}, func(c config) any { return c.DatabaseURL }, "postgres://u:hun%40ter2@db/x?application_name=me@host", "an encoded @, and one in the query"},
+		{nil, []string{"DATABASE_URL", "postgres://u@/x?host=/run/postgresql"}, func(c config) any { return c.DatabaseURL }, "postgres://u@/x?host=/run/postgresql", "unix socket"},
 		{nil, []string{"API_TOKEN", "t1"}, func(c config) any { return c.APITokens }, []string{"t1"}, "one token"},
 		{nil, []string{"LLM_MODEL", " gpt-4o-mini "}, func(c config) any { return c.LLMModel }, "gpt-4o-mini", "trimmed model"},
 		{nil, []string{"LOG_LEVEL", "INFO"}, func(c config) any { return c.LogLevel }, zerolog.InfoLevel, "ASCII case"},
@@ -412,15 +416,16 @@ func TestConfigLLMProvider(t *testing.T) {
 }
 
 const (
-	wantDuration0   = "want a duration like 1m30s, 250ms or 75 (seconds), 0 or more"
-	wantBool        = "want true or false (or 1/0, yes/no, on/off)"
-	wantSize        = "want a size from 1KiB to 1GiB in bytes or with a unit: KB, KiB, MB, MiB, GB, GiB"
-	wantOrigins     = "want comma-separated origins like https://app.example.com (no path), or * alone"
-	wantUnlimited   = "want a whole number, 0 for no limit"
-	wantDatabaseURL = "want sqlite:PATH or a postgres:// URL"
-	wantSQLiteQuery = "want sqlite:PATH with no query parameters (no ? or #): the server sets SQLite's options itself"
-	wantSQLiteFile  = "want sqlite:PATH naming a file, not :memory: (the workers share the database through the file)"
-	wantSocketPath  = "want a path of at most 107 bytes, the most a unix socket address holds"
+	wantDuration0      = "want a duration like 1m30s, 250ms or 75 (seconds), 0 or more"
+	wantBool           = "want true or false (or 1/0, yes/no, on/off)"
+	wantSize           = "want a size from 1KiB to 1GiB in bytes or with a unit: KB, KiB, MB, MiB, GB, GiB"
+	wantOrigins        = "want comma-separated origins like https://app.example.com (no path), or * alone"
+	wantUnlimited      = "want a whole number, 0 for no limit"
+	wantDatabaseURL    = "want sqlite:PATH or a postgres:// URL"
+	wantPercentEncoded = "want a postgres:// URL whose user name and password are percent-encoded (@ is %40, / is %2F, : is %3A, ? is %3F, # is %23), or the password in PGPASSWORD"
+	wantSQLiteQuery    = "want sqlite:PATH with no query parameters (no ? or #): the server sets SQLite's options itself"
+	wantSQLiteFile     = "want sqlite:PATH naming a file, not :memory: (the workers share the database through the file)"
+	wantSocketPath     = "want a path of at most 107 bytes, the most a unix socket address holds"
 )
 
 // longPath is a path of n bytes.
@@ -479,6 +484,9 @@ var configInvalidCases = []struct {
 	// Just under the minimum must not be rounded up to it.
 	{nil, []string{"TIMEOUT_WORKER_HEALTHCHECK", "0.09999999999"}, `invalid TIMEOUT_WORKER_HEALTHCHECK "0.09999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
 	{nil, []string{"TIMEOUT_WORKER_HEALTHCHECK", "99.99999999ms"}, `invalid TIMEOUT_WORKER_HEALTHCHECK "99.99999999ms": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
+	{[]string{"--timeout-upgrade", "0"}, nil, `invalid --timeout-upgrade "0": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
+	{nil, []string{"TIMEOUT_UPGRADE", "999ms"}, `invalid TIMEOUT_UPGRADE "999ms": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
+	{nil, []string{"TIMEOUT_UPGRADE", "forever"}, `invalid TIMEOUT_UPGRADE "forever": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
 	{[]string{"--timeout-read-request", "0.0999999999999"}, nil, `invalid --timeout-read-request "0.0999999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
 	{nil, []string{"LLM_TIMEOUT", "0.9999999999"}, `invalid LLM_TIMEOUT "0.9999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
 
@@ -519,6 +527,10 @@ var configInvalidCases = []struct {
 	{nil, []string{"DATABASE_URL", "mysql://u:hunter2@h/db"}, `invalid DATABASE_URL "mysql://xxxxx@h/db": ` + wantDatabaseURL},
 	{nil, []string{"DATABASE_URL", "host=db password=hunter2"}, `invalid DATABASE_URL "host=db password=xxxxx": ` + wantDatabaseURL},
 	{nil, []string{"DATABASE_URL", "postgres://u:p%zz@h/db"}, `invalid DATABASE_URL "postgres://xxxxx@h/db": ` + wantDatabaseURL},
+	{nil, []string{"DATABASE_URL", "postgres://u:hun@ter2@h/db"}, `invalid DATABASE_URL "postgres://xxxxx@h/db": ` + wantPercentEncoded},
+	{nil, []string{"DATABASE_URL", "postgresql://u:12/ter2@h:5432/db?sslmode=require"}, `invalid DATABASE_URL "postgresql://xxxxx@h:5432/db?sslmode=require": ` + wantPercentEncoded},
+	{nil, []string{"DATABASE_URL", "postgres://u:hun?ter2@h/db"}, `invalid DATABASE_URL "postgres://xxxxx@h/db": ` + wantPercentEncoded},
+	{nil, []string{"DATABASE_URL", "postgres://u:hun#ter2@h/db"}, `invalid DATABASE_URL "postgres://xxxxx@h/db": ` + wantPercentEncoded},
 
 	{[]string{"--limit-request-body", "512"}, nil, `invalid --limit-request-body "512": ` + wantSize},
 	{nil, []string{"LIMIT_REQUEST_BODY", "2GiB"}, `invalid LIMIT_REQUEST_BODY "2GiB": ` + wantSize},

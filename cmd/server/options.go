@@ -33,6 +33,9 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 						return s.InvalidURL("sqlite:PATH naming a file, not :memory: (the workers share the database through the file)")
 					}
 				case strings.HasPrefix(lower, "postgres://"), strings.HasPrefix(lower, "postgresql://"):
+					if unescapedUserinfo(t) {
+						return s.InvalidURL(`a postgres:// URL whose user name and password are percent-encoded (@ is %40, / is %2F, : is %3A, ? is %3F, # is %23), or the password in PGPASSWORD`)
+					}
 					if _, err := url.Parse(t); err != nil {
 						return s.InvalidURL("sqlite:PATH or a postgres:// URL")
 					}
@@ -128,10 +131,22 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.ChatQueueMax, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
+		{Group: groupStore, Flag: "limit-agents", Arg: "N", Env: []string{"LIMIT_AGENTS"}, Default: strconv.Itoa(defaultLimitAgents),
+			Help: "agents the store keeps, then 409; 0 = no limit",
+			Set: func(s prefork.Setting) (err error) {
+				c.LimitAgents, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
+				return err
+			}},
 		{Group: groupStore, Flag: "idempotency-window", Arg: "DUR", Env: []string{"IDEMPOTENCY_WINDOW"}, Default: "24h",
 			Help: "how long an Idempotency-Key names its chat; at least 1s",
 			Set: func(s prefork.Setting) (err error) {
 				c.IdemWindow, err = s.Duration(time.Second, "at least 1s")
+				return err
+			}},
+		{Group: prefork.GroupHTTP, Flag: "limit-streams-per-client", Arg: "N", Env: []string{"LIMIT_STREAMS_PER_CLIENT"}, Default: strconv.Itoa(defaultLimitStreams),
+			Help: "event streams and long-polls per client and worker, then 429; 0 = none",
+			Set: func(s prefork.Setting) (err error) {
+				c.LimitStreams, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
 		{Group: prefork.GroupHTTP, Flag: "cors-origins", Arg: "LIST", Env: []string{"CORS_ORIGINS"}, Default: "(none)",
@@ -192,6 +207,30 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				return nil
 			}},
 	}
+}
+
+// unescapedUserinfo reports whether the PostgreSQL URL u holds an @ that
+// is not the one ending its user info: an unescaped @, or a / before the
+// @, in the password. Such a URL splits in the wrong place, and the piece
+// of the password that lands in the host or the database name is printed
+// in the connection error. A ? or # in the password makes the URL
+// unparsable with an @ after it. The query string alone may hold an @
+// (application_name=me@host).
+func unescapedUserinfo(u string) bool {
+	rest := u[strings.Index(u, "://")+3:]
+	head, tail := rest, ""
+	if i := strings.IndexAny(rest, "?#"); i >= 0 {
+		head, tail = rest[:i], rest[i:]
+	}
+	at, slash := strings.IndexByte(head, '@'), strings.IndexByte(head, '/')
+	switch {
+	case strings.Count(head, "@") > 1, at >= 0 && slash >= 0 && slash < at:
+		return true
+	case at < 0 && strings.Contains(tail, "@"):
+		_, err := url.Parse(u)
+		return err != nil
+	}
+	return false
 }
 
 // parseHeaders parses LLM_HEADERS: "Name: value" (or "Name=value")

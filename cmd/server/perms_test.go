@@ -2,7 +2,9 @@ package main
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -77,5 +79,51 @@ func TestDataFilesPrivate(t *testing.T) {
 	s = startServer(t, "DATABASE_URL=sqlite:"+old)
 	if w := s.logs.find("database file readable by other local users; chmod 600 it", map[string]any{"path": old, "mode": "0644"}); len(w) != 1 {
 		t.Errorf("warnings about %s = %v, want one; log:\n%s", old, w, s.logs)
+	}
+}
+
+// TestUDSModeFromUmask runs the master under strace and checks that the
+// --uds socket (0666) and the control socket (0600) get their modes at
+// bind, through the umask: no chmod ever names either path. A chmod after
+// bind follows a symlink another user can put at the path meanwhile.
+func TestUDSModeFromUmask(t *testing.T) {
+	strace, err := exec.LookPath("strace")
+	if err != nil {
+		t.Skip("strace not installed")
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	sock, control, trace := filepath.Join(dir, "api.sock"), filepath.Join(dir, "control.sock"), filepath.Join(t.TempDir(), "strace.out")
+	// -D: strace is the grandchild, so the process started is the master.
+	s := launchExe(t, strace, []string{"-D", "-f", "-qq", "-e", "signal=none", "-e", "trace=chmod,fchmodat,bind", "-o", trace, exe},
+		"UDS="+sock, "CONTROL_SOCKET="+control, "WORKERS=1")
+	s.waitStarted(t)
+	for path, want := range map[string]os.FileMode{sock: 0o666, control: 0o600} {
+		if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != want {
+			t.Errorf("socket %s: %v %v, want mode %04o", path, fi, err, want)
+		}
+	}
+	s.stop()
+	b, err := os.ReadFile(trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	binds := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.Contains(line, sock) && !strings.Contains(line, control) {
+			continue
+		}
+		// With -f each line starts with the thread id.
+		if _, call, _ := strings.Cut(line, " "); strings.HasPrefix(call, "bind(") {
+			binds++
+		} else {
+			t.Errorf("a call other than bind on a socket path: %s", line)
+		}
+	}
+	if binds != 2 {
+		t.Errorf("%d binds on the two socket paths, want 2; strace:\n%s", binds, b)
 	}
 }

@@ -72,6 +72,24 @@ func (p *testPKI) write(t *testing.T, name string, b []byte) string {
 func (p *testPKI) issue(t *testing.T, name, cn string, client bool, password string) (certFile, keyFile string) {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	certFile = p.certify(t, name, cn, client, &key.PublicKey)
+	kder, _ := x509.MarshalECPrivateKey(key)
+	block := &pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}
+	if password != "" {
+		var err error
+		//lint:ignore SA1019 the traditional PEM encryption is what the server reads with a password
+		block, err = x509.EncryptPEMBlock(rand.Reader, block.Type, kder, []byte(password), x509.PEMCipherAES256)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return certFile, p.write(t, name+".key", pem.EncodeToMemory(block))
+}
+
+// certify writes a certificate for 127.0.0.1 named cn for the public key
+// pub, signed by the CA.
+func (p *testPKI) certify(t *testing.T, name, cn string, client bool, pub any) string {
+	t.Helper()
 	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
 	tmpl := &x509.Certificate{
 		SerialNumber: serial, Subject: pkix.Name{CommonName: cn},
@@ -83,21 +101,11 @@ func (p *testPKI) issue(t *testing.T, name, cn string, client bool, password str
 	if client {
 		tmpl.ExtKeyUsage, tmpl.IPAddresses = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, nil
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, &key.PublicKey, p.caKey)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, pub, p.caKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	kder, _ := x509.MarshalECPrivateKey(key)
-	block := &pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}
-	if password != "" {
-		//lint:ignore SA1019 the traditional PEM encryption is what the server reads with a password
-		block, err = x509.EncryptPEMBlock(rand.Reader, block.Type, kder, []byte(password), x509.PEMCipherAES256)
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	return p.write(t, name+".pem", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
-		p.write(t, name+".key", pem.EncodeToMemory(block))
+	return p.write(t, name+".pem", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
 }
 
 // tlsClient trusts the test CA, offers cert if given, and opens a new
@@ -185,6 +193,42 @@ print(r.status, c.sock.version())
 		if err != nil || !strings.Contains(string(out), `"status":"ok"`) {
 			t.Errorf("curl with a client certificate: %v\n%s", err, out)
 		}
+	}
+}
+
+// TestTLSEncryptedPKCS8Key serves HTTPS with a key as `openssl genpkey
+// -aes256` writes it (BEGIN ENCRYPTED PRIVATE KEY: PBES2, PBKDF2 with
+// HMAC-SHA256, AES-256-CBC), the password in SSL_KEYFILE_PASSWORD. The
+// fixture's plain copy gives the public key the test CA certifies.
+func TestTLSEncryptedPKCS8Key(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join("testdata", "tls", "key-plain.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := pem.Decode(raw)
+	key, err := x509.ParsePKCS8PrivateKey(b.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pki := newTestPKI(t)
+	cert := pki.certify(t, "server", "pkcs8", false, key.(*ecdsa.PrivateKey).Public())
+	encrypted, err := filepath.Abs(filepath.Join("testdata", "tls", "key-pkcs8-aes256.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startServer(t, "WORKERS=1", "SSL_CERTFILE="+cert, "SSL_KEYFILE="+encrypted, "SSL_KEYFILE_PASSWORD=s3cret")
+	url := "https://127.0.0.1:" + strconv.Itoa(s.port) + "/health"
+	if cn, st, err := servedCN(pki.tlsClient(nil, 0), url); err != nil || st != 200 || cn != "pkcs8" {
+		t.Errorf("GET /health over TLS = %d, certificate %q, %v; want 200 from pkcs8", st, cn, err)
+	}
+	s.stop()
+
+	w := launch(t, "WORKERS=1", "SSL_CERTFILE="+cert, "SSL_KEYFILE="+encrypted, "SSL_KEYFILE_PASSWORD=S3cret")
+	if code := w.wait(20 * time.Second); code != exitUsage {
+		t.Errorf("wrong password: exit %d, want %d", code, exitUsage)
+	}
+	if out := w.logs.String(); !strings.Contains(out, encrypted+": the password does not decrypt the key") || strings.Contains(out, "S3cret") {
+		t.Errorf("wrong password: output\n%s\nwant the file named, the password not shown", out)
 	}
 }
 

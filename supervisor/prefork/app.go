@@ -154,12 +154,16 @@ func (a App) run(stdout, stderr io.Writer) int {
 		// workers must start from the environment the user gave, so that
 		// one started after the file changed reads the new values.
 		if role == protocol.RoleWorker {
+			hidden := a.masterVars()
 			for k, v := range vars {
-				if _, set := os.LookupEnv(k); !set {
+				if _, set := os.LookupEnv(k); !set && !hidden[k] {
 					os.Setenv(k, v)
 				}
 			}
 		}
+	}
+	if role == protocol.RoleWorker {
+		lookupEnv = withoutVars(lookupEnv, a.masterVars())
 	}
 	cfg, err := a.Load(args, lookupEnv)
 	switch {
@@ -215,6 +219,59 @@ func programArgs(role string) ([]string, error) {
 	return args, nil
 }
 
+// masterVars names the variables of the options only the master reads.
+func (a App) masterVars() map[string]bool {
+	vars := map[string]bool{}
+	for _, o := range a.options(new(Config)) {
+		if o.Master {
+			for _, e := range o.Env {
+				vars[e] = true
+			}
+		}
+	}
+	return vars
+}
+
+// workerArgs returns args without the flags of master-only options, each
+// remaining flag as --name=value (never nil, so that no argument stays no
+// argument). args parsed once already, in Load.
+func (a App) workerArgs(args []string) []string {
+	opts := a.options(new(Config))
+	flags, _, err := parse(a.name(), args, opts)
+	if err != nil {
+		return []string{}
+	}
+	out := []string{}
+	for i, o := range opts {
+		if flags[i].Given && !o.Master {
+			out = append(out, flags[i].From+"="+flags[i].Raw)
+		}
+	}
+	return out
+}
+
+// withoutVars is lookupEnv with the variables in hidden unset.
+func withoutVars(lookupEnv func(string) (string, bool), hidden map[string]bool) func(string) (string, bool) {
+	return func(name string) (string, bool) {
+		if hidden[name] {
+			return "", false
+		}
+		return lookupEnv(name)
+	}
+}
+
+// withoutEnv returns env (KEY=VALUE entries) without the variables in
+// hidden.
+func withoutEnv(env []string, hidden map[string]bool) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); !hidden[k] {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
 // reexecMaster replaces the process image with itself, same pid, with argv
 // holding only the master's title, so ps and htop read
 // "server: master [4 workers, 0.0.0.0:8000]". The title is padded so that
@@ -252,6 +309,7 @@ func (c Config) SupervisorConfig() supervisor.Config {
 		Backlog:            c.Backlog,
 		GracefulTimeout:    c.graceful(),
 		HealthcheckTimeout: c.HealthcheckTimeout,
+		UpgradeTimeout:     c.UpgradeTimeout,
 		MaxRequests:        c.LimitMaxRequests,
 		MaxRequestsJitter:  c.LimitMaxRequestsJitter,
 	}
@@ -321,6 +379,10 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	}
 	sc := cfg.SupervisorConfig()
 	sc.Args = args
+	// Workers get the settings they use and no more: no flag or variable
+	// of a master-only option (the metrics token above all).
+	sc.WorkerArgs = a.workerArgs(args)
+	sc.Env = withoutEnv(os.Environ(), a.masterVars())
 	sc.Logger = log
 	sc.SetTitle = true
 	sc.Version = a.version()

@@ -31,6 +31,7 @@ type Config struct {
 	GracefulTimeout    time.Duration // --timeout-graceful-shutdown, default 75s; 0 = cut in-flight requests at once
 	KeepAliveTimeout   time.Duration // --timeout-keep-alive, default 5s; 0 = no keep-alive
 	HealthcheckTimeout time.Duration // --timeout-worker-healthcheck, default 10s, at least 100ms
+	UpgradeTimeout     time.Duration // --timeout-upgrade, default 2m, at least 1s
 	ReadTimeout        time.Duration // --timeout-read-request, default 30s, at least 100ms
 
 	LimitConcurrency       int   // --limit-concurrency, per worker, 0 = no limit; over it 503
@@ -77,8 +78,11 @@ type Config struct {
 // Bounds of the process model's settings that the libraries do not state.
 const (
 	minHealthcheckTimeout = 100 * time.Millisecond
-	minReadTimeout        = 100 * time.Millisecond
-	minLimitRequestBody   = 1 << 10
+	// A new master is a process start, a store's migrations and its
+	// workers' start: under a second it could only fail.
+	minUpgradeTimeout   = time.Second
+	minReadTimeout      = 100 * time.Millisecond
+	minLimitRequestBody = 1 << 10
 	// fasthttp holds a whole request body in memory, so a larger limit is a
 	// denial of service waiting for a client rather than a setting.
 	maxLimitRequestBody = 1 << 30
@@ -111,6 +115,7 @@ func DefaultConfig() Config {
 		GracefulTimeout:    supervisor.DefaultGracefulTimeout,
 		KeepAliveTimeout:   worker.DefaultKeepAliveTimeout,
 		HealthcheckTimeout: supervisor.DefaultHealthcheckTimeout,
+		UpgradeTimeout:     supervisor.DefaultUpgradeTimeout,
 		ReadTimeout:        worker.DefaultReadTimeout,
 		Backlog:            supervisor.DefaultBacklog,
 		SocketMode:         string(supervisor.Reuseport),
@@ -269,7 +274,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 		return s.Invalid(fmt.Sprintf("a path of at most %d bytes, the most a unix socket address holds", maxSocketPath))
 	}
 	return []Option{
-		{Group: GroupHTTP, Flag: "host", Arg: "ADDR", Env: []string{"HOST"}, Default: defaultHost,
+		{Group: GroupHTTP, Flag: "host", Master: true, Arg: "ADDR", Env: []string{"HOST"}, Default: defaultHost,
 			Help: "address to listen on; :: = every IPv6 and IPv4 address",
 			Set: func(s Setting) error {
 				h, ok := parseHost(s.Text())
@@ -279,7 +284,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.Host = h
 				return nil
 			}},
-		{Group: GroupHTTP, Flag: "port", Arg: "N", Env: []string{"PORT"}, Default: strconv.Itoa(defaultPort),
+		{Group: GroupHTTP, Flag: "port", Master: true, Arg: "N", Env: []string{"PORT"}, Default: strconv.Itoa(defaultPort),
 			Help: "0 = pick a free port (logged)",
 			Set: func(s Setting) (err error) {
 				c.Port, err = s.Whole(0, 65535, "a port number from 0 to 65535")
@@ -292,7 +297,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.EnvFile = s.Text()
 				return nil
 			}},
-		{Group: GroupHTTP, Flag: "uds", Arg: "PATH", Env: []string{"UDS"}, Default: "(none)",
+		{Group: GroupHTTP, Flag: "uds", Master: true, Arg: "PATH", Env: []string{"UDS"}, Default: "(none)",
 			Help: "serve on this unix socket instead of HOST:PORT",
 			Set: func(s Setting) error {
 				t := s.Text()
@@ -302,20 +307,20 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.UDS = t // only a flag can be empty: it overrides the variable
 				return nil
 			}},
-		{Group: GroupProcess, Flag: "workers", Arg: "N", Env: []string{"WORKERS", "WEB_CONCURRENCY"}, Default: strconv.Itoa(supervisor.DefaultWorkers),
+		{Group: GroupProcess, Flag: "workers", Master: true, Arg: "N", Env: []string{"WORKERS", "WEB_CONCURRENCY"}, Default: strconv.Itoa(supervisor.DefaultWorkers),
 			Help: fmt.Sprintf("worker processes, 1 to %d", supervisor.MaxWorkers),
 			Set: func(s Setting) (err error) {
 				c.Workers, err = s.Whole(1, supervisor.MaxWorkers, fmt.Sprintf("a whole number from 1 to %d", supervisor.MaxWorkers))
 				c.WorkersSet = err == nil
 				return err
 			}},
-		{Group: GroupProcess, Flag: "reload", Env: []string{"RELOAD"}, Default: "false",
+		{Group: GroupProcess, Flag: "reload", Master: true, Env: []string{"RELOAD"}, Default: "false",
 			Help: "dev mode: one worker, restarted on code changes",
 			Set: func(s Setting) (err error) {
 				c.Reload, err = s.Bool()
 				return err
 			}},
-		{Group: GroupProcess, Flag: "socket-mode", Arg: "MODE", Env: []string{"SOCKET_MODE"}, Default: string(supervisor.Reuseport),
+		{Group: GroupProcess, Flag: "socket-mode", Master: true, Arg: "MODE", Env: []string{"SOCKET_MODE"}, Default: string(supervisor.Reuseport),
 			Help: "reuseport (a socket per worker) or shared",
 			Set: func(s Setting) error {
 				m := supervisor.SocketMode(s.Lower())
@@ -325,7 +330,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.SocketMode = string(m)
 				return nil
 			}},
-		{Group: GroupProcess, Flag: "backlog", Arg: "N", Env: []string{"BACKLOG"}, Default: strconv.Itoa(supervisor.DefaultBacklog),
+		{Group: GroupProcess, Flag: "backlog", Master: true, Arg: "N", Env: []string{"BACKLOG"}, Default: strconv.Itoa(supervisor.DefaultBacklog),
 			Help: "listen queue per socket, 1 to 65535",
 			Set: func(s Setting) (err error) {
 				c.Backlog, err = s.Whole(1, 65535, "a whole number from 1 to 65535")
@@ -371,10 +376,16 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.KeepAliveTimeout, err = s.Duration(0, "0 or more")
 				return err
 			}},
-		{Group: GroupProcess, Flag: "timeout-worker-healthcheck", Arg: "DUR", Env: []string{"TIMEOUT_WORKER_HEALTHCHECK"}, Default: FormatDuration(supervisor.DefaultHealthcheckTimeout),
+		{Group: GroupProcess, Flag: "timeout-worker-healthcheck", Master: true, Arg: "DUR", Env: []string{"TIMEOUT_WORKER_HEALTHCHECK"}, Default: FormatDuration(supervisor.DefaultHealthcheckTimeout),
 			Help: "replace a worker silent this long; at least 100ms",
 			Set: func(s Setting) (err error) {
 				c.HealthcheckTimeout, err = s.Duration(minHealthcheckTimeout, "at least 100ms")
+				return err
+			}},
+		{Group: GroupProcess, Flag: "timeout-upgrade", Arg: "DUR", Env: []string{"TIMEOUT_UPGRADE"}, Default: FormatDuration(supervisor.DefaultUpgradeTimeout),
+			Help: "an upgrade's new master must be ready within it; at least 1s",
+			Set: func(s Setting) (err error) {
+				c.UpgradeTimeout, err = s.Duration(minUpgradeTimeout, "at least 1s")
 				return err
 			}},
 		{Group: GroupHTTP, Flag: "timeout-read-request", Arg: "DUR", Env: []string{"TIMEOUT_READ_REQUEST"}, Default: FormatDuration(worker.DefaultReadTimeout),
@@ -389,19 +400,19 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.LimitConcurrency, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
-		{Group: GroupProcess, Flag: "limit-max-requests", Arg: "N", Env: []string{"LIMIT_MAX_REQUESTS"}, Default: "0",
+		{Group: GroupProcess, Flag: "limit-max-requests", Master: true, Arg: "N", Env: []string{"LIMIT_MAX_REQUESTS"}, Default: "0",
 			Help: "recycle a worker after N requests; 0 = never",
 			Set: func(s Setting) (err error) {
 				c.LimitMaxRequests, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
-		{Group: GroupProcess, Flag: "limit-max-requests-jitter", Arg: "N", Env: []string{"LIMIT_MAX_REQUESTS_JITTER"}, Default: "0",
+		{Group: GroupProcess, Flag: "limit-max-requests-jitter", Master: true, Arg: "N", Env: []string{"LIMIT_MAX_REQUESTS_JITTER"}, Default: "0",
 			Help: "add 0 to N to each worker's max requests",
 			Set: func(s Setting) (err error) {
 				c.LimitMaxRequestsJitter, err = s.Whole(0, math.MaxInt32, "a whole number, 0 or more")
 				return err
 			}},
-		{Group: GroupProcess, Flag: "limit-max-memory", Arg: "SIZE", Env: []string{"LIMIT_MAX_MEMORY"}, Default: "0",
+		{Group: GroupProcess, Flag: "limit-max-memory", Master: true, Arg: "SIZE", Env: []string{"LIMIT_MAX_MEMORY"}, Default: "0",
 			Help: "recycle a worker whose memory (RSS) passes SIZE; 0 = none",
 			Set: func(s Setting) error {
 				n, ok := s.Size()
@@ -411,7 +422,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.LimitMaxMemory = int64(n)
 				return nil
 			}},
-		{Group: GroupProcess, Flag: "drain-delay", Arg: "DUR", Env: []string{"DRAIN_DELAY"}, Default: "0s",
+		{Group: GroupProcess, Flag: "drain-delay", Master: true, Arg: "DUR", Env: []string{"DRAIN_DELAY"}, Default: "0s",
 			Help: "on SIGTERM, fail /health this long before draining",
 			Set: func(s Setting) (err error) {
 				c.DrainDelay, err = s.Duration(0, "0 or more")
@@ -437,7 +448,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.LimitRequestHead = n
 				return nil
 			}},
-		{Group: GroupOps, Flag: "metrics-addr", Arg: "ADDR", Env: []string{"METRICS_ADDR"}, Default: "(off)",
+		{Group: GroupOps, Flag: "metrics-addr", Master: true, Arg: "ADDR", Env: []string{"METRICS_ADDR"}, Default: "(off)",
 			Help: "host:port for /metrics and the status page, e.g. 127.0.0.1:9100",
 			Set: func(s Setting) error {
 				host, port, err := net.SplitHostPort(s.Text())
@@ -450,7 +461,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.MetricsAddr = s.Text()
 				return nil
 			}},
-		{Group: GroupOps, Env: []string{"METRICS_TOKEN"}, Default: "(none)",
+		{Group: GroupOps, Env: []string{"METRICS_TOKEN"}, Master: true, Default: "(none)",
 			Help: "bearer token the metrics address requires",
 			Set: func(s Setting) error {
 				if !IsVisibleASCII(s.Text()) {
@@ -459,7 +470,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.MetricsToken = s.Text()
 				return nil
 			}},
-		{Group: GroupOps, Flag: "control-socket", Arg: "PATH", Env: []string{"CONTROL_SOCKET"}, Default: "(see docs)",
+		{Group: GroupOps, Flag: "control-socket", Master: true, Arg: "PATH", Env: []string{"CONTROL_SOCKET"}, Default: "(see docs)",
 			Help: "unix socket for `" + name + " status` and friends",
 			Set: func(s Setting) error {
 				t := s.Text()
@@ -520,7 +531,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				return nil
 			}},
 
-		{Group: GroupReload, Flag: "reload-dir", Arg: "DIR", Env: []string{"RELOAD_DIRS"}, Default: ".", Repeat: true,
+		{Group: GroupReload, Flag: "reload-dir", Master: true, Arg: "DIR", Env: []string{"RELOAD_DIRS"}, Default: ".", Repeat: true,
 			Help: "folder to watch, recursively; repeatable",
 			Set: func(s Setting) error {
 				var dirs []string
@@ -534,34 +545,34 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.ReloadDirs = dirs
 				return nil
 			}},
-		{Group: GroupReload, Flag: "reload-include", Arg: "GLOB", Env: []string{"RELOAD_INCLUDE"}, Repeat: true,
+		{Group: GroupReload, Flag: "reload-include", Master: true, Arg: "GLOB", Env: []string{"RELOAD_INCLUDE"}, Repeat: true,
 			Default: strings.Join(supervisor.DefaultReloadInclude, " "),
 			Help:    "more file names that trigger a reload; repeatable",
 			Set: func(s Setting) (err error) {
 				c.ReloadInclude, err = globs(s)
 				return err
 			}},
-		{Group: GroupReload, Flag: "reload-exclude", Arg: "GLOB", Env: []string{"RELOAD_EXCLUDE"}, Repeat: true,
+		{Group: GroupReload, Flag: "reload-exclude", Master: true, Arg: "GLOB", Env: []string{"RELOAD_EXCLUDE"}, Repeat: true,
 			Default: strings.Join(supervisor.DefaultReloadExclude, " "),
 			Help:    "more names never watched; repeatable",
 			Set: func(s Setting) (err error) {
 				c.ReloadExclude, err = globs(s)
 				return err
 			}},
-		{Group: GroupReload, Flag: "reload-delay", Arg: "DUR", Env: []string{"RELOAD_DELAY"}, Default: FormatDuration(supervisor.DefaultReloadDelay),
+		{Group: GroupReload, Flag: "reload-delay", Master: true, Arg: "DUR", Env: []string{"RELOAD_DELAY"}, Default: FormatDuration(supervisor.DefaultReloadDelay),
 			Help: "quiet time after the last change before reloading",
 			Set: func(s Setting) (err error) {
 				c.ReloadDelay, err = s.Duration(minReloadDelay, "at least 10ms")
 				return err
 			}},
-		{Group: GroupReload, Flag: "reload-build", Arg: "CMD", Env: []string{"RELOAD_BUILD"}, KeepEmpty: true,
+		{Group: GroupReload, Flag: "reload-build", Master: true, Arg: "CMD", Env: []string{"RELOAD_BUILD"}, KeepEmpty: true,
 			Default: reloadBuild,
 			Help:    `build command (with go.mod in the first dir); "" = no build`,
 			Set: func(s Setting) error {
 				c.ReloadBuild, c.ReloadBuildSet = strings.TrimSpace(s.Raw), true
 				return nil
 			}},
-		{Group: GroupReload, Flag: "reload-drain", Arg: "DUR", Env: []string{"RELOAD_DRAIN"}, Default: FormatDuration(supervisor.DefaultReloadDrain),
+		{Group: GroupReload, Flag: "reload-drain", Master: true, Arg: "DUR", Env: []string{"RELOAD_DRAIN"}, Default: FormatDuration(supervisor.DefaultReloadDrain),
 			Help: "how long the old worker may finish after a reload",
 			Set: func(s Setting) (err error) {
 				c.ReloadDrain, err = s.Duration(0, "0 or more")

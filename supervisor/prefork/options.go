@@ -39,6 +39,12 @@ type Option struct {
 	Repeat bool
 	// KeepEmpty makes a variable set to "" a value rather than unset.
 	KeepEmpty bool
+	// Master marks a setting only the master uses (where to bind, how many
+	// workers, the metrics address and its token): workers get neither its
+	// flag nor its variables, and ignore the variables if an env file
+	// holds them, so a worker, the process that parses untrusted input,
+	// never holds what it does not need.
+	Master bool
 	// Set checks s and stores its value. Its error names s.From, for
 	// which Setting's Invalid methods word the message.
 	Set func(s Setting) error
