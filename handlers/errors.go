@@ -51,6 +51,7 @@ var codes = map[int]string{
 	fasthttp.StatusRequestEntityTooLarge:       "body_too_large",
 	fasthttp.StatusUnsupportedMediaType:        "unsupported_media_type",
 	fasthttp.StatusRequestHeaderFieldsTooLarge: "headers_too_large",
+	fasthttp.StatusTooManyRequests:             "too_many_requests",
 	fasthttp.StatusInternalServerError:         "internal",
 	fasthttp.StatusBadGateway:                  "upstream_error",
 	fasthttp.StatusServiceUnavailable:          "unavailable",

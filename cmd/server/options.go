@@ -143,6 +143,12 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.IdemWindow, err = s.Duration(time.Second, "at least 1s")
 				return err
 			}},
+		{Group: prefork.GroupHTTP, Flag: "limit-streams-per-client", Arg: "N", Env: []string{"LIMIT_STREAMS_PER_CLIENT"}, Default: strconv.Itoa(defaultLimitStreams),
+			Help: "event streams and long-polls per client and worker, then 429; 0 = none",
+			Set: func(s prefork.Setting) (err error) {
+				c.LimitStreams, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
+				return err
+			}},
 		{Group: prefork.GroupHTTP, Flag: "cors-origins", Arg: "LIST", Env: []string{"CORS_ORIGINS"}, Default: "(none)",
 			Help: "browser origins allowed, comma-separated, or *",
 			Set: func(s prefork.Setting) error {

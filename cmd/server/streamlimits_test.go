@@ -258,3 +258,82 @@ func TestAgentsPagedAndBounded(t *testing.T) {
 		t.Errorf("POST past the limit again: %d %s, want 409", st, body)
 	}
 }
+
+// TestStreamsPerClientLimit lets one client, named by X-Forwarded-For from
+// the trusted local proxy, hold three event streams and long-polls with
+// LIMIT_STREAMS_PER_CLIENT=3: the fourth of either kind is 429 with
+// Retry-After, while another client and the first client's ordinary
+// requests are served; a closed stream makes room again.
+func TestStreamsPerClientLimit(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "ctl.sock")
+	s := startServer(t, "WORKERS=1", "LIMIT_STREAMS_PER_CLIENT=3", "CONTROL_SOCKET="+sock)
+	addr := "127.0.0.1:" + strconv.Itoa(s.port)
+	as := func(client, req string) string {
+		return strings.Replace(req, "\r\n", "\r\nX-Forwarded-For: "+client+"\r\n", 1)
+	}
+	const a, b = "203.0.113.7", "203.0.113.8"
+	const longPoll = "GET /api/activities?after=1000000&wait=30 HTTP/1.1\r\nHost: x\r\n\r\n"
+
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for range 2 {
+		c, resp := openStream(t, addr, as(a, feedRequest))
+		held = append(held, c)
+		if resp.StatusCode != 200 {
+			t.Fatalf("feed %d of client a: %d, want 200", len(held), resp.StatusCode)
+		}
+	}
+	poll, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held = append(held, poll)
+	io.WriteString(poll, as(a, longPoll))
+	waitFor(t, 10*time.Second, func() error {
+		n, err := statusInFlight(t, sock)
+		if err != nil {
+			return err
+		}
+		if len(n) != 1 || n[0] != 3 {
+			return fmt.Errorf("in_flight %v, want [3]: two feeds and a long-poll", n)
+		}
+		return nil
+	})
+
+	for _, req := range []string{feedRequest, longPoll} {
+		c, resp := openStream(t, addr, as(a, req))
+		body, _ := io.ReadAll(resp.Body)
+		c.Close()
+		if resp.StatusCode != 429 || resp.Header.Get("Retry-After") != "5" || !isErrorJSON(string(body), "too_many_requests") || !strings.Contains(string(body), "--limit-streams-per-client") {
+			t.Errorf("%s, the fourth of client a: %d (Retry-After %q) %s; want 429 naming the limit, Retry-After 5",
+				strings.SplitN(req, "\r\n", 2)[0], resp.StatusCode, resp.Header.Get("Retry-After"), body)
+		}
+	}
+	// Client a's requests that hold nothing are served; client b is not
+	// limited by a.
+	c, resp := openStream(t, addr, as(a, "GET /api/activities?wait=30 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+	c.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("client a's long-poll that finds activities at once: %d, want 200", resp.StatusCode)
+	}
+	c, resp = openStream(t, addr, as(b, feedRequest))
+	c.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("client b's feed: %d, want 200", resp.StatusCode)
+	}
+
+	// Client a closes a feed: its place is free again.
+	held[0].Close()
+	waitFor(t, 10*time.Second, func() error {
+		c, resp := openStream(t, addr, as(a, feedRequest))
+		c.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("client a's feed after closing one: %d, want 200", resp.StatusCode)
+		}
+		return nil
+	})
+}
