@@ -623,7 +623,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 	case syscall.SIGTTOU:
 		s.scaleDown()
 	case syscall.SIGUSR2:
-		if err := s.startUpgrade(); err != nil {
+		if err := s.startUpgrade(); err != nil && !errors.Is(err, errUpgradeFailed) {
 			s.log.Error().Err(err).Msg("upgrade not started")
 		}
 	}
