@@ -3,6 +3,7 @@ package handlers
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -36,6 +37,10 @@ func (h *Handler) createAgent(ctx *fasthttp.RequestCtx) {
 	req, err := decodeAgent(ctx.PostBody())
 	if err != nil {
 		fail(ctx, err)
+		return
+	}
+	if !h.modelAllowed(req.Model) {
+		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, h.modelRefused(fmt.Sprintf("model %q", req.Model)))
 		return
 	}
 	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
