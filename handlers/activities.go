@@ -92,7 +92,13 @@ func (h *Handler) activities(ctx *fasthttp.RequestCtx) {
 	defer cancel()
 	acts, err := h.cfg.Store.Activities(c, q.filter)
 	if err == nil && len(acts) == 0 && q.wait > 0 {
+		release, herr := h.holds.acquire(ctx)
+		if herr != nil {
+			fail(ctx, herr)
+			return
+		}
 		acts, err = h.waitActivities(ctx, q)
+		release()
 	}
 	if err != nil {
 		h.storeFailed(ctx, "list activities", err)
@@ -165,6 +171,11 @@ func (h *Handler) activityStream(ctx *fasthttp.RequestCtx) {
 		q.filter.After = n
 	}
 	q.filter.Limit = maxActivityLimit
+	release, err := h.holds.acquire(ctx)
+	if err != nil {
+		fail(ctx, err)
+		return
+	}
 	sc, cancel := context.WithCancel(context.Background())
 	conn := ctx.Conn()
 	unwatch := h.watcher.watch(conn, cancel)
@@ -172,6 +183,7 @@ func (h *Handler) activityStream(ctx *fasthttp.RequestCtx) {
 	interval := h.cfg.KeepAliveInterval
 	startSSE(ctx)
 	ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
+		defer release()
 		defer cancel()
 		defer unwatch()
 		defer stopOnShutdown()

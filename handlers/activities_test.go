@@ -54,8 +54,8 @@ type downStore struct{ *store.Store }
 
 var errDiskIO = fmt.Errorf("sqlite3: disk I/O error: %w", store.ErrUnavailable)
 
-func (downStore) Agents(context.Context) ([]store.Agent, error) {
-	return nil, fmt.Errorf("list agents: %w", errDiskIO)
+func (downStore) Agents(context.Context, store.AgentPage) ([]store.Agent, string, error) {
+	return nil, "", fmt.Errorf("list agents: %w", errDiskIO)
 }
 
 func (downStore) Activities(context.Context, store.Filter) ([]store.Activity, error) {

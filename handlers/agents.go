@@ -3,7 +3,9 @@ package handlers
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -14,10 +16,26 @@ import (
 // storeTimeout bounds one store call made for a request.
 const storeTimeout = 15 * time.Second
 
+// listAgents answers GET /api/agents: a page of agents, oldest first,
+// from ?after= (a next_after this route gave), at most ?limit=.
 func (h *Handler) listAgents(ctx *fasthttp.RequestCtx) {
+	args := ctx.QueryArgs()
+	p := store.AgentPage{After: string(args.Peek("after")), Limit: store.DefaultAgentLimit}
+	if v := args.Peek("limit"); len(v) > 0 {
+		n, err := strconv.Atoi(string(v))
+		if err != nil || n < 1 || n > store.MaxAgentLimit {
+			fail(ctx, badRequest(fmt.Sprintf("parameter limit=%q: want a whole number from 1 to %d", v, store.MaxAgentLimit)))
+			return
+		}
+		p.Limit = n
+	}
 	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
-	agents, err := h.cfg.Store.Agents(c)
+	agents, next, err := h.cfg.Store.Agents(c, p)
+	if errors.Is(err, store.ErrBadCursor) {
+		fail(ctx, badRequest("parameter after: want the next_after of an earlier answer"))
+		return
+	}
 	if err != nil {
 		h.storeFailed(ctx, "list agents", err)
 		return
@@ -26,8 +44,9 @@ func (h *Handler) listAgents(ctx *fasthttp.RequestCtx) {
 		agents = []store.Agent{}
 	}
 	writeJSON(ctx, fasthttp.StatusOK, struct {
-		Agents []store.Agent `json:"agents"`
-	}{agents})
+		Agents    []store.Agent `json:"agents"`
+		NextAfter string        `json:"next_after,omitempty"`
+	}{agents, next})
 }
 
 func (h *Handler) createAgent(ctx *fasthttp.RequestCtx) {

@@ -169,6 +169,7 @@ func (h *Handler) waitChat(ctx *fasthttp.RequestCtx, id string, wait time.Durati
 		defer h.watcher.watch(ctx.Conn(), cancel)()
 		defer context.AfterFunc(ctx, cancel)()
 	}
+	var release func()
 	for {
 		// Every change of a chat's status writes an activity: read the
 		// feed's position first, then the chat, then wait past it.
@@ -181,6 +182,13 @@ func (h *Handler) waitChat(ctx *fasthttp.RequestCtx, id string, wait time.Durati
 		scancel()
 		if err != nil || store.Final(c.Status) || wc.Err() != nil {
 			return c, err
+		}
+		if release == nil {
+			// Only a poll that waits holds a connection open.
+			if release, err = h.holds.acquire(ctx); err != nil {
+				return c, err
+			}
+			defer release()
 		}
 		if err := h.cfg.Store.WaitActivity(wc, last); err != nil && wc.Err() == nil {
 			return c, err
@@ -244,6 +252,11 @@ func (h *Handler) chatEvents(ctx *fasthttp.RequestCtx, id string, after int64) {
 		h.chatFailed(ctx, id, "read chat", err)
 		return
 	}
+	release, err := h.holds.acquire(ctx)
+	if err != nil {
+		fail(ctx, err)
+		return
+	}
 	rc, cancel := context.WithCancel(context.Background())
 	conn := ctx.Conn()
 	unwatch := h.watcher.watch(conn, cancel)
@@ -252,6 +265,7 @@ func (h *Handler) chatEvents(ctx *fasthttp.RequestCtx, id string, after int64) {
 	ctx.Response.Header.Set("X-Chat-Id", c.ID)
 	startSSE(ctx)
 	ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
+		defer release()
 		defer cancel()
 		defer unwatch()
 		defer stopOnShutdown()

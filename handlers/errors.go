@@ -51,6 +51,7 @@ var codes = map[int]string{
 	fasthttp.StatusRequestEntityTooLarge:       "body_too_large",
 	fasthttp.StatusUnsupportedMediaType:        "unsupported_media_type",
 	fasthttp.StatusRequestHeaderFieldsTooLarge: "headers_too_large",
+	fasthttp.StatusTooManyRequests:             "too_many_requests",
 	fasthttp.StatusInternalServerError:         "internal",
 	fasthttp.StatusBadGateway:                  "upstream_error",
 	fasthttp.StatusServiceUnavailable:          "unavailable",
@@ -68,6 +69,7 @@ type errorObject struct {
 // Upstream and store details are logged by the caller, never echoed.
 func statusOf(err error) (int, errorObject) {
 	var re *requestError
+	var le *store.AgentLimitError
 	var status int
 	msg := ""
 	switch {
@@ -79,6 +81,10 @@ func statusOf(err error) (int, errorObject) {
 		if errors.Is(err, store.ErrNotFound) {
 			msg = errNoAgent.Error()
 		}
+	case errors.As(err, &le):
+		// 409, not 422: the request is valid and succeeds once an agent is
+		// deleted; it conflicts with the state of the collection.
+		status, msg = fasthttp.StatusConflict, fmt.Sprintf("there are already %d agents, the most this server keeps (--limit-agents); delete one first", le.Max)
 	case errors.Is(err, errMethod):
 		status, msg = fasthttp.StatusMethodNotAllowed, err.Error()
 	case errors.Is(err, errUnauthorized):

@@ -21,7 +21,7 @@ import (
 type Store interface {
 	CreateAgent(ctx context.Context, a store.Agent, by store.Origin) (store.Agent, error)
 	Agent(ctx context.Context, id string) (store.Agent, error)
-	Agents(ctx context.Context) ([]store.Agent, error)
+	Agents(ctx context.Context, p store.AgentPage) ([]store.Agent, string, error)
 	DeleteAgent(ctx context.Context, id string, by store.Origin) error
 	StartChat(ctx context.Context, c store.Chat) (store.Activity, error)
 	EndChat(ctx context.Context, chatID string, o store.Outcome) (store.Activity, error)
@@ -112,6 +112,13 @@ type Config struct {
 	// IdempotencyWindow is how long an Idempotency-Key names its chat.
 	// Default store.DefaultIdempotencyWindow.
 	IdempotencyWindow time.Duration
+	// StreamsPerClient, if positive, bounds the event streams and
+	// long-polls one client holds at once on this worker; past it the
+	// client gets 429 with Retry-After. 0 means no limit.
+	StreamsPerClient int
+	// Client, if set, names a request's client for StreamsPerClient (the
+	// address behind trusted proxies); nil takes the peer's address.
+	Client func(ctx *fasthttp.RequestCtx) string
 	// Extra, if set, is consulted before the built-in routes and reports
 	// whether it answered. It is a test seam (test-only routes), nil in
 	// production.
@@ -130,6 +137,7 @@ type Handler struct {
 	tokens  [][]byte // SHA-256 of each API token
 	cancels *cancels
 	deltas  *deltaBatcher
+	holds   *holds
 }
 
 // New returns the API handler. Close releases its background goroutine.
@@ -152,6 +160,7 @@ func New(cfg Config) *Handler {
 		origin:  store.Origin{Worker: cfg.Worker.Slot, PID: cfg.Worker.PID},
 		watcher: newWatcher(),
 		m:       newMeters(cfg.Metrics),
+		holds:   newHolds(cfg.StreamsPerClient, cfg.Client),
 	}
 	h.cancels = &cancels{h: h, running: map[string]context.CancelCauseFunc{}}
 	h.deltas = newDeltaBatcher(cfg.Store, func(err error) {

@@ -17,8 +17,11 @@ import (
 )
 
 // The control socket: a unix socket (mode 0600) on which `server status`,
-// `server reload`, `server scale N` and `server stop` talk to the
-// supervisor. One JSON request line, one JSON response line, then close.
+// `server reload`, `server scale N`, `server stop` and `server upgrade`
+// talk to the supervisor. One JSON request line, one JSON response line,
+// then close; except that "upgrade" is answered twice: at once, with the
+// new master's pid and the time limit (Upgrade.State "starting"), then
+// once the new master is ready or the upgrade failed.
 
 // Request is one command on the control socket.
 type Request struct {
@@ -35,10 +38,15 @@ type Response struct {
 	OK     bool    `json:"ok"`
 	Error  string  `json:"error,omitempty"`
 	Status *Status `json:"status,omitempty"`
-	// Upgrade answers "upgrade", which is answered once the new master is
-	// ready or the upgrade failed.
+	// Upgrade answers "upgrade": first with State "starting", then, on a
+	// second line, once the new master is ready (OK, State "done") or the
+	// upgrade failed (Error).
 	Upgrade *UpgradeStatus `json:"upgrade,omitempty"`
 }
+
+// Interim reports whether r is the first answer to "upgrade", which a
+// final one follows on the same connection.
+func (r Response) Interim() bool { return r.OK && r.Upgrade != nil && r.Upgrade.State == "starting" }
 
 // Status is a snapshot of the supervisor and its workers.
 type Status struct {
@@ -137,7 +145,9 @@ func (s *Supervisor) listenControl() (*net.UnixListener, error) {
 	if err != nil || !ok {
 		return nil, fmt.Errorf("supervisor: inherited control socket: %v", err)
 	}
-	ul.SetUnlinkOnClose(true) // the path is this master's now
+	// The path stays the old master's until this one is ready (takeOver):
+	// a new master that fails must leave it to the old one.
+	ul.SetUnlinkOnClose(false)
 	return ul, nil
 }
 
@@ -155,29 +165,52 @@ func (s *Supervisor) serveControl(ln *net.UnixListener, done <-chan struct{}) {
 func (s *Supervisor) handleControl(c *net.UnixConn, done <-chan struct{}) {
 	defer c.Close()
 	// An upgrade is answered when it is done.
-	c.SetDeadline(time.Now().Add(DefaultUpgradeTimeout + 30*time.Second))
-	resp := Response{}
+	c.SetDeadline(time.Now().Add(s.cfg.UpgradeTimeout + 30*time.Second))
+	write := func(resp Response) {
+		b, _ := json.Marshal(resp)
+		c.Write(append(b, '\n'))
+	}
 	if err := sameUser(c); err != nil {
-		resp.Error = err.Error()
-	} else if line, err := bufio.NewReader(c).ReadBytes('\n'); err != nil {
-		resp.Error = "read request: " + err.Error()
-	} else {
-		var req Request
-		if err := json.Unmarshal(line, &req); err != nil {
-			resp.Error = "bad request: " + err.Error()
-		} else {
-			ctl := control{req: req, reply: make(chan Response, 1)}
-			select {
-			case s.controls <- ctl:
-				resp = <-ctl.reply
-				s.addInfo(resp.Status)
-			case <-done:
-				resp.Error = "server is stopping"
+		write(Response{Error: err.Error()})
+		return
+	}
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if err != nil {
+		write(Response{Error: "read request: " + err.Error()})
+		return
+	}
+	var req Request
+	if err := json.Unmarshal(line, &req); err != nil {
+		write(Response{Error: "bad request: " + err.Error()})
+		return
+	}
+	// Room for both answers to an upgrade: the loop never waits on a
+	// client.
+	ctl := control{req: req, reply: make(chan Response, 2)}
+	select {
+	case s.controls <- ctl:
+	case <-done:
+		write(Response{Error: "server is stopping"})
+		return
+	}
+	for {
+		select {
+		case resp := <-ctl.reply:
+			s.addInfo(resp.Status)
+			write(resp)
+			if !resp.Interim() {
+				return
 			}
+		case <-done:
+			select {
+			case resp := <-ctl.reply: // sent before Run returned
+				write(resp)
+			default:
+				write(Response{Error: "server is stopping"})
+			}
+			return
 		}
 	}
-	b, _ := json.Marshal(resp)
-	c.Write(append(b, '\n'))
 }
 
 // sameUser refuses peers other than the server's own user and root; the
@@ -243,6 +276,7 @@ func (s *Supervisor) onControl(ctl control) {
 			r = Response{Error: strings.TrimPrefix(err.Error(), "supervisor: ")}
 			break
 		}
+		ctl.reply <- Response{OK: true, Upgrade: &UpgradeStatus{State: "starting", NewPID: s.up.pid, TimeoutS: seconds(s.cfg.UpgradeTimeout)}}
 		s.up.waiters = append(s.up.waiters, ctl.reply)
 		return
 	case "stop":

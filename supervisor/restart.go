@@ -104,6 +104,7 @@ func (s *Supervisor) onReady(p *proc) {
 		s.notify.ready()
 		if s.handoff != nil {
 			s.handoff.send(protocol.Message{Type: protocol.TypeReady, PID: os.Getpid(), Version: s.cfg.Version})
+			s.takeOver()
 			s.log.Info().Int("old_pid", s.handoff.ParentPID).Str("old_version", s.handoff.ParentVersion).
 				Int("pid", os.Getpid()).Str("version", s.cfg.Version).Msg("upgrade: new master ready")
 		}

@@ -148,6 +148,11 @@ type Config struct {
 	// nothing, and reports to the old master once all its workers are
 	// ready. Addr, UDS, Listeners, SocketMode and Workers are then ignored.
 	Upgrade *Handoff
+	// UpgradeTimeout is how long a new master started by an upgrade may
+	// take, migrations and its workers' start included, to report that it
+	// is ready; past it the upgrade fails and this master serves on.
+	// Default DefaultUpgradeTimeout.
+	UpgradeTimeout time.Duration
 	// HandOver, if set, returns the application's own files a new master
 	// inherits on an upgrade, as Handoff.Files (the store's instance lock,
 	// for example). It is called from the supervisor's loop.
@@ -293,6 +298,9 @@ func newSupervisor(cfg Config, e env) (*Supervisor, error) {
 	}
 	if cfg.HealthcheckTimeout <= 0 {
 		cfg.HealthcheckTimeout = DefaultHealthcheckTimeout
+	}
+	if cfg.UpgradeTimeout <= 0 {
+		cfg.UpgradeTimeout = DefaultUpgradeTimeout
 	}
 	if cfg.Env == nil {
 		cfg.Env = os.Environ()
@@ -633,6 +641,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 // graceful budget and is killed after it.
 func (s *Supervisor) shutdown(reason string) {
 	s.stopping = true
+	s.giveBack()
 	s.rolling = nil
 	s.log.Info().Dur("budget_ms", s.cfg.GracefulTimeout).Int("workers", len(s.procs)).Str("reason", reason).Msg("Shutting down")
 	for _, sl := range s.slots {
@@ -655,6 +664,7 @@ func (s *Supervisor) shutdown(reason string) {
 // kill sends SIGKILL to every worker; they are reaped as they exit.
 func (s *Supervisor) kill(reason string) {
 	s.stopping = true
+	s.giveBack()
 	if s.up != nil {
 		s.up.process.Signal(syscall.SIGKILL)
 	}

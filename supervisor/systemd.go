@@ -34,7 +34,10 @@ func newNotifier(s *Supervisor) *notifier {
 }
 
 func (n *notifier) send(state string) {
-	if !n.enabled {
+	// A master started by an upgrade says nothing before it is ready: the
+	// old master is the service's main process until then, and a STOPPING=1
+	// of a new master that failed would stop the service.
+	if !n.enabled || n.s.handoff != nil && !n.s.booted {
 		return
 	}
 	if _, err := daemon.SdNotify(false, state); err != nil {

@@ -24,11 +24,10 @@ import (
 // pipe; only then does the old master drain its own workers and exit 0. No
 // socket is closed or bound again, so the kernel's queues are never lost.
 // Until the report, the old master serves as before; if the new master
-// exits, reports a failure or is not ready within DefaultUpgradeTimeout, it
+// exits, reports a failure or is not ready within Config.UpgradeTimeout, it
 // is stopped and the old master keeps serving.
 
-// DefaultUpgradeTimeout is how long a new master may take, migrations and
-// the start of its workers included, to report that it is ready.
+// DefaultUpgradeTimeout is Config.UpgradeTimeout's default.
 const DefaultUpgradeTimeout = 2 * time.Minute
 
 // ErrUpgrade is what errors refusing or failing an upgrade match.
@@ -142,15 +141,44 @@ func (s *Supervisor) adopt(h *Handoff) error {
 		}
 		s.addr, s.shared, s.cfg.SocketMode, s.cfg.UDS = addr, h.shared, Shared, h.info.UDS
 		s.activated = h.info.Activated
-		if h.info.UDS != "" && !h.info.Activated {
-			s.uds = h.info.UDS // ours to remove now
-		}
 		for range s.cfg.Workers {
 			s.addSlot() // cannot fail: shared slots open no socket
 		}
 		return nil
 	}
 	return fmt.Errorf("%w: the old master handed over no listening socket", ErrUpgrade)
+}
+
+// takeOver makes the paths of the control socket and of the --uds socket
+// this master's to remove when it stops, once its workers are ready and it
+// has told the old master so. Until then they are the old master's: a new
+// master that fails leaves them in place for it.
+func (s *Supervisor) takeOver() {
+	h := s.handoff
+	if s.ctl != nil {
+		s.ctl.SetUnlinkOnClose(true)
+	}
+	if h.info.UDS != "" && !h.info.Activated {
+		s.uds = h.info.UDS
+	}
+}
+
+// giveBack closes, in a new master that stops before it was ready, the
+// control and metrics listeners it was serving: the old master serves them
+// again, and no request may reach a master on its way out. The control
+// socket's path stays (takeOver has not run).
+func (s *Supervisor) giveBack() {
+	if s.handoff == nil || s.handoff.report == nil {
+		return
+	}
+	if s.ctl != nil {
+		s.ctl.Close()
+		s.ctl = nil
+	}
+	if s.metricsLn != nil {
+		s.metricsLn.Close()
+		s.metricsLn = nil
+	}
 }
 
 // startUpgrade starts a new master from the installed binary, or says why
@@ -230,7 +258,7 @@ func (s *Supervisor) startUpgrade() error {
 		return fmt.Errorf("%w: start %s: %w", ErrUpgrade, s.path, err)
 	}
 	now := s.env.now()
-	s.up = &upgrade{process: child, pid: child.Pid(), started: now, deadline: now.Add(DefaultUpgradeTimeout)}
+	s.up = &upgrade{process: child, pid: child.Pid(), started: now, deadline: now.Add(s.cfg.UpgradeTimeout)}
 	s.upgradeErr = ""
 	go s.readUpgrade(s.up, r)
 	go func(up *upgrade) {
@@ -369,10 +397,12 @@ func (s *Supervisor) upgradeFailed(reason string) {
 		w <- Response{Error: "upgrade failed: " + reason}
 	}
 	up.waiters = nil
-	s.resumeListeners()
+	// The new master closes its copies of the listeners when it gets the
+	// signal; until then a connection may still reach it.
+	up.process.Signal(syscall.SIGTERM)
 	up.stopping = true
 	up.deadline = s.env.now().Add(s.cfg.GracefulTimeout + DefaultKillGrace)
-	up.process.Signal(syscall.SIGTERM)
+	s.resumeListeners()
 }
 
 // handOver lets the new master serve alone: the old master drains its
@@ -396,22 +426,39 @@ func (s *Supervisor) handOver(up *upgrade, m protocol.Message) {
 	s.setTitle()
 }
 
-// UpgradeStatus describes the last upgrade in Status.
+// UpgradeStatus describes an upgrade in Status and in the answers to
+// "upgrade".
 type UpgradeStatus struct {
-	// State is "starting" while a new master starts, "failed" after the
-	// last one failed, "done" in the answer to a completed upgrade.
+	// State, seen from the old master: "starting" while a new master
+	// starts (and in the first answer to "upgrade"), "failed" after the
+	// last one failed, "done" in the final answer to a completed upgrade.
+	// Seen from the new master, which answers on the control socket from
+	// its start: "taking over" until its workers are ready, then "old
+	// master draining" until the old master has exited.
 	State      string `json:"state"`
 	NewPID     int    `json:"new_pid,omitempty"`
 	NewVersion string `json:"new_version,omitempty"`
-	Error      string `json:"error,omitempty"`
+	OldPID     int    `json:"old_pid,omitempty"`
+	OldVersion string `json:"old_version,omitempty"`
+	// TimeoutS is the time limit of a starting upgrade, in seconds.
+	TimeoutS float64 `json:"timeout_s,omitempty"`
+	Error    string  `json:"error,omitempty"`
 }
 
 func (s *Supervisor) upgradeStatus() *UpgradeStatus {
 	switch {
 	case s.up != nil && !s.up.stopping:
-		return &UpgradeStatus{State: "starting", NewPID: s.up.pid}
+		return &UpgradeStatus{State: "starting", NewPID: s.up.pid, TimeoutS: seconds(s.cfg.UpgradeTimeout)}
 	case s.upgradeErr != "":
 		return &UpgradeStatus{State: "failed", Error: s.upgradeErr}
+	case s.handoff == nil:
+		return nil
+	case !s.booted:
+		return &UpgradeStatus{State: "taking over", OldPID: s.handoff.ParentPID, OldVersion: s.handoff.ParentVersion}
+	case os.Getppid() == s.handoff.ParentPID:
+		// The old master is this master's parent until it exits; then
+		// the kernel gives this master another.
+		return &UpgradeStatus{State: "old master draining", OldPID: s.handoff.ParentPID, OldVersion: s.handoff.ParentVersion}
 	}
 	return nil
 }
@@ -432,7 +479,7 @@ func (s *Supervisor) upgradeTick(now time.Time) {
 		return
 	}
 	if !up.stopping {
-		s.upgradeFailed(fmt.Sprintf("the new master was not ready within %s", DefaultUpgradeTimeout))
+		s.upgradeFailed(fmt.Sprintf("the new master was not ready within %s", s.cfg.UpgradeTimeout))
 		return
 	}
 	up.process.Signal(syscall.SIGKILL)

@@ -128,7 +128,7 @@ func TestUpgradeFailsWhenTheNewMasterExits(t *testing.T) {
 }
 
 func TestUpgradeFailsOnTheNewMastersReportOrItsTimeout(t *testing.T) {
-	h := bootWith(t, Config{Workers: 1, GracefulTimeout: 5 * time.Second})
+	h := bootWith(t, Config{Workers: 1, GracefulTimeout: 5 * time.Second, UpgradeTimeout: 30 * time.Second})
 	h.signal(syscall.SIGUSR2)
 	nm := h.procs[1]
 	h.send(nm, protocol.Message{Type: protocol.TypeFailed, Error: "migrate: disk full"})
@@ -145,9 +145,12 @@ func TestUpgradeFailsOnTheNewMastersReportOrItsTimeout(t *testing.T) {
 
 	h.signal(syscall.SIGUSR2)
 	slow := h.procs[2]
-	h.live(DefaultUpgradeTimeout, h.procs[0])
+	if st := h.s.status(); st.Upgrade == nil || st.Upgrade.State != "starting" || st.Upgrade.TimeoutS != 30 {
+		t.Errorf("status while starting = %+v, want starting with a 30 s limit", st.Upgrade)
+	}
+	h.live(30*time.Second, h.procs[0])
 	wantSignals(t, slow, syscall.SIGTERM)
-	if l := h.log.lines("upgrade failed, old master keeps serving"); len(l) != 2 || !strings.Contains(l[1]["reason"].(string), "not ready within 2m0s") {
+	if l := h.log.lines("upgrade failed, old master keeps serving"); len(l) != 2 || !strings.Contains(l[1]["reason"].(string), "not ready within 30s") {
 		t.Errorf("failure lines = %v, want a timeout", l)
 	}
 	h.live(5*time.Second+DefaultKillGrace, h.procs[0])
@@ -184,9 +187,11 @@ func TestANewMasterServesTheHandedOverSocketsAndReportsReady(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
+	// The old master is the new one's parent: this test's.
+	parent := os.Getppid()
 	ho := &Handoff{
-		ParentPID: 1234, ParentVersion: "v1",
-		info:   protocol.Upgrade{Parent: 1234, Version: "v1", Workers: 2, Slots: 2},
+		ParentPID: parent, ParentVersion: "v1",
+		info:   protocol.Upgrade{Parent: parent, Version: "v1", Workers: 2, Slots: 2},
 		report: w,
 		slots:  []*os.File{old.s.slots[0].sock, old.s.slots[1].sock},
 	}
@@ -195,6 +200,9 @@ func TestANewMasterServesTheHandedOverSocketsAndReportsReady(t *testing.T) {
 		t.Fatalf("new master serves %s with %d slots, want %s with 2", got, len(h.s.slots), want)
 	}
 	h.begin()
+	if st := h.s.status(); st.State != "starting" || st.Upgrade == nil || st.Upgrade.State != "taking over" || st.Upgrade.OldPID != parent || st.Upgrade.OldVersion != "v1" {
+		t.Errorf("new master's status before ready = %s %+v, want starting, taking over from %d v1", st.State, st.Upgrade, parent)
+	}
 	if got, want := listenerInodes(h.procs[0].cmd), socketInodes(old.s.slots[0].sock, old.s.slots[1].sock); !slices.Equal(got, want) {
 		t.Errorf("new worker 1 serves %v, want the old slots 1 and 2 %v", got, want)
 	}
@@ -209,4 +217,62 @@ func TestANewMasterServesTheHandedOverSocketsAndReportsReady(t *testing.T) {
 		t.Errorf("report = %+v %v, want ready from this pid with v2", m, err)
 	}
 	ho.Fail(errors.New("too late")) // after the report: nothing
+	if st := h.s.status(); st.State != "running" || st.Upgrade == nil || st.Upgrade.State != "old master draining" || st.Upgrade.OldPID != parent {
+		t.Errorf("new master's status once ready = %s %+v, want running, old master %d draining", st.State, st.Upgrade, parent)
+	}
+	// Once the old master has exited, this master's parent is another.
+	ho.ParentPID = -1
+	if st := h.s.status(); st.Upgrade != nil {
+		t.Errorf("new master's status after the old one exited: upgrade %+v, want none", st.Upgrade)
+	}
+}
+
+// A new master that fails leaves the --uds socket's path and the control
+// socket's to the old master; once ready, they are its own to remove.
+func TestANewMasterTakesThePathsOverOnlyOnceReady(t *testing.T) {
+	dir := t.TempDir()
+	path, ctlPath := dir+"/api.sock", dir+"/ctl.sock"
+	for _, ready := range []bool{false, true} {
+		uds, err := listenUDS(path, 16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctl, err := listenControl(ctlPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctlFile, err := ctl.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctl.SetUnlinkOnClose(false)
+		ctl.Close()
+		_, w, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ho := &Handoff{
+			ParentPID: os.Getppid(), ParentVersion: "v1",
+			info:   protocol.Upgrade{Parent: os.Getppid(), Version: "v1", Workers: 1, Shared: 1, UDS: path, Control: true},
+			report: w, control: ctlFile, shared: []*os.File{uds},
+		}
+		h := newHarness(t, Config{Version: "v2", Upgrade: ho, ControlSocket: ctlPath})
+		if h.s.ctl, err = h.s.listenControl(); err != nil {
+			t.Fatal(err)
+		}
+		h.begin()
+		if ready {
+			h.ready(h.procs[0])
+		}
+		// What Run does when it returns.
+		h.s.ctl.Close()
+		h.s.closeSockets()
+		for _, p := range []string{path, ctlPath} {
+			_, err := os.Stat(p)
+			if gone := errors.Is(err, os.ErrNotExist); gone != ready {
+				t.Errorf("ready %v: %s gone = %v, want %v", ready, p, gone, ready)
+			}
+			os.Remove(p)
+		}
+	}
 }

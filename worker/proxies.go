@@ -61,13 +61,14 @@ func (p *Proxies) trusts(a netip.Addr) bool {
 // header, which the client may have written itself.
 const maxClientLen = 64
 
-// client returns the request's client for the access log: the peer, or,
-// when p trusts the peer, the nearest address in X-Forwarded-For that p
-// does not trust (the leftmost when it trusts them all). A nil p trusts
-// nobody.
+// Client returns the request's client, as the access log names it and as
+// per-client limits count it: the peer, or, when p trusts the peer, the
+// nearest address in X-Forwarded-For that p does not trust (the leftmost
+// when it trusts them all). A nil p trusts nobody.
 // A peer on a unix socket (--uds) is a local process the socket's file
-// permissions let in, such as a proxy on the same machine: it is trusted.
-func (p *Proxies) client(ctx *fasthttp.RequestCtx) string {
+// permissions let in, such as a proxy on the same machine: it is trusted,
+// and without X-Forwarded-For it is "unix".
+func (p *Proxies) Client(ctx *fasthttp.RequestCtx) string {
 	peerName := "unix"
 	_, trusted := ctx.RemoteAddr().(*net.UnixAddr)
 	if !trusted {

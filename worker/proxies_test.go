@@ -53,7 +53,7 @@ func TestProxiesClient(t *testing.T) {
 		}
 		var ctx fasthttp.RequestCtx
 		ctx.Init(&req, peer, nil)
-		if got := tt.proxies.client(&ctx); got != tt.want {
+		if got := tt.proxies.Client(&ctx); got != tt.want {
 			t.Errorf("proxies %+v, peer %s, X-Forwarded-For %q: client %q, want %q", tt.proxies, tt.peer, tt.xff, got, tt.want)
 		}
 	}

@@ -109,7 +109,7 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 		}
 		// uvicorn's order: client, method, path, query, HTTP version, status.
 		e := w.log.Info().
-			Str("remote", w.cfg.Proxies.client(ctx)).
+			Str("remote", w.cfg.Proxies.Client(ctx)).
 			Bytes("method", ctx.Method()).
 			Bytes("path", ctx.Path())
 		if q := ctx.URI().QueryString(); len(q) > 0 {

@@ -29,7 +29,7 @@ var (
 func openStore(cfg config, log zerolog.Logger) (*store.Store, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log, Host: cfg.InstanceID, MaxOpenConns: cfg.DatabaseMaxConns,
+	return store.Open(ctx, cfg.DatabaseURL, store.Options{Logger: log, Host: cfg.InstanceID, MaxOpenConns: cfg.DatabaseMaxConns, MaxAgents: cfg.LimitAgents,
 		// Only the default data/ folder is created: a folder the user
 		// named and mistyped must not appear silently.
 		RefuseMissingFolder: cfg.DatabaseURL != defaultDatabaseURL})

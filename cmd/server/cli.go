@@ -216,23 +216,29 @@ func callControl(path string, req supervisor.Request) (supervisor.Response, erro
 		return resp, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	defer c.Close()
-	wait := 10 * time.Second
-	if req.Cmd == "upgrade" {
-		wait += supervisor.DefaultUpgradeTimeout // answered once done
-	}
-	c.SetDeadline(time.Now().Add(wait))
+	c.SetDeadline(time.Now().Add(10 * time.Second))
 	b, _ := json.Marshal(req)
 	if _, err := c.Write(append(b, '\n')); err != nil {
 		return resp, fmt.Errorf("control socket %s: %w", path, err)
 	}
-	line, err := bufio.NewReader(c).ReadBytes('\n')
-	if err != nil {
-		return resp, fmt.Errorf("control socket %s: no answer: %w", path, err)
+	r := bufio.NewReader(c)
+	for {
+		line, err := r.ReadBytes('\n')
+		if err != nil {
+			return resp, fmt.Errorf("control socket %s: no answer: %w", path, err)
+		}
+		resp = supervisor.Response{}
+		if err := json.Unmarshal(line, &resp); err != nil {
+			return resp, fmt.Errorf("control socket %s: bad answer: %w", path, err)
+		}
+		if !resp.Interim() {
+			return resp, nil
+		}
+		// An upgrade started: the final answer comes within the server's
+		// time limit, which it just told.
+		limit := time.Duration(resp.Upgrade.TimeoutS * float64(time.Second))
+		c.SetDeadline(time.Now().Add(limit + 10*time.Second))
 	}
-	if err := json.Unmarshal(line, &resp); err != nil {
-		return resp, fmt.Errorf("control socket %s: bad answer: %w", path, err)
-	}
-	return resp, nil
 }
 
 // printStatus writes the status as a header and a table.
@@ -254,6 +260,8 @@ func printStatus(w io.Writer, st *supervisor.Status) {
 	case u == nil:
 	case u.State == "failed":
 		fmt.Fprintf(w, "last upgrade failed: %s\n", u.Error)
+	case u.OldPID != 0:
+		fmt.Fprintf(w, "upgrade from master %d (%s): %s\n", u.OldPID, u.OldVersion, u.State)
 	default:
 		fmt.Fprintf(w, "upgrade %s: new master %d\n", u.State, u.NewPID)
 	}

@@ -47,6 +47,8 @@ type config struct {
 	ChatMaxAttempts  int           // --chat-max-attempts, default 3
 	ChatQueueMax     int           // --chat-queue-max, default 10000, 0 = no limit
 	IdemWindow       time.Duration // --idempotency-window, default 24h, at least 1s
+	LimitAgents      int           // --limit-agents, default 10000, 0 = no limit
+	LimitStreams     int           // --limit-streams-per-client, default 32, 0 = no limit
 }
 
 // Defaults and bounds of the agent API's settings; the process model's
@@ -99,11 +101,22 @@ func defaultConfig() config {
 		ChatMaxAttempts:  handlers.DefaultChatMaxAttempts,
 		ChatQueueMax:     defaultChatQueueMax,
 		IdemWindow:       store.DefaultIdempotencyWindow,
+		LimitAgents:      defaultLimitAgents,
+		LimitStreams:     defaultLimitStreams,
 	}
 }
 
 // defaultChatQueueMax is --chat-queue-max's default.
 const defaultChatQueueMax = 10000
+
+// defaultLimitAgents is --limit-agents' default: room for any real use,
+// and a bound on what GET /api/agents pages through and the table holds.
+const defaultLimitAgents = 10000
+
+// defaultLimitStreams is --limit-streams-per-client's default: more than a
+// browser holds (six connections per host over HTTP/1.1) or a dashboard
+// needs, far below what exhausts a worker's descriptors.
+const defaultLimitStreams = 32
 
 // String formats c for logs and debugging with LLMAPIKey, APITokens and
 // MetricsToken hidden, so that printing a config with %v or %+v never

@@ -47,6 +47,7 @@ func TestConfigDefaults(t *testing.T) {
 			GracefulTimeout:    75 * time.Second,
 			KeepAliveTimeout:   5 * time.Second,
 			HealthcheckTimeout: 10 * time.Second,
+			UpgradeTimeout:     2 * time.Minute,
 			ReadTimeout:        30 * time.Second,
 			Backlog:            2048,
 			SocketMode:         "reuseport",
@@ -103,6 +104,7 @@ func TestConfigPrecedence(t *testing.T) {
 		{"timeout-graceful-shutdown", []string{"TIMEOUT_GRACEFUL_SHUTDOWN", "30"}, []string{"--timeout-graceful-shutdown", "1m"}, field("GracefulTimeout"), 30 * time.Second, time.Minute},
 		{"timeout-keep-alive", []string{"TIMEOUT_KEEP_ALIVE", "0"}, []string{"--timeout-keep-alive", "2s"}, field("KeepAliveTimeout"), time.Duration(0), 2 * time.Second},
 		{"timeout-worker-healthcheck", []string{"TIMEOUT_WORKER_HEALTHCHECK", "500ms"}, []string{"--timeout-worker-healthcheck", "2"}, field("HealthcheckTimeout"), 500 * time.Millisecond, 2 * time.Second},
+		{"timeout-upgrade", []string{"TIMEOUT_UPGRADE", "30"}, []string{"--timeout-upgrade", "5m"}, field("UpgradeTimeout"), 30 * time.Second, 5 * time.Minute},
 		{"timeout-read-request", []string{"TIMEOUT_READ_REQUEST", "5"}, []string{"--timeout-read-request", "2s"}, field("ReadTimeout"), 5 * time.Second, 2 * time.Second},
 		{"limit-concurrency", []string{"LIMIT_CONCURRENCY", "10"}, []string{"--limit-concurrency", "20"}, field("LimitConcurrency"), 10, 20},
 		{"limit-max-requests", []string{"LIMIT_MAX_REQUESTS", "1000"}, []string{"--limit-max-requests", "2000"}, field("LimitMaxRequests"), 1000, 2000},
@@ -486,6 +488,9 @@ var configInvalidCases = []struct {
 	// Just under the minimum must not be rounded up to it.
 	{nil, []string{"TIMEOUT_WORKER_HEALTHCHECK", "0.09999999999"}, `invalid TIMEOUT_WORKER_HEALTHCHECK "0.09999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
 	{nil, []string{"TIMEOUT_WORKER_HEALTHCHECK", "99.99999999ms"}, `invalid TIMEOUT_WORKER_HEALTHCHECK "99.99999999ms": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
+	{[]string{"--timeout-upgrade", "0"}, nil, `invalid --timeout-upgrade "0": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
+	{nil, []string{"TIMEOUT_UPGRADE", "999ms"}, `invalid TIMEOUT_UPGRADE "999ms": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
+	{nil, []string{"TIMEOUT_UPGRADE", "forever"}, `invalid TIMEOUT_UPGRADE "forever": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
 	{[]string{"--timeout-read-request", "0.0999999999999"}, nil, `invalid --timeout-read-request "0.0999999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 100ms`},
 	{nil, []string{"LLM_TIMEOUT", "0.9999999999"}, `invalid LLM_TIMEOUT "0.9999999999": want a duration like 1m30s, 250ms or 75 (seconds), at least 1s`},
 

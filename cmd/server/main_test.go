@@ -33,8 +33,16 @@ const envVersionFile = "CORRALTEST_VERSION_FILE"
 // crashing. The first generation is spared so that the server boots.
 const envCrashAfter = "CORRALTEST_CRASH_AFTER"
 
+// envHoldFile names a file: while it exists, a worker of the test binary
+// waits (up to a minute) before it starts, so that an upgrade's new master
+// stays short of ready for as long as a test needs.
+const envHoldFile = "CORRALTEST_HOLD_FILE"
+
 func TestMain(m *testing.M) {
 	if os.Getenv(envAsServer) == "1" {
+		if f := os.Getenv(envHoldFile); f != "" && os.Getenv(protocol.EnvRole) == protocol.RoleWorker {
+			holdWhile(f)
+		}
 		if os.Getenv(envFailBoot) == "1" && os.Getenv(protocol.EnvRole) == protocol.RoleWorker {
 			fmt.Fprintln(os.Stderr, "server: test worker refuses to boot")
 			os.Exit(exitBootError)
@@ -52,6 +60,16 @@ func TestMain(m *testing.M) {
 		os.Exit(run(os.Stdout, os.Stderr))
 	}
 	os.Exit(m.Run())
+}
+
+// holdWhile returns once path does not exist, or after a minute.
+func holdWhile(path string) {
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); {
+		if _, err := os.Stat(path); err != nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond) // the hold itself, polled
+	}
 }
 
 // testWorkerFaults applies envCrashAfter to a worker of the test binary.

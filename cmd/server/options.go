@@ -146,10 +146,22 @@ func apiOptions(c *config, provider, models *prefork.Setting) []prefork.Option {
 				c.ChatQueueMax, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
+		{Group: groupStore, Flag: "limit-agents", Arg: "N", Env: []string{"LIMIT_AGENTS"}, Default: strconv.Itoa(defaultLimitAgents),
+			Help: "agents the store keeps, then 409; 0 = no limit",
+			Set: func(s prefork.Setting) (err error) {
+				c.LimitAgents, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
+				return err
+			}},
 		{Group: groupStore, Flag: "idempotency-window", Arg: "DUR", Env: []string{"IDEMPOTENCY_WINDOW"}, Default: "24h",
 			Help: "how long an Idempotency-Key names its chat; at least 1s",
 			Set: func(s prefork.Setting) (err error) {
 				c.IdemWindow, err = s.Duration(time.Second, "at least 1s")
+				return err
+			}},
+		{Group: prefork.GroupHTTP, Flag: "limit-streams-per-client", Arg: "N", Env: []string{"LIMIT_STREAMS_PER_CLIENT"}, Default: strconv.Itoa(defaultLimitStreams),
+			Help: "event streams and long-polls per client and worker, then 429; 0 = none",
+			Set: func(s prefork.Setting) (err error) {
+				c.LimitStreams, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
 		{Group: prefork.GroupHTTP, Flag: "cors-origins", Arg: "LIST", Env: []string{"CORS_ORIGINS"}, Default: "(none)",

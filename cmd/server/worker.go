@@ -63,6 +63,11 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 		ChatQueueMax:    cfg.ChatQueueMax,
 
 		IdempotencyWindow: cfg.IdemWindow,
+
+		StreamsPerClient: cfg.LimitStreams,
+		// The client as the access log names it: behind a trusted proxy,
+		// the address that proxy forwarded.
+		Client: wc.Proxies.Client,
 	})
 	// The chat runner starts beside the server rather than before it: its
 	// start (River's first queries) is no reason to delay readiness, and a

@@ -3,8 +3,10 @@ package store
 import (
 	"context"
 	"database/sql"
+	"encoding/base64"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -27,6 +29,9 @@ type Origin struct {
 // CreateAgent stores a and an "agent.created" activity in one transaction
 // and returns the stored agent. An empty a.ID gets a random 16-hex-character
 // id; a taken one returns ErrExists. a.CreatedAt is ignored and set now.
+// When Options.MaxAgents agents exist already it returns an
+// *AgentLimitError (ErrAgentLimit), counted in the same transaction, so
+// concurrent creations from any number of processes never pass the limit.
 // Validating names and prompts is the caller's job.
 func (s *Store) CreateAgent(ctx context.Context, a Agent, by Origin) (Agent, error) {
 	if a.ID == "" {
@@ -34,6 +39,20 @@ func (s *Store) CreateAgent(ctx context.Context, a Agent, by Origin) (Agent, err
 	}
 	var act Activity
 	err := s.write(ctx, func(tx *sql.Tx) error {
+		if s.maxAgents > 0 {
+			if s.d.lockAgents != "" {
+				if _, err := tx.ExecContext(ctx, s.d.lockAgents); err != nil {
+					return err
+				}
+			}
+			var n int
+			if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM agents`).Scan(&n); err != nil {
+				return err
+			}
+			if n >= s.maxAgents {
+				return &AgentLimitError{Max: s.maxAgents}
+			}
+		}
 		var err error
 		a, act, err = s.insertAgent(ctx, tx, a, by)
 		return err
@@ -83,25 +102,92 @@ func (s *Store) Agent(ctx context.Context, id string) (Agent, error) {
 	return a, nil
 }
 
-// Agents returns every agent, oldest first (ties by id); never nil.
-func (s *Store) Agents(ctx context.Context) ([]Agent, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT id, name, system_prompt, model, created_at FROM agents ORDER BY created_at, id`)
+// Limits of AgentPage.Limit.
+const (
+	DefaultAgentLimit = 100
+	MaxAgentLimit     = 500
+)
+
+// AgentPage selects a page of agents, oldest first (ties by id).
+type AgentPage struct {
+	// After is a cursor Agents returned, or "" for the first page.
+	After string
+	// Limit is the most agents returned, clamped to 1..MaxAgentLimit; 0
+	// means DefaultAgentLimit.
+	Limit int
+}
+
+// Agents returns the page p selects (never nil) and the cursor of the page
+// after it, "" when no agent follows. A cursor stays valid when its agent
+// is deleted: it names a position, not a row. A cursor Agents did not
+// return is an error matching ErrBadCursor.
+func (s *Store) Agents(ctx context.Context, p AgentPage) ([]Agent, string, error) {
+	switch {
+	case p.Limit <= 0:
+		p.Limit = DefaultAgentLimit
+	case p.Limit > MaxAgentLimit:
+		p.Limit = MaxAgentLimit
+	}
+	query := `SELECT id, name, system_prompt, model, created_at FROM agents`
+	var args []any
+	if p.After != "" {
+		at, id, err := parseAgentCursor(p.After)
+		if err != nil {
+			return nil, "", fmt.Errorf("list agents after %q: %w", p.After, err)
+		}
+		// Spelled out rather than a row value, which both engines know but
+		// compare with their own types.
+		query += ` WHERE created_at > ? OR (created_at = ? AND id > ?)`
+		args = append(args, timeArg(at), timeArg(at), id)
+	}
+	// One more than asked says whether another page follows.
+	query += ` ORDER BY created_at, id LIMIT ?`
+	args = append(args, p.Limit+1)
+	rows, err := s.db.QueryContext(ctx, s.q(query), args...)
 	if err != nil {
-		return nil, s.wrap(ctx, "list agents", err)
+		return nil, "", s.wrap(ctx, "list agents", err)
 	}
 	defer rows.Close()
 	agents := []Agent{}
 	for rows.Next() {
 		var a Agent
 		if err := rows.Scan(&a.ID, &a.Name, &a.SystemPrompt, &a.Model, dbTime{&a.CreatedAt}); err != nil {
-			return nil, s.wrap(ctx, "list agents", err)
+			return nil, "", s.wrap(ctx, "list agents", err)
 		}
 		agents = append(agents, a)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, s.wrap(ctx, "list agents", err)
+		return nil, "", s.wrap(ctx, "list agents", err)
 	}
-	return agents, nil
+	next := ""
+	if len(agents) > p.Limit {
+		agents = agents[:p.Limit]
+		last := agents[len(agents)-1]
+		next = agentCursor(last.CreatedAt, last.ID)
+	}
+	return agents, next, nil
+}
+
+// agentCursor names the position after the agent created at with id:
+// URL-safe base64 of "created_at id", opaque to clients.
+func agentCursor(at time.Time, id string) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(timeArg(at) + " " + id))
+}
+
+func parseAgentCursor(c string) (time.Time, string, error) {
+	b, err := base64.RawURLEncoding.DecodeString(c)
+	if err != nil {
+		return time.Time{}, "", ErrBadCursor
+	}
+	ts, id, ok := strings.Cut(string(b), " ")
+	if !ok || id == "" {
+		return time.Time{}, "", ErrBadCursor
+	}
+	at, err := time.Parse(timeLayout, ts)
+	if err != nil {
+		return time.Time{}, "", ErrBadCursor
+	}
+	return at, id, nil
 }
 
 // DeleteAgent deletes the agent with id and writes an "agent.deleted"

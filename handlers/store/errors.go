@@ -47,6 +47,22 @@ var (
 	ErrClosed = errors.New("store: closed")
 )
 
+// AgentLimitError is CreateAgent's error when Options.MaxAgents agents
+// already exist. It matches ErrAgentLimit.
+type AgentLimitError struct{ Max int }
+
+// ErrAgentLimit matches every *AgentLimitError.
+var ErrAgentLimit = errors.New("store: agent limit reached")
+
+func (e *AgentLimitError) Error() string {
+	return fmt.Sprintf("store: agent limit reached: %d agents exist", e.Max)
+}
+func (e *AgentLimitError) Is(target error) bool { return target == ErrAgentLimit }
+
+// ErrBadCursor means an agent cursor (AgentPage.After) is not one that
+// Agents returned.
+var ErrBadCursor = errors.New("store: not a cursor this store returned")
+
 // unavailableError keeps the driver's message and adds ErrUnavailable as an
 // errors.Is target, so logs read "op subject: sqlite3: database is locked"
 // and not a second prefix.

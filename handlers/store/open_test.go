@@ -207,7 +207,7 @@ func TestWriteHonoursContextWhileLocked(t *testing.T) {
 		t.Fatalf("CreateAgent() took %v to notice its deadline", d)
 	}
 	// Reads go on under WAL.
-	if _, err := s.Agents(t.Context()); err != nil {
+	if _, _, err := s.Agents(t.Context(), AgentPage{}); err != nil {
 		t.Fatalf("Agents() while another connection writes = %v", err)
 	}
 	tx.Rollback()

@@ -49,6 +49,10 @@ const (
 	// activity, right before the insert, and held until it commits. See
 	// postgresDialect for why.
 	activityLockKey int64 = 0x636f7272616c02
+	// agentsLockKey is taken by CreateAgent when Options.MaxAgents is set,
+	// before it counts: two creations that each counted one below the
+	// limit would otherwise both insert.
+	agentsLockKey int64 = 0x636f7272616c03
 )
 
 // activityChannel is the LISTEN/NOTIFY channel. Each inserted activity
@@ -78,6 +82,7 @@ var postgresDialect = dialect{
 	unavailable:    postgresUnavailable,
 	hasTable:       `SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema() AND tablename = ?`,
 	lockMigrate:    fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d)`, migrateLockKey),
+	lockAgents:     fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d)`, agentsLockKey),
 	insertActivity: postgresInsertActivity,
 	uniqueViolation: func(err error) bool {
 		var pgErr *pgconn.PgError

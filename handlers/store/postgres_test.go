@@ -316,7 +316,7 @@ func TestPostgresOutage(t *testing.T) {
 	for name, call := range map[string]func() error{
 		"CreateAgent":    func() error { _, err := a.CreateAgent(ctx, Agent{Name: "x"}, Origin{}); return err },
 		"StartChat":      func() error { _, err := b.StartChat(ctx, Chat{AgentID: DefaultAgentID}); return err },
-		"Agents":         func() error { _, err := a.Agents(ctx); return err },
+		"Agents":         func() error { _, _, err := a.Agents(ctx, AgentPage{}); return err },
 		"LastActivityID": func() error { _, err := b.LastActivityID(ctx); return err },
 	} {
 		err := call()
@@ -338,7 +338,7 @@ func TestPostgresOutage(t *testing.T) {
 	admin("ALTER DATABASE " + db.name + " ALLOW_CONNECTIONS true")
 	restored = true
 	up := time.Now()
-	waitFor(t, 10*time.Second, func() error { _, err := a.Agents(ctx); return err })
+	waitFor(t, 10*time.Second, func() error { _, _, err := a.Agents(ctx, AgentPage{}); return err })
 	t.Logf("down %v; first call succeeded %v after the database returned", up.Sub(down).Round(time.Millisecond), time.Since(up).Round(time.Millisecond))
 
 	act, err := b.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "after the outage", Origin: Origin{Worker: 1, PID: 1}})

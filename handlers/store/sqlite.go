@@ -44,6 +44,10 @@ type dialect struct {
 	// lockMigrate, if set, runs first in Migrate's transaction so that
 	// concurrent Migrates from several hosts run one after the other.
 	lockMigrate string
+	// lockAgents, if set, runs in CreateAgent's transaction before it
+	// counts the agents, so that concurrent creations past
+	// Options.MaxAgents run one after the other.
+	lockAgents string
 	// insertActivity inserts one activity and returns its id; its arguments
 	// are time, type, agent_id, chat_id, worker, pid, host, data. On an
 	// engine where ids could commit out of order it also takes the lock

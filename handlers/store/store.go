@@ -50,6 +50,9 @@ type Options struct {
 	// typed is never silently created. By default Open creates the folder,
 	// mode 0700, as the server does for its default data/.
 	RefuseMissingFolder bool
+	// MaxAgents, if positive, bounds the number of agents: CreateAgent
+	// returns an *AgentLimitError once that many exist. 0 means no bound.
+	MaxAgents int
 }
 
 // Store holds agents, chats and activities in a database every worker
@@ -61,6 +64,8 @@ type Store struct {
 	pg   *pgDatabase // nil on SQLite
 	host string
 	log  zerolog.Logger
+
+	maxAgents int // Options.MaxAgents
 
 	probe     diskProbe             // explains SQLite's disk errors
 	diskFault atomic.Pointer[error] // the last disk error, until the disk takes writes again (see Ping)
@@ -150,6 +155,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		pg:        pg,
 		host:      opts.Host,
 		log:       opts.Logger,
+		maxAgents: opts.MaxAgents,
 		pollEvery: opts.PollInterval,
 		done:      make(chan struct{}),
 		polled:    make(chan struct{}),

@@ -18,7 +18,7 @@ type backend interface {
 	Migrate(ctx context.Context) error
 	CreateAgent(ctx context.Context, a Agent, by Origin) (Agent, error)
 	Agent(ctx context.Context, id string) (Agent, error)
-	Agents(ctx context.Context) ([]Agent, error)
+	Agents(ctx context.Context, p AgentPage) ([]Agent, string, error)
 	DeleteAgent(ctx context.Context, id string, by Origin) error
 	StartChat(ctx context.Context, c Chat) (Activity, error)
 	FinishChat(ctx context.Context, chatID, status string, data map[string]any) (Activity, error)
@@ -86,7 +86,7 @@ var hexID = regexp.MustCompile(`^[0-9a-f]{16}$`)
 
 func suiteDefaultAgent(t *testing.T, b backend, _ opener) {
 	ctx := t.Context()
-	agents, err := b.Agents(ctx)
+	agents, _, err := b.Agents(ctx, AgentPage{})
 	if err != nil {
 		t.Fatalf("Agents() = %v", err)
 	}
@@ -110,7 +110,7 @@ func suiteMigrateTwice(t *testing.T, b backend, open opener) {
 	if err := open(t, "host-b").Migrate(ctx); err != nil {
 		t.Fatalf("Migrate() from another handle = %v", err)
 	}
-	agents, _ := b.Agents(ctx)
+	agents, _, _ := b.Agents(ctx, AgentPage{})
 	acts, _ := b.Activities(ctx, Filter{})
 	if len(agents) != 1 || len(acts) != 1 {
 		t.Fatalf("after three Migrates: %d agents, %d activities, want 1 and 1", len(agents), len(acts))
@@ -144,7 +144,7 @@ func suiteAgents(t *testing.T, b backend, open opener) {
 	if got.ID != a.ID || got.Name != a.Name || got.SystemPrompt != a.SystemPrompt || got.Model != a.Model || !got.CreatedAt.Equal(a.CreatedAt) {
 		t.Fatalf("Agent(%s) = %+v, want %+v", a.ID, got, a)
 	}
-	agents, err := b.Agents(ctx)
+	agents, _, err := b.Agents(ctx, AgentPage{})
 	if err != nil {
 		t.Fatalf("Agents() = %v", err)
 	}

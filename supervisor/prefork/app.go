@@ -310,6 +310,7 @@ func (c Config) SupervisorConfig() supervisor.Config {
 		Backlog:            c.Backlog,
 		GracefulTimeout:    c.graceful(),
 		HealthcheckTimeout: c.HealthcheckTimeout,
+		UpgradeTimeout:     c.UpgradeTimeout,
 		MaxRequests:        c.LimitMaxRequests,
 		MaxRequestsJitter:  c.LimitMaxRequestsJitter,
 	}

@@ -31,6 +31,7 @@ type Config struct {
 	GracefulTimeout    time.Duration // --timeout-graceful-shutdown, default 75s; 0 = cut in-flight requests at once
 	KeepAliveTimeout   time.Duration // --timeout-keep-alive, default 5s; 0 = no keep-alive
 	HealthcheckTimeout time.Duration // --timeout-worker-healthcheck, default 10s, at least 100ms
+	UpgradeTimeout     time.Duration // --timeout-upgrade, default 2m, at least 1s
 	ReadTimeout        time.Duration // --timeout-read-request, default 30s, at least 100ms
 
 	LimitConcurrency       int   // --limit-concurrency, per worker, 0 = no limit; over it 503
@@ -84,8 +85,11 @@ type Config struct {
 // Bounds of the process model's settings that the libraries do not state.
 const (
 	minHealthcheckTimeout = 100 * time.Millisecond
-	minReadTimeout        = 100 * time.Millisecond
-	minLimitRequestBody   = 1 << 10
+	// A new master is a process start, a store's migrations and its
+	// workers' start: under a second it could only fail.
+	minUpgradeTimeout   = time.Second
+	minReadTimeout      = 100 * time.Millisecond
+	minLimitRequestBody = 1 << 10
 	// fasthttp holds a whole request body in memory, so a larger limit is a
 	// denial of service waiting for a client rather than a setting.
 	maxLimitRequestBody = 1 << 30
@@ -118,6 +122,7 @@ func DefaultConfig() Config {
 		GracefulTimeout:    supervisor.DefaultGracefulTimeout,
 		KeepAliveTimeout:   worker.DefaultKeepAliveTimeout,
 		HealthcheckTimeout: supervisor.DefaultHealthcheckTimeout,
+		UpgradeTimeout:     supervisor.DefaultUpgradeTimeout,
 		ReadTimeout:        worker.DefaultReadTimeout,
 		Backlog:            supervisor.DefaultBacklog,
 		SocketMode:         string(supervisor.Reuseport),
@@ -392,6 +397,12 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 			Help: "replace a worker silent this long; at least 100ms",
 			Set: func(s Setting) (err error) {
 				c.HealthcheckTimeout, err = s.Duration(minHealthcheckTimeout, "at least 100ms")
+				return err
+			}},
+		{Group: GroupProcess, Flag: "timeout-upgrade", Arg: "DUR", Env: []string{"TIMEOUT_UPGRADE"}, Default: FormatDuration(supervisor.DefaultUpgradeTimeout),
+			Help: "an upgrade's new master must be ready within it; at least 1s",
+			Set: func(s Setting) (err error) {
+				c.UpgradeTimeout, err = s.Duration(minUpgradeTimeout, "at least 1s")
 				return err
 			}},
 		{Group: GroupHTTP, Flag: "timeout-read-request", Arg: "DUR", Env: []string{"TIMEOUT_READ_REQUEST"}, Default: FormatDuration(worker.DefaultReadTimeout),
