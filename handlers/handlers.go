@@ -93,6 +93,10 @@ type Config struct {
 	// Draining, if set, reports whether the server is about to stop; /health
 	// then answers 503 {"status":"draining"} so load balancers move away.
 	Draining func() bool
+	// AcceptFailing, if set, reports whether the worker's accept is
+	// failing for want of descriptors; /health then says
+	// "accept":"failing".
+	AcceptFailing func() bool
 	// Reload, if set, reports the state of the last reload build, which
 	// /health then includes; nil outside reload mode.
 	Reload func() *ReloadStatus
@@ -324,6 +328,11 @@ func (h *Handler) health(ctx *fasthttp.RequestCtx) {
 		b = append(b, `,"store":"`...)
 		b = append(b, h.store.state(h.cfg.Store)...)
 		b = append(b, '"')
+	}
+	if h.cfg.AcceptFailing != nil && h.cfg.AcceptFailing() {
+		// Still 200: the worker serves the connections it has; new ones
+		// wait in the backlog (a neighbour takes them) until it accepts.
+		b = append(b, `,"accept":"failing"`...)
 	}
 	if h.cfg.Reload != nil {
 		if st := h.cfg.Reload(); st != nil {

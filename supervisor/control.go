@@ -79,14 +79,18 @@ type Panel struct {
 // WorkerStatus describes one worker process. A slot has one, or two while
 // a replacement starts or an old worker drains.
 type WorkerStatus struct {
-	Slot        int     `json:"slot"`
-	PID         int     `json:"pid"`
-	Generation  int     `json:"generation"`
-	Version     string  `json:"version"` // the master's: a worker runs its master's binary
-	State       string  `json:"state"`
-	UptimeS     float64 `json:"uptime_s"`
-	Requests    uint64  `json:"requests"`
-	InFlight    int64   `json:"in_flight"`
+	Slot       int     `json:"slot"`
+	PID        int     `json:"pid"`
+	Generation int     `json:"generation"`
+	Version    string  `json:"version"` // the master's: a worker runs its master's binary
+	State      string  `json:"state"`
+	UptimeS    float64 `json:"uptime_s"`
+	Requests   uint64  `json:"requests"`
+	InFlight   int64   `json:"in_flight"`
+	// Accept is "failing" while the worker's accept fails for want of
+	// descriptors or kernel memory (its last heartbeat said so); omitted
+	// otherwise.
+	Accept      string  `json:"accept,omitempty"`
 	RSS         uint64  `json:"rss_bytes"`
 	CPUS        float64 `json:"cpu_s"`
 	FDs         int     `json:"fds"`
@@ -334,7 +338,7 @@ func (s *Supervisor) status() *Status {
 		u := readUsage(p.pid)
 		w := WorkerStatus{
 			Slot: p.slot.n, PID: p.pid, Generation: p.gen, Version: s.cfg.Version, State: p.state.String(),
-			UptimeS: seconds(now.Sub(p.started)), Requests: p.requests, InFlight: p.inFlight,
+			UptimeS: seconds(now.Sub(p.started)), Requests: p.requests, InFlight: p.inFlight, Accept: p.accept,
 			RSS: u.RSS, CPUS: seconds(u.CPU), FDs: u.FDs,
 			Restarts: p.slot.restarts, LastReason: p.slot.lastReason, HeartbeatS: -1, StartReason: p.why,
 		}

@@ -49,6 +49,7 @@ type proc struct {
 
 	requests uint64
 	inFlight int64
+	accept   string // the last heartbeat's Accept: "" or protocol.AcceptFailing
 	metrics  []byte // the worker's last metrics text, when metrics are on
 }
 

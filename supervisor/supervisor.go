@@ -631,7 +631,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 	case syscall.SIGTTOU:
 		s.scaleDown()
 	case syscall.SIGUSR2:
-		if err := s.startUpgrade(); err != nil {
+		if err := s.startUpgrade(); err != nil && !errors.Is(err, errUpgradeFailed) {
 			s.log.Error().Err(err).Msg("upgrade not started")
 		}
 	}
@@ -696,6 +696,14 @@ func (s *Supervisor) onEvent(ev event) {
 	case protocol.TypeHeartbeat:
 		p.lastBeat = s.env.now()
 		p.requests, p.inFlight = ev.msg.Requests, ev.msg.InFlight
+		if ev.msg.Accept != p.accept {
+			p.accept = ev.msg.Accept
+			if p.accept == protocol.AcceptFailing {
+				s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Msg("worker cannot accept connections (out of file descriptors or kernel memory); new ones wait in the backlog")
+			} else {
+				s.log.Info().Int("pid", p.pid).Int("worker", p.slot.n).Msg("worker accepts connections again")
+			}
+		}
 		if ev.msg.Metrics != "" {
 			p.metrics = []byte(ev.msg.Metrics)
 		}

@@ -33,6 +33,11 @@ const DefaultUpgradeTimeout = 2 * time.Minute
 // ErrUpgrade is what errors refusing or failing an upgrade match.
 var ErrUpgrade = errors.New("supervisor: upgrade")
 
+// errUpgradeFailed marks an upgrade that failed as it started (the binary
+// does not execute): logged and kept for the status like any later
+// failure, unlike a refusal.
+var errUpgradeFailed = errors.New("failed")
+
 // upgrade is an upgrade in progress, seen from the old master.
 type upgrade struct {
 	process  process
@@ -255,7 +260,9 @@ func (s *Supervisor) startUpgrade() error {
 	if err != nil {
 		r.Close()
 		s.resumeListeners()
-		return fmt.Errorf("%w: start %s: %w", ErrUpgrade, s.path, err)
+		s.upgradeErr = fmt.Sprintf("the new master did not start: %v", err)
+		s.log.Error().Str("binary", s.path).Str("reason", s.upgradeErr).Msg("upgrade failed, old master keeps serving")
+		return fmt.Errorf("%w %w: %s", ErrUpgrade, errUpgradeFailed, s.upgradeErr)
 	}
 	now := s.env.now()
 	s.up = &upgrade{process: child, pid: child.Pid(), started: now, deadline: now.Add(s.cfg.UpgradeTimeout)}

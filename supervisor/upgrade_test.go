@@ -158,6 +158,35 @@ func TestUpgradeFailsOnTheNewMastersReportOrItsTimeout(t *testing.T) {
 	wantSignals(t, h.procs[0])
 }
 
+func TestUpgradeFailsWhenTheBinaryDoesNotExecute(t *testing.T) {
+	sock := t.TempDir() + "/ctl.sock"
+	h := bootWith(t, Config{Workers: 1})
+	ln, err := listenControl(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.s.quit = make(chan struct{})
+	defer close(h.s.quit)
+	h.s.serveControlOn(ln)
+	h.failAt = 2
+	h.signal(syscall.SIGUSR2)
+	l := h.log.lines("upgrade failed, old master keeps serving")
+	if len(l) != 1 || !strings.Contains(l[0]["reason"].(string), "the new master did not start") || !strings.Contains(l[0]["reason"].(string), "exec format error") {
+		t.Errorf("failure lines = %v, want one saying the binary did not start", l)
+	}
+	if n := len(h.log.lines("upgrade not started")); n != 0 {
+		t.Errorf("%d refusal lines, want the failure logged once", n)
+	}
+	st := h.s.status()
+	if st.State != "running" || st.Upgrade == nil || st.Upgrade.State != "failed" || !strings.Contains(st.Upgrade.Error, "exec format error") {
+		t.Errorf("status = %s %+v, want running with the failed upgrade", st.State, st.Upgrade)
+	}
+	if h.s.ctl == nil {
+		t.Errorf("control socket not served again after the failed upgrade")
+	}
+	wantSignals(t, h.procs[0])
+}
+
 func TestUpgradeIsRefusedInReloadModeAndWhileStopping(t *testing.T) {
 	h, _, _ := reloadHarness(t)
 	if err := h.s.startUpgrade(); err == nil || !strings.Contains(err.Error(), "reload mode") {

@@ -36,6 +36,9 @@ func (w *worker) heartbeat(stop <-chan struct{}) {
 				w.log.Debug().Msg("worker ready")
 			}
 			m := protocol.Message{Type: typ, Requests: w.requests.Load(), InFlight: w.inFlight.Load()}
+			if w.accept.failing.Load() {
+				m.Accept = protocol.AcceptFailing
+			}
 			if w.in.Metrics && w.cfg.Metrics != nil {
 				var b strings.Builder
 				w.cfg.Metrics(&b)

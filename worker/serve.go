@@ -37,6 +37,7 @@ type worker struct {
 	conns     atomic.Int64
 	panics    atomic.Uint64
 	draining  atomic.Bool
+	accept    acceptState
 	recycle   chan struct{} // one token once MaxRequests is reached
 }
 

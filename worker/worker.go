@@ -87,6 +87,11 @@ type Config struct {
 	// Metrics, if set, writes the worker's metrics in Prometheus text; they
 	// go to the supervisor with each heartbeat when Info.Metrics is true.
 	Metrics func(w io.Writer)
+	// OnAcceptFailing, if set, is called when accepting new connections
+	// starts failing for want of descriptors or kernel memory (true) and
+	// when an accept succeeds again (false), from an accept loop. The
+	// heartbeat reports the same state to the supervisor.
+	OnAcceptFailing func(failing bool)
 	// OnMessage, if set, receives the supervisor's messages on the lifeline
 	// (such as the reload build status), from one goroutine, in order.
 	OnMessage func(protocol.Message)
@@ -190,6 +195,7 @@ func Run(in Info, cfg Config) error {
 		probeLn: probeListener{fasthttputil.NewInmemoryListener()},
 		recycle: make(chan struct{}, 1),
 	}
+	w.accept.onChange = cfg.OnAcceptFailing
 	srv := &fasthttp.Server{
 		Handler:               w.serve,
 		ErrorHandler:          w.serveError,
@@ -231,7 +237,7 @@ func Run(in Info, cfg Config) error {
 		lns[i] = newStandbyListener(lns[i])
 	}
 	for i := range lns {
-		lns[i] = lingerListener{patientListener{lns[i], log}}
+		lns[i] = lingerListener{patientListener{lns[i], log, &w.accept}}
 		if cfg.TLS != nil {
 			// Inside TLS, so that a lingering close discards the raw bytes.
 			lns[i] = tls.NewListener(lns[i], cfg.TLS)

@@ -273,12 +273,16 @@ func printStatus(w io.Writer, st *supervisor.Status) {
 		if wk.LastReason != "" {
 			restarts += " (" + wk.LastReason + ")"
 		}
+		state := wk.State
+		if wk.Accept != "" {
+			state += ", accept " + wk.Accept
+		}
 		beat := "-"
 		if wk.HeartbeatS >= 0 {
 			beat = fmt.Sprintf("%.1fs ago", wk.HeartbeatS)
 		}
 		fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\t%s\t%d\t%d\t%.1fMiB\t%.1fs\t%d\t%s\t%s\n",
-			wk.Slot, wk.PID, wk.Generation, wk.Version, wk.State, age(wk.UptimeS), wk.Requests, wk.InFlight,
+			wk.Slot, wk.PID, wk.Generation, wk.Version, state, age(wk.UptimeS), wk.Requests, wk.InFlight,
 			float64(wk.RSS)/(1<<20), wk.CPUS, wk.FDs, restarts, beat)
 	}
 	tw.Flush()

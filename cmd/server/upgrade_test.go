@@ -310,6 +310,11 @@ func TestUpgradeProgress(t *testing.T) {
 		st.Status.Upgrade == nil || st.Status.Upgrade.State != "taking over" || st.Status.Upgrade.OldPID != old || st.Status.Upgrade.OldVersion != "v1" {
 		t.Fatalf("status during the upgrade = %+v %v, want the new master %d (v2) starting, taking over from %d (v1)", st.Status, err, next, old)
 	}
+	var out strings.Builder
+	printStatus(&out, st.Status)
+	if want := fmt.Sprintf("upgrade from master %d (v1): taking over\n", old); !strings.Contains(out.String(), want) {
+		t.Errorf("server status during the upgrade printed\n%s\nwant a line %q", out.String(), want)
+	}
 
 	// A chat on an old worker keeps the old master draining for a while.
 	chat := make(chan chatReply, 1)
@@ -340,10 +345,15 @@ func TestUpgradeProgress(t *testing.T) {
 		}
 		return nil
 	})
-	st, err = callControl(ctl, supervisor.Request{Cmd: "status"})
-	if err != nil || st.Status.PID != next || st.Status.Upgrade != nil {
-		t.Errorf("status after the old master exited = %+v %v, want the new master %d and no upgrade", st.Status, err, next)
-	}
+	// Its main thread may show as exited a moment before the thread that
+	// started the new master (its parent) has.
+	waitFor(t, 10*time.Second, func() error {
+		st, err := callControl(ctl, supervisor.Request{Cmd: "status"})
+		if err != nil || st.Status.PID != next || st.Status.Upgrade != nil {
+			return fmt.Errorf("status after the old master exited = %+v %v, want the new master %d and no upgrade", st.Status, err, next)
+		}
+		return nil
+	})
 
 	// The next upgrade, with a limit of 2 s, never gets its workers.
 	os.WriteFile(hold, nil, 0o644)
@@ -366,6 +376,11 @@ func TestUpgradeProgress(t *testing.T) {
 		st, err := callControl(ctl, supervisor.Request{Cmd: "status"})
 		if err != nil || st.Status.PID != next || st.Status.Upgrade == nil || st.Status.Upgrade.State != "failed" || st.Status.Upgrade.Error != "the new master was not ready within 2s" {
 			return fmt.Errorf("status after the failed upgrade = %+v %v, want master %d showing the reason", st.Status, err, next)
+		}
+		out.Reset()
+		printStatus(&out, st.Status)
+		if want := "last upgrade failed: the new master was not ready within 2s\n"; !strings.Contains(out.String(), want) {
+			t.Errorf("server status after the failed upgrade printed\n%s\nwant a line %q", out.String(), want)
 		}
 		return nil
 	})
@@ -546,9 +561,11 @@ func TestUpgradeSockets(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
 		defer func() {
 			cmd.Process.Signal(syscall.SIGTERM)
-			cmd.Wait()
+			<-exited
 		}()
 		url := "http://" + addr + "/health"
 		// The first connection makes systemd-socket-activate start the
@@ -566,5 +583,9 @@ func TestUpgradeSockets(t *testing.T) {
 			return nil
 		})
 		upgradeUnderLoad(t, cmd.Process.Pid, ctl, versionFile, []*http.Client{fresh, fresh, keep(nil), keep(nil)}, url)
+		if err := <-exited; err != nil {
+			t.Errorf("old master: %v, want exit status 0", err)
+		}
+		exited <- nil // for the deferred stop
 	})
 }

@@ -38,26 +38,30 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 	// The supervisor tells the worker how the last reload build went.
 	var reload atomic.Pointer[handlers.ReloadStatus]
 	var draining atomic.Bool
+	var acceptFailing atomic.Bool
 	// Requests are counted only when the master serves metrics.
 	var set *metrics.Set
 	if in.Metrics {
 		set = metrics.NewSet()
 	}
 	h := handlers.New(handlers.Config{
-		Metrics:     set,
-		Internal:    worker.IsProbe,
-		Reload:      reload.Load,
-		Draining:    draining.Load,
-		Worker:      handlers.Worker{Slot: in.Slot, Generation: in.Generation, PID: in.PID, Started: in.Started},
-		Store:       st,
-		LLM:         model,
-		LLMTimeout:  cfg.LLMTimeout,
-		Logger:      log,
-		APITokens:   cfg.APITokens,
-		HostAllowed: cfg.HostCheck(len(cfg.APITokens) > 0),
-		Models:      models,
-		CORSOrigins: cfg.CORSOrigins,
-		Extra:       extraRoutes,
+		Metrics:  set,
+		Internal: worker.IsProbe,
+		Reload:   reload.Load,
+		Draining: draining.Load,
+		// A worker out of descriptors says so in /health, as in its
+		// heartbeat.
+		AcceptFailing: acceptFailing.Load,
+		Worker:        handlers.Worker{Slot: in.Slot, Generation: in.Generation, PID: in.PID, Started: in.Started},
+		Store:         st,
+		LLM:           model,
+		LLMTimeout:    cfg.LLMTimeout,
+		Logger:        log,
+		APITokens:     cfg.APITokens,
+		HostAllowed:   cfg.HostCheck(len(cfg.APITokens) > 0),
+		Models:        models,
+		CORSOrigins:   cfg.CORSOrigins,
+		Extra:         extraRoutes,
 
 		ChatMaxAttempts: cfg.ChatMaxAttempts,
 		ChatQueueMax:    cfg.ChatQueueMax,
@@ -88,6 +92,7 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 	}()
 	stopRunner := stopRunnerOnSignal(wc, runner, runnerBudget(cfg.GracefulTimeout), log)
 	wc.Handler = h.Serve
+	wc.OnAcceptFailing = acceptFailing.Store
 	wc.Error = handlers.WriteError
 	// /health answers from memory: a busy worker is not an unhealthy one.
 	wc.Unlimited = func(ctx *fasthttp.RequestCtx) bool { return string(ctx.Path()) == "/health" }

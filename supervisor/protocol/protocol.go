@@ -127,6 +127,9 @@ const (
 	RoleWorker = "worker"
 )
 
+// AcceptFailing is Message.Accept while a worker cannot accept.
+const AcceptFailing = "failing"
+
 // Message types on the control pipe.
 const (
 	TypeReady     = "ready"
@@ -158,6 +161,10 @@ type Message struct {
 	Requests uint64 `json:"requests,omitempty"`
 	// InFlight is the number of requests being served now.
 	InFlight int64 `json:"in_flight,omitempty"`
+	// Accept is "failing" on a heartbeat while the worker's accept fails
+	// for want of descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS,
+	// ENOMEM): new connections wait in the backlog. Omitted otherwise.
+	Accept string `json:"accept,omitempty"`
 	// Reason says why a recycle is asked for (e.g. "max_requests"), or
 	// why a worker is stopped.
 	Reason string `json:"reason,omitempty"`
