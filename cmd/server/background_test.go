@@ -413,14 +413,17 @@ func TestMultihostBackgroundChat(t *testing.T) {
 		other = "host-b"
 	}
 	pids := victim.workerPIDs()
+	killed := time.Now()
 	victim.cmd.Process.Kill()
 	for _, p := range pids {
 		syscall.Kill(p, syscall.SIGKILL)
 	}
 	<-victim.done
 	otherBase := strings.TrimSuffix(servers[other].url(""), "/")
+	// The other master hands the chat back once the victim has been
+	// without its claim for 10 s (a claim that flaps is not a death).
 	var again chatState
-	waitFor(t, 20*time.Second, func() error {
+	waitFor(t, 30*time.Second, func() error {
 		var err error
 		again, err = getChat(otherBase, id, 0)
 		if err != nil || again.Instance != other && again.Status != "completed" {
@@ -428,6 +431,7 @@ func TestMultihostBackgroundChat(t *testing.T) {
 		}
 		return nil
 	})
+	t.Logf("chat running on %s %v after its host was killed", other, time.Since(killed).Round(time.Millisecond))
 	done, err := getChat(otherBase, id, 30)
 	if err != nil || done.Status != "completed" || done.Attempts != 2 {
 		t.Fatalf("chat after its host died = %+v, %v, want completed after 2 attempts", done, err)
@@ -495,5 +499,36 @@ func TestIdempotencyKeyScopeAndWindow(t *testing.T) {
 	// The key now names the new chat.
 	if code, id, _ := chat("tok-a", "shared-key", "ok after the window"); code != 200 || id != renewed {
 		t.Fatalf("the key again = %d %s, want the new chat %s", code, id, renewed)
+	}
+}
+
+// TestSyncChatEvents: the events of a synchronous chat, read from another
+// connection while it runs: it stores no deltas, so the stream waits for
+// its end and sends the whole reply as one delta (id 1), then done; after
+// Last-Event-ID 1, only done.
+func TestSyncChatEvents(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=2s", "LOG_LEVEL=info")
+	base := strings.TrimSuffix(s.url(""), "/")
+	req, _ := http.NewRequest("POST", base+"/api/chat", strings.NewReader(`{"agent_id":"default","message":"watch me","stream":true}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("POST streamed chat: %v", err)
+	}
+	defer resp.Body.Close()
+	id := resp.Header.Get("X-Chat-Id")
+	if c, err := getChat(base, id, 0); err != nil || c.Status != "running" {
+		t.Fatalf("GET chat = %+v, %v, want running", c, err)
+	}
+	evs := readEvents(t, base, id, "")
+	done, err := getChat(base, id, 0)
+	if err != nil || done.Status != "completed" {
+		t.Fatalf("GET chat after its events = %+v, %v, want completed", done, err)
+	}
+	if len(evs) != 2 || evs[0].name != "delta" || evs[0].id != "1" || replyOf(evs) != done.Reply || evs[1].name != "done" {
+		t.Fatalf("events of a synchronous chat = %+v, want one delta (id 1) spelling %q, then done", evs, done.Reply)
+	}
+	if evs := readEvents(t, base, id, "1"); len(evs) != 1 || evs[0].name != "done" {
+		t.Fatalf("events after Last-Event-ID 1 = %+v, want only done", evs)
 	}
 }

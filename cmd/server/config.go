@@ -47,6 +47,7 @@ type config struct {
 	IdemWindow       time.Duration // --idempotency-window, default 24h, at least 1s
 	LimitAgents      int           // --limit-agents, default 10000, 0 = no limit
 	LimitStreams     int           // --limit-streams-per-client, default 32, 0 = no limit
+	Retention        time.Duration // --retention, 0 = off (the default), else at least IdemWindow
 }
 
 // Defaults and bounds of the agent API's settings; the process model's
@@ -162,11 +163,11 @@ func allOptions() []prefork.Option {
 // newApp is the server as a corral application whose options write into
 // c; Main runs it and loadConfig reads its configuration.
 func newApp(c *config) prefork.App {
-	var provider prefork.Setting
+	var provider, retention prefork.Setting
 	return prefork.App{
 		Name:        "server",
 		Version:     version,
-		Options:     apiOptions(c, &provider),
+		Options:     apiOptions(c, &provider, &retention),
 		ReloadBuild: defaultReloadBuild,
 		UsageHead:   usageHead,
 		UsageFoot:   usageFoot(),
@@ -182,6 +183,11 @@ func newApp(c *config) prefork.App {
 			}
 			if c.LLMProvider == providerOpenAI && c.LLMBaseURL == "" {
 				c.LLMBaseURL = defaultOpenAIBaseURL
+			}
+			// A key must name its chat for the whole window: the chat
+			// may not be deleted before.
+			if c.Retention > 0 && c.Retention < c.IdemWindow {
+				return retention.Invalid(fmt.Sprintf("at least --idempotency-window (%s), or off: an Idempotency-Key names its chat that long", prefork.FormatDuration(c.IdemWindow)))
 			}
 			return nil
 		},

@@ -67,6 +67,10 @@ func prepareMaster(cfg config, log zerolog.Logger, sc *supervisor.Config) (func(
 	sc.Charts = statusCharts
 	info := []supervisor.Field{{Name: "store", Value: describeStore(st.Path())}, {Name: "llm", Value: describeLLM(cfg)}}
 	queue := newQueueWatch(st, log, cfg.ChatMaxAttempts)
+	var prune *pruner
+	if cfg.Retention > 0 {
+		prune = startPruner(st, log, cfg.Retention)
+	}
 	sc.Info = func() []supervisor.Field { return append(info[:len(info):len(info)], queue.fields()...) }
 	sc.Metrics = queue.writeMetrics
 	if sc.Reload != nil {
@@ -75,6 +79,9 @@ func prepareMaster(cfg config, log zerolog.Logger, sc *supervisor.Config) (func(
 		sc.Reload.ExcludeDirs = dataDirsBelow(filepath.Dir(st.Path()), cfg.ReloadDirs)
 	}
 	return func() {
+		if prune != nil {
+			prune.close()
+		}
 		queue.close()
 		reaper.close()
 		st.Close()

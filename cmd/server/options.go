@@ -15,9 +15,10 @@ import (
 )
 
 // apiOptions are the agent API's settings, stored into c; the process
-// model's come from package prefork. provider receives the --llm-provider
-// setting for the check across settings in newApp.
-func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
+// model's come from package prefork. provider and retention receive the
+// --llm-provider and --retention settings for the checks across settings
+// in newApp.
+func apiOptions(c *config, provider, retention *prefork.Setting) []prefork.Option {
 	return []prefork.Option{
 		{Group: groupStore, Flag: "database-url", Arg: "URL", Env: []string{"DATABASE_URL"}, Default: defaultDatabaseURL,
 			Help: "sqlite:PATH or postgres://user@host/db",
@@ -137,6 +138,17 @@ func apiOptions(c *config, provider *prefork.Setting) []prefork.Option {
 				c.LimitAgents, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
+		{Group: groupStore, Flag: "retention", Arg: "DUR", Env: []string{"RETENTION"}, Default: "off",
+			Help: "delete chats and activities older than this, such as 30d; off = keep all",
+			Set: func(s prefork.Setting) error {
+				*retention = s
+				d, ok := parseRetention(s.Text())
+				if !ok {
+					return s.Invalid("off, or a duration with its unit such as 30d, 12h or 90m (a bare number is refused: it would mean seconds)")
+				}
+				c.Retention = d
+				return nil
+			}},
 		{Group: groupStore, Flag: "idempotency-window", Arg: "DUR", Env: []string{"IDEMPOTENCY_WINDOW"}, Default: "24h",
 			Help: "how long an Idempotency-Key names its chat; at least 1s",
 			Set: func(s prefork.Setting) (err error) {
@@ -231,6 +243,26 @@ func unescapedUserinfo(u string) bool {
 		return err != nil
 	}
 	return false
+}
+
+// parseRetention reads --retention: "off" or "0" (off), whole days ("30d"),
+// or a Go duration with a unit of at least one second ("12h", "90m").
+func parseRetention(t string) (time.Duration, bool) {
+	switch t = strings.TrimSpace(t); {
+	case t == "off" || t == "0":
+		return 0, true
+	case strings.HasSuffix(t, "d"):
+		n, err := strconv.Atoi(strings.TrimSuffix(t, "d"))
+		if err != nil || n < 1 || n > 100*365 {
+			return 0, false
+		}
+		return time.Duration(n) * 24 * time.Hour, true
+	}
+	d, err := time.ParseDuration(t)
+	if err != nil || d < time.Second {
+		return 0, false
+	}
+	return d, true
 }
 
 // parseHeaders parses LLM_HEADERS: "Name: value" (or "Name=value")

@@ -1,0 +1,90 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/corralhq/corral/handlers/store"
+)
+
+// Retention's pace: a pass at start and then every quarter of the
+// retention period, at least every pruneEveryMax; within a pass, batches of
+// store.DefaultPruneBatch rows with pruneBatchPause between them, so the
+// workers' own writes are never held for long.
+const (
+	pruneEveryMin   = time.Second
+	pruneEveryMax   = 10 * time.Minute
+	pruneBatchPause = 20 * time.Millisecond
+	pruneTimeout    = 10 * time.Minute
+)
+
+// pruner deletes the chats and activities older than --retention. It runs
+// in the master only, one goroutine: on SQLite the master is the one
+// process of the one server on the file; on PostgreSQL every host's master
+// runs one, and store.Prune's advisory lock lets one at a time do a pass
+// (the others skip theirs).
+type pruner struct {
+	st   *store.Store
+	log  zerolog.Logger
+	keep time.Duration
+	stop chan struct{}
+	done chan struct{}
+}
+
+// startPruner starts the pruner; close stops it and waits for a pass in
+// progress to end (it is cancelled).
+func startPruner(st *store.Store, log zerolog.Logger, keep time.Duration) *pruner {
+	p := &pruner{st: st, log: log, keep: keep, stop: make(chan struct{}), done: make(chan struct{})}
+	go p.run()
+	return p
+}
+
+func (p *pruner) run() {
+	defer close(p.done)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-p.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	every := min(max(p.keep/4, pruneEveryMin), pruneEveryMax)
+	failing := false
+	for {
+		pctx, pcancel := context.WithTimeout(ctx, pruneTimeout)
+		before := time.Now().Add(-p.keep)
+		n, err := p.st.Prune(pctx, store.PruneOptions{Before: before, Pause: pruneBatchPause})
+		pcancel()
+		switch {
+		case ctx.Err() != nil:
+			return
+		case errors.Is(err, store.ErrPruneBusy):
+			p.log.Debug().Msg("another server is pruning; pass skipped")
+		case err != nil:
+			if !failing {
+				p.log.Warn().Err(err).Int("chats", n.Chats).Int("activities", n.Activities).Msg("retention pass failed")
+			}
+			failing = true
+		default:
+			failing = false
+			if n.Chats > 0 || n.Activities > 0 {
+				p.log.Info().Int("chats", n.Chats).Int("activities", n.Activities).Time("before", before).Msg("deleted chats and activities past the retention period")
+			}
+		}
+		select {
+		case <-p.stop:
+			return
+		case <-time.After(every):
+		}
+	}
+}
+
+func (p *pruner) close() {
+	close(p.stop)
+	<-p.done
+}

@@ -1,0 +1,134 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// DefaultPruneBatch is how many rows of one table Prune deletes in one
+// transaction when PruneOptions.Batch is 0.
+const DefaultPruneBatch = 500
+
+// pruneLockKey is the session advisory lock a PostgreSQL Prune holds for
+// its whole pass, so that one process at a time prunes, database-wide.
+const pruneLockKey int64 = 0x636f7272616c04
+
+// ErrPruneBusy is Prune's error when another process is pruning the same
+// PostgreSQL database: the pass is skipped.
+var ErrPruneBusy = errors.New("store: another process is pruning")
+
+// PruneOptions configures one Prune pass.
+type PruneOptions struct {
+	// Before is the cutoff: chats created and activities written before it
+	// are deleted.
+	Before time.Time
+	// Batch bounds the rows of one table deleted per transaction. Default
+	// DefaultPruneBatch.
+	Batch int
+	// Pause is the wait between two batches, which lets other writers in.
+	Pause time.Duration
+}
+
+// Pruned counts what one Prune pass deleted.
+type Pruned struct {
+	Chats, Activities int
+}
+
+// Prune deletes the finished chats (completed, failed or cancelled; a
+// queued or running chat is never deleted), with their stored deltas,
+// created before o.Before, and the activities written before it, in
+// transactions of at most o.Batch rows of a table, until none is left. The
+// newest activity is always kept, so activity ids stay increasing and
+// never reused, and a cursor a client holds stays a valid place in the
+// feed. On PostgreSQL the pass holds an advisory lock; while another
+// process holds it Prune returns ErrPruneBusy at once. What was deleted
+// before an error stays deleted.
+func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
+	if o.Batch <= 0 {
+		o.Batch = DefaultPruneBatch
+	}
+	var done Pruned
+	if s.pg != nil {
+		conn, err := s.db.Conn(ctx)
+		if err != nil {
+			return done, s.wrap(ctx, "prune", err)
+		}
+		defer conn.Close()
+		var ok bool
+		if err := conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1)`, pruneLockKey).Scan(&ok); err != nil {
+			return done, s.wrap(ctx, "prune", err)
+		}
+		if !ok {
+			return done, ErrPruneBusy
+		}
+		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, pruneLockKey)
+	}
+	cutoff := timeArg(o.Before)
+	for first := true; ; first = false {
+		if !first && o.Pause > 0 {
+			select {
+			case <-ctx.Done():
+				return done, ctx.Err()
+			case <-time.After(o.Pause):
+			}
+		}
+		var chats, acts int
+		err := s.write(ctx, func(tx *sql.Tx) error {
+			var err error
+			if chats, err = s.pruneChats(ctx, tx, cutoff, o.Batch); err != nil {
+				return err
+			}
+			res, err := tx.ExecContext(ctx, s.q(`DELETE FROM activities WHERE id IN (
+	SELECT id FROM activities WHERE time < ? AND id < (SELECT max(id) FROM activities) ORDER BY id LIMIT ?)`), cutoff, o.Batch)
+			if err != nil {
+				return err
+			}
+			n, err := res.RowsAffected()
+			acts = int(n)
+			return err
+		})
+		if err != nil {
+			return done, s.wrap(ctx, "prune", err)
+		}
+		done.Chats += chats
+		done.Activities += acts
+		if chats < o.Batch && acts < o.Batch {
+			return done, nil
+		}
+	}
+}
+
+// pruneChats deletes up to batch finished chats created before cutoff, and
+// their deltas, in tx.
+func (s *Store) pruneChats(ctx context.Context, tx *sql.Tx, cutoff string, batch int) (int, error) {
+	rows, err := tx.QueryContext(ctx, s.q(`SELECT id FROM chats WHERE created_at < ? AND status IN (?, ?, ?) LIMIT ?`),
+		cutoff, ChatCompleted, ChatFailed, ChatCancelled, batch)
+	if err != nil {
+		return 0, err
+	}
+	var ids []any
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			return 0, err
+		}
+		ids = append(ids, id)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil || len(ids) == 0 {
+		return 0, err
+	}
+	in := "(" + strings.Repeat("?, ", len(ids)-1) + "?)"
+	if _, err := tx.ExecContext(ctx, s.q(`DELETE FROM chat_events WHERE chat_id IN `+in), ids...); err != nil {
+		return 0, fmt.Errorf("chat events: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, s.q(`DELETE FROM chats WHERE id IN `+in), ids...); err != nil {
+		return 0, err
+	}
+	return len(ids), nil
+}

@@ -1,0 +1,102 @@
+package store
+
+import (
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// TestPrune runs on both engines: finished chats created before the cutoff
+// go with their deltas, in batches; a running chat and the newest activity
+// stay, whatever their age; on PostgreSQL a second pruner is turned away
+// while the first holds the lock.
+func TestPrune(t *testing.T) {
+	for _, engine := range []string{"sqlite", "postgres"} {
+		t.Run(engine, func(t *testing.T) {
+			url := "sqlite:" + filepath.Join(t.TempDir(), "server.db")
+			if engine == "postgres" {
+				url = newPostgresDB(t).url
+			}
+			s, err := Open(t.Context(), url, Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { s.Close() })
+			ctx := t.Context()
+			if err := s.Migrate(ctx); err != nil {
+				t.Fatal(err)
+			}
+			var finished []string
+			for range 5 {
+				act, err := s.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "m", Origin: Origin{Worker: 1, PID: 1}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := s.AppendChatEvents(ctx, []ChatDelta{{ChatID: act.ChatID, Attempt: 1, Text: "x"}}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := s.FinishChat(ctx, act.ChatID, ChatCompleted, nil); err != nil {
+					t.Fatal(err)
+				}
+				finished = append(finished, act.ChatID)
+			}
+			running, err := s.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "still running", Origin: Origin{Worker: 1, PID: 1}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Everything so far is made a day old.
+			old := timeArg(time.Now().Add(-24 * time.Hour))
+			for _, q := range []string{`UPDATE chats SET created_at = ?`, `UPDATE activities SET time = ?`} {
+				if _, err := s.db.ExecContext(ctx, s.q(q), old); err != nil {
+					t.Fatal(err)
+				}
+			}
+			last, _ := s.LastActivityID(ctx)
+			if engine == "postgres" {
+				other, err := Open(ctx, url, Options{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer other.Close()
+				conn, err := other.db.Conn(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, pruneLockKey)
+				if _, err := s.Prune(ctx, PruneOptions{Before: time.Now().Add(-time.Hour)}); !errors.Is(err, ErrPruneBusy) {
+					t.Errorf("Prune() while another holds the lock = %v, want ErrPruneBusy", err)
+				}
+				conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1)`, pruneLockKey)
+				conn.Close()
+			}
+			got, err := s.Prune(ctx, PruneOptions{Before: time.Now().Add(-time.Hour), Batch: 2})
+			if err != nil {
+				t.Fatalf("Prune() = %v", err)
+			}
+			if got.Chats != 5 || got.Activities != int(last)-1 {
+				t.Errorf("Prune() = %+v, want 5 chats and %d activities (all but the newest)", got, last-1)
+			}
+			for _, id := range finished {
+				if _, err := s.ChatByID(ctx, id); !errors.Is(err, ErrNotFound) {
+					t.Errorf("ChatByID(%s) after Prune = %v, want ErrNotFound", id, err)
+				}
+			}
+			if _, err := s.ChatByID(ctx, running.ChatID); err != nil {
+				t.Errorf("the running chat: %v, want kept", err)
+			}
+			var events int
+			s.db.QueryRowContext(ctx, `SELECT count(*) FROM chat_events`).Scan(&events)
+			if events != 0 {
+				t.Errorf("%d chat events left, want 0", events)
+			}
+			acts, _ := s.Activities(ctx, Filter{})
+			if len(acts) != 1 || acts[0].ID != last {
+				t.Errorf("activities after Prune: %+v, want only the newest, %d", acts, last)
+			}
+			if again, err := s.Prune(ctx, PruneOptions{Before: time.Now().Add(-time.Hour)}); err != nil || again != (Pruned{}) {
+				t.Errorf("second Prune() = %+v, %v; want nothing", again, err)
+			}
+		})
+	}
+}
