@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"sync"
@@ -82,6 +83,12 @@ func (h *Handler) RunChat(ctx context.Context, chatID, requestID string) error {
 				"reason": obj.Code, "status": http.StatusNotFound, "message": obj.Message})})
 		}
 		return h.requeue(c, store.Requeue{Reason: "store_unavailable", Uncounted: true}, time.Second)
+	}
+	if !h.modelAllowed(agent.Model) {
+		h.m.chatEnded()
+		obj := h.modelRefused(fmt.Sprintf("agent %q names model %q, which", agent.ID, agent.Model))
+		return h.endAttempt(c, store.Outcome{Status: store.ChatFailed, Data: tagged(map[string]any{
+			"reason": obj.Code, "status": http.StatusUnprocessableEntity, "message": obj.Message})})
 	}
 	// One upstream request per attempt: the retries, their backoff and
 	// Retry-After are the job's, so a wait frees the worker's slot, lasts
@@ -192,14 +199,23 @@ func retryWait(attempt int, err error) time.Duration {
 
 // cancels runs a chat's cancellation wherever the chat runs. The canceller
 // (any worker, any host) ends the chat "cancelled" in the store, which
-// writes a "chat.cancelled" activity; every worker that runs chats follows
-// the activity feed from one goroutine and cancels the context of its
-// chats that appear there. The feed's wake-ups cross processes (SQLite,
-// about 50 ms) and hosts (PostgreSQL NOTIFY).
+// writes a "chat.cancelled" activity; every worker that runs chats reads
+// the new ones every followEvery from one goroutine, while it has chats
+// registered, and cancels the context of its chats that appear there.
+//
+// It reads nothing else: activity ids grow in commit order (store), so
+// "chat.cancelled activities after the last one seen" misses none, and a
+// chat is registered before it can be cancelled, so the position read when
+// the follower starts, or while it has no chat, is a safe place to start.
+// A worker with no chat (idle, or only background chats queued elsewhere)
+// costs one read of the feed's position a second; with chats, one indexed
+// read every followEvery, whatever the traffic.
 type cancels struct {
 	h       *Handler
 	mu      sync.Mutex
 	running map[string]context.CancelCauseFunc
+	after   int64  // the last activity id the follower has looked past
+	regs    uint64 // registrations so far
 	started bool
 	stop    context.CancelFunc
 	done    chan struct{}
@@ -221,10 +237,11 @@ func (cs *cancels) register(chatID string, cancel context.CancelCauseFunc) (unre
 		var wctx context.Context
 		wctx, cs.stop = context.WithCancel(context.Background())
 		cs.done = make(chan struct{})
-		cs.started = true
-		go cs.follow(wctx, after)
+		cs.started, cs.after = true, after
+		go cs.follow(wctx)
 	}
 	cs.running[chatID] = cancel
+	cs.regs++
 	return func() {
 		cs.mu.Lock()
 		delete(cs.running, chatID)
@@ -232,43 +249,51 @@ func (cs *cancels) register(chatID string, cancel context.CancelCauseFunc) (unre
 	}, nil
 }
 
-// followEvery spaces the follower's reads: a busy feed (every chat writes
-// two activities) costs it at most this many queries a second, and a
-// cancellation still arrives well within a second.
+// followEvery spaces the follower's reads: a cancellation arrives well
+// within a second, and a worker running chats reads the feed ten times a
+// second however busy it is.
 const followEvery = 100 * time.Millisecond
 
-func (cs *cancels) follow(ctx context.Context, after int64) {
+// idleFollowEvery spaces the follower's reads of the feed's position while
+// this worker runs no chat, so that the first read after is short.
+const idleFollowEvery = time.Second
+
+func (cs *cancels) follow(ctx context.Context) {
 	defer close(cs.done)
 	st := cs.h.cfg.Store
 	t := time.NewTicker(followEvery)
 	defer t.Stop()
+	var lastIdleRead time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		if err := st.WaitActivity(ctx, after); err != nil {
+		cs.mu.Lock()
+		idle, regs, after := len(cs.running) == 0, cs.regs, cs.after
+		cs.mu.Unlock()
+		if idle {
+			if time.Since(lastIdleRead) < idleFollowEvery {
+				continue
+			}
+			lastIdleRead = time.Now()
+			last, err := st.LastActivityID(ctx)
+			cs.mu.Lock()
+			// Only if no chat registered meanwhile: its cancellation may
+			// be at or below last.
+			if err == nil && cs.regs == regs {
+				cs.after = max(cs.after, last)
+			}
+			cs.mu.Unlock()
+			continue
+		}
+		acts, err := st.Activities(ctx, store.Filter{After: after, Type: "chat.cancelled", Limit: store.MaxLimit})
+		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, store.ErrClosed) {
 				return
 			}
-			time.Sleep(time.Second) // the database is down: try again later
-			continue
-		}
-		// last first: ids commit in order, so every cancellation up to
-		// last is visible to the query that follows, and after can move
-		// past the other activities without missing one.
-		last, err := st.LastActivityID(ctx)
-		var acts []store.Activity
-		if err == nil {
-			acts, err = st.Activities(ctx, store.Filter{After: after, Type: "chat.cancelled", Limit: store.MaxLimit})
-		}
-		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			time.Sleep(time.Second)
-			continue
+			continue // the database is down: the next tick tries again
 		}
 		cs.mu.Lock()
 		for _, a := range acts {
@@ -276,12 +301,10 @@ func (cs *cancels) follow(ctx context.Context, after int64) {
 				cancel(errCancelRequested)
 			}
 		}
-		cs.mu.Unlock()
-		if n := len(acts); n == store.MaxLimit {
-			after = acts[n-1].ID // more to read
-		} else {
-			after = max(last, after)
+		if n := len(acts); n > 0 {
+			cs.after = max(cs.after, acts[n-1].ID)
 		}
+		cs.mu.Unlock()
 	}
 }
 

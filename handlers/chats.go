@@ -235,7 +235,8 @@ func (h *Handler) chatFailed(ctx *fasthttp.RequestCtx, id, op string, err error)
 // after Last-Event-ID (or after), each with its id, then new ones as the
 // running chat writes them, then "done" or "error" once it is final. A
 // later attempt of a retried chat starts with a "retry" event; its deltas
-// replace the earlier attempt's text.
+// replace the earlier attempt's text. A synchronous chat's stream waits for
+// its end and sends its whole reply as one delta.
 func (h *Handler) chatEvents(ctx *fasthttp.RequestCtx, id string, after int64) {
 	if v := ctx.Request.Header.Peek("Last-Event-ID"); len(v) > 0 {
 		n, err := strconv.ParseInt(string(v), 10, 64)
@@ -313,7 +314,17 @@ func (h *Handler) chatEvents(ctx *fasthttp.RequestCtx, id string, after int64) {
 			}
 			if store.Final(c.Status) {
 				// The status was read before the events: everything the
-				// chat wrote is sent.
+				// chat wrote is sent. A synchronous chat stores no deltas
+				// (its tokens go to its own caller only): its reply is one
+				// delta, id 1.
+				if !c.Background && c.Status == store.ChatCompleted && after < 1 {
+					b, _ := json.Marshal(struct {
+						Text string `json:"text"`
+					}{c.Reply})
+					if sw.event(1, "delta", b) != nil {
+						return
+					}
+				}
 				writeFinal(sw, c)
 				return
 			}

@@ -145,6 +145,7 @@ func TestConcurrentChatsOnFourWorkers(t *testing.T) {
 }
 
 func TestAgentIsSeenByEveryWorker(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=3", "SIMULATED_LATENCY=0")
 	var agent struct{ ID string }
 	if _, err := s.postJSON("/api/agents", map[string]any{"name": "shared", "system_prompt": "be brief"}, &agent); err != nil {
@@ -165,6 +166,7 @@ func TestAgentIsSeenByEveryWorker(t *testing.T) {
 }
 
 func TestLongPollIsWokenByAnotherWorker(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=0", "ACCESS_LOG=true")
 	for attempt := 1; ; attempt++ {
 		all := s.allActivities(t)
@@ -223,6 +225,7 @@ func TestLongPollIsWokenByAnotherWorker(t *testing.T) {
 }
 
 func TestChatOfKilledWorkerIsRecordedFailed(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=60s")
 	go s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": "long"}, &chatAnswer{})
 	var started activity
@@ -253,6 +256,7 @@ func TestChatOfKilledWorkerIsRecordedFailed(t *testing.T) {
 // while its chat waits on the LLM cancels the chat, through every wrapper
 // the worker puts around the socket.
 func TestChatCancelledWhenClientGoesAway(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=60s")
 	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(s.port))
 	if err != nil {
@@ -285,6 +289,7 @@ func TestChatCancelledWhenClientGoesAway(t *testing.T) {
 }
 
 func TestUnusableDatabaseExits3(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	notDir := filepath.Join(dir, "file")
 	os.WriteFile(notDir, []byte("x"), 0o644)
@@ -306,6 +311,7 @@ func TestUnusableDatabaseExits3(t *testing.T) {
 // completes: the second never reached FailAllStarted, which would have
 // failed it. Another instance id is welcome.
 func TestInstanceIDInUse(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "server.db")
 	a := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=3s", "DATABASE_URL=sqlite:"+db)
 	reply := make(chan chatReply, 1)
@@ -342,6 +348,7 @@ func TestInstanceIDInUse(t *testing.T) {
 // X-Forwarded-For names when the peer is a trusted proxy, and the peer
 // otherwise.
 func TestAccessLogClientBehindProxy(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		env  []string
 		want string
@@ -373,6 +380,7 @@ func TestAccessLogClientBehindProxy(t *testing.T) {
 }
 
 func TestStreamsFlowWithAccessLog(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "ACCESS_LOG=true", "SIMULATED_LATENCY=30s")
 	// A buffered stream would send nothing for 30 s; the client gives up
 	// at 15.

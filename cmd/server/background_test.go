@@ -162,6 +162,7 @@ func replyOf(evs []sseEvent) string {
 // second attempt, its events replayed whole and resumed after an id, and a
 // cancellation from another connection.
 func TestBackgroundChatLifecycle(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=3s", "LOG_LEVEL=info")
 	base := strings.TrimSuffix(s.url(""), "/")
 
@@ -247,6 +248,7 @@ func TestBackgroundChatLifecycle(t *testing.T) {
 // same key with another body is 422; an upstream that keeps cutting its
 // stream is retried and the chat fails after --chat-max-attempts.
 func TestBackgroundIdempotencyAndRetries(t *testing.T) {
+	t.Parallel()
 	llm := newFakeLLM(t)
 	s := startServer(t, "WORKERS=2", "LLM_BASE_URL="+llm.baseURL(), "CHAT_MAX_ATTEMPTS=2", "LOG_LEVEL=info")
 	base := strings.TrimSuffix(s.url(""), "/")
@@ -300,6 +302,7 @@ func TestBackgroundIdempotencyAndRetries(t *testing.T) {
 // than the chat leaves it queued; the next start on the same database runs
 // it to the end.
 func TestBackgroundChatSurvivesRestart(t *testing.T) {
+	t.Parallel()
 	db := "DATABASE_URL=sqlite:" + filepath.Join(t.TempDir(), "server.db")
 	env := []string{db, "WORKERS=1", "SIMULATED_LATENCY=4s", "TIMEOUT_GRACEFUL_SHUTDOWN=1s", "LOG_LEVEL=info"}
 	s := startServer(t, env...)
@@ -325,6 +328,7 @@ func TestBackgroundChatSurvivesRestart(t *testing.T) {
 // the queue (depth, running, age of the oldest); cancelling queued chats
 // empties it.
 func TestBackgroundQueueLimitAndMetrics(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "CHAT_CONCURRENCY=1", "CHAT_QUEUE_MAX=2", "SIMULATED_LATENCY=30s",
 		"METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info")
 	base := strings.TrimSuffix(s.url(""), "/")
@@ -373,6 +377,7 @@ func TestBackgroundQueueLimitAndMetrics(t *testing.T) {
 // whole (master and workers, SIGKILL), and the other one finishes the chat
 // after seeing the lost instance claim.
 func TestMultihostBackgroundChat(t *testing.T) {
+	t.Parallel()
 	dbURL := testPostgresDB(t)
 	env := []string{"DATABASE_URL=" + dbURL, "WORKERS=1", "SIMULATED_LATENCY=4s", "LOG_LEVEL=info"}
 	servers := map[string]*server{
@@ -413,14 +418,17 @@ func TestMultihostBackgroundChat(t *testing.T) {
 		other = "host-b"
 	}
 	pids := victim.workerPIDs()
+	killed := time.Now()
 	victim.cmd.Process.Kill()
 	for _, p := range pids {
 		syscall.Kill(p, syscall.SIGKILL)
 	}
 	<-victim.done
 	otherBase := strings.TrimSuffix(servers[other].url(""), "/")
+	// The other master hands the chat back once the victim has been
+	// without its claim for 10 s (a claim that flaps is not a death).
 	var again chatState
-	waitFor(t, 20*time.Second, func() error {
+	waitFor(t, 30*time.Second, func() error {
 		var err error
 		again, err = getChat(otherBase, id, 0)
 		if err != nil || again.Instance != other && again.Status != "completed" {
@@ -428,6 +436,7 @@ func TestMultihostBackgroundChat(t *testing.T) {
 		}
 		return nil
 	})
+	t.Logf("chat running on %s %v after its host was killed", other, time.Since(killed).Round(time.Millisecond))
 	done, err := getChat(otherBase, id, 30)
 	if err != nil || done.Status != "completed" || done.Attempts != 2 {
 		t.Fatalf("chat after its host died = %+v, %v, want completed after 2 attempts", done, err)
@@ -443,6 +452,7 @@ func TestMultihostBackgroundChat(t *testing.T) {
 // under one token it names one. Past --idempotency-window the key is free
 // again: another body with it starts a new chat instead of a 422.
 func TestIdempotencyKeyScopeAndWindow(t *testing.T) {
+	t.Parallel()
 	llm := newFakeLLM(t)
 	const window = 3 * time.Second
 	s := startServer(t, "WORKERS=2", "LLM_BASE_URL="+llm.baseURL(), "API_TOKEN=tok-a,tok-b",
@@ -495,5 +505,36 @@ func TestIdempotencyKeyScopeAndWindow(t *testing.T) {
 	// The key now names the new chat.
 	if code, id, _ := chat("tok-a", "shared-key", "ok after the window"); code != 200 || id != renewed {
 		t.Fatalf("the key again = %d %s, want the new chat %s", code, id, renewed)
+	}
+}
+
+// TestSyncChatEvents: the events of a synchronous chat, read from another
+// connection while it runs: it stores no deltas, so the stream waits for
+// its end and sends the whole reply as one delta (id 1), then done; after
+// Last-Event-ID 1, only done.
+func TestSyncChatEvents(t *testing.T) {
+	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=2s", "LOG_LEVEL=info")
+	base := strings.TrimSuffix(s.url(""), "/")
+	req, _ := http.NewRequest("POST", base+"/api/chat", strings.NewReader(`{"agent_id":"default","message":"watch me","stream":true}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("POST streamed chat: %v", err)
+	}
+	defer resp.Body.Close()
+	id := resp.Header.Get("X-Chat-Id")
+	if c, err := getChat(base, id, 0); err != nil || c.Status != "running" {
+		t.Fatalf("GET chat = %+v, %v, want running", c, err)
+	}
+	evs := readEvents(t, base, id, "")
+	done, err := getChat(base, id, 0)
+	if err != nil || done.Status != "completed" {
+		t.Fatalf("GET chat after its events = %+v, %v, want completed", done, err)
+	}
+	if len(evs) != 2 || evs[0].name != "delta" || evs[0].id != "1" || replyOf(evs) != done.Reply || evs[1].name != "done" {
+		t.Fatalf("events of a synchronous chat = %+v, want one delta (id 1) spelling %q, then done", evs, done.Reply)
+	}
+	if evs := readEvents(t, base, id, "1"); len(evs) != 1 || evs[0].name != "done" {
+		t.Fatalf("events after Last-Event-ID 1 = %+v, want only done", evs)
 	}
 }

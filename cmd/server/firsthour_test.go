@@ -40,6 +40,7 @@ func (s *server) startFailure(t *testing.T) string {
 // its one error line, and never reaches the store (whose instance-id
 // advice would send the user the wrong way).
 func TestSecondCopySameDatabaseNamesThePort(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "server.db")
 	first := startServer(t, "WORKERS=1", "DATABASE_URL=sqlite:"+db)
 	second := launch(t, "WORKERS=1", "DATABASE_URL=sqlite:"+db, "PORT="+strconv.Itoa(first.port),
@@ -59,6 +60,7 @@ func TestSecondCopySameDatabaseNamesThePort(t *testing.T) {
 // TestMissingDatabaseFolder: a folder the user named is never created; the
 // error names it. The default data/ folder is created.
 func TestMissingDatabaseFolder(t *testing.T) {
+	t.Parallel()
 	missing := filepath.Join(t.TempDir(), "no", "such")
 	s := launch(t, "WORKERS=1", "DATABASE_URL=sqlite:"+filepath.Join(missing, "x.db"))
 	if code, want := s.wait(20*time.Second), documentedExit(t, "the store cannot be opened"); code != want {
@@ -80,6 +82,7 @@ func TestMissingDatabaseFolder(t *testing.T) {
 // TestBusyPortFailurePrintedOnce: the busy-port error is one log line, also
 // in the console format.
 func TestBusyPortFailurePrintedOnce(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -99,6 +102,7 @@ func TestBusyPortFailurePrintedOnce(t *testing.T) {
 // one info line with the sysctl command, only with several workers on
 // per-slot sockets outside reload mode.
 func TestMigrateReqNoticeOnlyWhereItMatters(t *testing.T) {
+	t.Parallel()
 	const msg = "net.ipv4.tcp_migrate_req is 0: scaling down resets the connections queued on the removed worker's socket"
 	off := tcpMigrateReq() == "0"
 	for _, tc := range []struct {
@@ -132,6 +136,7 @@ func processTitle(pid int) string {
 // English ("1 worker", "2 workers") and follows scaling; worker titles
 // carry no count, so none goes stale.
 func TestTitlesAfterScaling(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	master := s.cmd.Process.Pid
 	where := "127.0.0.1:" + strconv.Itoa(s.port)
@@ -164,6 +169,7 @@ var decimalField = regexp.MustCompile(`"([a-z_]+)":(-?[0-9]+)\.([0-9]+)`)
 // and in status --json is a duration whose field names its unit (_ms in
 // logs, _s in the status) and has at most 3 decimals.
 func TestDurationsCarryTheirUnit(t *testing.T) {
+	t.Parallel()
 	sock := filepath.Join(t.TempDir(), "c.sock")
 	s := startServer(t, "WORKERS=2", "ACCESS_LOG=true", "CONTROL_SOCKET="+sock)
 	if _, err := s.health(fresh); err != nil {
@@ -195,6 +201,7 @@ func TestDurationsCarryTheirUnit(t *testing.T) {
 // with what they ask; a worker told to drain logs the master's reason and
 // the budget the master enforces, in a HUP roll and in reload mode.
 func TestSignalsAndStopReasons(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	s.cmd.Process.Signal(syscall.SIGTTIN)
 	waitFor(t, 20*time.Second, func() error {
@@ -246,6 +253,7 @@ func TestSignalsAndStopReasons(t *testing.T) {
 // TestUnknownFlagIsTwoLines: a mistyped flag exits with the documented
 // status, the error with a suggestion and one line pointing at --help.
 func TestUnknownFlagIsTwoLines(t *testing.T) {
+	t.Parallel()
 	code, out, errOut := cli(t, "--wokers", "3")
 	if want := documentedExit(t, "a bad flag"); code != want {
 		t.Errorf("exit %d, want %d", code, want)

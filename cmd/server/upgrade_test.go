@@ -27,9 +27,7 @@ import (
 func installFile(t *testing.T, path string, content []byte) {
 	t.Helper()
 	tmp := path + ".new"
-	if err := os.WriteFile(tmp, content, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	writeExecutable(t, tmp, content)
 	if err := os.Rename(tmp, path); err != nil {
 		t.Fatal(err)
 	}
@@ -89,6 +87,7 @@ func openLoop(s func() string, interval time.Duration, stop <-chan struct{}) fun
 // binary, the broken upgrade fails without a dropped request, the good
 // one hands over without one, and systemd hears of the new main process.
 func TestUpgrade(t *testing.T) {
+	t.Parallel()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -283,6 +282,7 @@ func wantTitle(t *testing.T, pid int, suffix string) {
 // that stays shows the reason in its status and its usual title, and still
 // has its control socket: the failed master leaves the path alone.
 func TestUpgradeProgress(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	versionFile, hold, envFile := filepath.Join(dir, "version"), filepath.Join(dir, "hold"), filepath.Join(dir, "env")
 	ctl := filepath.Join(dir, "server.sock")
@@ -498,6 +498,7 @@ func upgradeUnderLoad(t *testing.T, old int, ctl, versionFile string, clients []
 // unix socket (--uds) and one on a socket from systemd's socket
 // activation: each hands its sockets over without a failed request.
 func TestUpgradeSockets(t *testing.T) {
+	t.Parallel()
 	keep := func(dial func(ctx context.Context, _, _ string) (net.Conn, error)) *http.Client {
 		return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: dial}}
 	}

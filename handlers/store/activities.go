@@ -119,6 +119,6 @@ func (s *Store) insertActivity(ctx context.Context, tx *sql.Tx, a *Activity) err
 		}
 		data = sql.NullString{String: string(b), Valid: true}
 	}
-	return tx.QueryRowContext(ctx, s.q(s.d.insertActivity),
+	return s.queryRow(ctx, tx, s.d.insertActivity,
 		timeArg(a.Time), a.Type, a.AgentID, a.ChatID, a.Worker, a.PID, s.host, data).Scan(&a.ID)
 }

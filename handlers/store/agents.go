@@ -91,7 +91,7 @@ VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
 // Agent returns the agent with id, or an error matching ErrNotFound.
 func (s *Store) Agent(ctx context.Context, id string) (Agent, error) {
 	a := Agent{ID: id}
-	err := s.db.QueryRowContext(ctx, s.q(`SELECT name, system_prompt, model, created_at FROM agents WHERE id = ?`), id).
+	err := s.queryRow(ctx, nil, `SELECT name, system_prompt, model, created_at FROM agents WHERE id = ?`, id).
 		Scan(&a.Name, &a.SystemPrompt, &a.Model, dbTime{&a.CreatedAt})
 	if errors.Is(err, sql.ErrNoRows) {
 		err = ErrNotFound

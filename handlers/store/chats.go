@@ -111,7 +111,7 @@ func (s *Store) StartChat(ctx context.Context, c Chat) (Activity, error) {
 	}
 	insert := func(tx *sql.Tx) error {
 		var one int
-		err := tx.QueryRowContext(ctx, s.q(`SELECT 1 FROM agents WHERE id = ?`), c.AgentID).Scan(&one)
+		err := s.queryRow(ctx, tx, `SELECT 1 FROM agents WHERE id = ?`, c.AgentID).Scan(&one)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("agent %s: %w", c.AgentID, ErrNotFound)
 		}
@@ -132,9 +132,9 @@ func (s *Store) StartChat(ctx context.Context, c Chat) (Activity, error) {
 				return fmt.Errorf("%d chats queued: %w", n, ErrQueueFull)
 			}
 		}
-		res, err := tx.ExecContext(ctx, s.q(`INSERT INTO chats (id, agent_id, message, status, background, attempts,
+		res, err := s.exec(ctx, tx, `INSERT INTO chats (id, agent_id, message, status, background, attempts,
 	worker, pid, host, created_at, started_at, idem_key, idem_hash)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`),
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
 			c.ID, c.AgentID, c.Message, status, c.Background, attempts,
 			c.Origin.Worker, c.Origin.PID, s.host, timeArg(act.Time), started, idemKey, idemHash)
 		if err != nil {
@@ -214,7 +214,7 @@ func scanChat(sc interface{ Scan(...any) error }) (ChatRow, error) {
 
 // ChatByID returns the chat with id, or an error matching ErrNotFound.
 func (s *Store) ChatByID(ctx context.Context, id string) (ChatRow, error) {
-	c, err := scanChat(s.db.QueryRowContext(ctx, s.q(`SELECT `+chatColumns+` FROM chats WHERE id = ?`), id))
+	c, err := scanChat(s.queryRow(ctx, nil, `SELECT `+chatColumns+` FROM chats WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return ChatRow{}, fmt.Errorf("chat %s: %w", id, ErrNotFound)
 	}
@@ -275,7 +275,7 @@ WHERE id = ? AND (status = 'running'`
 			args = append(args, o.Attempt)
 		}
 		query += ` RETURNING agent_id, worker, pid, job_id`
-		err := tx.QueryRowContext(ctx, s.q(query), args...).Scan(&act.AgentID, &act.Worker, &act.PID, &jobID)
+		err := s.queryRow(ctx, tx, query, args...).Scan(&act.AgentID, &act.Worker, &act.PID, &jobID)
 		if errors.Is(err, sql.ErrNoRows) {
 			var cur string
 			err = tx.QueryRowContext(ctx, s.q(`SELECT status FROM chats WHERE id = ?`), chatID).Scan(&cur)

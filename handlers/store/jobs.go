@@ -451,15 +451,24 @@ func (s *Store) HandBackChats(ctx context.Context, pid int, reason string, maxAt
 	return s.handBack(ctx, s.host, pid, reason, maxAttempts)
 }
 
+// lostGrace is how long an instance must be seen without its claim before
+// HandBackLostHosts hands its chats back: longer than a claim whose
+// connection broke takes to come back (claimCheckEvery after the database
+// answers again), so that a moment's loss of the connection does not run
+// that instance's chats a second time.
+func lostGrace() time.Duration { return 2 * claimCheckEvery }
+
 // HandBackLostHosts hands back, as HandBackChats does with reason
 // "instance_lost", the running background chats of every other instance
-// (--instance-id) whose claim on the database (ClaimInstance) is gone: its
-// server died with its master, or lost the database for good. PostgreSQL
-// only; on SQLite, one machine, the next start of that instance does it.
-// The masters of a deployment call it every few seconds. An instance that
-// lost its claim connection for a moment (it takes it again within
-// claimCheckEvery) may have its chats run twice; the first attempt's
-// outcome is then discarded (EndChat with Outcome.Attempt).
+// (--instance-id) whose claim on the database (ClaimInstance) has been
+// gone in every call for at least lostGrace (10 s): its server died with
+// its master, or lost the database for good. PostgreSQL only; on SQLite,
+// one machine, the next start of that instance does it. The masters of a
+// deployment call it every few seconds; each Store keeps its own record of
+// when it first found an instance lost. An instance cut from the database
+// for longer than lostGrace while its worker still reaches the LLM has its
+// chats run twice: the first attempt's outcome is then discarded (EndChat
+// with Outcome.Attempt), but its LLM call runs to its end.
 func (s *Store) HandBackLostHosts(ctx context.Context, maxAttempts int) (int, error) {
 	if s.pg == nil {
 		return 0, nil
@@ -481,8 +490,28 @@ WHERE status = 'running' AND background AND host <> ? AND NOT EXISTS (
 		hosts = append(hosts, h)
 	}
 	rows.Close()
-	total := 0
+	if err := rows.Err(); err != nil {
+		return 0, s.wrap(ctx, "find lost instances", err)
+	}
+	// Only instances lost in every call since lostGrace ago.
+	t := time.Now()
+	s.lostMu.Lock()
+	seen := make(map[string]time.Time, len(hosts))
+	due := hosts[:0]
 	for _, h := range hosts {
+		first, ok := s.lost[h]
+		if !ok {
+			first = t
+		}
+		seen[h] = first
+		if t.Sub(first) >= lostGrace() {
+			due = append(due, h)
+		}
+	}
+	s.lost = seen
+	s.lostMu.Unlock()
+	total := 0
+	for _, h := range due {
 		r, f, err := s.handBack(ctx, h, 0, "instance_lost", maxAttempts)
 		if err != nil {
 			return total, err

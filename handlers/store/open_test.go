@@ -180,7 +180,7 @@ func TestSchemaTooNew(t *testing.T) {
 	if !errors.Is(err, ErrSchemaTooNew) {
 		t.Fatalf("Open() of a version 99 database = %v, want ErrSchemaTooNew", err)
 	}
-	checkOpenError(t, err, path, "schema version 99, this binary knows up to 2")
+	checkOpenError(t, err, path, "schema version 99, this binary knows up to 3")
 }
 
 // TestWriteHonoursContextWhileLocked holds the write lock from a plain

@@ -183,6 +183,11 @@ CREATE TABLE chat_events (
 	PRIMARY KEY (chat_id, seq)
 );
 `,
+	// 3: the idempotency index holds only chats with a key (see sqliteMigrations).
+	`
+DROP INDEX chats_idem;
+CREATE UNIQUE INDEX chats_idem ON chats (idem_key) WHERE idem_key IS NOT NULL;
+`,
 }
 
 // rebindDollar rewrites ? placeholders as $1, $2, ... The store's queries

@@ -420,3 +420,102 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
 		t.Errorf("ClaimInstance() of a second handle after the first one's connection broke = %v, want ErrInstanceInUse", err)
 	}
 }
+
+// TestPostgresLostHostGrace: HandBackLostHosts leaves alone an instance
+// whose claim's connection broke for a moment (it takes the claim again),
+// and hands back the chats of one whose claim stays gone, once lostGrace
+// has passed.
+func TestPostgresLostHostGrace(t *testing.T) {
+	every := claimCheckEvery
+	t.Cleanup(func() { claimCheckEvery = every }) // after the stores close
+	// The claim comes back within claimCheckEvery and a reconnection;
+	// the grace is twice that.
+	claimCheckEvery = time.Second
+	grace := lostGrace()
+	db := newPostgresDB(t)
+	ctx := t.Context()
+	a := openPostgresTest(t, db.url, "host-a")
+	if err := a.Migrate(ctx); err != nil {
+		t.Fatalf("Migrate() = %v", err)
+	}
+	if err := a.ClaimInstance(ctx); err != nil {
+		t.Fatalf("ClaimInstance() = %v", err)
+	}
+	b := openPostgresTest(t, db.url, "host-b")
+	act, err := a.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "m", Origin: Origin{Worker: 1, PID: 100}, Background: true})
+	if err != nil {
+		t.Fatalf("StartChat() = %v", err)
+	}
+	if _, err := a.BeginAttempt(ctx, act.ChatID, Origin{Worker: 1, PID: 100}); err != nil {
+		t.Fatalf("BeginAttempt() = %v", err)
+	}
+	holder := func() (int32, error) {
+		var pid int32
+		err := db.admin.QueryRow(ctx, `SELECT l.pid FROM pg_locks l
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::oid AND l.objid = hashtext($2)::oid
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = $3)`, int64(instanceLockClass), "host-a", db.name).Scan(&pid)
+		return pid, err
+	}
+	handBack := func() int {
+		t.Helper()
+		n, err := b.HandBackLostHosts(ctx, 3)
+		if err != nil {
+			t.Fatalf("HandBackLostHosts() = %v", err)
+		}
+		return n
+	}
+
+	// A flap: the claim's connection is terminated, and taken again.
+	first, err := holder()
+	if err != nil {
+		t.Fatalf("the claim's lock is not in pg_locks: %v", err)
+	}
+	if _, err := db.admin.Exec(ctx, "SELECT pg_terminate_backend($1)", first); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, func() error {
+		if pid, err := holder(); err == nil && pid == first {
+			return fmt.Errorf("lock still held by the terminated backend %d", pid)
+		}
+		return nil
+	})
+	lost := time.Now()
+	if n := handBack(); n != 0 {
+		t.Fatalf("HandBackLostHosts() as the claim went = %d, want 0 (within the grace)", n)
+	}
+	var back time.Duration
+	waitFor(t, 2*grace+5*time.Second, func() error {
+		if n := handBack(); n != 0 {
+			t.Fatalf("HandBackLostHosts() %v after a claim that came back = %d chats, want 0", time.Since(lost), n)
+		}
+		if pid, err := holder(); err != nil || pid == first {
+			return fmt.Errorf("claim not taken again (%v)", err)
+		}
+		if back == 0 {
+			back = time.Since(lost)
+		}
+		if time.Since(lost) < 2*grace {
+			return fmt.Errorf("watching for %v of %v", time.Since(lost).Round(time.Millisecond), 2*grace)
+		}
+		return nil
+	})
+
+	t.Logf("claim taken again %v after its connection was terminated", back.Round(time.Millisecond))
+
+	// A death: the claim goes for good.
+	a.Close()
+	gone := time.Now()
+	waitFor(t, grace+10*time.Second, func() error {
+		if n := handBack(); n != 1 {
+			return fmt.Errorf("HandBackLostHosts() = %d, want 1", n)
+		}
+		return nil
+	})
+	if d := time.Since(gone); d < grace {
+		t.Fatalf("chats of a lost instance handed back %v after it went, want no sooner than %v", d, grace)
+	}
+	c, err := b.ChatByID(ctx, act.ChatID)
+	if err != nil || c.Status != ChatQueued {
+		t.Fatalf("chat of the lost instance = %+v, %v, want queued", c, err)
+	}
+}

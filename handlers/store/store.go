@@ -71,6 +71,12 @@ type Store struct {
 	diskFault atomic.Pointer[error] // the last disk error, until the disk takes writes again (see Ping)
 	claim     io.Closer             // see ClaimInstance; nil until then
 	jobs      *jobs                 // River, insert-only (see jobs.go)
+	stmts     stmts                 // SQLite: prepared statements (see stmts.go)
+	// lost holds when HandBackLostHosts first found each instance without
+	// its claim, until it hands that instance's chats back or finds the
+	// claim again.
+	lostMu sync.Mutex
+	lost   map[string]time.Time
 
 	// writing admits one read-write transaction of this Store at a time;
 	// nil on PostgreSQL. SQLite runs one writer at a time anyway; queuing

@@ -301,6 +301,7 @@ func (c Config) SupervisorConfig() supervisor.Config {
 		MaxMemory:          uint64(c.LimitMaxMemory),
 		MetricsAddr:        c.MetricsAddr,
 		MetricsToken:       c.MetricsToken,
+		MetricsHostAllowed: c.HostCheck(c.MetricsToken != ""),
 		Addr:               c.Addr(),
 		UDS:                c.UDS,
 		TLS:                c.TLS(),
@@ -365,6 +366,11 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	// The markers served the re-exec; children get fresh ones.
 	os.Unsetenv(protocol.EnvRole)
 	os.Unsetenv(protocol.EnvArgs)
+	if cfg.MetricsPublic() && cfg.MetricsToken == "" {
+		// Refused under --require-token by Load.
+		log.Warn().Str("addr", cfg.MetricsAddr).Str("fix", "set METRICS_TOKEN, or a loopback METRICS_ADDR").
+			Msg("the metrics address is open to other hosts without a token: anyone who reaches it reads the status, every worker's pid and the recent activities")
+	}
 	if cfg.Reload && cfg.WorkersSet && cfg.Workers > 1 {
 		log.Warn().Int("workers", cfg.Workers).Msg("RELOAD/--reload runs one worker; WORKERS/--workers is ignored")
 	}
@@ -379,6 +385,9 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	}
 	sc := cfg.SupervisorConfig()
 	sc.Args = args
+	if cfg.MetricsPublic() && cfg.MetricsToken == "" {
+		sc.StatusNotes = append(sc.StatusNotes, "WARNING: metrics open to other hosts, no METRICS_TOKEN")
+	}
 	// Workers get the settings they use and no more: no flag or variable
 	// of a master-only option (the metrics token above all).
 	sc.WorkerArgs = a.workerArgs(args)
