@@ -72,6 +72,8 @@ func TestConfigDefaults(t *testing.T) {
 		ChatMaxAttempts:  3,
 		ChatQueueMax:     10000,
 		IdemWindow:       24 * time.Hour,
+		LimitAgents:      10000,
+		LimitStreams:     32,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("loadConfig(nil, no env) =\n%+v\nwant\n%+v", got, want)
@@ -144,6 +146,9 @@ func TestConfigPrecedence(t *testing.T) {
 		{"chat-max-attempts", []string{"CHAT_MAX_ATTEMPTS", "1"}, []string{"--chat-max-attempts", "5"}, field("ChatMaxAttempts"), 1, 5},
 		{"chat-queue-max", []string{"CHAT_QUEUE_MAX", "0"}, []string{"--chat-queue-max", "50"}, field("ChatQueueMax"), 0, 50},
 		{"idempotency-window", []string{"IDEMPOTENCY_WINDOW", "1h"}, []string{"--idempotency-window", "90s"}, field("IdemWindow"), time.Hour, 90 * time.Second},
+		{"limit-agents", []string{"LIMIT_AGENTS", "0"}, []string{"--limit-agents", "20"}, field("LimitAgents"), 0, 20},
+		{"retention", []string{"RETENTION", "30d"}, []string{"--retention", "off"}, field("Retention"), 30 * 24 * time.Hour, time.Duration(0)},
+		{"limit-streams-per-client", []string{"LIMIT_STREAMS_PER_CLIENT", "0"}, []string{"--limit-streams-per-client", "8"}, field("LimitStreams"), 0, 8},
 		{"cors-origins", []string{"CORS_ORIGINS", "https://a.example.com"}, []string{"--cors-origins", "*"}, field("CORSOrigins"), []string{"https://a.example.com"}, []string{"*"}},
 		{"limit-max-memory", []string{"LIMIT_MAX_MEMORY", "512MiB"}, []string{"--limit-max-memory", "1GiB"}, field("LimitMaxMemory"), int64(512 << 20), int64(1 << 30)},
 		{"drain-delay", []string{"DRAIN_DELAY", "5s"}, []string{"--drain-delay", "0"}, field("DrainDelay"), 5 * time.Second, time.Duration(0)},

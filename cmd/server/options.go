@@ -152,7 +152,7 @@ func apiOptions(c *config, provider, models, retention *prefork.Setting) []prefo
 				c.LimitAgents, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
-		{Group: groupStore, Flag: "retention", Arg: "DUR", Env: []string{"RETENTION"}, Default: "off",
+		{Group: groupStore, Flag: "retention", Arg: "DUR", Env: []string{"RETENTION"}, Default: "off", Master: true,
 			Help: "delete chats and activities older than this, such as 30d; off = keep all",
 			Set: func(s prefork.Setting) error {
 				*retention = s
