@@ -263,7 +263,7 @@ func TestChatCancelledWhenClientGoesAway(t *testing.T) {
 		t.Fatal(err)
 	}
 	body := `{"agent_id":"default","message":"long"}`
-	fmt.Fprintf(conn, "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	fmt.Fprintf(conn, "POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 	var started activity
 	waitFor(t, 10*time.Second, func() error {
 		p, err := s.activities("type=chat.started")

@@ -117,6 +117,7 @@ http {
 			proxy_pass http://corral;
 			proxy_http_version 1.1;
 			proxy_set_header Connection "";
+			proxy_set_header Host $host;
 			proxy_buffering off;
 			proxy_read_timeout 120s;
 			proxy_next_upstream error timeout http_502 http_503;
