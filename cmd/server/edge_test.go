@@ -546,3 +546,42 @@ func TestMetricsPromtool(t *testing.T) {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }
+
+// TestJournaldPriorityOfStartErrors: the plain-text error a bad setting
+// gets before any logger exists starts with the error priority on the
+// journal's stream, and with nothing elsewhere.
+func TestJournaldPriorityOfStartErrors(t *testing.T) {
+	t.Parallel()
+	exe, _ := os.Executable()
+	f, err := os.Create(filepath.Join(t.TempDir(), "journal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var st syscall.Stat_t
+	syscall.Fstat(int(f.Fd()), &st)
+	for _, journal := range []string{fmt.Sprintf("%d:%d", st.Dev, st.Ino), ""} {
+		f.Truncate(0)
+		f.Seek(0, 0)
+		cmd := exec.Command(exe)
+		cmd.Env = append(os.Environ(), envAsServer+"=1", "WORKERS=many", "JOURNAL_STREAM="+journal)
+		cmd.Stderr = f
+		if err := cmd.Run(); err == nil {
+			t.Fatal("WORKERS=many: the server started")
+		}
+		out, _ := os.ReadFile(f.Name())
+		lines := strings.Split(strings.TrimSuffix(string(out), "\n"), "\n")
+		want := "<3>"
+		if journal == "" {
+			want = ""
+		}
+		if !strings.HasPrefix(lines[0], want+`server: invalid WORKERS "many"`) {
+			t.Errorf("JOURNAL_STREAM=%q: stderr\n%s\nwant its first line to start with %q", journal, out, want+"server: invalid WORKERS")
+		}
+		for _, l := range lines {
+			if strings.HasPrefix(l, "<") != (want != "") {
+				t.Errorf("JOURNAL_STREAM=%q: line %q", journal, l)
+			}
+		}
+	}
+}

@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -261,5 +263,74 @@ func TestUnknownFlagIsTwoLines(t *testing.T) {
 	want := "server: unknown flag: --wokers (did you mean --workers?)\nRun \"server --help\" for every flag and variable.\n"
 	if errOut != want || out != "" {
 		t.Errorf("stderr %q, stdout %q; want stderr %q", errOut, out, want)
+	}
+}
+
+// TestMakeInstall runs the Makefile's install recipe (its build step taken
+// as done: the test binary stands in for ./server) into a PREFIX, twice,
+// with a server started from the first copy in between: the second install
+// puts a new file in place, so the running server keeps its own, and the
+// installed server answers `server --version`.
+func TestMakeInstall(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("make"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("make not installed (.ci/run installs it)")
+		}
+		t.Skip("make not installed")
+	}
+	makefile, err := filepath.Abs("../../Makefile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	build := t.TempDir()
+	exe, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeExecutable(t, filepath.Join(build, "server"), exe)
+	prefix := t.TempDir()
+	install := func() {
+		t.Helper()
+		// -o build: the build step counts as done; the recipe installs ./server.
+		out, err := exec.Command("make", "-s", "-f", makefile, "-C", build, "-o", "build", "install", "PREFIX="+prefix).CombinedOutput()
+		if err != nil {
+			t.Fatalf("make install: %v\n%s", err, out)
+		}
+	}
+	install()
+	bin := filepath.Join(prefix, "bin", "server")
+	first, err := os.Stat(bin)
+	if err != nil {
+		t.Fatalf("make install PREFIX=%s: %v", prefix, err)
+	}
+	if first.Mode().Perm() != 0o755 {
+		t.Errorf("installed mode %v, want 0755", first.Mode().Perm())
+	}
+	s := startExe(t, bin, nil, "WORKERS=1")
+	install()
+	second, err := os.Stat(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if os.SameFile(first, second) {
+		t.Error("the second install wrote into the running server's file; want a new file")
+	}
+	if target, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", s.cmd.Process.Pid)); err != nil || !strings.HasSuffix(target, "(deleted)") {
+		t.Errorf("the running master's executable is %q (%v), want the first copy, now unlinked", target, err)
+	}
+	if h, err := s.health(&http.Client{Timeout: 5 * time.Second}); err != nil || h.Status != "ok" {
+		t.Errorf("GET /health after the second install: %+v, %v", h, err)
+	}
+	s.stop()
+	cmd := exec.Command(bin, "--version")
+	cmd.Env = append(os.Environ(), envAsServer+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "server ") {
+		t.Errorf("%s --version: %v\n%s", bin, err, out)
 	}
 }

@@ -315,6 +315,10 @@ func TestUpgradeProgress(t *testing.T) {
 	if want := fmt.Sprintf("upgrade from master %d (v1): taking over\n", old); !strings.Contains(out.String(), want) {
 		t.Errorf("server status during the upgrade printed\n%s\nwant a line %q", out.String(), want)
 	}
+	var cliOut, cliErr strings.Builder
+	if code := runCLI("upgrade", []string{"--control-socket", ctl}, &cliOut, &cliErr); code != 1 || !strings.Contains(cliErr.String(), "an upgrade is in progress") {
+		t.Errorf("server upgrade during the upgrade: exit %d, %q %q; want 1 and a refusal: in progress", code, &cliOut, &cliErr)
+	}
 
 	// A chat on an old worker keeps the old master draining for a while.
 	chat := make(chan chatReply, 1)

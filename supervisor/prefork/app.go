@@ -136,6 +136,11 @@ func Main(a App) int { return a.run(os.Stdout, os.Stderr) }
 func (a App) run(stdout, stderr io.Writer) int {
 	name := a.name()
 	role := os.Getenv(protocol.EnvRole)
+	logOut := stderr
+	if journalStream(stderr, os.Getenv("JOURNAL_STREAM")) {
+		// Plain-text errors carry their priority, as log lines do.
+		stderr = errorLines{stderr}
+	}
 	args, err := programArgs(role)
 	if err != nil {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
@@ -184,7 +189,6 @@ func (a App) run(stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "%s %s (%s, %s/%s)\n", name, a.version(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return ExitOK
 	}
-	logOut := stderr
 	if role == protocol.RoleWorker {
 		// The supervisor hands the worker its own stderr for whole log
 		// lines; the worker's fd 2 is a pipe for everything else.
