@@ -258,8 +258,8 @@ func TestTLSBadFilesExit2(t *testing.T) {
 			t.Errorf("%v: exit %d, want %d", tc.env, code, exitUsage)
 		}
 		out := s.logs.String()
-		if !strings.Contains(out, tc.want) || strings.Contains(out, "worker started") || strings.Contains(out, "right") && strings.Contains(out, "PASSWORD") {
-			t.Errorf("%v: output\n%s\nwant %q and no worker started", tc.env, out, tc.want)
+		if strings.Count(out, tc.want) != 1 || strings.Contains(out, "worker started") || strings.Contains(out, "right") && strings.Contains(out, "PASSWORD") {
+			t.Errorf("%v: output\n%s\nwant %q once and no worker started", tc.env, out, tc.want)
 		}
 	}
 }

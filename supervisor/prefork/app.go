@@ -383,7 +383,6 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 		// is a usage error naming it rather than every worker failing.
 		if _, err := worker.LoadTLS(cfg.TLSFiles()); err != nil {
 			log.Error().Err(err).Msg("cannot serve HTTPS")
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
 			return ExitUsage
 		}
 	}
@@ -495,7 +494,6 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 		tc, err := worker.LoadTLS(cfg.TLSFiles())
 		if err != nil {
 			log.Error().Err(err).Msg("cannot serve HTTPS")
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
 			return ExitBoot
 		}
 		wc.TLS = tc
