@@ -20,7 +20,7 @@ func main() {
 	n := flag.Int("n", 1000, "chats to hold in flight")
 	flag.Parse()
 	body := `{"agent_id":"default","message":"hold this chat"}`
-	req := "POST /api/chat HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: " +
+	req := "POST /api/chat HTTP/1.1\r\nHost: " + *addr + "\r\nContent-Type: application/json\r\nContent-Length: " +
 		strconv.Itoa(len(body)) + "\r\n\r\n" + body
 	conns := make([]net.Conn, 0, *n)
 	for range *n {
