@@ -188,7 +188,7 @@ func (e *retryError) Error() string { return "retry in " + e.after.String() }
 
 // JobCancelled reports whether ctx, a Run context, ended because the
 // chat's job was cancelled (EndChat with ChatCancelled, from any process):
-// River tells the runner too, within a poll.
+// on PostgreSQL River tells the runner too, by notification.
 func JobCancelled(ctx context.Context) bool {
 	return errors.Is(context.Cause(ctx), rivertype.ErrJobCancelledRemotely)
 }
