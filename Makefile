@@ -55,9 +55,13 @@ staticcheck: ## staticcheck, pinned
 deps-check: ## enforce the import rules of docs/architecture.md
 	@./.ci/deps-check
 
-gotest: ## go test -race, one package at a time (the process tests are timing-sensitive on 2 cores)
+# One package at a time. Within a package, the tests marked t.Parallel
+# (process tests that mostly wait on servers) run 4 at once, after the
+# load-sensitive ones (chaos, hostile input, bursts, reload builds), which
+# run alone.
+gotest: ## go test -race
 	@./.ci/test-tools
-	$(GO) test -race -count=1 -p 1 -timeout 15m $(PKGS)
+	$(GO) test -race -count=1 -p 1 -parallel 4 -timeout 15m $(PKGS)
 
 bench: build ## benchmarks; figures go to docs/benchmarks.md
 	./bench/run.sh

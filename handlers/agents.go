@@ -58,6 +58,10 @@ func (h *Handler) createAgent(ctx *fasthttp.RequestCtx) {
 		fail(ctx, err)
 		return
 	}
+	if !h.modelAllowed(req.Model) {
+		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, h.modelRefused(fmt.Sprintf("model %q", req.Model)))
+		return
+	}
 	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	a, err := h.cfg.Store.CreateAgent(c, store.Agent{Name: req.Name, SystemPrompt: req.SystemPrompt, Model: req.Model}, h.origin)

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
+	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/valyala/fasthttp"
@@ -31,6 +33,34 @@ func (h *Handler) authorized(ctx *fasthttp.RequestCtx) bool {
 	ctx.Response.Header.Set("WWW-Authenticate", `Bearer realm="corral"`)
 	fail(ctx, errUnauthorized)
 	return false
+}
+
+// hostAllowed reports whether /api/ answers this request's Host, answering
+// 421 when it does not.
+func (h *Handler) hostAllowed(ctx *fasthttp.RequestCtx) bool {
+	if h.cfg.HostAllowed == nil || h.cfg.HostAllowed(string(ctx.Host())) {
+		return true
+	}
+	host := string(ctx.Host())
+	if len(host) > 100 {
+		host = host[:100]
+	}
+	writeErrorObject(ctx, fasthttp.StatusMisdirectedRequest, errorObject{Code: "misdirected_request",
+		Message: fmt.Sprintf("this server does not answer for the host %q; its operator lists the names it answers", host)})
+	return false
+}
+
+// modelAllowed reports whether an agent may name model ("" is the
+// provider's default, always allowed).
+func (h *Handler) modelAllowed(model string) bool {
+	return model == "" || h.cfg.Models == nil || slices.Contains(h.cfg.Models, model)
+}
+
+// modelRefused is the 422 for a model not on the allow-list, naming the
+// allowed ones.
+func (h *Handler) modelRefused(what string) errorObject {
+	return errorObject{Code: "model_not_allowed",
+		Message: fmt.Sprintf("%s is not allowed on this server; allowed: %s", what, strings.Join(h.cfg.Models, ", "))}
 }
 
 // cors adds the CORS headers for an allowed Origin and answers preflight

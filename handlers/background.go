@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"sync"
@@ -82,6 +83,12 @@ func (h *Handler) RunChat(ctx context.Context, chatID, requestID string) error {
 				"reason": obj.Code, "status": http.StatusNotFound, "message": obj.Message})})
 		}
 		return h.requeue(c, store.Requeue{Reason: "store_unavailable", Uncounted: true}, time.Second)
+	}
+	if !h.modelAllowed(agent.Model) {
+		h.m.chatEnded()
+		obj := h.modelRefused(fmt.Sprintf("agent %q names model %q, which", agent.ID, agent.Model))
+		return h.endAttempt(c, store.Outcome{Status: store.ChatFailed, Data: tagged(map[string]any{
+			"reason": obj.Code, "status": http.StatusUnprocessableEntity, "message": obj.Message})})
 	}
 	// One upstream request per attempt: the retries, their backoff and
 	// Retry-After are the job's, so a wait frees the worker's slot, lasts

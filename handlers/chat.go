@@ -85,6 +85,11 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 		h.storeFailed(ctx, "read agent", noAgent(req.AgentID, err))
 		return
 	}
+	// An agent created before the allow-list changed.
+	if !h.modelAllowed(agent.Model) {
+		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, h.modelRefused(fmt.Sprintf("agent %q names model %q, which", agent.ID, agent.Model)))
+		return
+	}
 	// The worker gives every request one valid id; it follows the chat to
 	// its activities and the upstream request.
 	rid := string(ctx.Request.Header.Peek(requestIDHeader))

@@ -75,6 +75,16 @@ type Config struct {
 	Logger zerolog.Logger
 	// APITokens, if any, are the bearer tokens /api/ requires.
 	APITokens []string
+	// HostAllowed, if set, reports whether /api/ answers a request whose
+	// Host header is host (with or without a port); others get 421, so
+	// that a page on a DNS rebinding domain cannot use the API. Nil
+	// answers every host. /health answers every host.
+	HostAllowed func(host string) bool
+	// Models are the models an agent may name; an agent naming another is
+	// refused (422) and a chat of such an agent is never sent upstream.
+	// An agent without a model gets the provider's default, which the
+	// caller keeps on the list. Nil allows any model.
+	Models []string
 	// CORSOrigins are the origins allowed to call the API from a browser;
 	// "*" allows any. None by default.
 	CORSOrigins []string
@@ -203,6 +213,9 @@ func (h *Handler) serve(ctx *fasthttp.RequestCtx) {
 	}
 	if !strings.HasPrefix(path, "/api/") {
 		fail(ctx, errNoRoute)
+		return
+	}
+	if !h.hostAllowed(ctx) {
 		return
 	}
 	if h.cors(ctx) {

@@ -72,7 +72,7 @@ func (s *Supervisor) serveMetrics(ln net.Listener, done <-chan struct{}) {
 		w.Write(statusPage)
 	})
 	srv := &http.Server{
-		Handler:           s.metricsAuth(mux),
+		Handler:           s.metricsHost(s.metricsAuth(mux)),
 		ReadHeaderTimeout: 5 * time.Second,
 		WriteTimeout:      10 * time.Second,
 	}
@@ -86,6 +86,22 @@ func (s *Supervisor) serveMetrics(ln net.Listener, done <-chan struct{}) {
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 		s.log.Error().Err(err).Msg("metrics server stopped")
 	}
+}
+
+// metricsHost answers 421 to a request whose Host the metrics server does
+// not answer for, before the token is checked.
+func (s *Supervisor) metricsHost(next http.Handler) http.Handler {
+	allowed := s.cfg.MetricsHostAllowed
+	if allowed == nil {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !allowed(r.Host) {
+			http.Error(w, "this server does not answer for that host name", http.StatusMisdirectedRequest)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // metricsAuth requires METRICS_TOKEN, when set, as a bearer token, or as

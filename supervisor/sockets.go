@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -262,4 +263,49 @@ func foreignListeners(port int, ours []*os.File) int {
 		t.Close()
 	}
 	return n
+}
+
+// Public reports whether the sockets cfg describes accept connections
+// from other hosts: a TCP address that is not a loopback one, among
+// systemd's sockets or as cfg.Addr. A unix socket (--uds) is local. It
+// returns the address it judged, for messages.
+func Public(cfg Config) (string, bool) {
+	if len(cfg.Listeners) > 0 {
+		for _, f := range cfg.Listeners {
+			rc, err := f.SyscallConn()
+			if err != nil {
+				continue
+			}
+			var sa unix.Sockaddr
+			rc.Control(func(fd uintptr) { sa, _ = unix.Getsockname(int(fd)) })
+			switch a := sa.(type) {
+			case *unix.SockaddrInet4:
+				if ip := netip.AddrFrom4(a.Addr); !ip.IsLoopback() {
+					return netip.AddrPortFrom(ip, uint16(a.Port)).String(), true
+				}
+			case *unix.SockaddrInet6:
+				if ip := netip.AddrFrom16(a.Addr).Unmap(); !ip.IsLoopback() {
+					return netip.AddrPortFrom(ip, uint16(a.Port)).String(), true
+				}
+			}
+		}
+		return "", false
+	}
+	if cfg.UDS != "" {
+		return "unix:" + cfg.UDS, false
+	}
+	addr := cmp.Or(cfg.Addr, DefaultAddr)
+	host, _, _ := net.SplitHostPort(addr)
+	return addr, PublicHost(host)
+}
+
+// PublicHost reports whether listening on host takes connections from
+// other hosts: anything but a loopback address or the name localhost
+// (and its subdomains, which resolve to loopback). "" is every address.
+func PublicHost(host string) bool {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return !ip.Unmap().IsLoopback()
+	}
+	h := strings.ToLower(strings.TrimSuffix(host, "."))
+	return h != "localhost" && !strings.HasSuffix(h, ".localhost")
 }

@@ -122,6 +122,14 @@ type Config struct {
 	MetricsAddr string
 	// MetricsToken, if set, is required by the metrics server.
 	MetricsToken string
+	// MetricsHostAllowed, if set, reports whether the metrics server
+	// answers a request whose Host header names host (port included or
+	// not); it answers 421 to the others, so that a page on a DNS
+	// rebinding domain cannot read the status. Nil answers any host.
+	MetricsHostAllowed func(host string) bool
+	// StatusNotes are warnings appended to systemd's STATUS= line, so
+	// that `systemctl status` shows them (an API open to every host).
+	StatusNotes []string
 	// Version is the application's version, as Status shows it.
 	Version string
 	// Info, if set, returns named facts about the application (its

@@ -81,6 +81,9 @@ func (n *notifier) statusLine() string {
 	case n.s.rollSlot != nil || len(n.s.rolling) > 0:
 		state = ", rolling restart"
 	}
+	for _, note := range n.s.cfg.StatusNotes {
+		state += "; " + note
+	}
 	return fmt.Sprintf("STATUS=%d/%d workers ready, %d requests in flight%s", nready, len(n.s.slots), inFlight, state)
 }
 

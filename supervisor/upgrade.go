@@ -196,6 +196,10 @@ func (s *Supervisor) startUpgrade() error {
 		return fmt.Errorf("%w refused: an upgrade is in progress (new master pid %d)", ErrUpgrade, s.up.pid)
 	case s.stopping:
 		return fmt.Errorf("%w refused: the server is stopping", ErrUpgrade)
+	case !s.booted && s.handoff != nil:
+		// The control socket is this master's from its start, so a second
+		// `server upgrade` during an upgrade lands here.
+		return fmt.Errorf("%w refused: an upgrade is in progress (this master, pid %d, is taking over from pid %d)", ErrUpgrade, os.Getpid(), s.handoff.ParentPID)
 	case !s.booted:
 		return fmt.Errorf("%w refused: the server is still starting", ErrUpgrade)
 	}

@@ -232,6 +232,10 @@ func TestANewMasterServesTheHandedOverSocketsAndReportsReady(t *testing.T) {
 	if st := h.s.status(); st.State != "starting" || st.Upgrade == nil || st.Upgrade.State != "taking over" || st.Upgrade.OldPID != parent || st.Upgrade.OldVersion != "v1" {
 		t.Errorf("new master's status before ready = %s %+v, want starting, taking over from %d v1", st.State, st.Upgrade, parent)
 	}
+	// `server upgrade` reaches the new master during an upgrade.
+	if err := h.s.startUpgrade(); err == nil || !strings.Contains(err.Error(), "an upgrade is in progress") {
+		t.Errorf("upgrade of a new master before ready = %v, want a refusal: in progress", err)
+	}
 	if got, want := listenerInodes(h.procs[0].cmd), socketInodes(old.s.slots[0].sock, old.s.slots[1].sock); !slices.Equal(got, want) {
 		t.Errorf("new worker 1 serves %v, want the old slots 1 and 2 %v", got, want)
 	}

@@ -25,6 +25,14 @@
 //     has expired.
 //   - Every handler panic is recovered, logged with its stack, counted and
 //     answered with 500 when nothing was written yet.
+//   - A request counts against Config.MaxConcurrency, and in the
+//     heartbeat's in-flight count, until its response's last byte is
+//     written: a streamed body keeps it counted after the handler returned.
+//   - A request whose headers use obsolete line folding never reaches the
+//     handler: it is answered 400 and its connection closed.
+//   - An accept that fails for want of descriptors or kernel memory is
+//     retried, never fatal; the heartbeat says "accept":"failing" until one
+//     succeeds.
 //
 // Operations. SIGTERM and SIGINT drain within Config.GracefulTimeout; when
 // the supervisor is gone (EOF on the lifeline, or SIGTERM from Pdeathsig

@@ -145,6 +145,7 @@ func TestConcurrentChatsOnFourWorkers(t *testing.T) {
 }
 
 func TestAgentIsSeenByEveryWorker(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=3", "SIMULATED_LATENCY=0")
 	var agent struct{ ID string }
 	if _, err := s.postJSON("/api/agents", map[string]any{"name": "shared", "system_prompt": "be brief"}, &agent); err != nil {
@@ -165,6 +166,7 @@ func TestAgentIsSeenByEveryWorker(t *testing.T) {
 }
 
 func TestLongPollIsWokenByAnotherWorker(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=0", "ACCESS_LOG=true")
 	for attempt := 1; ; attempt++ {
 		all := s.allActivities(t)
@@ -223,6 +225,7 @@ func TestLongPollIsWokenByAnotherWorker(t *testing.T) {
 }
 
 func TestChatOfKilledWorkerIsRecordedFailed(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=60s")
 	go s.postJSON("/api/chat", map[string]any{"agent_id": "default", "message": "long"}, &chatAnswer{})
 	var started activity
@@ -253,13 +256,14 @@ func TestChatOfKilledWorkerIsRecordedFailed(t *testing.T) {
 // while its chat waits on the LLM cancels the chat, through every wrapper
 // the worker puts around the socket.
 func TestChatCancelledWhenClientGoesAway(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=60s")
 	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(s.port))
 	if err != nil {
 		t.Fatal(err)
 	}
 	body := `{"agent_id":"default","message":"long"}`
-	fmt.Fprintf(conn, "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	fmt.Fprintf(conn, "POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 	var started activity
 	waitFor(t, 10*time.Second, func() error {
 		p, err := s.activities("type=chat.started")
@@ -285,6 +289,7 @@ func TestChatCancelledWhenClientGoesAway(t *testing.T) {
 }
 
 func TestUnusableDatabaseExits3(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	notDir := filepath.Join(dir, "file")
 	os.WriteFile(notDir, []byte("x"), 0o644)
@@ -306,6 +311,7 @@ func TestUnusableDatabaseExits3(t *testing.T) {
 // completes: the second never reached FailAllStarted, which would have
 // failed it. Another instance id is welcome.
 func TestInstanceIDInUse(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "server.db")
 	a := startServer(t, "WORKERS=1", "SIMULATED_LATENCY=3s", "DATABASE_URL=sqlite:"+db)
 	reply := make(chan chatReply, 1)
@@ -342,6 +348,7 @@ func TestInstanceIDInUse(t *testing.T) {
 // X-Forwarded-For names when the peer is a trusted proxy, and the peer
 // otherwise.
 func TestAccessLogClientBehindProxy(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		env  []string
 		want string
@@ -373,6 +380,7 @@ func TestAccessLogClientBehindProxy(t *testing.T) {
 }
 
 func TestStreamsFlowWithAccessLog(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "ACCESS_LOG=true", "SIMULATED_LATENCY=30s")
 	// A buffered stream would send nothing for 30 s; the client gives up
 	// at 15.
@@ -386,5 +394,26 @@ func TestStreamsFlowWithAccessLog(t *testing.T) {
 	line, err := bufio.NewReader(resp.Body).ReadString('\n')
 	if err != nil || line != "event: delta\n" {
 		t.Fatalf("first line of the stream = %q, %v; want event: delta before the reply is over", line, err)
+	}
+}
+
+// TestStreamHeadersBeforeFirstToken: a streamed chat answers its status and
+// headers at once, before the upstream sends anything, so a client (an
+// EventSource's onopen, a proxy's header timeout) knows the chat is
+// running; the keep-alive comment comes only 15 s later.
+func TestStreamHeadersBeforeFirstToken(t *testing.T) {
+	t.Parallel()
+	fake := newFakeLLM(t)
+	s := startServer(t, "WORKERS=1", "LLM_BASE_URL="+fake.baseURL(), "LLM_TIMEOUT=30s")
+	client := &http.Client{Timeout: 5 * time.Second}
+	start := time.Now()
+	resp, err := client.Post(s.url("/api/chat"), "application/json",
+		strings.NewReader(`{"agent_id":"default","message":"first-byte-never stream","stream":true}`))
+	if err != nil {
+		t.Fatalf("headers of a streamed chat whose upstream has not answered: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Errorf("got %d %q after %v, want 200 text/event-stream", resp.StatusCode, resp.Header.Get("Content-Type"), time.Since(start))
 	}
 }

@@ -112,13 +112,14 @@ func warnSharedFiles(path string, log zerolog.Logger) {
 
 // newLLM builds the configured provider.
 func newLLM(cfg config) (handlers.LLM, error) {
+	_, model := cfg.models()
 	switch cfg.LLMProvider {
 	case llm.ProviderOpenAI:
 		c, err := llm.NewOpenAI(llm.OpenAIConfig{
 			BaseURL:     cfg.LLMBaseURL,
 			APIKey:      cfg.LLMAPIKey,
 			Headers:     cfg.LLMHeaders,
-			Model:       cfg.LLMModel,
+			Model:       model,
 			Timeout:     cfg.LLMTimeout,
 			IdleTimeout: cfg.LLMIdleTimeout,
 		})
@@ -127,7 +128,7 @@ func newLLM(cfg config) (handlers.LLM, error) {
 		}
 		return c, nil
 	case llm.ProviderSimulated, "":
-		return llm.NewSimulated(llm.SimulatedConfig{Latency: cfg.SimulatedLatency, Model: cfg.LLMModel}), nil
+		return llm.NewSimulated(llm.SimulatedConfig{Latency: cfg.SimulatedLatency, Model: model}), nil
 	}
 	return nil, fmt.Errorf("unknown LLM provider %q", cfg.LLMProvider)
 }

@@ -162,6 +162,7 @@ func replyOf(evs []sseEvent) string {
 // second attempt, its events replayed whole and resumed after an id, and a
 // cancellation from another connection.
 func TestBackgroundChatLifecycle(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=3s", "LOG_LEVEL=info")
 	base := strings.TrimSuffix(s.url(""), "/")
 
@@ -254,6 +255,7 @@ func TestBackgroundChatLifecycle(t *testing.T) {
 // same key with another body is 422; an upstream that keeps cutting its
 // stream is retried and the chat fails after --chat-max-attempts.
 func TestBackgroundIdempotencyAndRetries(t *testing.T) {
+	t.Parallel()
 	llm := newFakeLLM(t)
 	s := startServer(t, "WORKERS=2", "LLM_BASE_URL="+llm.baseURL(), "CHAT_MAX_ATTEMPTS=2", "LOG_LEVEL=info")
 	base := strings.TrimSuffix(s.url(""), "/")
@@ -307,6 +309,7 @@ func TestBackgroundIdempotencyAndRetries(t *testing.T) {
 // than the chat leaves it queued; the next start on the same database runs
 // it to the end.
 func TestBackgroundChatSurvivesRestart(t *testing.T) {
+	t.Parallel()
 	db := "DATABASE_URL=sqlite:" + filepath.Join(t.TempDir(), "server.db")
 	env := []string{db, "WORKERS=1", "SIMULATED_LATENCY=4s", "TIMEOUT_GRACEFUL_SHUTDOWN=1s", "LOG_LEVEL=info"}
 	s := startServer(t, env...)
@@ -332,6 +335,7 @@ func TestBackgroundChatSurvivesRestart(t *testing.T) {
 // the queue (depth, running, age of the oldest); cancelling queued chats
 // empties it.
 func TestBackgroundQueueLimitAndMetrics(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "CHAT_CONCURRENCY=1", "CHAT_QUEUE_MAX=2", "SIMULATED_LATENCY=30s",
 		"METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info")
 	base := strings.TrimSuffix(s.url(""), "/")
@@ -380,6 +384,7 @@ func TestBackgroundQueueLimitAndMetrics(t *testing.T) {
 // whole (master and workers, SIGKILL), and the other one finishes the chat
 // after seeing the lost instance claim.
 func TestMultihostBackgroundChat(t *testing.T) {
+	t.Parallel()
 	dbURL := testPostgresDB(t)
 	env := []string{"DATABASE_URL=" + dbURL, "WORKERS=1", "SIMULATED_LATENCY=4s", "LOG_LEVEL=info"}
 	servers := map[string]*server{
@@ -454,6 +459,7 @@ func TestMultihostBackgroundChat(t *testing.T) {
 // under one token it names one. Past --idempotency-window the key is free
 // again: another body with it starts a new chat instead of a 422.
 func TestIdempotencyKeyScopeAndWindow(t *testing.T) {
+	t.Parallel()
 	llm := newFakeLLM(t)
 	const window = 3 * time.Second
 	s := startServer(t, "WORKERS=2", "LLM_BASE_URL="+llm.baseURL(), "API_TOKEN=tok-a,tok-b",

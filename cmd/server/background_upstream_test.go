@@ -18,6 +18,7 @@ import (
 // retried with backoff until --chat-max-attempts, then fail with their
 // error; a 4xx is not retried.
 func TestBackgroundUpstreamRetries(t *testing.T) {
+	t.Parallel()
 	llm := newFakeLLM(t)
 	s := startServer(t, "WORKERS=1", "LLM_BASE_URL="+llm.baseURL(), "LLM_TIMEOUT=1s", "CHAT_MAX_ATTEMPTS=2",
 		"METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info")
@@ -87,6 +88,7 @@ func TestBackgroundUpstreamRetries(t *testing.T) {
 // closes its upstream request: the fake LLM, which holds the request open
 // waiting to answer, sees its connection closed within a second.
 func TestCancelClosesUpstream(t *testing.T) {
+	t.Parallel()
 	llm := newFakeLLM(t)
 	s := startServer(t, "WORKERS=2", "LLM_BASE_URL="+llm.baseURL(), "LOG_LEVEL=info")
 	base := strings.TrimSuffix(s.url(""), "/")

@@ -121,7 +121,7 @@ func TestChaos(t *testing.T) {
 	}
 	const workers = 4
 	db := filepath.Join(t.TempDir(), "server.db")
-	s := startServer(t, fmt.Sprintf("WORKERS=%d", workers), "SIMULATED_LATENCY=1s", "METRICS_ADDR=127.0.0.1:0",
+	s := startServer(t, fmt.Sprintf("WORKERS=%d", workers), "SIMULATED_LATENCY=1s", "METRICS_ADDR=127.0.0.1:0", "TIMEOUT_WORKER_HEALTHCHECK=2s",
 		"DATABASE_URL=sqlite:"+db, "CONTROL_SOCKET="+filepath.Join(t.TempDir(), "server.sock"))
 	master := s.cmd.Process.Pid
 

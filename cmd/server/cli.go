@@ -119,7 +119,10 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(exitUsage, err)
 	}
-	resp, err := callControl(path, req)
+	resp, err := callControlWith(path, req, func(r supervisor.Response) {
+		fmt.Fprintf(stdout, "server upgrade: new master pid %d started; waiting up to %s for its workers\n",
+			r.Upgrade.NewPID, time.Duration(r.Upgrade.TimeoutS*float64(time.Second)))
+	})
 	if err != nil {
 		return fail(exitError, err)
 	}
@@ -200,9 +203,16 @@ func commandUsage(w io.Writer, name string) {
 	fmt.Fprintln(w, "  -h, --help             print this help and exit")
 }
 
-// callControl sends req on the control socket at path. Every way of not
-// reaching a server is a clear error, and nothing waits for ever.
+// callControl sends req on the control socket at path and returns the
+// final answer. Every way of not reaching a server is a clear error, and
+// nothing waits for ever.
 func callControl(path string, req supervisor.Request) (supervisor.Response, error) {
+	return callControlWith(path, req, nil)
+}
+
+// callControlWith is callControl that also gives interim, if not nil, the
+// first answer to an upgrade, before it waits for the final one.
+func callControlWith(path string, req supervisor.Request, interim func(supervisor.Response)) (supervisor.Response, error) {
 	var resp supervisor.Response
 	c, err := net.DialTimeout("unix", path, 2*time.Second)
 	switch {
@@ -233,6 +243,9 @@ func callControl(path string, req supervisor.Request) (supervisor.Response, erro
 		}
 		if !resp.Interim() {
 			return resp, nil
+		}
+		if interim != nil {
+			interim(resp)
 		}
 		// An upgrade started: the final answer comes within the server's
 		// time limit, which it just told.

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -35,7 +36,8 @@ type config struct {
 	LLMBaseURL       string        // --llm-base-url, an absolute http(s) URL or ""
 	LLMAPIKey        string        `json:"-"` // LLM_API_KEY only; never printed, see String
 	LLMHeaders       http.Header   `json:"-"` // LLM_HEADERS only; nil = none; values never printed
-	LLMModel         string        // --llm-model, "" = the provider's default
+	LLMModel         string        // --llm-model, "" = the provider's default (LLMModels[0] when that is set)
+	LLMModels        []string      // --llm-models, the models agents may name; nil = LLMModel (or the provider's default) only
 	LLMTimeout       time.Duration // --llm-timeout, default llm.DefaultTimeout, at least 1s
 	LLMIdleTimeout   time.Duration // --llm-idle-timeout, default llm.DefaultIdleTimeout, at least 1s
 	SimulatedLatency time.Duration // --simulated-latency, default llm.DefaultSimulatedLatency, 0 allowed
@@ -163,15 +165,15 @@ func allOptions() []prefork.Option {
 // newApp is the server as a corral application whose options write into
 // c; Main runs it and loadConfig reads its configuration.
 func newApp(c *config) prefork.App {
-	var provider, retention prefork.Setting
+	var provider, models, retention prefork.Setting
 	return prefork.App{
 		Name:        "server",
 		Version:     version,
-		Options:     apiOptions(c, &provider, &retention),
+		Options:     apiOptions(c, &provider, &models, &retention),
 		ReloadBuild: defaultReloadBuild,
 		UsageHead:   usageHead,
 		UsageFoot:   usageFoot(),
-		Check: func(prefork.Config) error {
+		Check: func(pc prefork.Config) error {
 			// A key alone means OpenAI itself, as OpenAI's own clients take it.
 			switch {
 			case c.LLMProvider == "" && (c.LLMBaseURL != "" || c.LLMAPIKey != ""):
@@ -183,6 +185,12 @@ func newApp(c *config) prefork.App {
 			}
 			if c.LLMProvider == providerOpenAI && c.LLMBaseURL == "" {
 				c.LLMBaseURL = defaultOpenAIBaseURL
+			}
+			if c.LLMModel != "" && c.LLMModels != nil && !slices.Contains(c.LLMModels, c.LLMModel) {
+				return models.Invalid("a list that holds LLM_MODEL (--llm-model) " + strconv.Quote(c.LLMModel) + ", the model of agents that name none")
+			}
+			if pc.RequireToken && len(c.APITokens) == 0 {
+				return fmt.Errorf("invalid %s: want API_TOKEN set as well (%s refuses to start an API without a token)", pc.RequireTokenFrom, pc.RequireTokenFrom)
 			}
 			// A key must name its chat for the whole window: the chat
 			// may not be deleted before.
@@ -200,6 +208,26 @@ func newApp(c *config) prefork.App {
 			return prepareWorker(*c, in, log, wc)
 		},
 	}
+}
+
+// models returns the models agents may name and the model of an agent
+// that names none: LLM_MODELS and LLM_MODEL, each defaulting to the
+// other, and both to the provider's default model.
+func (c config) models() (allowed []string, fallback string) {
+	fallback = c.LLMModel
+	if fallback == "" && len(c.LLMModels) > 0 {
+		fallback = c.LLMModels[0]
+	}
+	if fallback == "" {
+		fallback = llm.DefaultSimulatedModel
+		if c.LLMProvider == providerOpenAI {
+			fallback = llm.DefaultOpenAIModel
+		}
+	}
+	if allowed = c.LLMModels; allowed == nil {
+		allowed = []string{fallback}
+	}
+	return allowed, fallback
 }
 
 // parseOrigin returns an origin the way a browser sends it in Origin: lower

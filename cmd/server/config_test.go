@@ -35,6 +35,7 @@ func fakeEnv(kv ...string) func(string) (string, bool) {
 }
 
 func TestConfigDefaults(t *testing.T) {
+	t.Parallel()
 	got, err := loadConfig(nil, fakeEnv())
 	if err != nil {
 		t.Fatalf("loadConfig(nil, no env) error: %v", err)
@@ -71,6 +72,8 @@ func TestConfigDefaults(t *testing.T) {
 		ChatMaxAttempts:  3,
 		ChatQueueMax:     10000,
 		IdemWindow:       24 * time.Hour,
+		LimitAgents:      10000,
+		LimitStreams:     32,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("loadConfig(nil, no env) =\n%+v\nwant\n%+v", got, want)
@@ -83,6 +86,7 @@ func TestConfigDefaults(t *testing.T) {
 // TestConfigPrecedence checks, for every option, that the variable beats the
 // default and that the flag beats the variable.
 func TestConfigPrecedence(t *testing.T) {
+	t.Parallel()
 	field := func(name string) func(config) any {
 		return func(c config) any { return reflect.ValueOf(c).FieldByName(name).Interface() }
 	}
@@ -131,6 +135,10 @@ func TestConfigPrecedence(t *testing.T) {
 		{"llm-provider", []string{"LLM_PROVIDER", "openai", "LLM_BASE_URL", "http://llm:8080/v1"}, []string{"--llm-provider", "simulated"}, field("LLMProvider"), "openai", "simulated"},
 		{"llm-base-url", []string{"LLM_BASE_URL", "http://a:1/v1"}, []string{"--llm-base-url", "https://b/v1"}, field("LLMBaseURL"), "http://a:1/v1", "https://b/v1"},
 		{"llm-model", []string{"LLM_MODEL", "m1"}, []string{"--llm-model", "m2"}, field("LLMModel"), "m1", "m2"},
+		{"llm-models", []string{"LLM_MODELS", "m1, m2"}, []string{"--llm-models", "m3"}, field("LLMModels"), []string{"m1", "m2"}, []string{"m3"}},
+		{"require-token", []string{"REQUIRE_TOKEN", "true", "API_TOKEN", "t"}, []string{"--require-token=false"}, field("RequireToken"), true, false},
+		{"allowed-hosts", []string{"ALLOWED_HOSTS", "API.example.com., .example.org"}, []string{"--allowed-hosts", "*"}, field("AllowedHosts"),
+			prefork.Hosts{Given: true, Names: []string{"api.example.com", ".example.org"}}, prefork.Hosts{Given: true, Any: true}},
 		{"llm-timeout", []string{"LLM_TIMEOUT", "30s"}, []string{"--llm-timeout", "45"}, field("LLMTimeout"), 30 * time.Second, 45 * time.Second},
 		{"llm-idle-timeout", []string{"LLM_IDLE_TIMEOUT", "10s"}, []string{"--llm-idle-timeout", "20s"}, field("LLMIdleTimeout"), 10 * time.Second, 20 * time.Second},
 		{"simulated-latency", []string{"SIMULATED_LATENCY", "0"}, []string{"--simulated-latency", "250ms"}, field("SimulatedLatency"), time.Duration(0), 250 * time.Millisecond},
@@ -138,6 +146,9 @@ func TestConfigPrecedence(t *testing.T) {
 		{"chat-max-attempts", []string{"CHAT_MAX_ATTEMPTS", "1"}, []string{"--chat-max-attempts", "5"}, field("ChatMaxAttempts"), 1, 5},
 		{"chat-queue-max", []string{"CHAT_QUEUE_MAX", "0"}, []string{"--chat-queue-max", "50"}, field("ChatQueueMax"), 0, 50},
 		{"idempotency-window", []string{"IDEMPOTENCY_WINDOW", "1h"}, []string{"--idempotency-window", "90s"}, field("IdemWindow"), time.Hour, 90 * time.Second},
+		{"limit-agents", []string{"LIMIT_AGENTS", "0"}, []string{"--limit-agents", "20"}, field("LimitAgents"), 0, 20},
+		{"retention", []string{"RETENTION", "30d"}, []string{"--retention", "off"}, field("Retention"), 30 * 24 * time.Hour, time.Duration(0)},
+		{"limit-streams-per-client", []string{"LIMIT_STREAMS_PER_CLIENT", "0"}, []string{"--limit-streams-per-client", "8"}, field("LimitStreams"), 0, 8},
 		{"cors-origins", []string{"CORS_ORIGINS", "https://a.example.com"}, []string{"--cors-origins", "*"}, field("CORSOrigins"), []string{"https://a.example.com"}, []string{"*"}},
 		{"limit-max-memory", []string{"LIMIT_MAX_MEMORY", "512MiB"}, []string{"--limit-max-memory", "1GiB"}, field("LimitMaxMemory"), int64(512 << 20), int64(1 << 30)},
 		{"drain-delay", []string{"DRAIN_DELAY", "5s"}, []string{"--drain-delay", "0"}, field("DrainDelay"), 5 * time.Second, time.Duration(0)},
@@ -185,6 +196,7 @@ func TestConfigPrecedence(t *testing.T) {
 }
 
 func TestConfigWorkers(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		args    []string
 		env     []string
@@ -214,6 +226,7 @@ func TestConfigWorkers(t *testing.T) {
 }
 
 func TestConfigBooleans(t *testing.T) {
+	t.Parallel()
 	for _, v := range []string{"true", "TRUE", "True", "1", "yes", "YES", "on", "On", " true "} {
 		for _, args := range [][]string{{"--reload=" + v}, nil} {
 			c, err := loadConfig(args, fakeEnv("RELOAD", v))
@@ -257,6 +270,7 @@ func TestConfigBooleans(t *testing.T) {
 }
 
 func TestConfigDurations(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		in   string
 		want time.Duration
@@ -291,6 +305,7 @@ func TestConfigDurations(t *testing.T) {
 }
 
 func TestConfigSizes(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		in   string
 		want int
@@ -317,6 +332,7 @@ func TestConfigSizes(t *testing.T) {
 }
 
 func TestConfigValues(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		args  []string
 		env   []string
@@ -373,6 +389,7 @@ func TestConfigValues(t *testing.T) {
 }
 
 func TestConfigLLMProvider(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		args     []string
 		env      []string
@@ -527,6 +544,11 @@ var configInvalidCases = []struct {
 	{nil, []string{"DATABASE_URL", "mysql://u:hunter2@h/db"}, `invalid DATABASE_URL "mysql://xxxxx@h/db": ` + wantDatabaseURL},
 	{nil, []string{"DATABASE_URL", "host=db password=hunter2"}, `invalid DATABASE_URL "host=db password=xxxxx": ` + wantDatabaseURL},
 	{nil, []string{"DATABASE_URL", "postgres://u:p%zz@h/db"}, `invalid DATABASE_URL "postgres://xxxxx@h/db": ` + wantDatabaseURL},
+	{nil, []string{"REQUIRE_TOKEN", "1"}, `invalid REQUIRE_TOKEN: want API_TOKEN set as well (REQUIRE_TOKEN refuses to start an API without a token)`},
+	{[]string{"--require-token", "--metrics-addr", "0.0.0.0:9100"}, []string{"API_TOKEN", "t"}, `invalid --metrics-addr "0.0.0.0:9100": want a loopback address such as 127.0.0.1:9100, or METRICS_TOKEN set as well (--require-token refuses a metrics address other hosts reach without a token)`},
+	{nil, []string{"LLM_MODEL", "big", "LLM_MODELS", "small,medium"}, `invalid LLM_MODELS "small,medium": want a list that holds LLM_MODEL (--llm-model) "big", the model of agents that name none`},
+	{nil, []string{"LLM_MODELS", "a,,b"}, `invalid LLM_MODELS "a,,b": want model names of printable ASCII without spaces, comma-separated, none empty`},
+	{nil, []string{"ALLOWED_HOSTS", "api.example.com, http://x"}, `invalid ALLOWED_HOSTS "api.example.com, http://x": "http://x" is not a host name (want host names such as api.example.com or .example.com, comma-separated, or *)`},
 	{nil, []string{"DATABASE_URL", "postgres://u:hun@ter2@h/db"}, `invalid DATABASE_URL "postgres://xxxxx@h/db": ` + wantPercentEncoded},
 	{nil, []string{"DATABASE_URL", "postgresql://u:12/ter2@h:5432/db?sslmode=require"}, `invalid DATABASE_URL "postgresql://xxxxx@h:5432/db?sslmode=require": ` + wantPercentEncoded},
 	{nil, []string{"DATABASE_URL", "postgres://u:hun?ter2@h/db"}, `invalid DATABASE_URL "postgres://xxxxx@h/db": ` + wantPercentEncoded},
@@ -616,6 +638,7 @@ var configInvalidCases = []struct {
 }
 
 func TestConfigInvalid(t *testing.T) {
+	t.Parallel()
 	for _, tt := range configInvalidCases {
 		_, err := loadConfig(tt.args, fakeEnv(tt.env...))
 		if err == nil {
@@ -632,6 +655,7 @@ func TestConfigInvalid(t *testing.T) {
 }
 
 func TestConfigUsageErrors(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		args []string
 		want string
@@ -668,6 +692,7 @@ func TestConfigUsageErrors(t *testing.T) {
 }
 
 func TestConfigHelp(t *testing.T) {
+	t.Parallel()
 	for _, args := range [][]string{{"--help"}, {"-h"}, {"--port", "junk", "--help"}, {"--reload", "-h"}} {
 		_, err := loadConfig(args, fakeEnv("WORKERS", "junk"))
 		if !errors.Is(err, errHelp) {
@@ -677,6 +702,7 @@ func TestConfigHelp(t *testing.T) {
 }
 
 func TestConfigVersion(t *testing.T) {
+	t.Parallel()
 	// --version must work whatever else is wrong, apart from the command line.
 	c, err := loadConfig([]string{"--version", "--port", "junk"}, fakeEnv("WORKERS", "junk", "LLM_PROVIDER", "openai"))
 	if err != nil || !c.ShowVersion {
@@ -694,6 +720,7 @@ func TestConfigVersion(t *testing.T) {
 // TestConfigSecretsNeverShown checks that LLM_API_KEY and API_TOKEN appear in
 // no error, in usage, or in any formatting of a config.
 func TestConfigSecretsNeverShown(t *testing.T) {
+	t.Parallel()
 	const key, token = "sk-VERYSECRETKEY123", "TOKENSECRET456"
 	secrets := []string{key, token, "VERYSECRET", "TOKENSECRET"}
 	check := func(what, text string) {
@@ -760,6 +787,7 @@ func TestConfigSecretsNeverShown(t *testing.T) {
 // TestConfigDocsMatchUsage keeps docs/configuration.md equal to --help: the
 // same flags both ways, every variable, and the same defaults.
 func TestConfigDocsMatchUsage(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("../../docs/configuration.md")
 	if err != nil {
 		t.Fatalf("read docs: %v", err)
@@ -848,6 +876,7 @@ func TestConfigDocsMatchUsage(t *testing.T) {
 }
 
 func TestConfigUsage(t *testing.T) {
+	t.Parallel()
 	var buf bytes.Buffer
 	usage(&buf)
 	help := buf.String()

@@ -56,6 +56,7 @@ func isErrorJSON(body, code string) bool {
 // Expect, from a raw socket, Python's http.client and Node's fetch: every
 // try must read the 413 JSON, not a reset connection.
 func TestOversizeBodyReachesClientAs413(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	addr := "127.0.0.1:" + strconv.Itoa(s.port)
 	const size = 2 << 20
@@ -119,6 +120,7 @@ let ok = 0;
 // close, and a keep-alive connection, are not held by the lingering close
 // meant for refused bodies.
 func TestNormalCloseDoesNotLinger(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(s.port))
 	if err != nil {
@@ -153,6 +155,7 @@ func TestNormalCloseDoesNotLinger(t *testing.T) {
 // TestRequestHeaderLimit checks the 16 KiB default for the request line
 // and headers, the 431 JSON past it, and LIMIT_REQUEST_HEADERS raising it.
 func TestRequestHeaderLimit(t *testing.T) {
+	t.Parallel()
 	get := func(port int, header int) (int, string) {
 		t.Helper()
 		req, _ := http.NewRequest("GET", "http://127.0.0.1:"+strconv.Itoa(port)+"/health", nil)
@@ -185,6 +188,7 @@ func TestRequestHeaderLimit(t *testing.T) {
 // request, with the upstream configured by OpenAI's variable names plus
 // Azure's query and api-key header; the key never reaches the log.
 func TestRequestIDEndToEnd(t *testing.T) {
+	t.Parallel()
 	const key, azureKey = "sk-never-logged-4711", "azure-never-logged-0815"
 	base, seen := recordingLLM(t)
 	s := startServer(t, "WORKERS=1", "ACCESS_LOG=true",
@@ -329,6 +333,7 @@ func (s *server) headerStatus(t *testing.T, n int) int {
 // process environment wins over them and a flag over both; a line that
 // cannot be read exits 2 naming the file and the line.
 func TestEnvFile(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "corral.env")
 	os.WriteFile(path, []byte("# Corral\nexport LLM_MODEL=\"file-model\"\nWORKERS=3\nLIMIT_REQUEST_HEADERS='32KiB' # headers\n"), 0o600)
 	s := startServerArgs(t, []string{"--env-file", path, "--limit-request-headers", "20KiB"}, "WORKERS=1", "SIMULATED_LATENCY=0")
@@ -359,6 +364,7 @@ func TestEnvFile(t *testing.T) {
 // TestEnvFileReload changes the env file under a server in reload mode:
 // the worker restarts with the new values.
 func TestEnvFileReload(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	path := filepath.Join(dir, ".env")
 	os.WriteFile(path, []byte("LLM_MODEL=model-1\n"), 0o600)
@@ -379,6 +385,7 @@ func TestEnvFileReload(t *testing.T) {
 // stream (JOURNAL_STREAM names it, as systemd sets it): every line, the
 // master's and the workers', starts with its syslog priority.
 func TestJournaldPriorities(t *testing.T) {
+	t.Parallel()
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -486,6 +493,7 @@ func TestJournaldPriorities(t *testing.T) {
 // them), names by Prometheus's conventions, and corral_build_info. It
 // runs where promtool is installed (Debian package prometheus).
 func TestMetricsPromtool(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "METRICS_ADDR=127.0.0.1:0", "SIMULATED_LATENCY=0")
 	base := s.metricsURL(t)
 	for range 4 {
@@ -536,5 +544,44 @@ func TestMetricsPromtool(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	if err != nil || len(out) > 0 {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
+}
+
+// TestJournaldPriorityOfStartErrors: the plain-text error a bad setting
+// gets before any logger exists starts with the error priority on the
+// journal's stream, and with nothing elsewhere.
+func TestJournaldPriorityOfStartErrors(t *testing.T) {
+	t.Parallel()
+	exe, _ := os.Executable()
+	f, err := os.Create(filepath.Join(t.TempDir(), "journal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var st syscall.Stat_t
+	syscall.Fstat(int(f.Fd()), &st)
+	for _, journal := range []string{fmt.Sprintf("%d:%d", st.Dev, st.Ino), ""} {
+		f.Truncate(0)
+		f.Seek(0, 0)
+		cmd := exec.Command(exe)
+		cmd.Env = append(os.Environ(), envAsServer+"=1", "WORKERS=many", "JOURNAL_STREAM="+journal)
+		cmd.Stderr = f
+		if err := cmd.Run(); err == nil {
+			t.Fatal("WORKERS=many: the server started")
+		}
+		out, _ := os.ReadFile(f.Name())
+		lines := strings.Split(strings.TrimSuffix(string(out), "\n"), "\n")
+		want := "<3>"
+		if journal == "" {
+			want = ""
+		}
+		if !strings.HasPrefix(lines[0], want+`server: invalid WORKERS "many"`) {
+			t.Errorf("JOURNAL_STREAM=%q: stderr\n%s\nwant its first line to start with %q", journal, out, want+"server: invalid WORKERS")
+		}
+		for _, l := range lines {
+			if strings.HasPrefix(l, "<") != (want != "") {
+				t.Errorf("JOURNAL_STREAM=%q: line %q", journal, l)
+			}
+		}
 	}
 }

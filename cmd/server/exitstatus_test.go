@@ -58,6 +58,7 @@ func documentedExit(t *testing.T, what string) int {
 // TestExitStatusTable: the table lists exactly the statuses the program
 // uses, and each constant's meaning is the one its row gives.
 func TestExitStatusTable(t *testing.T) {
+	t.Parallel()
 	rows := exitTable(t)
 	if len(rows) != 4 {
 		t.Errorf("exit statuses documented: %v, want 0, 1, 2 and 3", rows)

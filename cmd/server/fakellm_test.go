@@ -73,6 +73,7 @@ func (f *fakeLLM) baseURL() string { return "http://" + f.ln.Addr().String() + "
 type seenUpstream struct {
 	path, query string
 	header      http.Header
+	model       string
 }
 
 // recordingLLM is the fake upstream answering every chat with a short
@@ -132,6 +133,7 @@ func (f *fakeLLM) serve(c net.Conn) {
 		return
 	}
 	var body struct {
+		Model    string                           `json:"model"`
 		Messages []struct{ Role, Content string } `json:"messages"`
 	}
 	json.NewDecoder(req.Body).Decode(&body)
@@ -143,7 +145,7 @@ func (f *fakeLLM) serve(c net.Conn) {
 	f.attempts[msg]++
 	f.at[msg] = append(f.at[msg], time.Now())
 	attempt := f.attempts[msg]
-	f.seen = append(f.seen, seenUpstream{req.URL.Path, req.URL.RawQuery, req.Header.Clone()})
+	f.seen = append(f.seen, seenUpstream{req.URL.Path, req.URL.RawQuery, req.Header.Clone(), body.Model})
 	always := f.always
 	f.mu.Unlock()
 	// gone closes when the worker closes its side (it gave up) or the test

@@ -21,6 +21,7 @@ import (
 // keeps the connections it holds, leaves new ones in the backlog, and
 // accepts them once descriptors are freed, without being replaced.
 func TestWorkerOutOfDescriptors(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	pid := s.workerPIDs()[0]
 	if _, err := s.health(fresh); err != nil {

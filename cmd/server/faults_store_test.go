@@ -118,6 +118,7 @@ func mountTmpfs(t *testing.T, size string) string {
 }
 
 func TestStoreFaults(t *testing.T) {
+	t.Parallel()
 	t.Run("disk full", func(t *testing.T) {
 		dir := mountTmpfs(t, "4m")
 		filler := filepath.Join(dir, "filler")

@@ -32,6 +32,7 @@ func (b *logBuffer) lastScale(start int) int {
 // is restarted with a growing delay, the other slots keep serving, and the
 // master stays cheap while it loops.
 func TestCrashLoopBacksOff(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", envCrashAfter+"=300ms")
 	pids := s.workerPIDs()
 	// Generation 1 is spared; killing it starts the loop in its slot.
@@ -115,6 +116,7 @@ func TestCrashLoopBacksOff(t *testing.T) {
 // should ignore, in a tight loop, and checks that it survives with a worker
 // count that matches the TTIN/TTOU balance.
 func TestSignalStorm(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "METRICS_ADDR=127.0.0.1:0")
 	master := s.cmd.Process.Pid
 	stop := make(chan struct{})

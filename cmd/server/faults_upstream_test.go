@@ -21,6 +21,7 @@ import (
 // and checks each chat's status, its activities, and that the worker's
 // goroutines and open fds come back to where they were.
 func TestUpstreamFaults(t *testing.T) {
+	t.Parallel()
 	fake := newFakeLLM(t)
 	db := filepath.Join(t.TempDir(), "server.db")
 	s := startServer(t, "WORKERS=1", "METRICS_ADDR=127.0.0.1:0", "LLM_BASE_URL="+fake.baseURL(),

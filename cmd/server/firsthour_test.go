@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -40,6 +42,7 @@ func (s *server) startFailure(t *testing.T) string {
 // its one error line, and never reaches the store (whose instance-id
 // advice would send the user the wrong way).
 func TestSecondCopySameDatabaseNamesThePort(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "server.db")
 	first := startServer(t, "WORKERS=1", "DATABASE_URL=sqlite:"+db)
 	second := launch(t, "WORKERS=1", "DATABASE_URL=sqlite:"+db, "PORT="+strconv.Itoa(first.port),
@@ -59,6 +62,7 @@ func TestSecondCopySameDatabaseNamesThePort(t *testing.T) {
 // TestMissingDatabaseFolder: a folder the user named is never created; the
 // error names it. The default data/ folder is created.
 func TestMissingDatabaseFolder(t *testing.T) {
+	t.Parallel()
 	missing := filepath.Join(t.TempDir(), "no", "such")
 	s := launch(t, "WORKERS=1", "DATABASE_URL=sqlite:"+filepath.Join(missing, "x.db"))
 	if code, want := s.wait(20*time.Second), documentedExit(t, "the store cannot be opened"); code != want {
@@ -80,6 +84,7 @@ func TestMissingDatabaseFolder(t *testing.T) {
 // TestBusyPortFailurePrintedOnce: the busy-port error is one log line, also
 // in the console format.
 func TestBusyPortFailurePrintedOnce(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -99,6 +104,7 @@ func TestBusyPortFailurePrintedOnce(t *testing.T) {
 // one info line with the sysctl command, only with several workers on
 // per-slot sockets outside reload mode.
 func TestMigrateReqNoticeOnlyWhereItMatters(t *testing.T) {
+	t.Parallel()
 	const msg = "net.ipv4.tcp_migrate_req is 0: scaling down resets the connections queued on the removed worker's socket"
 	off := tcpMigrateReq() == "0"
 	for _, tc := range []struct {
@@ -132,6 +138,7 @@ func processTitle(pid int) string {
 // English ("1 worker", "2 workers") and follows scaling; worker titles
 // carry no count, so none goes stale.
 func TestTitlesAfterScaling(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	master := s.cmd.Process.Pid
 	where := "127.0.0.1:" + strconv.Itoa(s.port)
@@ -164,6 +171,7 @@ var decimalField = regexp.MustCompile(`"([a-z_]+)":(-?[0-9]+)\.([0-9]+)`)
 // and in status --json is a duration whose field names its unit (_ms in
 // logs, _s in the status) and has at most 3 decimals.
 func TestDurationsCarryTheirUnit(t *testing.T) {
+	t.Parallel()
 	sock := filepath.Join(t.TempDir(), "c.sock")
 	s := startServer(t, "WORKERS=2", "ACCESS_LOG=true", "CONTROL_SOCKET="+sock)
 	if _, err := s.health(fresh); err != nil {
@@ -195,6 +203,7 @@ func TestDurationsCarryTheirUnit(t *testing.T) {
 // with what they ask; a worker told to drain logs the master's reason and
 // the budget the master enforces, in a HUP roll and in reload mode.
 func TestSignalsAndStopReasons(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	s.cmd.Process.Signal(syscall.SIGTTIN)
 	waitFor(t, 20*time.Second, func() error {
@@ -246,6 +255,7 @@ func TestSignalsAndStopReasons(t *testing.T) {
 // TestUnknownFlagIsTwoLines: a mistyped flag exits with the documented
 // status, the error with a suggestion and one line pointing at --help.
 func TestUnknownFlagIsTwoLines(t *testing.T) {
+	t.Parallel()
 	code, out, errOut := cli(t, "--wokers", "3")
 	if want := documentedExit(t, "a bad flag"); code != want {
 		t.Errorf("exit %d, want %d", code, want)
@@ -253,5 +263,74 @@ func TestUnknownFlagIsTwoLines(t *testing.T) {
 	want := "server: unknown flag: --wokers (did you mean --workers?)\nRun \"server --help\" for every flag and variable.\n"
 	if errOut != want || out != "" {
 		t.Errorf("stderr %q, stdout %q; want stderr %q", errOut, out, want)
+	}
+}
+
+// TestMakeInstall runs the Makefile's install recipe (its build step taken
+// as done: the test binary stands in for ./server) into a PREFIX, twice,
+// with a server started from the first copy in between: the second install
+// puts a new file in place, so the running server keeps its own, and the
+// installed server answers `server --version`.
+func TestMakeInstall(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("make"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("make not installed (.ci/run installs it)")
+		}
+		t.Skip("make not installed")
+	}
+	makefile, err := filepath.Abs("../../Makefile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	build := t.TempDir()
+	exe, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeExecutable(t, filepath.Join(build, "server"), exe)
+	prefix := t.TempDir()
+	install := func() {
+		t.Helper()
+		// -o build: the build step counts as done; the recipe installs ./server.
+		out, err := exec.Command("make", "-s", "-f", makefile, "-C", build, "-o", "build", "install", "PREFIX="+prefix).CombinedOutput()
+		if err != nil {
+			t.Fatalf("make install: %v\n%s", err, out)
+		}
+	}
+	install()
+	bin := filepath.Join(prefix, "bin", "server")
+	first, err := os.Stat(bin)
+	if err != nil {
+		t.Fatalf("make install PREFIX=%s: %v", prefix, err)
+	}
+	if first.Mode().Perm() != 0o755 {
+		t.Errorf("installed mode %v, want 0755", first.Mode().Perm())
+	}
+	s := startExe(t, bin, nil, "WORKERS=1")
+	install()
+	second, err := os.Stat(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if os.SameFile(first, second) {
+		t.Error("the second install wrote into the running server's file; want a new file")
+	}
+	if target, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", s.cmd.Process.Pid)); err != nil || !strings.HasSuffix(target, "(deleted)") {
+		t.Errorf("the running master's executable is %q (%v), want the first copy, now unlinked", target, err)
+	}
+	if h, err := s.health(&http.Client{Timeout: 5 * time.Second}); err != nil || h.Status != "ok" {
+		t.Errorf("GET /health after the second install: %+v, %v", h, err)
+	}
+	s.stop()
+	cmd := exec.Command(bin, "--version")
+	cmd.Env = append(os.Environ(), envAsServer+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "server ") {
+		t.Errorf("%s --version: %v\n%s", bin, err, out)
 	}
 }

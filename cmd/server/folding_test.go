@@ -20,10 +20,11 @@ import (
 // is answered 400 with the API's error shape and the connection closes
 // after it. The same requests unfolded are served.
 func TestFoldedHeadersRefused(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	addr := "127.0.0.1:" + strconv.Itoa(s.port)
-	const next = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-	const post = "POST /api/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+	const next = "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+	const post = "POST /api/agents HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
 	agent := `{"name":"f","system_prompt":"p"}`
 	chunked := fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(agent), agent)
 	n := strconv.Itoa(len(agent))
@@ -38,14 +39,14 @@ func TestFoldedHeadersRefused(t *testing.T) {
 			post + "Content-Length: \r\n\t" + n + "\r\n\r\n" + agent,
 			post + "Content-Length: " + n + "\r\n\r\n" + agent},
 		{"folded other header",
-			"GET /health HTTP/1.1\r\nHost: x\r\nX-Note: one\r\n two\r\n\r\n",
-			"GET /health HTTP/1.1\r\nHost: x\r\nX-Note: one two\r\n\r\n"},
+			"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Note: one\r\n two\r\n\r\n",
+			"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Note: one two\r\n\r\n"},
 		{"folded last header",
-			"GET /health HTTP/1.1\r\nHost: x\r\nX-Note: one\r\n\tx\r\n\r\n",
-			"GET /health HTTP/1.1\r\nHost: x\r\nX-Note: one\r\n\r\n"},
+			"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Note: one\r\n\tx\r\n\r\n",
+			"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Note: one\r\n\r\n"},
 		{"first header line folded",
-			"GET /health HTTP/1.1\r\n Host: x\r\n\r\n",
-			"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"},
+			"GET /health HTTP/1.1\r\n Host: localhost\r\n\r\n",
+			"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			st, body, closed, more := rawPipelined(t, addr, tc.folded+next)
@@ -73,7 +74,7 @@ func TestFoldedHeadersRefused(t *testing.T) {
 		})
 	}
 	// A tab or space inside a value is no fold.
-	st, body, _, _ := rawPipelined(t, addr, "GET /health HTTP/1.1\r\nHost: x\r\nX-Note: one \t two\r\n\r\n")
+	st, body, _, _ := rawPipelined(t, addr, "GET /health HTTP/1.1\r\nHost: localhost\r\nX-Note: one \t two\r\n\r\n")
 	if st != http.StatusOK {
 		t.Errorf("inner whitespace: %d %s, want 200", st, body)
 	}

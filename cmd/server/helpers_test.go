@@ -158,6 +158,19 @@ func launchArgs(t *testing.T, args []string, env ...string) *server {
 	return launchExe(t, exe, args, env...)
 }
 
+// writeExecutable writes a program to path, mode 0755. It holds
+// syscall.ForkLock while the file is open for writing: a process that
+// parallel tests fork meanwhile would inherit the descriptor, and exec of
+// the file fails with "text file busy" until that process execs.
+func writeExecutable(t *testing.T, path string, content []byte) {
+	t.Helper()
+	syscall.ForkLock.Lock()
+	defer syscall.ForkLock.Unlock()
+	if err := os.WriteFile(path, content, 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // launchExe starts the server from the binary exe, a copy of the test
 // binary.
 func launchExe(t *testing.T, exe string, args []string, env ...string) *server {
@@ -166,7 +179,7 @@ func launchExe(t *testing.T, exe string, args []string, env ...string) *server {
 	cmd.Dir = t.TempDir()
 	cmd.Env = append(os.Environ(),
 		envAsServer+"=1", "HOST=127.0.0.1", "PORT=0", "LOG_FORMAT=json", "LOG_LEVEL=debug",
-		"ACCESS_LOG=false", "TIMEOUT_WORKER_HEALTHCHECK=2s", "TIMEOUT_GRACEFUL_SHUTDOWN=10s",
+		"ACCESS_LOG=false", "TIMEOUT_WORKER_HEALTHCHECK=5s", "TIMEOUT_GRACEFUL_SHUTDOWN=10s",
 		"DATABASE_URL=sqlite:"+filepath.Join(t.TempDir(), "server.db"))
 	cmd.Env = append(cmd.Env, env...)
 	stderr, err := cmd.StderrPipe()

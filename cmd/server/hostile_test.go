@@ -166,7 +166,7 @@ func TestHostileInput(t *testing.T) {
 	// two busy cores, 2,500 connections arriving at a worker at once have
 	// stalled its heartbeat past 2 s, and hang detection is not what this
 	// test is about.
-	s := startServer(t, "WORKERS=4", "TIMEOUT_READ_REQUEST="+hostileReadTimeout.String(), "SIMULATED_LATENCY=0",
+	s := startServer(t, "WORKERS=4", "TIMEOUT_READ_REQUEST="+hostileReadTimeout.String(), "SIMULATED_LATENCY=0", "ALLOWED_HOSTS=corral.test",
 		"TIMEOUT_WORKER_HEALTHCHECK=10s")
 	addr := "127.0.0.1:" + strconv.Itoa(s.port)
 	pids := s.workerPIDs()

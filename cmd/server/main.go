@@ -60,6 +60,12 @@ func prepareMaster(cfg config, log zerolog.Logger, sc *supervisor.Config) (func(
 		}
 		return nil
 	}
+	if addr, public := supervisor.Public(*sc); public && len(cfg.APITokens) == 0 {
+		// Refused under --require-token by the configuration's check.
+		log.Warn().Str("addr", addr).Str("fix", "set API_TOKEN, and --require-token to refuse to start without it").
+			Msg("the API is open to other hosts without a token: anyone who reaches it can create agents with any system prompt, read every prompt and delete agents")
+		sc.StatusNotes = append(sc.StatusNotes, "WARNING: API open to other hosts, no API_TOKEN")
+	}
 	reaper := newOrphanReaper(st, log, cfg.ChatMaxAttempts)
 	sc.ControlSocket = controlPath(cfg.ControlSocket, cfg.DatabaseURL)
 	sc.OnWorkerExit = reaper.workerExited

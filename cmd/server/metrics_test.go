@@ -53,6 +53,7 @@ func sample(text, series string) (float64, bool) {
 }
 
 func TestMetricsAggregateWorkers(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "METRICS_ADDR=127.0.0.1:0", "METRICS_TOKEN=s3cret", "SIMULATED_LATENCY=0")
 	base := s.metricsURL(t)
 	if code, _ := get(t, base+"metrics", ""); code != 401 {
@@ -117,6 +118,7 @@ func TestMetricsAggregateWorkers(t *testing.T) {
 }
 
 func TestStatusPageInChromium(t *testing.T) {
+	t.Parallel()
 	chromium, err := exec.LookPath("chromium")
 	if err != nil {
 		t.Skip("chromium not installed (Debian package chromium; .ci/run installs it)")

@@ -117,6 +117,7 @@ http {
 			proxy_pass http://corral;
 			proxy_http_version 1.1;
 			proxy_set_header Connection "";
+			proxy_set_header Host $host;
 			proxy_buffering off;
 			proxy_read_timeout 120s;
 			proxy_next_upstream error timeout http_502 http_503;
@@ -254,6 +255,7 @@ func startHosts(t *testing.T, dbURL string, latency string) (a, b *server) {
 // TestMultihostFeedAcrossHosts: a chat through host A shows up in a
 // long-poll and in the SSE stream on host B, woken through LISTEN/NOTIFY.
 func TestMultihostFeedAcrossHosts(t *testing.T) {
+	t.Parallel()
 	dbURL := testPostgresDB(t)
 	a, b := startHosts(t, dbURL, "1s")
 	bBase := strings.TrimSuffix(b.url(""), "/")
@@ -354,6 +356,7 @@ func TestMultihostFeedAcrossHosts(t *testing.T) {
 // nginx loses no idempotent request (nginx retries them on B) and no
 // activity of a chat that answered 200.
 func TestMultihostStopOneHost(t *testing.T) {
+	t.Parallel()
 	dbURL := testPostgresDB(t)
 	a, b := startHosts(t, dbURL, "300ms")
 	lb := startNginx(t, a.port, b.port)

@@ -105,6 +105,7 @@ func (n *notifySocket) waitFor(t *testing.T, line string, want int) {
 }
 
 func TestSystemdNotify(t *testing.T) {
+	t.Parallel()
 	n := newNotifySocket(t)
 	s := startServer(t, "WORKERS=2", "NOTIFY_SOCKET="+n.path, "WATCHDOG_USEC=400000")
 	n.waitFor(t, "READY=1", 1)
@@ -131,6 +132,7 @@ func TestSystemdNotify(t *testing.T) {
 }
 
 func TestSocketActivation(t *testing.T) {
+	t.Parallel()
 	activate, err := exec.LookPath("systemd-socket-activate")
 	if err != nil {
 		t.Skip("systemd-socket-activate not installed (Debian package systemd)")
@@ -182,6 +184,7 @@ type writerFunc func([]byte) (int, error)
 func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
 
 func TestDrainDelayFailsHealthFirst(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "DRAIN_DELAY=1500ms")
 	s.cmd.Process.Signal(syscall.SIGTERM)
 	waitFor(t, 5*time.Second, func() error {
@@ -220,6 +223,7 @@ func cli(t *testing.T, args ...string) (int, string, string) {
 }
 
 func TestControlSocket(t *testing.T) {
+	t.Parallel()
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	s := startServer(t, "WORKERS=2", "CONTROL_SOCKET="+sock)
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
@@ -296,6 +300,7 @@ func TestControlSocket(t *testing.T) {
 }
 
 func TestControlSocketRefusesOtherUsers(t *testing.T) {
+	t.Parallel()
 	if os.Getuid() != 0 {
 		t.Skip("needs root to run the client as another user")
 	}

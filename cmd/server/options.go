@@ -15,10 +15,10 @@ import (
 )
 
 // apiOptions are the agent API's settings, stored into c; the process
-// model's come from package prefork. provider and retention receive the
-// --llm-provider and --retention settings for the checks across settings
-// in newApp.
-func apiOptions(c *config, provider, retention *prefork.Setting) []prefork.Option {
+// model's come from package prefork. provider, models and retention
+// receive the --llm-provider, --llm-models and --retention settings for
+// the checks across settings in newApp.
+func apiOptions(c *config, provider, models, retention *prefork.Setting) []prefork.Option {
 	return []prefork.Option{
 		{Group: groupStore, Flag: "database-url", Arg: "URL", Env: []string{"DATABASE_URL"}, Default: defaultDatabaseURL,
 			Help: "sqlite:PATH or postgres://user@host/db",
@@ -96,6 +96,20 @@ func apiOptions(c *config, provider, retention *prefork.Setting) []prefork.Optio
 				c.LLMModel = s.Text()
 				return nil
 			}},
+		{Group: groupLLM, Flag: "llm-models", Arg: "LIST", Env: []string{"LLM_MODELS"}, Default: "(the model)",
+			Help: "models agents may name, comma-separated; others 422",
+			Set: func(s prefork.Setting) error {
+				var list []string
+				for _, e := range strings.Split(s.Text(), ",") {
+					m := strings.TrimSpace(e)
+					if m == "" || len(m) > 200 || !prefork.IsVisibleASCII(m) {
+						return s.Invalid("model names of printable ASCII without spaces, comma-separated, none empty")
+					}
+					list = append(list, m)
+				}
+				c.LLMModels, *models = list, s
+				return nil
+			}},
 		{Group: groupLLM, Flag: "llm-timeout", Arg: "DUR", Env: []string{"LLM_TIMEOUT"}, Default: prefork.FormatDuration(llm.DefaultTimeout),
 			Help: "deadline of one LLM call; at least 1s",
 			Set: func(s prefork.Setting) (err error) {
@@ -138,7 +152,7 @@ func apiOptions(c *config, provider, retention *prefork.Setting) []prefork.Optio
 				c.LimitAgents, err = s.Whole(0, math.MaxInt32, "a whole number, 0 for no limit")
 				return err
 			}},
-		{Group: groupStore, Flag: "retention", Arg: "DUR", Env: []string{"RETENTION"}, Default: "off",
+		{Group: groupStore, Flag: "retention", Arg: "DUR", Env: []string{"RETENTION"}, Default: "off", Master: true,
 			Help: "delete chats and activities older than this, such as 30d; off = keep all",
 			Set: func(s prefork.Setting) error {
 				*retention = s

@@ -18,9 +18,7 @@ func umaskScript(t *testing.T, mask string) string {
 		t.Fatal(err)
 	}
 	script := filepath.Join(t.TempDir(), "umask-"+mask+".sh")
-	if err := os.WriteFile(script, []byte("#!/bin/sh\numask "+mask+"\nexec '"+exe+"' \"$@\"\n"), 0o700); err != nil {
-		t.Fatal(err)
-	}
+	writeExecutable(t, script, []byte("#!/bin/sh\numask "+mask+"\nexec '"+exe+"' \"$@\"\n"))
 	return script
 }
 
@@ -30,6 +28,7 @@ func umaskScript(t *testing.T, mask string) string {
 // lock, the control socket) is readable by the server's user only. A
 // database file another user could already read is reported at start.
 func TestDataFilesPrivate(t *testing.T) {
+	t.Parallel()
 	s := startExe(t, umaskScript(t, "000"), nil, "DATABASE_URL=")
 	var agent struct{ ID string }
 	if _, err := s.postJSON("/api/agents", map[string]any{"name": "private", "system_prompt": "a secret prompt"}, &agent); err != nil {
@@ -87,6 +86,7 @@ func TestDataFilesPrivate(t *testing.T) {
 // bind, through the umask: no chmod ever names either path. A chmod after
 // bind follows a symlink another user can put at the path meanwhile.
 func TestUDSModeFromUmask(t *testing.T) {
+	t.Parallel()
 	strace, err := exec.LookPath("strace")
 	if err != nil {
 		t.Skip("strace not installed")

@@ -14,6 +14,7 @@ import (
 )
 
 func TestPostgresDownAtStartExits3(t *testing.T) {
+	t.Parallel()
 	free, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -96,6 +97,7 @@ func (p *tcpProxy) stop() {
 }
 
 func TestPostgresDownWhileRunning(t *testing.T) {
+	t.Parallel()
 	dbURL := testPostgresDB(t)
 	u, _ := url.Parse(dbURL)
 	proxy := newTCPProxy(t, u.Host)

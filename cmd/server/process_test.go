@@ -20,6 +20,7 @@ import (
 )
 
 func TestWorkersShareThePort(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		mode    string
 		sockets int
@@ -51,6 +52,7 @@ func TestWorkersShareThePort(t *testing.T) {
 }
 
 func TestProcessTitlesAndGroups(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2")
 	master := s.cmd.Process.Pid
 	args, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", master))
@@ -83,6 +85,7 @@ func readComm(pid int) string {
 }
 
 func TestKilledWorkerIsReplaced(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2")
 	before := s.workerPIDs()
 	victim := before[0]
@@ -110,7 +113,8 @@ func TestKilledWorkerIsReplaced(t *testing.T) {
 }
 
 func TestStoppedWorkerIsReplacedAndStrandsNothing(t *testing.T) {
-	s := startServer(t, "WORKERS=2", "TIMEOUT_WORKER_HEALTHCHECK=1s")
+	t.Parallel()
+	s := startServer(t, "WORKERS=2", "TIMEOUT_WORKER_HEALTHCHECK=3s")
 	before := s.workerPIDs()
 	victim := before[0]
 	syscall.Kill(victim, syscall.SIGSTOP)
@@ -195,6 +199,7 @@ func loadLoop(s *server, stop <-chan struct{}) func() (int64, int64, []string) {
 }
 
 func TestRollingRestartDropsNothing(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=3")
 	before := s.workerPIDs()
 	stop := make(chan struct{})
@@ -230,6 +235,7 @@ func TestRollingRestartDropsNothing(t *testing.T) {
 }
 
 func TestScaleUpAndDown(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2")
 	count := func(want int) func() error {
 		return func() error {
@@ -269,6 +275,7 @@ func TestScaleUpAndDown(t *testing.T) {
 }
 
 func TestTermDrainsInFlightRequest(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2")
 	type result struct {
 		status int
@@ -336,6 +343,7 @@ func inFlight(t *testing.T, s *server) int {
 }
 
 func TestSecondTermForces(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "TIMEOUT_GRACEFUL_SHUTDOWN=60s")
 	go fresh.Get(s.url("/test/slow?ms=30000"))
 	waitFor(t, 5*time.Second, func() error {
@@ -361,6 +369,7 @@ func TestSecondTermForces(t *testing.T) {
 }
 
 func TestQuitIsImmediate(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "TIMEOUT_GRACEFUL_SHUTDOWN=60s")
 	go fresh.Get(s.url("/test/slow?ms=30000"))
 	workers := s.workerPIDs()
@@ -376,6 +385,7 @@ func TestQuitIsImmediate(t *testing.T) {
 }
 
 func TestMasterKilledTakesWorkersDown(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=3")
 	workers := s.workerPIDs()
 	s.cmd.Process.Signal(syscall.SIGKILL)
@@ -391,6 +401,7 @@ func TestMasterKilledTakesWorkersDown(t *testing.T) {
 }
 
 func TestPanicIsAnswered500AndWorkerSurvives(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1")
 	pid := s.workerPIDs()[0]
 	resp, err := fresh.Get(s.url("/test/panic"))
@@ -415,6 +426,7 @@ func TestPanicIsAnswered500AndWorkerSurvives(t *testing.T) {
 }
 
 func TestMaxRequestsRecyclesWithoutFailures(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "LIMIT_MAX_REQUESTS=30")
 	first := s.workerPIDs()[0]
 	seen := map[int]bool{}
@@ -438,6 +450,7 @@ func TestMaxRequestsRecyclesWithoutFailures(t *testing.T) {
 // Retry-After, but /health still answers 200: a busy worker is not an
 // unhealthy one.
 func TestLimitConcurrency(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "LIMIT_CONCURRENCY=1")
 	// A slow request takes the one slot. If it ended, or lost the slot to a
 	// poll that came first (and got 503 itself), another one takes it.
@@ -476,6 +489,7 @@ func TestLimitConcurrency(t *testing.T) {
 }
 
 func TestBusyPort(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -501,6 +515,7 @@ func TestBusyPort(t *testing.T) {
 }
 
 func TestBootFailureExits3(t *testing.T) {
+	t.Parallel()
 	s := launch(t, "WORKERS=2", envFailBoot+"=1")
 	if code, want := s.wait(20*time.Second), documentedExit(t, "a worker of the first generation"); code != want {
 		t.Errorf("exit status = %d, want %d; log:\n%s", code, want, s.logs)
@@ -514,6 +529,7 @@ func TestBootFailureExits3(t *testing.T) {
 }
 
 func TestBadConfigurationExits2(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct{ env, want string }{
 		{"WORKERS=abc", `invalid WORKERS "abc"`},
 		{"PORT=99999", `invalid PORT "99999"`},
@@ -568,6 +584,7 @@ func TestStoppedMasterKeepsItsWorkers(t *testing.T) {
 // stopped accepting, a new connection is refused at once, while a chat in
 // flight still completes.
 func TestShutdownRefusesNewConnections(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=8s")
 	reply := make(chan chatReply, 1)
 	go func() { reply <- s.chat(&http.Client{Timeout: 30 * time.Second}, "in flight at shutdown", false) }()
@@ -608,6 +625,7 @@ func TestShutdownRefusesNewConnections(t *testing.T) {
 // "Expect: 100-continue" (curl sends it for bodies over 1 KiB) is refused
 // before the upload, with the same JSON error as without Expect.
 func TestExpectContinueTooLarge(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "WORKERS=1", "LIMIT_REQUEST_BODY=4096")
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{ExpectContinueTimeout: 5 * time.Second}}
 	req, _ := http.NewRequest("POST", s.url("/api/chat"), strings.NewReader(strings.Repeat("x", 8192)))

@@ -290,6 +290,7 @@ func TestReload(t *testing.T) {
 }
 
 func TestDataDirsBelow(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		db    string
 		roots []string

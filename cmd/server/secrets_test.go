@@ -19,6 +19,7 @@ import (
 // secret reaches any log line: fasthttp quotes a malformed request's raw
 // bytes in its errors unless told not to.
 func TestMalformedRequestLogsNoToken(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "LOG_LEVEL=debug", "ACCESS_LOG=true", "LIMIT_REQUEST_HEADERS=4KiB")
 	addr := "127.0.0.1:" + strconv.Itoa(s.port)
 	const bearer, query = "bearer-SECRET-7f3a9c", "query-SECRET-41d2e8"
@@ -60,6 +61,7 @@ func TestMalformedRequestLogsNoToken(t *testing.T) {
 // refused before anything starts, with a message that says to
 // percent-encode and shows no part of the password.
 func TestDatabaseURLPasswordNotPrinted(t *testing.T) {
+	t.Parallel()
 	for _, password := range []string{"hunter@2secret", "hunter/2@secret", "hunter?2@secret"} {
 		s := launch(t, "DATABASE_URL=postgres://corral:"+password+"@127.0.0.1:1/corral")
 		if code := s.wait(20 * time.Second); code != exitUsage {
@@ -81,6 +83,7 @@ func TestDatabaseURLPasswordNotPrinted(t *testing.T) {
 // no setting only the master uses: not the metrics token, nor where to
 // bind, nor how many workers. The settings workers use still reach them.
 func TestWorkersGetWhatTheyUse(t *testing.T) {
+	t.Parallel()
 	const token = "metrics-SECRET-5be01c"
 	control := filepath.Join(t.TempDir(), "c.sock")
 	s := startServerArgs(t, []string{"--workers", "2", "--metrics-addr=127.0.0.1:0", "--control-socket", control, "--timeout-keep-alive", "7", "--no-access-log"},

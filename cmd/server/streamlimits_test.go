@@ -37,14 +37,14 @@ func openStream(t *testing.T, addr, req string) (net.Conn, *http.Response) {
 	return c, resp
 }
 
-const feedRequest = "GET /api/activities/stream HTTP/1.1\r\nHost: x\r\n\r\n"
+const feedRequest = "GET /api/activities/stream HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 // streamedChat is a "stream": true chat whose upstream (the fake LLM's
 // drip fault) sends one token at once and then one every 10 s, so that the
 // chat's stream stays open until the client leaves.
 func streamedChat() string {
 	body := `{"agent_id":"default","message":"drip hold","stream":true}`
-	return fmt.Sprintf("POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	return fmt.Sprintf("POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 }
 
 // statusInFlight reads the workers' in_flight counts from server status.
@@ -69,6 +69,7 @@ func statusInFlight(t *testing.T, sock string) ([]int64, error) {
 // answers, status shows in_flight 2, and once a client leaves its slot is
 // free again.
 func TestConcurrencyLimitCountsStreams(t *testing.T) {
+	t.Parallel()
 	fake := newFakeLLM(t)
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	s := startServer(t, "WORKERS=1", "LIMIT_CONCURRENCY=2", "CONTROL_SOCKET="+sock,
@@ -96,7 +97,7 @@ func TestConcurrencyLimitCountsStreams(t *testing.T) {
 		return nil
 	})
 	for _, req := range []string{
-		"GET /api/agents HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+		"GET /api/agents HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
 		feedRequest,
 		streamedChat(),
 	} {
@@ -142,6 +143,7 @@ func TestConcurrencyLimitCountsStreams(t *testing.T) {
 // a next_after that pages through every agent once, in creation order;
 // limit and after are checked; deleting an agent makes room again.
 func TestAgentsPagedAndBounded(t *testing.T) {
+	t.Parallel()
 	const limit = 150
 	s := startServer(t, "WORKERS=2", "LIMIT_AGENTS="+strconv.Itoa(limit))
 	client := &http.Client{Timeout: 20 * time.Second}
@@ -265,6 +267,7 @@ func TestAgentsPagedAndBounded(t *testing.T) {
 // Retry-After, while another client and the first client's ordinary
 // requests are served; a closed stream makes room again.
 func TestStreamsPerClientLimit(t *testing.T) {
+	t.Parallel()
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	s := startServer(t, "WORKERS=1", "LIMIT_STREAMS_PER_CLIENT=3", "CONTROL_SOCKET="+sock)
 	addr := "127.0.0.1:" + strconv.Itoa(s.port)
@@ -272,7 +275,7 @@ func TestStreamsPerClientLimit(t *testing.T) {
 		return strings.Replace(req, "\r\n", "\r\nX-Forwarded-For: "+client+"\r\n", 1)
 	}
 	const a, b = "203.0.113.7", "203.0.113.8"
-	const longPoll = "GET /api/activities?after=1000000&wait=30 HTTP/1.1\r\nHost: x\r\n\r\n"
+	const longPoll = "GET /api/activities?after=1000000&wait=30 HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 	var held []net.Conn
 	defer func() {
@@ -315,7 +318,7 @@ func TestStreamsPerClientLimit(t *testing.T) {
 	}
 	// Client a's requests that hold nothing are served; client b is not
 	// limited by a.
-	c, resp := openStream(t, addr, as(a, "GET /api/activities?wait=30 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+	c, resp := openStream(t, addr, as(a, "GET /api/activities?wait=30 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
 	c.Close()
 	if resp.StatusCode != 200 {
 		t.Errorf("client a's long-poll that finds activities at once: %d, want 200", resp.StatusCode)

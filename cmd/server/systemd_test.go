@@ -65,6 +65,7 @@ func installUnits(t *testing.T) (service, socket string) {
 }
 
 func TestSystemdUnitsVerify(t *testing.T) {
+	t.Parallel()
 	analyze := systemdAnalyze(t)
 	service, socket := installUnits(t)
 	cmd := exec.Command(analyze, "verify", "--man=no", service, socket)
@@ -79,6 +80,7 @@ func TestSystemdUnitsVerify(t *testing.T) {
 }
 
 func TestSystemdServiceSecurity(t *testing.T) {
+	t.Parallel()
 	analyze := systemdAnalyze(t)
 	service, _ := installUnits(t)
 	// --threshold takes tenths and fails above them: 19 fails at 2.0.
@@ -101,6 +103,7 @@ func TestSystemdServiceSecurity(t *testing.T) {
 // TestSystemdServiceContract checks the settings the server's behaviour
 // depends on, which verify and security would accept either way.
 func TestSystemdServiceContract(t *testing.T) {
+	t.Parallel()
 	unit := unitSettings(t, serviceUnit)
 	want := map[string]string{
 		"Type":             "notify",

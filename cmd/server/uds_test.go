@@ -42,6 +42,7 @@ func unixClient(path string) *http.Client {
 // server on the live socket is refused, a stale socket file is replaced,
 // and the file is removed when the server stops.
 func TestUnixSocket(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "api.sock")
 	s, client := startUDS(t, path, "WORKERS=2", "ACCESS_LOG=true")
 	if fi, err := os.Stat(path); err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o666 {
@@ -124,6 +125,7 @@ func healthVia(client *http.Client) (health, error) {
 // TestSocketActivationUnix: a unix socket passed by systemd is served like
 // a TCP one (shared mode) and shown as unix:PATH.
 func TestSocketActivationUnix(t *testing.T) {
+	t.Parallel()
 	activate, err := exec.LookPath("systemd-socket-activate")
 	if err != nil {
 		t.Skip("systemd-socket-activate not installed (Debian package systemd)")

@@ -27,9 +27,7 @@ import (
 func installFile(t *testing.T, path string, content []byte) {
 	t.Helper()
 	tmp := path + ".new"
-	if err := os.WriteFile(tmp, content, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	writeExecutable(t, tmp, content)
 	if err := os.Rename(tmp, path); err != nil {
 		t.Fatal(err)
 	}
@@ -89,6 +87,7 @@ func openLoop(s func() string, interval time.Duration, stop <-chan struct{}) fun
 // binary, the broken upgrade fails without a dropped request, the good
 // one hands over without one, and systemd hears of the new main process.
 func TestUpgrade(t *testing.T) {
+	t.Parallel()
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -283,6 +282,7 @@ func wantTitle(t *testing.T, pid int, suffix string) {
 // that stays shows the reason in its status and its usual title, and still
 // has its control socket: the failed master leaves the path alone.
 func TestUpgradeProgress(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	versionFile, hold, envFile := filepath.Join(dir, "version"), filepath.Join(dir, "hold"), filepath.Join(dir, "env")
 	ctl := filepath.Join(dir, "server.sock")
@@ -314,6 +314,10 @@ func TestUpgradeProgress(t *testing.T) {
 	printStatus(&out, st.Status)
 	if want := fmt.Sprintf("upgrade from master %d (v1): taking over\n", old); !strings.Contains(out.String(), want) {
 		t.Errorf("server status during the upgrade printed\n%s\nwant a line %q", out.String(), want)
+	}
+	var cliOut, cliErr strings.Builder
+	if code := runCLI("upgrade", []string{"--control-socket", ctl}, &cliOut, &cliErr); code != 1 || !strings.Contains(cliErr.String(), "an upgrade is in progress") {
+		t.Errorf("server upgrade during the upgrade: exit %d, %q %q; want 1 and a refusal: in progress", code, &cliOut, &cliErr)
 	}
 
 	// A chat on an old worker keeps the old master draining for a while.
@@ -449,21 +453,27 @@ func clientLoop(clients []*http.Client, url string, stop <-chan struct{}) func()
 // upgradeUnderLoad upgrades the server whose master is old, on the control
 // socket ctl, to v2 (written to versionFile) while clients GET url, and
 // checks the hand-over: no request failed, the new master and its workers
-// run v2 and answer, the old master exits.
-func upgradeUnderLoad(t *testing.T, old int, ctl, versionFile string, clients []*http.Client, url string) {
+// run v2 and answer, the old master exits. It returns the new master's
+// pid.
+func upgradeUnderLoad(t *testing.T, old int, ctl, versionFile string, clients []*http.Client, url string) int {
 	t.Helper()
 	var next int
 	stopMasterAtEnd(t, &next)
 	stop := make(chan struct{})
 	results := clientLoop(clients, url, stop)
 	os.WriteFile(versionFile, []byte("v2"), 0o644)
-	up, err := callControl(ctl, supervisor.Request{Cmd: "upgrade"})
-	if err != nil || !up.OK || up.Upgrade == nil || up.Upgrade.NewVersion != "v2" {
+	// As an operator would: `server upgrade`.
+	var out, errOut strings.Builder
+	code := runCLI("upgrade", []string{"--control-socket", ctl}, &out, &errOut)
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if code != 0 || len(lines) != 2 ||
+		!strings.HasPrefix(lines[0], "server upgrade: new master pid ") || !strings.HasSuffix(lines[0], " started; waiting up to 2m0s for its workers") ||
+		!strings.HasPrefix(lines[1], "server upgrade: done: new master pid ") || !strings.Contains(lines[1], ", version v2;") {
 		close(stop)
 		results()
-		t.Fatalf("upgrade = %+v %v, want done with v2", up, err)
+		t.Fatalf("server upgrade: exit %d, printed\n%s%s\nwant the new master's pid when started, then done with v2", code, &out, &errOut)
 	}
-	next = up.Upgrade.NewPID
+	fmt.Sscanf(lines[1], "server upgrade: done: new master pid %d", &next)
 	waitFor(t, 30*time.Second, func() error {
 		if alive(old) {
 			return fmt.Errorf("old master %d still running", old)
@@ -492,12 +502,14 @@ func upgradeUnderLoad(t *testing.T, old int, ctl, versionFile string, clients []
 	if err := json.NewDecoder(resp.Body).Decode(&h); err != nil || !workers[h.PID] {
 		t.Errorf("after the upgrade /health answered from pid %d (%v), want one of the new master's v2 workers %v", h.PID, err, workers)
 	}
+	return next
 }
 
 // TestUpgradeSockets upgrades under load a server on PostgreSQL, one on a
 // unix socket (--uds) and one on a socket from systemd's socket
 // activation: each hands its sockets over without a failed request.
 func TestUpgradeSockets(t *testing.T) {
+	t.Parallel()
 	keep := func(dial func(ctx context.Context, _, _ string) (net.Conn, error)) *http.Client {
 		return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: dial}}
 	}
@@ -506,8 +518,15 @@ func TestUpgradeSockets(t *testing.T) {
 		dir := t.TempDir()
 		versionFile, ctl := filepath.Join(dir, "version"), filepath.Join(dir, "server.sock")
 		os.WriteFile(versionFile, []byte("v1"), 0o644)
-		s := startServer(t, "WORKERS=2", "DATABASE_URL="+db, "TIMEOUT_WORKER_HEALTHCHECK=10s", "CONTROL_SOCKET="+ctl, envVersionFile+"="+versionFile)
-		upgradeUnderLoad(t, s.cmd.Process.Pid, ctl, versionFile, []*http.Client{fresh, fresh, keep(nil), keep(nil)}, s.url("/health"))
+		s := startServer(t, "WORKERS=2", "DATABASE_URL="+db, "TIMEOUT_WORKER_HEALTHCHECK=10s", "CONTROL_SOCKET="+ctl, envVersionFile+"="+versionFile,
+			"METRICS_ADDR=127.0.0.1:0")
+		next := upgradeUnderLoad(t, s.cmd.Process.Pid, ctl, versionFile, []*http.Client{fresh, fresh, keep(nil), keep(nil)}, s.url("/health"))
+		// The metrics listener was handed over too.
+		code, body := get(t, s.metricsURL(t)+"status.json", "")
+		var st supervisor.Status
+		if err := json.Unmarshal([]byte(body), &st); code != 200 || err != nil || st.PID != next || st.Version != "v2" {
+			t.Errorf("/status.json after the upgrade = %d %.300s (%v), want the new master %d, v2", code, body, err, next)
+		}
 	})
 	t.Run("uds", func(t *testing.T) {
 		dir := t.TempDir()

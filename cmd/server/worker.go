@@ -34,6 +34,7 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 		st.Close()
 		return nil, err
 	}
+	models, _ := cfg.models()
 	// The supervisor tells the worker how the last reload build went.
 	var reload atomic.Pointer[handlers.ReloadStatus]
 	var draining atomic.Bool
@@ -57,6 +58,8 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 		LLMTimeout:    cfg.LLMTimeout,
 		Logger:        log,
 		APITokens:     cfg.APITokens,
+		HostAllowed:   cfg.HostCheck(len(cfg.APITokens) > 0),
+		Models:        models,
 		CORSOrigins:   cfg.CORSOrigins,
 		Extra:         extraRoutes,
 

@@ -85,4 +85,12 @@
 //
 // Connections per PostgreSQL Store: Options.MaxOpenConns pooled plus one
 // for LISTEN. A server runs one Store per worker and one in the master.
+//
+// Bounds: Options.MaxAgents caps the agents (CreateAgent counts in its own
+// transaction, under an advisory lock on PostgreSQL, so concurrent
+// creators never pass it), and Agents returns pages of at most
+// MaxAgentLimit with an opaque cursor. Prune deletes finished chats and
+// old activities in small transactions and always keeps the newest
+// activity, so the cursor invariant above survives it; on PostgreSQL one
+// process at a time prunes (a session advisory lock held for the pass).
 package store

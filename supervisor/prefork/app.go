@@ -136,6 +136,11 @@ func Main(a App) int { return a.run(os.Stdout, os.Stderr) }
 func (a App) run(stdout, stderr io.Writer) int {
 	name := a.name()
 	role := os.Getenv(protocol.EnvRole)
+	logOut := stderr
+	if journalStream(stderr, os.Getenv("JOURNAL_STREAM")) {
+		// Plain-text errors carry their priority, as log lines do.
+		stderr = errorLines{stderr}
+	}
 	args, err := programArgs(role)
 	if err != nil {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
@@ -184,7 +189,6 @@ func (a App) run(stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "%s %s (%s, %s/%s)\n", name, a.version(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return ExitOK
 	}
-	logOut := stderr
 	if role == protocol.RoleWorker {
 		// The supervisor hands the worker its own stderr for whole log
 		// lines; the worker's fd 2 is a pipe for everything else.
@@ -301,6 +305,7 @@ func (c Config) SupervisorConfig() supervisor.Config {
 		MaxMemory:          uint64(c.LimitMaxMemory),
 		MetricsAddr:        c.MetricsAddr,
 		MetricsToken:       c.MetricsToken,
+		MetricsHostAllowed: c.HostCheck(c.MetricsToken != ""),
 		Addr:               c.Addr(),
 		UDS:                c.UDS,
 		TLS:                c.TLS(),
@@ -365,6 +370,11 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	// The markers served the re-exec; children get fresh ones.
 	os.Unsetenv(protocol.EnvRole)
 	os.Unsetenv(protocol.EnvArgs)
+	if cfg.MetricsPublic() && cfg.MetricsToken == "" {
+		// Refused under --require-token by Load.
+		log.Warn().Str("addr", cfg.MetricsAddr).Str("fix", "set METRICS_TOKEN, or a loopback METRICS_ADDR").
+			Msg("the metrics address is open to other hosts without a token: anyone who reaches it reads the status, every worker's pid and the recent activities")
+	}
 	if cfg.Reload && cfg.WorkersSet && cfg.Workers > 1 {
 		log.Warn().Int("workers", cfg.Workers).Msg("RELOAD/--reload runs one worker; WORKERS/--workers is ignored")
 	}
@@ -373,12 +383,14 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 		// is a usage error naming it rather than every worker failing.
 		if _, err := worker.LoadTLS(cfg.TLSFiles()); err != nil {
 			log.Error().Err(err).Msg("cannot serve HTTPS")
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
 			return ExitUsage
 		}
 	}
 	sc := cfg.SupervisorConfig()
 	sc.Args = args
+	if cfg.MetricsPublic() && cfg.MetricsToken == "" {
+		sc.StatusNotes = append(sc.StatusNotes, "WARNING: metrics open to other hosts, no METRICS_TOKEN")
+	}
 	// Workers get the settings they use and no more: no flag or variable
 	// of a master-only option (the metrics token above all).
 	sc.WorkerArgs = a.workerArgs(args)
@@ -482,7 +494,6 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 		tc, err := worker.LoadTLS(cfg.TLSFiles())
 		if err != nil {
 			log.Error().Err(err).Msg("cannot serve HTTPS")
-			fmt.Fprintf(stderr, "%s: %v\n", name, err)
 			return ExitBoot
 		}
 		wc.TLS = tc

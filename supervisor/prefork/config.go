@@ -47,7 +47,14 @@ type Config struct {
 	MetricsAddr   string        // --metrics-addr, host:port; "" = no metrics server
 	MetricsToken  string        `json:"-"` // METRICS_TOKEN only; never printed
 	ControlSocket string        // --control-socket; "" = the application's default
-	EnvFile       string        // --env-file / ENV_FILE, read before every other setting; "" = none
+	// RequireToken (--require-token / REQUIRE_TOKEN) refuses to start
+	// without the application's token and, on a metrics address other
+	// hosts reach, without METRICS_TOKEN. RequireTokenFrom names the flag
+	// or variable that set it, for messages.
+	RequireToken     bool
+	RequireTokenFrom string
+	AllowedHosts     Hosts  // --allowed-hosts / ALLOWED_HOSTS; see Hosts and HostCheck
+	EnvFile          string // --env-file / ENV_FILE, read before every other setting; "" = none
 
 	SSLKeyFile         string // --ssl-keyfile / SSL_KEYFILE; "" = plain HTTP
 	SSLCertFile        string // --ssl-certfile / SSL_CERTFILE; set with SSLKeyFile
@@ -168,6 +175,13 @@ func (c Config) Redacted() Config {
 	return c
 }
 
+// MetricsPublic reports whether the metrics address takes connections
+// from other hosts: set, and not on a loopback address.
+func (c Config) MetricsPublic() bool {
+	host, _, err := net.SplitHostPort(c.MetricsAddr)
+	return c.MetricsAddr != "" && err == nil && supervisor.PublicHost(host)
+}
+
 // TLS reports whether c serves HTTPS.
 func (c Config) TLS() bool { return c.SSLCertFile != "" }
 
@@ -248,6 +262,9 @@ func (a App) Load(args []string, lookupEnv func(string) (string, bool)) (Config,
 	}
 	if err := checkMetricsAddr(c, given); err != nil {
 		return Config{}, err
+	}
+	if m, ok := given["metrics-addr"]; ok && c.RequireToken && c.MetricsToken == "" && c.MetricsPublic() {
+		return Config{}, m.Invalid(fmt.Sprintf("a loopback address such as 127.0.0.1:9100, or METRICS_TOKEN set as well (%s refuses a metrics address other hosts reach without a token)", c.RequireTokenFrom))
 	}
 	if err := checkTLS(c, given); err != nil {
 		return Config{}, err
@@ -468,6 +485,23 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 					return s.InvalidSecret("printable ASCII without spaces")
 				}
 				c.MetricsToken = s.Text()
+				return nil
+			}},
+		{Group: GroupOps, Flag: "require-token", Master: true, Env: []string{"REQUIRE_TOKEN"}, Default: "false",
+			Help: "refuse to start without API_TOKEN, or with a public metrics address and no METRICS_TOKEN",
+			Set: func(s Setting) (err error) {
+				c.RequireToken, err = s.Bool()
+				c.RequireTokenFrom = s.From
+				return err
+			}},
+		{Group: GroupOps, Flag: "allowed-hosts", Arg: "LIST", Env: []string{"ALLOWED_HOSTS"}, Default: "(see docs)",
+			Help: "Host names answered, comma-separated (.example.com for subdomains, * for any); others get 421",
+			Set: func(s Setting) error {
+				h, bad, ok := parseHosts(s.Text())
+				if !ok {
+					return fmt.Errorf("invalid %s %q: %q is not a host name (want host names such as api.example.com or .example.com, comma-separated, or *)", s.From, s.Raw, bad)
+				}
+				c.AllowedHosts = h
 				return nil
 			}},
 		{Group: GroupOps, Flag: "control-socket", Master: true, Arg: "PATH", Env: []string{"CONTROL_SOCKET"}, Default: "(see docs)",

@@ -86,3 +86,23 @@ func (j *journalWriter) WriteLevel(l zerolog.Level, p []byte) (int, error) {
 	}
 	return len(p), nil
 }
+
+// errorLines writes plain text onto the journal's stream with the error
+// priority at the start of every line: the messages a program prints
+// before its logger exists (a bad flag, an unreadable env file) are errors,
+// and journalctl -p err must show them as the log lines' errors are shown.
+type errorLines struct{ out io.Writer }
+
+func (e errorLines) Write(p []byte) (int, error) {
+	var b bytes.Buffer
+	for _, line := range bytes.SplitAfter(p, []byte("\n")) {
+		if len(line) > 0 {
+			b.WriteString(priorities[zerolog.ErrorLevel])
+			b.Write(line)
+		}
+	}
+	if _, err := e.out.Write(b.Bytes()); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
