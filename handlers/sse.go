@@ -35,6 +35,10 @@ func startSSE(ctx *fasthttp.RequestCtx) {
 	// nginx buffers responses unless told otherwise; a buffered event
 	// stream reaches the client all at once at the end.
 	ctx.Response.Header.Set("X-Accel-Buffering", "no")
+	// The status and headers go out at once, before the first event (for
+	// a chat, the LLM's first token, seconds away): a client learns that
+	// its stream is open.
+	ctx.Response.ImmediateHeaderFlush = true
 }
 
 func newSSEWriter(w *bufio.Writer, interval time.Duration, conn net.Conn) *sseWriter {

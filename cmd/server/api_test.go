@@ -396,3 +396,24 @@ func TestStreamsFlowWithAccessLog(t *testing.T) {
 		t.Fatalf("first line of the stream = %q, %v; want event: delta before the reply is over", line, err)
 	}
 }
+
+// TestStreamHeadersBeforeFirstToken: a streamed chat answers its status and
+// headers at once, before the upstream sends anything, so a client (an
+// EventSource's onopen, a proxy's header timeout) knows the chat is
+// running; the keep-alive comment comes only 15 s later.
+func TestStreamHeadersBeforeFirstToken(t *testing.T) {
+	t.Parallel()
+	fake := newFakeLLM(t)
+	s := startServer(t, "WORKERS=1", "LLM_BASE_URL="+fake.baseURL(), "LLM_TIMEOUT=30s")
+	client := &http.Client{Timeout: 5 * time.Second}
+	start := time.Now()
+	resp, err := client.Post(s.url("/api/chat"), "application/json",
+		strings.NewReader(`{"agent_id":"default","message":"first-byte-never stream","stream":true}`))
+	if err != nil {
+		t.Fatalf("headers of a streamed chat whose upstream has not answered: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Errorf("got %d %q after %v, want 200 text/event-stream", resp.StatusCode, resp.Header.Get("Content-Type"), time.Since(start))
+	}
+}
