@@ -2,7 +2,8 @@
 // starts itself: chats accepted per second (SQLite and PostgreSQL), the
 // /health and /api/activities p99 while 10,000 chats are queued and 1,000
 // run, the time from a worker's death to its chat running again, and the
-// latency of a synchronous chat on this build against another build.
+// latency (sync) and throughput (syncrate) of synchronous chats on this
+// build against another build, in alternated rounds (-rounds).
 //
 //	go run ./bench/jobbench -server ./server [-base ./server-before] [-pg postgres://...]
 //

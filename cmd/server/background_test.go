@@ -214,10 +214,17 @@ func TestBackgroundChatLifecycle(t *testing.T) {
 		t.Fatalf("events after Last-Event-ID %d = ids %v, want %d..%d then done", mid, got, mid+1, ids[len(ids)-1])
 	}
 
-	// Cancel from another connection: the chat stops within a second.
-	id2 := startBackground(t, base, "cancel me")
+	// Cancel from another connection: the chat stops within a second. This
+	// chat is queued by Prefer: respond-async rather than "background".
+	code, h, b := postJSON(t, base+"/api/chat", `{"agent_id":"default","message":"cancel me"}`, "Prefer", "respond-async")
+	var queued chatState
+	json.Unmarshal(b, &queued)
+	id2 := queued.ID
+	if code != http.StatusAccepted || queued.Status != "queued" || id2 == "" || h.Get("Location") != "/api/chats/"+id2 {
+		t.Fatalf("POST with Prefer: respond-async = %d %s (Location %q), want 202, status queued and Location", code, b, h.Get("Location"))
+	}
 	waitRunning(t, base, id2, 0)
-	code, _, b := postJSON(t, base+"/api/chats/"+id2+"/cancel", "")
+	code, _, b = postJSON(t, base+"/api/chats/"+id2+"/cancel", "")
 	if code != 200 || !strings.Contains(string(b), `"status":"cancelled"`) {
 		t.Fatalf("POST cancel = %d %s, want 200 and status cancelled", code, b)
 	}
@@ -536,5 +543,43 @@ func TestSyncChatEvents(t *testing.T) {
 	}
 	if evs := readEvents(t, base, id, "1"); len(evs) != 1 || evs[0].name != "done" {
 		t.Fatalf("events after Last-Event-ID 1 = %+v, want only done", evs)
+	}
+}
+
+// TestMultihostBackgroundChatOnStop: two servers on one PostgreSQL
+// database; the one running a background chat is stopped (SIGTERM, a 1 s
+// graceful budget, shorter than the chat) and does not come back: the
+// other one runs the chat to the end, the stop not counted as an attempt.
+func TestMultihostBackgroundChatOnStop(t *testing.T) {
+	dbURL := testPostgresDB(t)
+	env := []string{"DATABASE_URL=" + dbURL, "WORKERS=1", "SIMULATED_LATENCY=4s", "TIMEOUT_GRACEFUL_SHUTDOWN=1s", "LOG_LEVEL=info"}
+	servers := map[string]*server{
+		"host-a": startServer(t, append(env, "INSTANCE_ID=host-a")...),
+		"host-b": startServer(t, append(env, "INSTANCE_ID=host-b")...),
+	}
+	baseA := strings.TrimSuffix(servers["host-a"].url(""), "/")
+	id := startBackground(t, baseA, "outlive my host's stop")
+	c := waitRunning(t, baseA, id, 0)
+	other := map[string]string{"host-a": "host-b", "host-b": "host-a"}[c.Instance]
+	if other == "" {
+		t.Fatalf("chat runs on instance %q, want host-a or host-b", c.Instance)
+	}
+	stopped := time.Now()
+	servers[c.Instance].cmd.Process.Signal(syscall.SIGTERM)
+	if code := servers[c.Instance].wait(15 * time.Second); code != 0 {
+		t.Fatalf("%s exited %d after SIGTERM, want 0", c.Instance, code)
+	}
+	otherBase := strings.TrimSuffix(servers[other].url(""), "/")
+	waitFor(t, 15*time.Second, func() error {
+		again, err := getChat(otherBase, id, 0)
+		if err != nil || again.Instance != other && again.Status != "completed" {
+			return fmt.Errorf("chat = %+v, %v, want it running on %s or completed", again, err, other)
+		}
+		return nil
+	})
+	t.Logf("chat running on %s %v after %s was told to stop", other, time.Since(stopped).Round(time.Millisecond), c.Instance)
+	done, err := getChat(otherBase, id, 30)
+	if err != nil || done.Status != "completed" || done.Attempts != 1 {
+		t.Fatalf("chat after its host stopped = %+v, %v, want completed, attempts 1 (a stop does not count)", done, err)
 	}
 }

@@ -20,7 +20,8 @@ import (
 func TestBackgroundUpstreamRetries(t *testing.T) {
 	t.Parallel()
 	llm := newFakeLLM(t)
-	s := startServer(t, "WORKERS=1", "LLM_BASE_URL="+llm.baseURL(), "LLM_TIMEOUT=1s", "CHAT_MAX_ATTEMPTS=2", "LOG_LEVEL=info")
+	s := startServer(t, "WORKERS=1", "LLM_BASE_URL="+llm.baseURL(), "LLM_TIMEOUT=1s", "CHAT_MAX_ATTEMPTS=2",
+		"METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info")
 	base := strings.TrimSuffix(s.url(""), "/")
 
 	cases := []struct {
@@ -69,6 +70,18 @@ func TestBackgroundUpstreamRetries(t *testing.T) {
 	if err != nil || len(feed.Activities) != 4 {
 		t.Fatalf("chat.retried activities = %+v, %v, want 4 (one per retried chat)", feed.Activities, err)
 	}
+	// And in /metrics and the status, database-wide.
+	murl := s.metricsURL(t)
+	waitFor(t, 5*time.Second, func() error {
+		_, text := get(t, murl+"/metrics", "")
+		if n, _ := sample(text, "corral_chat_queue_retries_total"); n != 4 {
+			return fmt.Errorf("corral_chat_queue_retries_total = %v, want 4", n)
+		}
+		if _, status := get(t, murl+"/status.json", ""); !strings.Contains(status, `{"name":"chats retried","value":"4"}`) {
+			return fmt.Errorf("/status.json = %s, want chats retried 4", status)
+		}
+		return nil
+	})
 }
 
 // TestCancelClosesUpstream: cancelling a chat, background or synchronous,

@@ -186,10 +186,12 @@ func TestAllowedHosts(t *testing.T) {
 	}
 	s.stop()
 
-	s = startServer(t, "WORKERS=1", "METRICS_ADDR=0.0.0.0:0")
+	n := newNotifySocket(t)
+	s = startServer(t, "WORKERS=1", "METRICS_ADDR=0.0.0.0:0", "NOTIFY_SOCKET="+n.path)
 	if w := s.logs.find(openMetricsWarning, map[string]any{"level": "warn", "addr": "0.0.0.0:0"}); len(w) != 1 {
 		t.Errorf("open metrics warnings %v, want one; log:\n%s", w, s.logs)
 	}
+	n.waitFor(t, "STATUS=1/1 workers ready, 0 requests in flight; WARNING: metrics open to other hosts, no METRICS_TOKEN", 1)
 	s.stop()
 	s = launch(t, "METRICS_ADDR=0.0.0.0:0", "REQUIRE_TOKEN=yes", "API_TOKEN=a1")
 	if code := s.wait(20 * time.Second); code != exitUsage {

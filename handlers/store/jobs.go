@@ -57,7 +57,7 @@ func (chatArgs) Kind() string { return "corral_chat" }
 
 // jobs is a Store's River client for inserts and cancellations: an
 // insert-only one, until RunChats on SQLite replaces it with the running
-// client, whose insert then wakes its own fetcher at once.
+// client.
 type jobs struct {
 	driver riverdriver.Driver[*sql.Tx]
 	cur    atomic.Pointer[river.Client[*sql.Tx]]
@@ -167,9 +167,9 @@ type RunConfig struct {
 	// DefaultChatConcurrency.
 	Concurrency int
 	// PollInterval is how often the runner looks for new jobs without a
-	// notification. On SQLite, where every look is a write transaction, a
-	// chat accepted by this process wakes its runner at once, and the
-	// others find it within a poll. Default DefaultChatPoll.
+	// notification. On SQLite, where River runs poll-only, every runner
+	// finds a new chat within a poll (each look is a write transaction);
+	// on PostgreSQL an insert wakes them at once. Default DefaultChatPoll.
 	PollInterval time.Duration
 	// RescueAfter is River's RescueStuckJobsAfter: the time after which a
 	// job still running is taken back even though no death was reported
@@ -188,7 +188,7 @@ func (e *retryError) Error() string { return "retry in " + e.after.String() }
 
 // JobCancelled reports whether ctx, a Run context, ended because the
 // chat's job was cancelled (EndChat with ChatCancelled, from any process):
-// River tells the runner too, within a poll.
+// on PostgreSQL River tells the runner too, by notification.
 func JobCancelled(ctx context.Context) bool {
 	return errors.Is(context.Cause(ctx), rivertype.ErrJobCancelledRemotely)
 }
@@ -244,6 +244,12 @@ func (s *Store) RunChats(ctx context.Context, cfg RunConfig) (*ChatRunner, error
 		FetchCooldown:        min(cfg.PollInterval, 20*time.Millisecond),
 		JobTimeout:           -1,
 		RescueStuckJobsAfter: cfg.RescueAfter,
+		// On SQLite River's notifier reads an outbox table every 50 ms
+		// in every worker, for wake-ups Corral does without: cancellations
+		// arrive through the activity feed, and a new chat waits at most
+		// PollInterval for a fetch. It was a third of an idle server's
+		// CPU (docs/benchmarks.md).
+		PollOnly: s.pg == nil,
 	}
 	r := &ChatRunner{}
 	if s.pg != nil {

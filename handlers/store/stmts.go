@@ -62,7 +62,7 @@ func (s *Store) queryRow(ctx context.Context, tx *sql.Tx, query string, args ...
 	return s.db.QueryRowContext(ctx, query, args...)
 }
 
-// exec runs query in tx as queryRow does.
+// exec runs query in tx (never nil), prepared once on SQLite.
 func (s *Store) exec(ctx context.Context, tx *sql.Tx, query string, args ...any) (sql.Result, error) {
 	query = s.q(query)
 	if s.pg == nil {

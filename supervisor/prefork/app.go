@@ -237,8 +237,9 @@ func (a App) masterVars() map[string]bool {
 }
 
 // workerArgs returns args without the flags of master-only options, each
-// remaining flag as --name=value (never nil, so that no argument stays no
-// argument). args parsed once already, in Load.
+// remaining flag as --name=value. It never returns nil, which the
+// supervisor would read as "the master's own arguments". Load parsed args
+// already, so parse cannot fail here.
 func (a App) workerArgs(args []string) []string {
 	opts := a.options(new(Config))
 	flags, _, err := parse(a.name(), args, opts)

@@ -399,7 +399,7 @@ func processOptions(c *Config, name, reloadBuild string) []Option {
 				c.HealthcheckTimeout, err = s.Duration(minHealthcheckTimeout, "at least 100ms")
 				return err
 			}},
-		{Group: GroupProcess, Flag: "timeout-upgrade", Arg: "DUR", Env: []string{"TIMEOUT_UPGRADE"}, Default: FormatDuration(supervisor.DefaultUpgradeTimeout),
+		{Group: GroupProcess, Flag: "timeout-upgrade", Master: true, Arg: "DUR", Env: []string{"TIMEOUT_UPGRADE"}, Default: FormatDuration(supervisor.DefaultUpgradeTimeout),
 			Help: "an upgrade's new master must be ready within it; at least 1s",
 			Set: func(s Setting) (err error) {
 				c.UpgradeTimeout, err = s.Duration(minUpgradeTimeout, "at least 1s")
