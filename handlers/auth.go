@@ -46,7 +46,7 @@ func (h *Handler) hostAllowed(ctx *fasthttp.RequestCtx) bool {
 		host = host[:100]
 	}
 	writeErrorObject(ctx, fasthttp.StatusMisdirectedRequest, errorObject{Code: "misdirected_request",
-		Message: fmt.Sprintf("this server does not answer for the host %q; its operator lists the names it answers", host)})
+		Message: fmt.Sprintf("this server does not answer for the host %q: list it in ALLOWED_HOSTS, or protect the API with API_TOKEN (docs/configuration.md)", host)})
 	return false
 }
 

@@ -673,6 +673,36 @@ func TestScaleWhileRolling(t *testing.T) {
 	}
 }
 
+// TestHUPRollsAReplacementStartedBeforeIt: a slot whose replacement
+// started before the HUP (here the rewire a scale-up starts) is rolled
+// again once that replacement is ready, so every worker serving after the
+// roll started after the signal.
+func TestHUPRollsAReplacementStartedBeforeIt(t *testing.T) {
+	h := bootWith(t, Config{Workers: 1})
+	h.signal(syscall.SIGTTIN)
+	wantStarted(t, h, 3) // slot 2, then slot 1's rewire
+	if slotOf(h.procs[1]) != 2 || slotOf(h.procs[2]) != 1 {
+		t.Fatalf("TTIN started workers %d and %d, want 2 and 1", slotOf(h.procs[1]), slotOf(h.procs[2]))
+	}
+	h.advance(100 * time.Millisecond)
+	h.signal(syscall.SIGHUP)
+	wantStarted(t, h, 3) // slot 1 is being replaced: the roll waits for it
+	h.ready(h.procs[1], h.procs[2])
+	wantStarted(t, h, 4)
+	if slotOf(h.procs[3]) != 1 || h.s.procs[h.procs[3].pid].why != "hup" {
+		t.Fatalf("started worker %d (%s), want 1 (hup)", slotOf(h.procs[3]), h.s.procs[h.procs[3].pid].why)
+	}
+	h.ready(h.procs[3])
+	wantStarted(t, h, 5)
+	if slotOf(h.procs[4]) != 2 || h.s.procs[h.procs[4].pid].why != "hup" {
+		t.Fatalf("started worker %d (%s), want 2 (hup)", slotOf(h.procs[4]), h.s.procs[h.procs[4].pid].why)
+	}
+	h.ready(h.procs[4])
+	if n := len(h.log.lines("rolling restart done")); n != 1 {
+		t.Errorf("%d \"rolling restart done\" lines, want 1", n)
+	}
+}
+
 func TestShutdownDrainsThenKillsAndASecondSignalForces(t *testing.T) {
 	h := bootWith(t, Config{Workers: 2, GracefulTimeout: 10 * time.Second})
 	h.signal(syscall.SIGTERM)

@@ -328,7 +328,14 @@ func (s *Supervisor) roll() {
 		sl := s.slots[n-1]
 		s.rollSlot = sl
 		if sl.next != nil {
-			return // already being replaced; its readiness continues the roll
+			// Already being replaced; its readiness continues the roll. A
+			// replacement started before the HUP (a crash's, a rewire's)
+			// is rolled in its turn once ready, so that every worker
+			// serving after the roll started after the signal.
+			if sl.next.started.Before(s.rollAfter) {
+				s.rolling = append([]int{n}, s.rolling...)
+			}
+			return
 		}
 		s.replace(sl, "hup")
 	}

@@ -224,13 +224,16 @@ type Supervisor struct {
 	procs  map[int]*proc // every live worker process, by pid
 	events chan event
 
-	booted   bool  // every slot has had a ready worker
-	rolling  []int // slots still to roll for SIGHUP, in order
-	rollSlot *slot // the slot being rolled now
-	stopping bool
-	exitErr  error
-	rng      *rand.Rand
-	reload   *reloadState // nil unless Config.Reload is set
+	booted  bool  // every slot has had a ready worker
+	rolling []int // slots still to roll for SIGHUP, in order
+	// rollAfter is when the last SIGHUP came: a worker started before it
+	// is rolled.
+	rollAfter time.Time
+	rollSlot  *slot // the slot being rolled now
+	stopping  bool
+	exitErr   error
+	rng       *rand.Rand
+	reload    *reloadState // nil unless Config.Reload is set
 
 	started    time.Time
 	controls   chan control
@@ -619,7 +622,7 @@ func (s *Supervisor) onSignal(sig os.Signal) {
 		if s.stopping {
 			return
 		}
-		s.rolling = s.rolling[:0]
+		s.rolling, s.rollAfter = s.rolling[:0], s.env.now()
 		for _, sl := range s.slots {
 			s.rolling = append(s.rolling, sl.n)
 		}

@@ -116,8 +116,8 @@ func TestUDSModeFromUmask(t *testing.T) {
 		if !strings.Contains(line, sock) && !strings.Contains(line, control) {
 			continue
 		}
-		// With -f each line starts with the thread id.
-		if _, call, _ := strings.Cut(line, " "); strings.HasPrefix(call, "bind(") {
+		// With -f each line starts with the thread id, padded with spaces.
+		if _, call, _ := strings.Cut(line, " "); strings.HasPrefix(strings.TrimSpace(call), "bind(") {
 			binds++
 		} else {
 			t.Errorf("a call other than bind on a socket path: %s", line)

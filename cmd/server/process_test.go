@@ -119,6 +119,18 @@ func TestStoppedWorkerIsReplacedAndStrandsNothing(t *testing.T) {
 	victim := before[0]
 	syscall.Kill(victim, syscall.SIGSTOP)
 	t.Cleanup(func() { syscall.Kill(victim, syscall.SIGKILL) })
+	// kill returns before every thread has stopped; one still running
+	// could answer a request.
+	waitFor(t, 5*time.Second, func() error {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", victim))
+		for _, task := range tasks {
+			tid, _ := strconv.Atoi(filepath.Base(task))
+			if st, err := procStat(tid); err == nil && st.state != "T" {
+				return fmt.Errorf("thread %d of worker %d in state %s", tid, victim, st.state)
+			}
+		}
+		return nil
+	})
 	// While it is stopped and before it is replaced, new connections are
 	// answered by the other worker, including those the kernel queues on the
 	// stopped worker's socket.

@@ -33,18 +33,50 @@ func installFile(t *testing.T, path string, content []byte) {
 	}
 }
 
+// tally counts the outcomes of GET requests sent from several goroutines,
+// with the first failures' errors.
+type tally struct {
+	ok, failed atomic.Int64
+	mu         sync.Mutex
+	errs       []string
+	wg         sync.WaitGroup
+}
+
+// get sends GET url with c and counts the outcome: a 200 or a failure.
+func (t *tally) get(c *http.Client, url string) {
+	resp, err := c.Get(url)
+	if err == nil {
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			err = fmt.Errorf("status %d", resp.StatusCode)
+		}
+	}
+	if err != nil {
+		t.failed.Add(1)
+		t.mu.Lock()
+		if len(t.errs) < 5 {
+			t.errs = append(t.errs, err.Error())
+		}
+		t.mu.Unlock()
+		return
+	}
+	t.ok.Add(1)
+}
+
+// result waits for the senders and returns the counts and errors.
+func (t *tally) result() (int64, int64, []string) {
+	t.wg.Wait()
+	return t.ok.Load(), t.failed.Load(), t.errs
+}
+
 // openLoop sends GET /health on a new connection every interval, whether
 // or not the earlier ones were answered, until stop closes; it returns the
 // count of requests and of failures with the first failures' errors.
 func openLoop(s func() string, interval time.Duration, stop <-chan struct{}) func() (int64, int64, []string) {
-	var ok, failed atomic.Int64
-	var mu sync.Mutex
-	var errs []string
-	var wg sync.WaitGroup
+	t := &tally{}
 	tick := time.NewTicker(interval)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	t.wg.Go(func() {
 		defer tick.Stop()
 		for {
 			select {
@@ -52,34 +84,10 @@ func openLoop(s func() string, interval time.Duration, stop <-chan struct{}) fun
 				return
 			case <-tick.C:
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				resp, err := fresh.Get(s())
-				if err == nil {
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode != 200 {
-						err = fmt.Errorf("status %d", resp.StatusCode)
-					}
-				}
-				if err != nil {
-					failed.Add(1)
-					mu.Lock()
-					if len(errs) < 5 {
-						errs = append(errs, err.Error())
-					}
-					mu.Unlock()
-					return
-				}
-				ok.Add(1)
-			}()
+			t.wg.Go(func() { t.get(fresh, s()) })
 		}
-	}()
-	return func() (int64, int64, []string) {
-		wg.Wait()
-		return ok.Load(), failed.Load(), errs
-	}
+	})
+	return t.result
 }
 
 // TestUpgrade installs a broken binary under a running server, then a new
@@ -409,45 +417,20 @@ func TestUpgradeProgress(t *testing.T) {
 // closes; it returns the count of requests and of failures with the first
 // failures' errors.
 func clientLoop(clients []*http.Client, url string, stop <-chan struct{}) func() (int64, int64, []string) {
-	var ok, failed atomic.Int64
-	var mu sync.Mutex
-	var errs []string
-	var wg sync.WaitGroup
+	t := &tally{}
 	for _, c := range clients {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		t.wg.Go(func() {
 			for {
 				select {
 				case <-stop:
 					return
 				default:
 				}
-				resp, err := c.Get(url)
-				if err == nil {
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode != 200 {
-						err = fmt.Errorf("status %d", resp.StatusCode)
-					}
-				}
-				if err != nil {
-					failed.Add(1)
-					mu.Lock()
-					if len(errs) < 5 {
-						errs = append(errs, err.Error())
-					}
-					mu.Unlock()
-					continue
-				}
-				ok.Add(1)
+				t.get(c, url)
 			}
-		}()
+		})
 	}
-	return func() (int64, int64, []string) {
-		wg.Wait()
-		return ok.Load(), failed.Load(), errs
-	}
+	return t.result
 }
 
 // upgradeUnderLoad upgrades the server whose master is old, on the control
