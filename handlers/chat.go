@@ -55,43 +55,20 @@ type chatCall struct {
 	req     llm.Request
 	started time.Time
 	base    context.Context // cancelled with errCancelRequested by a cancel
-
-	// A synchronous chat's call, owned by reply: its context (base with
-	// the LLM deadline, cancelled when the client goes away), and what
-	// ends its deadline, its watch and its cancellation.
-	ctx     context.Context
-	stop    context.CancelFunc
-	unwatch func()
-	release func()
 }
 
 // chat runs POST /api/chat: record the start, call the LLM (streaming the
 // reply as server-sent events when asked), record exactly one finish. A
 // background chat ("background": true or Prefer: respond-async) is queued
 // instead and answered 202 at once.
-//
-// It is split so that the large frame of startChat has returned before the
-// wait on the LLM: a chat parked for minutes then uses under a quarter of a
-// 16 KiB stack (grown by the store's calls), and the garbage collector
-// halves the stack to 8 KiB (docs/benchmarks.md, "Memory per chat in
-// flight"). Keep reply's frame small.
 func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
-	if call := h.startChat(ctx); call != nil {
-		call.reply(ctx)
-	}
-}
-
-// startChat records the start of the chat the request asks for and
-// returns it, ready for reply; or answers the request itself (an error, a
-// replay, a queued background chat, a stream) and returns nil.
-func (h *Handler) startChat(ctx *fasthttp.RequestCtx) *chatCall {
 	if !requireJSON(ctx) {
-		return nil
+		return
 	}
 	req, err := decodeChat(ctx.PostBody())
 	if err != nil {
 		fail(ctx, err)
-		return nil
+		return
 	}
 	if !req.Stream && preferAsync(ctx) {
 		req.Background = true
@@ -99,19 +76,19 @@ func (h *Handler) startChat(ctx *fasthttp.RequestCtx) *chatCall {
 	idemKey, err := h.idempotencyKey(ctx)
 	if err != nil {
 		fail(ctx, err)
-		return nil
+		return
 	}
 	sc, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	agent, err := h.cfg.Store.Agent(sc, req.AgentID)
 	if err != nil {
 		h.storeFailed(ctx, "read agent", noAgent(req.AgentID, err))
-		return nil
+		return
 	}
 	// An agent created before the allow-list changed.
 	if !h.modelAllowed(agent.Model) {
 		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, h.modelRefused(fmt.Sprintf("agent %q names model %q, which", agent.ID, agent.Model)))
-		return nil
+		return
 	}
 	// The worker gives every request one valid id; it follows the chat to
 	// its activities and the upstream request.
@@ -127,37 +104,33 @@ func (h *Handler) startChat(ctx *fasthttp.RequestCtx) *chatCall {
 	// release ends the chat's cancellation; the stream writer takes it
 	// over when there is one.
 	release := func() { unregister(); cancelBase(nil) }
-	defer func() {
-		if release != nil {
-			release()
-		}
-	}()
+	defer func() { release() }()
 	if !req.Background {
 		// Registered before the chat exists, so no cancellation is missed.
 		if unregister, err = h.cancels.register(chat.ID, cancelBase); err != nil {
 			unregister = func() {}
 			h.storeFailed(ctx, "follow cancellations", err)
-			return nil
+			return
 		}
 	}
 	act, err := h.cfg.Store.StartChat(sc, chat)
 	if dup, ok := errors.AsType[*store.DuplicateError](err); ok {
 		h.replayChat(ctx, dup.ChatID, req)
-		return nil
+		return
 	}
 	switch {
 	case errors.Is(err, store.ErrKeyReused):
 		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, errorObject{Code: "idempotency_key_reused",
 			Message: "this Idempotency-Key was used with another request in the last " + windowText(h.cfg.IdempotencyWindow)})
-		return nil
+		return
 	case errors.Is(err, store.ErrQueueFull):
 		ctx.Response.Header.Set("Retry-After", "5")
 		writeErrorObject(ctx, fasthttp.StatusServiceUnavailable, errorObject{Code: "queue_full",
 			Message: fmt.Sprintf("%d background chats are queued, the most this server holds; retry later", h.cfg.ChatQueueMax)})
-		return nil
+		return
 	case err != nil:
 		h.storeFailed(ctx, "start chat", err)
-		return nil
+		return
 	}
 	h.m.activity(act.Type)
 	ctx.Response.Header.Set("X-Chat-Id", chat.ID)
@@ -165,7 +138,7 @@ func (h *Handler) startChat(ctx *fasthttp.RequestCtx) *chatCall {
 		ctx.Response.Header.Set("Location", "/api/chats/"+chat.ID)
 		writeJSON(ctx, fasthttp.StatusAccepted, chatView{ID: chat.ID, AgentID: agent.ID, Status: store.ChatQueued,
 			Background: true, Created: act.Time})
-		return nil
+		return
 	}
 	h.m.chatStarted()
 	call := &chatCall{
@@ -186,18 +159,27 @@ func (h *Handler) startChat(ctx *fasthttp.RequestCtx) *chatCall {
 	conn := ctx.Conn()
 	unwatch := h.watcher.watch(conn, stop)
 	if !req.Stream {
-		// reply owns the cancellation, the deadline and the watch.
-		call.ctx, call.release = callCtx, release
-		call.stop, call.unwatch = stop, unwatch
-		release = nil
-		return call
+		defer stop()
+		defer unwatch()
+		resp, err := h.cfg.LLM.Complete(callCtx, call.req, nil)
+		res, err := call.finish(resp, err, callCtx.Err() == context.Canceled)
+		if err != nil {
+			if errors.Is(err, context.Canceled) {
+				ctx.SetConnectionClose() // the client is gone; nothing to answer
+				return
+			}
+			fail(ctx, err)
+			return
+		}
+		writeJSON(ctx, fasthttp.StatusOK, res)
+		return
 	}
 	startSSE(ctx)
 	interval := h.cfg.KeepAliveInterval
 	// The stream writer runs after this handler returns: it owns the
 	// cancellation from here on.
 	keep := release
-	release = nil
+	release = func() {}
 	ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
 		defer keep()
 		defer stop()
@@ -224,32 +206,6 @@ func (h *Handler) startChat(ctx *fasthttp.RequestCtx) *chatCall {
 		b, _ := json.Marshal(res)
 		sw.event(0, "done", b)
 	})
-	return nil
-}
-
-// reply waits for the LLM's answer to a synchronous chat, records the
-// chat's finish and answers it.
-func (c *chatCall) reply(ctx *fasthttp.RequestCtx) {
-	defer c.release()
-	defer c.stop()
-	defer c.unwatch()
-	resp, err := c.h.cfg.LLM.Complete(c.ctx, c.req, nil)
-	c.answer(ctx, resp, err)
-}
-
-// answer records the finish of a synchronous chat whose LLM call returned
-// resp and err, and answers the request.
-func (c *chatCall) answer(ctx *fasthttp.RequestCtx, resp llm.Response, err error) {
-	res, err := c.finish(resp, err, c.ctx.Err() == context.Canceled)
-	if err != nil {
-		if errors.Is(err, context.Canceled) {
-			ctx.SetConnectionClose() // the client is gone; nothing to answer
-			return
-		}
-		fail(ctx, err)
-		return
-	}
-	writeJSON(ctx, fasthttp.StatusOK, res)
 }
 
 // preferAsync reports whether the request carries Prefer: respond-async
