@@ -128,7 +128,9 @@ func hostStatus(t *testing.T, url, host, token string) int {
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode == 421 && strings.Contains(url, "/api/") {
-		var e struct{ Error struct{ Code, Message string } }
+		var e struct {
+			Error struct{ Code, Message string }
+		}
 		if json.NewDecoder(resp.Body).Decode(&e); e.Error.Code != "misdirected_request" || !strings.Contains(e.Error.Message, "ALLOWED_HOSTS") {
 			t.Errorf("GET %s with Host %s: 421 with %+v, want misdirected_request naming ALLOWED_HOSTS", url, host, e.Error)
 		}
