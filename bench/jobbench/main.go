@@ -122,26 +122,40 @@ func post(u, body string) (int, []byte, error) {
 	return resp.StatusCode, b, nil
 }
 
-// postMany posts n background chats from c clients and returns the rate.
+// postMany posts n background chats from c clients and returns the rate
+// of 202s and the count of other answers.
 func postMany(p *proc, n, c int) (float64, int) {
+	return postChats(p, n, c, true)
+}
+
+// syncMany posts n synchronous chats from c clients and returns the rate
+// and the count of answers other than 200.
+func syncMany(p *proc, n, c int) (float64, int) {
+	return postChats(p, n, c, false)
+}
+
+// postChats posts n chats from c clients, background or synchronous.
+func postChats(p *proc, n, c int, background bool) (float64, int) {
+	body, want := `{"agent_id":"default","message":"sync %d"}`, 200
+	if background {
+		body, want = `{"agent_id":"default","message":"job %d","background":true}`, 202
+	}
 	var next, failed atomic.Int64
 	var wg sync.WaitGroup
 	t0 := time.Now()
 	for range c {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for {
 				i := next.Add(1)
 				if i > int64(n) {
 					return
 				}
-				code, _, err := post(p.url("/api/chat"), fmt.Sprintf(`{"agent_id":"default","message":"job %d","background":true}`, i))
-				if err != nil || code != 202 {
+				code, _, err := post(p.url("/api/chat"), fmt.Sprintf(body, i))
+				if err != nil || code != want {
 					failed.Add(1)
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	return float64(n) / time.Since(t0).Seconds(), int(failed.Load())
@@ -172,31 +186,6 @@ func accept(bin, pg string) {
 		rate, failed := syncMany(p, 3000, 64)
 		fmt.Printf("accept %s sync run %d: %.0f synchronous chats/s answered (same clients, no LLM latency, %d failed)\n", name, i+1, rate, failed)
 	}
-}
-
-// syncMany posts n synchronous chats from c clients and returns the rate.
-func syncMany(p *proc, n, c int) (float64, int) {
-	var next, failed atomic.Int64
-	var wg sync.WaitGroup
-	t0 := time.Now()
-	for range c {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1)
-				if i > int64(n) {
-					return
-				}
-				code, _, err := post(p.url("/api/chat"), fmt.Sprintf(`{"agent_id":"default","message":"sync %d"}`, i))
-				if err != nil || code != 200 {
-					failed.Add(1)
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	return float64(n) / time.Since(t0).Seconds(), int(failed.Load())
 }
 
 // probe measures GET path every interval for d and returns p50 and p99.
