@@ -145,9 +145,13 @@ func (s *Supervisor) listenControl() (*net.UnixListener, error) {
 	}
 	ln, err := net.FileListener(h.control)
 	h.control.Close()
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: inherited control socket: %w", err)
+	}
 	ul, ok := ln.(*net.UnixListener)
-	if err != nil || !ok {
-		return nil, fmt.Errorf("supervisor: inherited control socket: %v", err)
+	if !ok {
+		ln.Close()
+		return nil, fmt.Errorf("supervisor: inherited control socket is a %T, not a unix listener", ln)
 	}
 	// The path stays the old master's until this one is ready (takeOver):
 	// a new master that fails must leave it to the old one.
@@ -166,10 +170,13 @@ func (s *Supervisor) serveControl(ln *net.UnixListener, done <-chan struct{}) {
 	}
 }
 
+// controlTimeout bounds a control connection: reading its request and
+// writing the answer (an upgrade's second answer gets the upgrade's limit).
+const controlTimeout = 10 * time.Second
+
 func (s *Supervisor) handleControl(c *net.UnixConn, done <-chan struct{}) {
 	defer c.Close()
-	// An upgrade is answered when it is done.
-	c.SetDeadline(time.Now().Add(s.cfg.UpgradeTimeout + 30*time.Second))
+	c.SetDeadline(time.Now().Add(controlTimeout))
 	write := func(resp Response) {
 		b, _ := json.Marshal(resp)
 		c.Write(append(b, '\n'))
@@ -187,6 +194,10 @@ func (s *Supervisor) handleControl(c *net.UnixConn, done <-chan struct{}) {
 	if err := json.Unmarshal(line, &req); err != nil {
 		write(Response{Error: "bad request: " + err.Error()})
 		return
+	}
+	if req.Cmd == "upgrade" {
+		// An upgrade is answered when it is done.
+		c.SetDeadline(time.Now().Add(s.cfg.UpgradeTimeout + 30*time.Second))
 	}
 	// Room for both answers to an upgrade: the loop never waits on a
 	// client.

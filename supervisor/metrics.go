@@ -48,10 +48,15 @@ func (s *Supervisor) listenMetrics() (*net.TCPListener, error) {
 	if h := s.handoff; h != nil && h.metrics != nil {
 		ln, err := net.FileListener(h.metrics)
 		h.metrics.Close()
-		if tl, ok := ln.(*net.TCPListener); err == nil && ok {
-			return tl, nil
+		if err != nil {
+			return nil, fmt.Errorf("supervisor: inherited metrics listener: %w", err)
 		}
-		return nil, fmt.Errorf("supervisor: inherited metrics listener: %v", err)
+		tl, ok := ln.(*net.TCPListener)
+		if !ok {
+			ln.Close()
+			return nil, fmt.Errorf("supervisor: inherited metrics listener is a %T, not a TCP listener", ln)
+		}
+		return tl, nil
 	}
 	ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
 	if err != nil {

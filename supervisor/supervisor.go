@@ -433,7 +433,7 @@ func (s *Supervisor) url() string {
 // been handled and every worker has been reaped. It returns nil after an
 // orderly or forced shutdown and a *BootError when a first-generation
 // worker could not start. Run must be called once.
-func (s *Supervisor) Run() error {
+func (s *Supervisor) Run() (err error) {
 	defer s.closeSockets()
 	s.log.Info().Int("pid", os.Getpid()).Msg("Started server process")
 	// Only a scale-down closes a slot's socket, and reload mode never
@@ -460,8 +460,16 @@ func (s *Supervisor) Run() error {
 		changes, builds = s.reload.changes, s.reload.builds
 	}
 	if s.handoff != nil {
-		// Tell the old master, whatever ends this one before it is ready.
-		defer s.handoff.Fail(errors.New("the new master stopped before it was ready"))
+		// Tell the old master, whatever ends this one before it is ready,
+		// with Run's own error when there is one. (Fail does nothing once
+		// the handoff has reported ready.)
+		defer func() {
+			why := err
+			if why == nil {
+				why = errors.New("the new master stopped before it was ready")
+			}
+			s.handoff.Fail(why)
+		}()
 	}
 	s.quit = make(chan struct{})
 	defer close(s.quit)

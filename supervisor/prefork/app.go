@@ -459,8 +459,7 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 		log.Error().Err(err).Msg("cannot start")
 		return ExitError
 	}
-	if err := sup.Run(); err != nil {
-		handoff.Fail(err)
+	if err := sup.Run(); err != nil { // Run reported it to an old master
 		// A boot failure was logged by the supervisor as it happened,
 		// with the worker's own error before it.
 		if errors.Is(err, supervisor.ErrBoot) {
