@@ -183,7 +183,11 @@ func TestDurationsCarryTheirUnit(t *testing.T) {
 	}
 	check := func(where, text, unit string) {
 		t.Helper()
-		for _, m := range decimalField.FindAllStringSubmatch(text, -1) {
+		fields := decimalField.FindAllStringSubmatch(text, -1)
+		if len(fields) == 0 {
+			t.Errorf("%s: no decimal field", where)
+		}
+		for _, m := range fields {
 			if !strings.HasSuffix(m[1], unit) || len(m[3]) > 3 {
 				t.Errorf("%s: %q = %s.%s, want a field ending in %s with at most 3 decimals", where, m[1], m[2], m[3], unit)
 			}

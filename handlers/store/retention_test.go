@@ -86,7 +86,9 @@ func TestPrune(t *testing.T) {
 				t.Errorf("the running chat: %v, want kept", err)
 			}
 			var events int
-			s.db.QueryRowContext(ctx, `SELECT count(*) FROM chat_events`).Scan(&events)
+			if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM chat_events`).Scan(&events); err != nil {
+				t.Fatal(err)
+			}
 			if events != 0 {
 				t.Errorf("%d chat events left, want 0", events)
 			}

@@ -68,7 +68,7 @@ func TestConsoleAccessLogOrder(t *testing.T) {
 	last := -1
 	for _, f := range []string{"remote=", "method=", "path=", "query=", "http_version=", "status=", "user_agent=", "request_id="} {
 		i := strings.Index(line, f)
-		if i < last {
+		if i < 0 || i < last {
 			t.Fatalf("console line %q: %s out of uvicorn's order", line, f)
 		}
 		last = i
