@@ -136,9 +136,10 @@ func (s *Store) Agents(ctx context.Context, p AgentPage) ([]Agent, string, error
 			return nil, "", fmt.Errorf("list agents after %q: %w", p.After, err)
 		}
 		// Spelled out rather than a row value, which both engines know but
-		// compare with their own types.
-		query += ` WHERE created_at > ? OR (created_at = ? AND id > ?)`
-		args = append(args, timeArg(at), timeArg(at), id)
+		// compare with their own types; the leading >= makes it a range
+		// scan of agents_created.
+		query += ` WHERE created_at >= ? AND (created_at > ? OR (created_at = ? AND id > ?))`
+		args = append(args, timeArg(at), timeArg(at), timeArg(at), id)
 	}
 	// One more than asked says whether another page follows.
 	query += ` ORDER BY created_at, id LIMIT ?`

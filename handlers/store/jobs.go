@@ -567,17 +567,29 @@ func (s *Store) handBack(ctx context.Context, host string, pid int, reason strin
 			o.act.Data = map[string]any{"reason": reason, "attempt": o.attempts}
 			detail, _ := encodeData(o.act.Data)
 			state := string(rivertype.JobStateAvailable)
+			// The status and host in the WHERE: another master may hand the
+			// same lost host back at the same time (PostgreSQL), and only
+			// one of them may requeue a chat and rescue its job.
+			var res sql.Result
 			if maxAttempts > 0 && o.attempts >= maxAttempts {
 				o.act.Type, state = "chat.failed", string(rivertype.JobStateDiscarded)
-				_, err = tx.ExecContext(ctx, s.q(`UPDATE chats SET status = 'failed', finished_at = ?, detail = ? WHERE id = ?`), timeArg(t), detail, o.act.ChatID)
-				failed++
+				res, err = tx.ExecContext(ctx, s.q(`UPDATE chats SET status = 'failed', finished_at = ?, detail = ? WHERE id = ? AND status = 'running' AND host = ?`), timeArg(t), detail, o.act.ChatID, host)
 			} else {
 				o.act.Type = "chat.retried"
-				_, err = tx.ExecContext(ctx, s.q(`UPDATE chats SET status = 'queued', detail = ? WHERE id = ?`), detail, o.act.ChatID)
-				requeued++
+				res, err = tx.ExecContext(ctx, s.q(`UPDATE chats SET status = 'queued', detail = ? WHERE id = ? AND status = 'running' AND host = ?`), detail, o.act.ChatID, host)
 			}
 			if err != nil {
 				return err
+			}
+			if n, err := res.RowsAffected(); err != nil {
+				return err
+			} else if n == 0 {
+				continue // handed back by another master meanwhile
+			}
+			if state == string(rivertype.JobStateDiscarded) {
+				failed++
+			} else {
+				requeued++
 			}
 			if o.job.Valid {
 				ids, states = append(ids, o.job.Int64), append(states, state)

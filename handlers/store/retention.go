@@ -102,10 +102,11 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 	}
 }
 
-// pruneChats deletes up to batch finished chats created before cutoff, and
-// their deltas, in tx.
+// pruneChats deletes up to batch chats finished before cutoff, and their
+// deltas, in tx. Finished, not created: a chat queued or retried for long
+// keeps its result for the whole period after it ends.
 func (s *Store) pruneChats(ctx context.Context, tx *sql.Tx, cutoff string, batch int) (int, error) {
-	rows, err := tx.QueryContext(ctx, s.q(`SELECT id FROM chats WHERE created_at < ? AND status IN (?, ?, ?) LIMIT ?`),
+	rows, err := tx.QueryContext(ctx, s.q(`SELECT id FROM chats WHERE COALESCE(finished_at, created_at) < ? AND status IN (?, ?, ?) LIMIT ?`),
 		cutoff, ChatCompleted, ChatFailed, ChatCancelled, batch)
 	if err != nil {
 		return 0, err

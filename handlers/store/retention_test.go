@@ -47,10 +47,26 @@ func TestPrune(t *testing.T) {
 			}
 			// Everything so far is made a day old.
 			old := timeArg(time.Now().Add(-24 * time.Hour))
-			for _, q := range []string{`UPDATE chats SET created_at = ?`, `UPDATE activities SET time = ?`} {
+			for _, q := range []string{`UPDATE chats SET created_at = ?`, `UPDATE chats SET finished_at = ? WHERE finished_at IS NOT NULL`, `UPDATE activities SET time = ?`} {
 				if _, err := s.db.ExecContext(ctx, s.q(q), old); err != nil {
 					t.Fatal(err)
 				}
+			}
+			// A chat created a day ago that finishes now keeps its result
+			// for the period: it counts from its finish.
+			late, err := s.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "late", Origin: Origin{Worker: 1, PID: 1}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.db.ExecContext(ctx, s.q(`UPDATE chats SET created_at = ? WHERE id = ?`), old, late.ChatID); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.FinishChat(ctx, late.ChatID, ChatCompleted, nil); err != nil {
+				t.Fatal(err)
+			}
+			// Its activities are aged too: they are not what this checks.
+			if _, err := s.db.ExecContext(ctx, s.q(`UPDATE activities SET time = ?`), old); err != nil {
+				t.Fatal(err)
 			}
 			last, _ := s.LastActivityID(ctx)
 			if engine == "postgres" {
@@ -84,6 +100,9 @@ func TestPrune(t *testing.T) {
 			}
 			if _, err := s.ChatByID(ctx, running.ChatID); err != nil {
 				t.Errorf("the running chat: %v, want kept", err)
+			}
+			if _, err := s.ChatByID(ctx, late.ChatID); err != nil {
+				t.Errorf("the chat created long ago but finished now: %v, want kept", err)
 			}
 			var events int
 			if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM chat_events`).Scan(&events); err != nil {
