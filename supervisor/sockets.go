@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -218,6 +217,30 @@ func procField(line []byte, i int) []byte {
 	}
 }
 
+// procNumber parses a field of /proc/net/tcp in base 10 or 16 without
+// allocating, as strconv would for its error.
+func procNumber(b []byte, base uint64) (uint64, bool) {
+	var n uint64
+	for _, c := range b {
+		var d uint64
+		switch {
+		case '0' <= c && c <= '9':
+			d = uint64(c - '0')
+		case base == 16 && 'A' <= c && c <= 'F':
+			d = uint64(c-'A') + 10
+		case base == 16 && 'a' <= c && c <= 'f':
+			d = uint64(c-'a') + 10
+		default:
+			return 0, false
+		}
+		if n > (1<<64-1-d)/base {
+			return 0, false
+		}
+		n = n*base + d
+	}
+	return n, len(b) > 0
+}
+
 // foreignListeners counts the listening TCP sockets on port that are none
 // of ours. SO_REUSEPORT lets any process of the same user join our group;
 // the probe-bind stops another copy of the server at start, but two copies
@@ -243,20 +266,19 @@ func foreignListeners(port int, ours []*os.File) int {
 		}
 		sc := bufio.NewScanner(t)
 		for sc.Scan() {
-			// sl local_address rem_address st ... inode is field 10. Only
-			// listening sockets (st 0A) are parsed further, so the lines of
-			// the connections allocate nothing.
+			// sl local_address rem_address st ... inode is field 10. No
+			// line allocates, so the cost does not grow with the table
+			// (a host may hold hundreds of listeners too).
 			line := sc.Bytes()
 			if string(procField(line, 3)) != "0A" {
 				continue
 			}
-			local := string(procField(line, 1))
-			i := strings.LastIndexByte(local, ':')
-			p, err := strconv.ParseUint(local[i+1:], 16, 16)
-			if err != nil || int(p) != port {
+			local := procField(line, 1)
+			p, ok := procNumber(local[bytes.LastIndexByte(local, ':')+1:], 16)
+			if !ok || p != uint64(port) {
 				continue
 			}
-			if ino, err := strconv.ParseUint(string(procField(line, 9)), 10, 64); err == nil && !mine[ino] {
+			if ino, ok := procNumber(procField(line, 9), 10); ok && !mine[ino] {
 				n++
 			}
 		}
