@@ -197,8 +197,11 @@ func (c *charts) parse(text []byte) workerSample {
 			continue
 		}
 		sp := bytes.LastIndexByte(line, ' ')
+		if sp < 0 {
+			continue
+		}
 		v, err := strconv.ParseFloat(string(line[sp+1:]), 64)
-		if sp < 0 || err != nil {
+		if err != nil {
 			continue
 		}
 		if string(metricName(line)) == metric {

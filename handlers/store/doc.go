@@ -92,5 +92,6 @@
 // MaxAgentLimit with an opaque cursor. Prune deletes finished chats and
 // old activities in small transactions and always keeps the newest
 // activity, so the cursor invariant above survives it; on PostgreSQL one
-// process at a time prunes (a session advisory lock held for the pass).
+// process at a time prunes (an advisory lock held by each batch's
+// transaction, so no connection is kept between batches).
 package store

@@ -19,6 +19,16 @@ import (
 // locks never conflict with the one-key locks of postgres.go.
 const instanceLockClass = 0x636f7272
 
+// instanceLockHeld is the condition on pg_locks l that the claim of the
+// instance id host (an SQL expression) is held in this database. Advisory
+// locks are per database, and a one-key lock shows its key's high half in
+// classid: objsubid 2 marks the two-key locks.
+func instanceLockHeld(host string) string {
+	return fmt.Sprintf(`l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = %d::oid AND l.objid = hashtext(%s)::oid`, instanceLockClass, host)
+}
+
 // ClaimInstance makes this Store the only running claimant of its host name
 // (Options.Host, the --instance-id) on this database until Close, and fails
 // with ErrInstanceInUse when another process holds it. The supervisor claims
@@ -155,8 +165,7 @@ func (s *Store) lockInstance(ctx context.Context) (*pgx.Conn, error) {
 		client := "another session"
 		conn.QueryRow(ctx, `SELECT 'connected from ' || coalesce(host(a.client_addr), 'a local socket') || ', backend pid ' || a.pid
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-  AND l.classid = $1::oid AND l.objid = hashtext($2)::oid`, int64(instanceLockClass), s.host).Scan(&client)
+WHERE `+instanceLockHeld("$1"), s.host).Scan(&client)
 		err = fmt.Errorf("claim instance id %q: %w: another running server on %s holds it (%s); give each server on one database its own --instance-id",
 			s.host, ErrInstanceInUse, s.path, client)
 	}

@@ -84,21 +84,24 @@ func newJobs(db *sql.DB, postgres bool, log zerolog.Logger) (*jobs, error) {
 // migrate brings River's own tables up to date. River's migrations add
 // PostgreSQL enum values and must commit them before using them, so they
 // run in transactions of their own, after the store's. On PostgreSQL the
-// migrate lock (see migrateLockKey) is held on a connection of its own
-// meanwhile, so that hosts starting together migrate one after the other;
-// on SQLite a concurrent Migrate of another process can only collide on a
-// version both tried to apply, and one more pass finds it done.
-func (j *jobs) migrate(ctx context.Context, db *sql.DB, postgres bool, log zerolog.Logger) error {
+// migrate lock (see migrateLockKey) is held meanwhile on a connection of
+// its own, outside the pool (closing it releases the lock), so that hosts
+// starting together migrate one after the other; on SQLite a concurrent
+// Migrate of another process can only collide on a version both tried to
+// apply, and one more pass finds it done.
+func (j *jobs) migrate(ctx context.Context, db *sql.DB, lockConn *pgx.ConnConfig, log zerolog.Logger) error {
+	postgres := lockConn != nil
 	if postgres {
-		conn, err := db.Conn(ctx)
+		// Not a pooled connection: the migrator needs the pool, which may
+		// be a single connection (--database-max-conns 1).
+		conn, err := pgx.ConnectConfig(ctx, lockConn)
 		if err != nil {
 			return err
 		}
-		defer conn.Close()
-		if _, err := conn.ExecContext(ctx, fmt.Sprintf(`SELECT pg_advisory_lock(%d)`, migrateLockKey)); err != nil {
+		defer closeListenConn(conn)
+		if _, err := conn.Exec(ctx, fmt.Sprintf(`SELECT pg_advisory_lock(%d)`, migrateLockKey)); err != nil {
 			return err
 		}
-		defer conn.ExecContext(context.WithoutCancel(ctx), fmt.Sprintf(`SELECT pg_advisory_unlock(%d)`, migrateLockKey))
 	}
 	m, err := rivermigrate.New(j.driver, &rivermigrate.Config{Logger: riverLogger(log)})
 	if err != nil {
@@ -481,8 +484,7 @@ func (s *Store) HandBackLostHosts(ctx context.Context, maxAttempts int) (int, er
 	}
 	rows, err := s.db.QueryContext(ctx, s.q(`SELECT DISTINCT host FROM chats
 WHERE status = 'running' AND background AND host <> ? AND NOT EXISTS (
-	SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-	AND classid = ?::oid AND objid = hashtext(chats.host)::oid)`), s.host, int64(instanceLockClass))
+	SELECT 1 FROM pg_locks l WHERE `+instanceLockHeld("chats.host")+`)`), s.host)
 	if err != nil {
 		return 0, s.wrap(ctx, "find lost instances", err)
 	}

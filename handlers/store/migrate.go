@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Default agent, created by Migrate when absent.
@@ -67,7 +69,11 @@ func (s *Store) Migrate(ctx context.Context) error {
 		return err
 	}
 	if err == nil {
-		err = s.jobs.migrate(ctx, s.db, s.pg != nil, s.log)
+		var lockConn *pgx.ConnConfig
+		if s.pg != nil {
+			lockConn = s.pg.listen
+		}
+		err = s.jobs.migrate(ctx, s.db, lockConn, s.log)
 	}
 	if err != nil {
 		return s.wrap(ctx, "migrate store "+s.path, err)

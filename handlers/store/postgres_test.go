@@ -424,7 +424,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
 // TestPostgresLostHostGrace: HandBackLostHosts leaves alone an instance
 // whose claim's connection broke for a moment (it takes the claim again),
 // and hands back the chats of one whose claim stays gone, once lostGrace
-// has passed.
+// has passed, whatever claims of the same id other databases hold.
 func TestPostgresLostHostGrace(t *testing.T) {
 	every := claimCheckEvery
 	t.Cleanup(func() { claimCheckEvery = every }) // after the stores close
@@ -502,9 +502,18 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::oid AND l.objid 
 
 	t.Logf("claim taken again %v after its connection was terminated", back.Round(time.Millisecond))
 
-	// A death: the claim goes for good.
+	// A death: the claim goes for good. Another deployment on the same
+	// server (another database) runs an instance of the same id: its
+	// claim is no claim here.
 	a.Close()
 	gone := time.Now()
+	other := openPostgresTest(t, newPostgresDB(t).url, "host-a")
+	if err := other.Migrate(ctx); err != nil {
+		t.Fatalf("Migrate() of another database = %v", err)
+	}
+	if err := other.ClaimInstance(ctx); err != nil {
+		t.Fatalf("ClaimInstance(host-a) in another database = %v", err)
+	}
 	waitFor(t, grace+10*time.Second, func() error {
 		if n := handBack(); n != 1 {
 			return fmt.Errorf("HandBackLostHosts() = %d, want 1", n)

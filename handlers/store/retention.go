@@ -13,8 +13,10 @@ import (
 // transaction when PruneOptions.Batch is 0.
 const DefaultPruneBatch = 500
 
-// pruneLockKey is the session advisory lock a PostgreSQL Prune holds for
-// its whole pass, so that one process at a time prunes, database-wide.
+// pruneLockKey is the advisory lock each batch of a PostgreSQL Prune
+// takes for its transaction, so that one process at a time prunes,
+// database-wide. No connection is held between batches: a pool of one
+// stays usable during a pass.
 const pruneLockKey int64 = 0x636f7272616c04
 
 // ErrPruneBusy is Prune's error when another process is pruning the same
@@ -44,29 +46,15 @@ type Pruned struct {
 // transactions of at most o.Batch rows of a table, until none is left. The
 // newest activity is always kept, so activity ids stay increasing and
 // never reused, and a cursor a client holds stays a valid place in the
-// feed. On PostgreSQL the pass holds an advisory lock; while another
-// process holds it Prune returns ErrPruneBusy at once. What was deleted
-// before an error stays deleted.
+// feed. On PostgreSQL each batch takes an advisory lock for its
+// transaction; while another process holds it Prune returns ErrPruneBusy
+// at once (or, after its first batch, stops and leaves the rest to it).
+// What was deleted before an error stays deleted.
 func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 	if o.Batch <= 0 {
 		o.Batch = DefaultPruneBatch
 	}
 	var done Pruned
-	if s.pg != nil {
-		conn, err := s.db.Conn(ctx)
-		if err != nil {
-			return done, s.wrap(ctx, "prune", err)
-		}
-		defer conn.Close()
-		var ok bool
-		if err := conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1)`, pruneLockKey).Scan(&ok); err != nil {
-			return done, s.wrap(ctx, "prune", err)
-		}
-		if !ok {
-			return done, ErrPruneBusy
-		}
-		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, pruneLockKey)
-	}
 	cutoff := timeArg(o.Before)
 	for first := true; ; first = false {
 		if !first && o.Pause > 0 {
@@ -77,7 +65,15 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 			}
 		}
 		var chats, acts int
+		busy := false
 		err := s.write(ctx, func(tx *sql.Tx) error {
+			if s.pg != nil {
+				var ok bool
+				if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, pruneLockKey).Scan(&ok); err != nil || !ok {
+					busy = !ok
+					return err
+				}
+			}
 			var err error
 			if chats, err = s.pruneChats(ctx, tx, cutoff, o.Batch); err != nil {
 				return err
@@ -93,6 +89,14 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 		})
 		if err != nil {
 			return done, s.wrap(ctx, "prune", err)
+		}
+		if busy {
+			// Another process prunes: the first batch says so; a later one
+			// leaves the rest to it.
+			if first {
+				return done, ErrPruneBusy
+			}
+			return done, nil
 		}
 		done.Chats += chats
 		done.Activities += acts

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"context"
 	"errors"
 	"path/filepath"
 	"testing"
@@ -119,5 +120,68 @@ func TestPrune(t *testing.T) {
 				t.Errorf("second Prune() = %+v, %v; want nothing", again, err)
 			}
 		})
+	}
+}
+
+// TestPruneFreesThePoolBetweenBatches holds a PostgreSQL pool of one
+// connection (--database-max-conns 1): Migrate does not wait for a second
+// one, and a read made while a pass waits between its batches gets the
+// connection instead of waiting for the pass to end.
+func TestPruneFreesThePoolBetweenBatches(t *testing.T) {
+	ctx := t.Context()
+	s, err := Open(ctx, newPostgresDB(t).url, Options{MaxOpenConns: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if err := s.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for range 3 {
+		act, err := s.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "m", Origin: Origin{Worker: 1, PID: 1}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.FinishChat(ctx, act.ChatID, ChatCompleted, nil); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, act.ChatID)
+	}
+	// Three batches of one chat with a minute between them: the pass
+	// lasts two minutes unless the test ends it.
+	pctx, stop := context.WithCancel(ctx)
+	defer stop()
+	pruned := make(chan error, 1)
+	go func() {
+		_, err := s.Prune(pctx, PruneOptions{Before: time.Now().Add(time.Hour), Batch: 1, Pause: time.Minute})
+		pruned <- err
+	}()
+	// Once the first batch has gone, reads must not wait for the rest.
+	deadline := time.Now().Add(10 * time.Second)
+	for gone := 0; gone == 0; {
+		for _, id := range ids {
+			rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			_, err := s.ChatByID(rctx, id)
+			cancel()
+			switch {
+			case errors.Is(err, ErrNotFound):
+				gone++
+			case err != nil:
+				t.Fatalf("ChatByID during a pruning pass = %v: the pass holds the only connection", err)
+			}
+		}
+		if gone == 0 && time.Now().After(deadline) {
+			t.Fatal("the first batch deleted no chat within 10 s")
+		}
+	}
+	select {
+	case err := <-pruned:
+		t.Fatalf("Prune returned %v before its pauses ended", err)
+	default:
+	}
+	stop()
+	if err := <-pruned; !errors.Is(err, context.Canceled) {
+		t.Errorf("Prune after its context ended = %v, want context.Canceled", err)
 	}
 }
