@@ -70,7 +70,9 @@ func (s *Store) InstanceClaim() *os.File {
 // session lock cannot change hands, the claim is waited for on a
 // connection of its own (pg_advisory_lock, in the background) and granted
 // by the database the moment the old master's session ends; a third server
-// trying meanwhile finds it held.
+// trying meanwhile finds it held. A claim of another instance id or
+// database than this Store's (the old master ran with other settings) is
+// closed, and this Store claims its own as ClaimInstance does.
 func (s *Store) TakeOverInstance(inherited *os.File) error {
 	if s.claim != nil {
 		return nil
@@ -81,8 +83,21 @@ func (s *Store) TakeOverInstance(inherited *os.File) error {
 		s.claim = c
 		return nil
 	}
-	if inherited == nil {
-		return fmt.Errorf("claim instance id %q: the old master handed over no claim", s.host)
+	// The old master may have run with another --instance-id or database
+	// than this process: its claim is then not ours to keep, and ours is
+	// claimed as at any start.
+	var got, want unix.Stat_t
+	if inherited == nil || unix.Fstat(int(inherited.Fd()), &got) != nil ||
+		unix.Stat(claimName(s.path, s.host), &want) != nil || got.Dev != want.Dev || got.Ino != want.Ino {
+		if inherited != nil {
+			inherited.Close()
+		}
+		c, err := claimFile(s.path, s.host)
+		if err != nil {
+			return err
+		}
+		s.claim = c
+		return nil
 	}
 	// Our own description's lock: setting it again succeeds, and fails if
 	// the file is not the claim after all.
@@ -96,9 +111,14 @@ func (s *Store) TakeOverInstance(inherited *os.File) error {
 	return nil
 }
 
+// claimName is the SQLite claim's lock file of instance id host.
+func claimName(path, host string) string {
+	return path + ".instance-" + url.PathEscape(host) + ".lock"
+}
+
 // claimFile locks path.instance-HOST.lock and writes the pid into it.
 func claimFile(path, host string) (io.Closer, error) {
-	name := path + ".instance-" + url.PathEscape(host) + ".lock"
+	name := claimName(path, host)
 	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("claim instance id %q: %w", host, err)
