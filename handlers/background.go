@@ -160,6 +160,7 @@ func (h *Handler) endAttempt(c store.ChatRow, o store.Outcome) error {
 func (h *Handler) requeue(c store.ChatRow, r store.Requeue, wait time.Duration) error {
 	sc, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
+	r.After = wait
 	again, err := h.cfg.Store.RequeueChat(sc, c.ID, c.Attempts, r)
 	switch {
 	case errors.Is(err, store.ErrChatFinished):

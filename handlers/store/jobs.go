@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -132,22 +133,34 @@ func (j *jobs) cancelTx(ctx context.Context, tx *sql.Tx, jobID int64) error {
 	return nil
 }
 
-// rescueTx makes running jobs available again at once (state "available")
-// or ends them (state "discarded"), with River's own rescue query: the one
-// its rescuer runs on jobs stuck past RescueStuckJobsAfter. Corral calls it
-// as soon as it knows the process running them is dead.
-func (j *jobs) rescueTx(ctx context.Context, tx *sql.Tx, ids []int64, states []string, reason string) error {
-	if len(ids) == 0 {
+// rescue is one running job rescueTx ends or makes available again.
+type rescue struct {
+	id    int64
+	state rivertype.JobState
+	at    time.Time // when it may run again; zero for now
+}
+
+// rescueTx makes running jobs available again (state "available", at
+// their time or at once) or ends them (state "discarded"), with River's
+// own rescue query: the one its rescuer runs on jobs stuck past
+// RescueStuckJobsAfter. Corral calls it as soon as it knows the process
+// running them is dead.
+func (j *jobs) rescueTx(ctx context.Context, tx *sql.Tx, jobs []rescue, reason string) error {
+	if len(jobs) == 0 {
 		return nil
 	}
 	t := time.Now().UTC()
 	p := &riverdriver.JobRescueManyParams{StuckHorizon: t.Add(time.Minute)}
-	for i, id := range ids {
-		p.ID = append(p.ID, id)
+	for _, r := range jobs {
+		p.ID = append(p.ID, r.id)
 		p.Error = append(p.Error, []byte(fmt.Sprintf(`{"at":%q,"attempt":0,"error":%q}`, t.Format(time.RFC3339Nano), reason)))
-		p.ScheduledAt = append(p.ScheduledAt, t)
-		p.State = append(p.State, states[i])
-		if states[i] == string(rivertype.JobStateDiscarded) {
+		at := t
+		if r.at.After(t) {
+			at = r.at.UTC()
+		}
+		p.ScheduledAt = append(p.ScheduledAt, at)
+		p.State = append(p.State, string(r.state))
+		if r.state == rivertype.JobStateDiscarded {
 			p.FinalizedAt = append(p.FinalizedAt, &t)
 		} else {
 			p.FinalizedAt = append(p.FinalizedAt, nil)
@@ -402,6 +415,10 @@ type Requeue struct {
 	// MaxAttempts, if positive, fails the chat instead once it has had
 	// that many attempts.
 	MaxAttempts int
+	// After is the wait before the next attempt (the caller's RetryIn).
+	// It is kept as "retry_at" in the activity and the chat's Detail, so
+	// that a job rescued after its process died still waits for it.
+	After time.Duration
 }
 
 // RequeueChat hands attempt number attempt of the running background chat
@@ -413,6 +430,9 @@ func (s *Store) RequeueChat(ctx context.Context, chatID string, attempt int, r R
 	data := map[string]any{"reason": r.Reason, "attempt": attempt}
 	for k, v := range r.Data {
 		data[k] = v
+	}
+	if r.After > 0 {
+		data["retry_at"] = now().Add(r.After).UTC().Format(time.RFC3339Nano)
 	}
 	detail, err := encodeData(data)
 	if err != nil {
@@ -562,19 +582,18 @@ func (s *Store) handBack(ctx context.Context, host string, pid int, reason strin
 			return err
 		}
 		t := now()
-		var ids []int64
-		var states []string
+		var rescued []rescue
 		for _, o := range found {
 			o.act.Time = t
 			o.act.Data = map[string]any{"reason": reason, "attempt": o.attempts}
 			detail, _ := encodeData(o.act.Data)
-			state := string(rivertype.JobStateAvailable)
+			state := rivertype.JobStateAvailable
 			// The status and host in the WHERE: another master may hand the
 			// same lost host back at the same time (PostgreSQL), and only
 			// one of them may requeue a chat and rescue its job.
 			var res sql.Result
 			if maxAttempts > 0 && o.attempts >= maxAttempts {
-				o.act.Type, state = "chat.failed", string(rivertype.JobStateDiscarded)
+				o.act.Type, state = "chat.failed", rivertype.JobStateDiscarded
 				res, err = tx.ExecContext(ctx, s.q(`UPDATE chats SET status = 'failed', finished_at = ?, detail = ? WHERE id = ? AND status = 'running' AND host = ?`), timeArg(t), detail, o.act.ChatID, host)
 			} else {
 				o.act.Type = "chat.retried"
@@ -588,21 +607,22 @@ func (s *Store) handBack(ctx context.Context, host string, pid int, reason strin
 			} else if n == 0 {
 				continue // handed back by another master meanwhile
 			}
-			if state == string(rivertype.JobStateDiscarded) {
+			if state == rivertype.JobStateDiscarded {
 				failed++
 			} else {
 				requeued++
 			}
 			if o.job.Valid {
-				ids, states = append(ids, o.job.Int64), append(states, state)
+				rescued = append(rescued, rescue{id: o.job.Int64, state: state})
 			}
 			acts = append(acts, o.act)
 		}
 		// A chat the process had already put back in the queue (it was
 		// stopping, or its LLM call failed) whose job River had not yet
 		// been told about when the process died: its job is still
-		// "running" and would wait for River's rescuer.
-		orphanQuery := `SELECT c.job_id FROM chats c JOIN river_job j ON j.id = c.job_id
+		// "running" and would wait for River's rescuer. It runs again at
+		// the time the process gave it (an upstream's Retry-After).
+		orphanQuery := `SELECT c.job_id, c.detail FROM chats c JOIN river_job j ON j.id = c.job_id
 WHERE c.host = ? AND c.status = 'queued' AND c.background AND j.state = 'running'`
 		if pid != 0 {
 			orphanQuery += ` AND c.pid = ?`
@@ -612,18 +632,25 @@ WHERE c.host = ? AND c.status = 'queued' AND c.background AND j.state = 'running
 			return err
 		}
 		for jrows.Next() {
-			var id int64
-			if err := jrows.Scan(&id); err != nil {
+			r := rescue{state: rivertype.JobStateAvailable}
+			var detail sql.NullString
+			if err := jrows.Scan(&r.id, &detail); err != nil {
 				jrows.Close()
 				return err
 			}
-			ids, states = append(ids, id), append(states, string(rivertype.JobStateAvailable))
+			var d struct {
+				RetryAt time.Time `json:"retry_at"`
+			}
+			if json.Unmarshal([]byte(detail.String), &d) == nil {
+				r.at = d.RetryAt
+			}
+			rescued = append(rescued, r)
 		}
 		jrows.Close()
 		if err := jrows.Err(); err != nil {
 			return err
 		}
-		if err := s.jobs.rescueTx(ctx, tx, ids, states, reason); err != nil {
+		if err := s.jobs.rescueTx(ctx, tx, rescued, reason); err != nil {
 			return err
 		}
 		for i := range acts {

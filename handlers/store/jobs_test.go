@@ -87,6 +87,15 @@ func runBackgroundSuite(t *testing.T, open func(t *testing.T, host string) *Stor
 		if err != nil {
 			return err
 		}
+		if c.Message == "retry later, die" {
+			// Handed back with an upstream's Retry-After, then the
+			// process dies before River hears of it.
+			if _, err := worker.RequeueChat(ctx, id, c.Attempts, Requeue{Reason: "upstream_429", After: time.Hour}); err != nil {
+				return err
+			}
+			<-ctx.Done()
+			return ctx.Err()
+		}
 		if c.Message == "die" {
 			<-ctx.Done() // stands in for a process that dies mid-chat
 			return ctx.Err()
@@ -147,6 +156,31 @@ func runBackgroundSuite(t *testing.T, open func(t *testing.T, host string) *Stor
 		t.Fatalf("chat.retried activities = %+v, %v, want one for %s, reason worker_died", acts, err, die.ChatID)
 	}
 
+	// A chat the dead process had handed back with a wait: its job, still
+	// "running" for River, is rescued for the time the process gave.
+	later, err := st.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "retry later, die", Origin: by, Background: true})
+	if err != nil {
+		t.Fatalf("StartChat() = %v", err)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		c, err := st.ChatByID(ctx, later.ChatID)
+		if err != nil || c.Status != ChatQueued || c.Attempts != 1 {
+			return fmt.Errorf("chat = %+v, %v, want queued again after attempt 1", c, err)
+		}
+		return nil
+	})
+	if _, _, err := st.HandBackChats(ctx, 200, "worker_died", 2); err != nil {
+		t.Fatalf("HandBackChats(200) = %v", err)
+	}
+	var state string
+	var at time.Time
+	if err := st.db.QueryRowContext(ctx, st.q(`SELECT river_job.state, river_job.scheduled_at FROM river_job JOIN chats ON chats.job_id = river_job.id WHERE chats.id = ?`), later.ChatID).Scan(&state, &at); err != nil {
+		t.Fatal(err)
+	}
+	if wait := time.Until(at); state != "available" || wait < 59*time.Minute {
+		t.Fatalf("job of a chat handed back for an hour, then orphaned = %s in %v, want available in about an hour", state, wait.Round(time.Second))
+	}
+
 	// Deltas: appended in batches, read back after a cursor.
 	if err := st.AppendChatEvents(ctx, []ChatDelta{{first.ChatID, 1, "a"}, {die.ChatID, 1, "x"}, {first.ChatID, 1, "b"}}); err != nil {
 		t.Fatalf("AppendChatEvents() = %v", err)
@@ -157,8 +191,8 @@ func runBackgroundSuite(t *testing.T, open func(t *testing.T, host string) *Stor
 	}
 
 	q, err := st.ChatQueueStats(ctx)
-	if err != nil || q.Queued != 0 || q.Retried != 1 || !q.OldestQueued.IsZero() {
-		t.Fatalf("ChatQueueStats() = %+v, %v, want nothing queued and 1 retry", q, err)
+	if err != nil || q.Queued != 1 || q.Retried != 2 || q.OldestQueued.IsZero() {
+		t.Fatalf("ChatQueueStats() = %+v, %v, want the chat that waits an hour queued, and 2 retries", q, err)
 	}
 }
 
