@@ -47,7 +47,7 @@ type activityQuery struct {
 // parseActivityQuery reads after, limit, agent_id, type and wait, naming
 // the parameter of a bad value.
 func parseActivityQuery(args *fasthttp.Args) (activityQuery, error) {
-	q := activityQuery{filter: store.Filter{Limit: defaultActivityLimit}}
+	var q activityQuery
 	if v := args.Peek("after"); len(v) > 0 {
 		n, err := strconv.ParseInt(string(v), 10, 64)
 		if err != nil || n < 0 {
@@ -55,12 +55,9 @@ func parseActivityQuery(args *fasthttp.Args) (activityQuery, error) {
 		}
 		q.filter.After = n
 	}
-	if v := args.Peek("limit"); len(v) > 0 {
-		n, err := strconv.Atoi(string(v))
-		if err != nil || n < 1 || n > maxActivityLimit {
-			return q, badRequest(fmt.Sprintf("parameter limit=%q: want a whole number from 1 to %d", v, maxActivityLimit))
-		}
-		q.filter.Limit = n
+	var err error
+	if q.filter.Limit, err = parseLimit(args, defaultActivityLimit, maxActivityLimit); err != nil {
+		return q, err
 	}
 	if v := args.Peek("wait"); len(v) > 0 {
 		f, err := strconv.ParseFloat(string(v), 64)
@@ -78,6 +75,19 @@ func parseActivityQuery(args *fasthttp.Args) (activityQuery, error) {
 	}
 	q.filter.AgentID = string(args.Peek("agent_id"))
 	return q, nil
+}
+
+// parseLimit reads ?limit=, a page size from 1 to max; def when absent.
+func parseLimit(args *fasthttp.Args, def, max int) (int, error) {
+	v := args.Peek("limit")
+	if len(v) == 0 {
+		return def, nil
+	}
+	n, err := strconv.Atoi(string(v))
+	if err != nil || n < 1 || n > max {
+		return 0, badRequest(fmt.Sprintf("parameter limit=%q: want a whole number from 1 to %d", v, max))
+	}
+	return n, nil
 }
 
 // activities answers GET /api/activities, long-polling up to wait seconds

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -20,15 +19,12 @@ const storeTimeout = 15 * time.Second
 // from ?after= (a next_after this route gave), at most ?limit=.
 func (h *Handler) listAgents(ctx *fasthttp.RequestCtx) {
 	args := ctx.QueryArgs()
-	p := store.AgentPage{After: string(args.Peek("after")), Limit: store.DefaultAgentLimit}
-	if v := args.Peek("limit"); len(v) > 0 {
-		n, err := strconv.Atoi(string(v))
-		if err != nil || n < 1 || n > store.MaxAgentLimit {
-			fail(ctx, badRequest(fmt.Sprintf("parameter limit=%q: want a whole number from 1 to %d", v, store.MaxAgentLimit)))
-			return
-		}
-		p.Limit = n
+	limit, err := parseLimit(args, store.DefaultAgentLimit, store.MaxAgentLimit)
+	if err != nil {
+		fail(ctx, err)
+		return
 	}
+	p := store.AgentPage{After: string(args.Peek("after")), Limit: limit}
 	c, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	agents, next, err := h.cfg.Store.Agents(c, p)

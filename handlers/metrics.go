@@ -11,12 +11,13 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 )
 
-// Metric names. The supervisor adds a worker="N" label to each sample.
+// Metric names. The supervisor adds a worker="N" label to each sample. The
+// exported ones are drawn on the status page.
 const (
-	metricRequests      = "corral_http_requests_total"
-	metricDuration      = "corral_http_request_duration_seconds"
+	MetricRequests      = "corral_http_requests_total"
+	MetricDuration      = "corral_http_request_duration_seconds"
+	MetricChatsInFlight = "corral_chats_in_flight"
 	metricInFlight      = "corral_http_requests_in_flight"
-	metricChatsInFlight = "corral_chats_in_flight"
 	metricLLMDuration   = "corral_llm_call_duration_seconds"
 	metricLLMTokens     = "corral_llm_tokens_total"
 	metricActivities    = "corral_activities_written_total"
@@ -27,10 +28,10 @@ const (
 // metricFamilies describe the families above for the # HELP and # TYPE
 // lines of /metrics.
 var metricFamilies = []struct{ name, typ, help string }{
-	{metricRequests, "counter", "HTTP requests answered, by route and status."},
-	{metricDuration, "histogram", "Handler time of HTTP requests, by route; for a stream, the time to start it."},
+	{MetricRequests, "counter", "HTTP requests answered, by route and status."},
+	{MetricDuration, "histogram", "Handler time of HTTP requests, by route; for a stream, the time to start it."},
 	{metricInFlight, "gauge", "HTTP requests being answered, by route."},
-	{metricChatsInFlight, "gauge", "Chats waiting on the LLM."},
+	{MetricChatsInFlight, "gauge", "Chats waiting on the LLM."},
 	{metricLLMDuration, "histogram", "Duration of LLM calls, by provider and outcome."},
 	{metricLLMTokens, "counter", "Tokens of LLM calls as the provider counted them, by kind (prompt, completion)."},
 	{metricActivities, "counter", "Activities written to the store, by type."},
@@ -96,10 +97,10 @@ func newMeters(set *metrics.Set) *meters {
 		set:      set,
 		duration: make(map[string]*metrics.PrometheusHistogram, len(routes)),
 		inFlight: make(map[string]*metrics.Gauge, len(routes)),
-		chats:    set.GetOrCreateGauge(metricChatsInFlight, nil),
+		chats:    set.GetOrCreateGauge(MetricChatsInFlight, nil),
 	}
 	for _, r := range routes {
-		m.duration[r] = set.GetOrCreatePrometheusHistogramExt(metricDuration+`{route="`+r+`"}`, requestBuckets)
+		m.duration[r] = set.GetOrCreatePrometheusHistogramExt(MetricDuration+`{route="`+r+`"}`, requestBuckets)
 		m.inFlight[r] = set.GetOrCreateGauge(metricInFlight+`{route="`+r+`"}`, nil)
 	}
 	return m
@@ -135,7 +136,7 @@ func (m *meters) end(route string, status int, start time.Time) {
 	}
 	m.inFlight[route].Dec()
 	m.duration[route].UpdateDuration(start)
-	m.counter(metricRequests, "route", route, "status", strconv.Itoa(status)).Inc()
+	m.counter(MetricRequests, "route", route, "status", strconv.Itoa(status)).Inc()
 }
 
 // chat records one LLM call.

@@ -50,6 +50,7 @@ func (r Response) Interim() bool { return r.OK && r.Upgrade != nil && r.Upgrade.
 
 // Status is a snapshot of the supervisor and its workers.
 type Status struct {
+	Name       string         `json:"name"` // Config.Name
 	Version    string         `json:"version"`
 	PID        int            `json:"pid"`
 	Started    time.Time      `json:"started"`
@@ -323,6 +324,7 @@ func seconds(d time.Duration) float64 {
 func (s *Supervisor) status() *Status {
 	now := s.env.now()
 	st := &Status{
+		Name:       s.cfg.Name,
 		Version:    s.cfg.Version,
 		PID:        os.Getpid(),
 		Started:    s.started,
@@ -338,7 +340,7 @@ func (s *Supervisor) status() *Status {
 		st.State = "handed over"
 	case s.stopping:
 		st.State = "stopping"
-	case s.up != nil && !s.up.stopping:
+	case s.upgrading():
 		st.State = "upgrading"
 	case !s.booted:
 		st.State = "starting"

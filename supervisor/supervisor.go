@@ -661,7 +661,7 @@ func (s *Supervisor) shutdown(reason string) {
 	for _, p := range s.procs {
 		s.stop(p, reason)
 	}
-	if s.up != nil && !s.up.stopping {
+	if s.upgrading() {
 		s.upgradeFailed("the old master is stopping")
 	}
 	// No worker will start again: let go of the listening sockets, so that

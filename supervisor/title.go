@@ -18,7 +18,7 @@ func (s *Supervisor) setTitle() {
 	switch {
 	case s.handedOver:
 		title = s.cfg.Name + ": master [draining]"
-	case s.up != nil && !s.up.stopping:
+	case s.upgrading():
 		title = fmt.Sprintf("%s: master [upgrading to %d]", s.cfg.Name, s.up.pid)
 	}
 	if err := writeTitle(title); err != nil {

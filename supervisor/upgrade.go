@@ -456,9 +456,13 @@ type UpgradeStatus struct {
 	Error    string  `json:"error,omitempty"`
 }
 
+// upgrading reports whether an upgrade is under way: a new master is
+// starting, and has not failed.
+func (s *Supervisor) upgrading() bool { return s.up != nil && !s.up.stopping }
+
 func (s *Supervisor) upgradeStatus() *UpgradeStatus {
 	switch {
-	case s.up != nil && !s.up.stopping:
+	case s.upgrading():
 		return &UpgradeStatus{State: "starting", NewPID: s.up.pid, TimeoutS: seconds(s.cfg.UpgradeTimeout)}
 	case s.upgradeErr != "":
 		return &UpgradeStatus{State: "failed", Error: s.upgradeErr}

@@ -135,9 +135,9 @@ func newLLM(cfg config) (handlers.LLM, error) {
 
 // statusCharts are the status page's charts over the last 15 minutes.
 var statusCharts = []supervisor.Chart{
-	{Title: "requests / s", Metric: "corral_http_requests_total", Kind: supervisor.ChartRate},
-	{Title: "p99 latency, ms", Metric: "corral_http_request_duration_seconds", Kind: supervisor.ChartP99},
-	{Title: "chats in flight", Metric: "corral_chats_in_flight", Kind: supervisor.ChartSum},
+	{Title: "requests / s", Metric: handlers.MetricRequests, Kind: supervisor.ChartRate},
+	{Title: "p99 latency, ms", Metric: handlers.MetricDuration, Kind: supervisor.ChartP99},
+	{Title: "chats in flight", Metric: handlers.MetricChatsInFlight, Kind: supervisor.ChartSum},
 }
 
 // activitiesPanel is the status page's panel: the last 20 activities,

@@ -161,6 +161,11 @@ func TestStatusPageInChromium(t *testing.T) {
 		}
 		return out.String()
 	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := filepath.Base(exe)
 	// The page fills the worker table from /status.json: wait until it lists
 	// the live worker pids.
 	waitFor(t, 60*time.Second, func() error {
@@ -170,9 +175,10 @@ func TestStatusPageInChromium(t *testing.T) {
 				return fmt.Errorf("status page does not list worker %d:\n%.2000s", pid, dom)
 			}
 		}
-		// The server's own facts and panel, through the supervisor's
-		// neutral hooks (Config.Info, Config.Panel).
-		for _, want := range []string{`llm <b>simulated`, `store <b>sqlite:`, `<h2 id="panel-title">Recent activities</h2>`,
+		// The program's name (its file's, here the test binary's), and the
+		// server's own facts and panel, through the supervisor's neutral
+		// hooks (Config.Info, Config.Panel).
+		for _, want := range []string{`<h1 id="name">` + name + `</h1>`, `<title>` + name + ` status</title>`, `llm <b>simulated`, `store <b>sqlite:`, `<h2 id="panel-title">Recent activities</h2>`,
 			`<th>reason</th>`, `<td>cancel_requested</td>`} {
 			if !strings.Contains(dom, want) {
 				return fmt.Errorf("status page lacks %s:\n%.4000s", want, dom)
