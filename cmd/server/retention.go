@@ -27,32 +27,24 @@ const (
 // runs one, and store.Prune's advisory lock lets one at a time do a pass
 // (the others skip theirs).
 type pruner struct {
-	st   *store.Store
-	log  zerolog.Logger
-	keep time.Duration
-	stop chan struct{}
-	done chan struct{}
+	st     *store.Store
+	log    zerolog.Logger
+	keep   time.Duration
+	cancel context.CancelFunc
+	done   chan struct{}
 }
 
 // startPruner starts the pruner; close stops it and waits for a pass in
 // progress to end (it is cancelled).
 func startPruner(st *store.Store, log zerolog.Logger, keep time.Duration) *pruner {
-	p := &pruner{st: st, log: log, keep: keep, stop: make(chan struct{}), done: make(chan struct{})}
-	go p.run()
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &pruner{st: st, log: log, keep: keep, cancel: cancel, done: make(chan struct{})}
+	go p.run(ctx)
 	return p
 }
 
-func (p *pruner) run() {
+func (p *pruner) run(ctx context.Context) {
 	defer close(p.done)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		select {
-		case <-p.stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	every := min(max(p.keep/4, pruneEveryMin), pruneEveryMax)
 	failing := false
 	for {
@@ -77,7 +69,7 @@ func (p *pruner) run() {
 			}
 		}
 		select {
-		case <-p.stop:
+		case <-ctx.Done():
 			return
 		case <-time.After(every):
 		}
@@ -85,6 +77,6 @@ func (p *pruner) run() {
 }
 
 func (p *pruner) close() {
-	close(p.stop)
+	p.cancel()
 	<-p.done
 }
