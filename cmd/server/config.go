@@ -59,9 +59,6 @@ const (
 	minLLMTimeout      = time.Second
 	// defaultOpenAIBaseURL is OpenAI's own API, taken when only a key is set.
 	defaultOpenAIBaseURL = "https://api.openai.com/v1"
-
-	providerSimulated = llm.ProviderSimulated
-	providerOpenAI    = llm.ProviderOpenAI
 )
 
 // Usage groups of the agent API's own settings.
@@ -177,13 +174,13 @@ func newApp(c *config) prefork.App {
 			// A key alone means OpenAI itself, as OpenAI's own clients take it.
 			switch {
 			case c.LLMProvider == "" && (c.LLMBaseURL != "" || c.LLMAPIKey != ""):
-				c.LLMProvider = providerOpenAI
+				c.LLMProvider = llm.ProviderOpenAI
 			case c.LLMProvider == "":
-				c.LLMProvider = providerSimulated
-			case c.LLMProvider == providerOpenAI && c.LLMBaseURL == "" && c.LLMAPIKey == "":
+				c.LLMProvider = llm.ProviderSimulated
+			case c.LLMProvider == llm.ProviderOpenAI && c.LLMBaseURL == "" && c.LLMAPIKey == "":
 				return provider.Invalid("a base URL (--llm-base-url, LLM_BASE_URL or OPENAI_BASE_URL) or an API key (LLM_API_KEY or OPENAI_API_KEY) set as well, or simulated")
 			}
-			if c.LLMProvider == providerOpenAI && c.LLMBaseURL == "" {
+			if c.LLMProvider == llm.ProviderOpenAI && c.LLMBaseURL == "" {
 				c.LLMBaseURL = defaultOpenAIBaseURL
 			}
 			if c.LLMModel != "" && c.LLMModels != nil && !slices.Contains(c.LLMModels, c.LLMModel) {
@@ -220,7 +217,7 @@ func (c config) models() (allowed []string, fallback string) {
 	}
 	if fallback == "" {
 		fallback = llm.DefaultSimulatedModel
-		if c.LLMProvider == providerOpenAI {
+		if c.LLMProvider == llm.ProviderOpenAI {
 			fallback = llm.DefaultOpenAIModel
 		}
 	}

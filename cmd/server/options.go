@@ -62,11 +62,11 @@ func apiOptions(c *config, provider, models, retention *prefork.Setting) []prefo
 				c.InstanceID = t
 				return nil
 			}},
-		{Group: groupLLM, Flag: "llm-provider", Arg: "NAME", Env: []string{"LLM_PROVIDER"}, Default: providerSimulated,
+		{Group: groupLLM, Flag: "llm-provider", Arg: "NAME", Env: []string{"LLM_PROVIDER"}, Default: llm.ProviderSimulated,
 			Help: "simulated, or openai (default with a base URL)",
 			Set: func(s prefork.Setting) error {
 				p := s.Lower()
-				if p != providerSimulated && p != providerOpenAI {
+				if p != llm.ProviderSimulated && p != llm.ProviderOpenAI {
 					return s.Invalid("simulated or openai")
 				}
 				c.LLMProvider, *provider = p, s

@@ -371,7 +371,7 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	// The markers served the re-exec; children get fresh ones.
 	os.Unsetenv(protocol.EnvRole)
 	os.Unsetenv(protocol.EnvArgs)
-	if cfg.MetricsPublic() && cfg.MetricsToken == "" {
+	if cfg.MetricsOpen() {
 		// Refused under --require-token by Load.
 		log.Warn().Str("addr", cfg.MetricsAddr).Str("fix", "set METRICS_TOKEN, or a loopback METRICS_ADDR").
 			Msg("the metrics address is open to other hosts without a token: anyone who reaches it reads the status, every worker's pid and the recent activities")
@@ -389,7 +389,7 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 	}
 	sc := cfg.SupervisorConfig()
 	sc.Args = args
-	if cfg.MetricsPublic() && cfg.MetricsToken == "" {
+	if cfg.MetricsOpen() {
 		sc.StatusNotes = append(sc.StatusNotes, "WARNING: metrics open to other hosts, no METRICS_TOKEN")
 	}
 	// Workers get the settings they use and no more: no flag or variable

@@ -175,11 +175,12 @@ func (c Config) Redacted() Config {
 	return c
 }
 
-// MetricsPublic reports whether the metrics address takes connections
-// from other hosts: set, and not on a loopback address.
-func (c Config) MetricsPublic() bool {
+// MetricsOpen reports whether the metrics address takes connections from
+// other hosts without a token: set, not on a loopback address, and no
+// METRICS_TOKEN.
+func (c Config) MetricsOpen() bool {
 	host, _, err := net.SplitHostPort(c.MetricsAddr)
-	return c.MetricsAddr != "" && err == nil && supervisor.PublicHost(host)
+	return c.MetricsAddr != "" && err == nil && supervisor.PublicHost(host) && c.MetricsToken == ""
 }
 
 // TLS reports whether c serves HTTPS.
@@ -263,7 +264,7 @@ func (a App) Load(args []string, lookupEnv func(string) (string, bool)) (Config,
 	if err := checkMetricsAddr(c, given); err != nil {
 		return Config{}, err
 	}
-	if m, ok := given["metrics-addr"]; ok && c.RequireToken && c.MetricsToken == "" && c.MetricsPublic() {
+	if m, ok := given["metrics-addr"]; ok && c.RequireToken && c.MetricsOpen() {
 		return Config{}, m.Invalid(fmt.Sprintf("a loopback address such as 127.0.0.1:9100, or METRICS_TOKEN set as well (%s refuses a metrics address other hosts reach without a token)", c.RequireTokenFrom))
 	}
 	if err := checkTLS(c, given); err != nil {
