@@ -280,6 +280,9 @@ func (cs *cancels) follow(ctx context.Context) {
 			}
 			lastIdleRead = time.Now()
 			last, err := st.LastActivityID(ctx)
+			if errors.Is(err, store.ErrClosed) {
+				return
+			}
 			cs.mu.Lock()
 			// Only if no chat registered meanwhile: its cancellation may
 			// be at or below last.
