@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -180,7 +181,7 @@ func TestSchemaTooNew(t *testing.T) {
 	if !errors.Is(err, ErrSchemaTooNew) {
 		t.Fatalf("Open() of a version 99 database = %v, want ErrSchemaTooNew", err)
 	}
-	checkOpenError(t, err, path, "schema version 99, this binary knows up to 3")
+	checkOpenError(t, err, path, fmt.Sprintf("schema version 99, this binary knows up to %d", s.SchemaVersion()))
 }
 
 // TestWriteHonoursContextWhileLocked holds the write lock from a plain

@@ -188,6 +188,13 @@ CREATE TABLE chat_events (
 DROP INDEX chats_idem;
 CREATE UNIQUE INDEX chats_idem ON chats (idem_key) WHERE idem_key IS NOT NULL;
 `,
+	// 4: an index of finished chats for retention (see sqliteMigrations).
+	`
+UPDATE chats SET finished_at = created_at
+	WHERE finished_at IS NULL AND status IN ('completed', 'failed', 'cancelled');
+CREATE INDEX chats_finished ON chats (finished_at)
+	WHERE status IN ('completed', 'failed', 'cancelled');
+`,
 }
 
 // rebindDollar rewrites ? placeholders as $1, $2, ... The store's queries

@@ -25,8 +25,8 @@ var ErrPruneBusy = errors.New("store: another process is pruning")
 
 // PruneOptions configures one Prune pass.
 type PruneOptions struct {
-	// Before is the cutoff: chats created and activities written before it
-	// are deleted.
+	// Before is the cutoff: chats finished and activities written before
+	// it are deleted.
 	Before time.Time
 	// Batch bounds the rows of one table deleted per transaction. Default
 	// DefaultPruneBatch.
@@ -42,7 +42,7 @@ type Pruned struct {
 
 // Prune deletes the finished chats (completed, failed or cancelled; a
 // queued or running chat is never deleted), with their stored deltas,
-// created before o.Before, and the activities written before it, in
+// finished before o.Before, and the activities written before it, in
 // transactions of at most o.Batch rows of a table, until none is left. The
 // newest activity is always kept, so activity ids stay increasing and
 // never reused, and a cursor a client holds stays a valid place in the
@@ -75,11 +75,10 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 				}
 			}
 			var err error
-			if chats, err = s.pruneChats(ctx, tx, cutoff, o.Batch); err != nil {
+			if chats, err = s.deleteFinishedChats(ctx, tx, cutoff, o.Batch); err != nil {
 				return err
 			}
-			res, err := tx.ExecContext(ctx, s.q(`DELETE FROM activities WHERE id IN (
-	SELECT id FROM activities WHERE time < ? AND id < (SELECT max(id) FROM activities) ORDER BY id LIMIT ?)`), cutoff, o.Batch)
+			res, err := tx.ExecContext(ctx, s.q(`DELETE FROM activities WHERE id IN (`+pruneActivities+`)`), o.Batch, cutoff)
 			if err != nil {
 				return err
 			}
@@ -106,12 +105,30 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 	}
 }
 
-// pruneChats deletes up to batch chats finished before cutoff, and their
+// The queries that find what a batch deletes read an index, not the
+// table, so that a pass with nothing to do costs a batch's worth of reads
+// whatever the store's size; its write transaction holds SQLite's lock.
+const (
+	// pruneChats takes a cutoff and a batch size. The statuses are written
+	// out as the index chats_finished's condition is, so that both engines
+	// use it.
+	pruneChats = `SELECT id FROM chats
+WHERE finished_at < ? AND status IN ('completed', 'failed', 'cancelled') ORDER BY finished_at LIMIT ?`
+	// pruneActivities takes a batch size and a cutoff: the oldest
+	// activities by id (the primary key) but the newest, and of those the
+	// ones written before the cutoff. Ids follow time, so an activity
+	// written out of time order (another host's clock) goes when the ones
+	// before it have.
+	pruneActivities = `SELECT id FROM (
+	SELECT id, time FROM activities WHERE id < (SELECT max(id) FROM activities) ORDER BY id LIMIT ?) oldest
+WHERE time < ?`
+)
+
+// deleteFinishedChats deletes up to batch chats finished before cutoff, and their
 // deltas, in tx. Finished, not created: a chat queued or retried for long
 // keeps its result for the whole period after it ends.
-func (s *Store) pruneChats(ctx context.Context, tx *sql.Tx, cutoff string, batch int) (int, error) {
-	rows, err := tx.QueryContext(ctx, s.q(`SELECT id FROM chats WHERE COALESCE(finished_at, created_at) < ? AND status IN (?, ?, ?) LIMIT ?`),
-		cutoff, ChatCompleted, ChatFailed, ChatCancelled, batch)
+func (s *Store) deleteFinishedChats(ctx context.Context, tx *sql.Tx, cutoff string, batch int) (int, error) {
+	rows, err := tx.QueryContext(ctx, s.q(pruneChats), cutoff, batch)
 	if err != nil {
 		return 0, err
 	}

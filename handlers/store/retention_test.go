@@ -3,7 +3,11 @@ package store
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -183,5 +187,79 @@ func TestPruneFreesThePoolBetweenBatches(t *testing.T) {
 	stop()
 	if err := <-pruned; !errors.Is(err, context.Canceled) {
 		t.Errorf("Prune after its context ended = %v, want context.Canceled", err)
+	}
+}
+
+// BenchmarkPruneNothingDue times a retention pass that finds nothing to
+// delete, the pass a server runs most often, on an SQLite store of
+// CORRAL_BENCH_ROWS (default 200,000) finished chats and as many
+// activities, all newer than the cutoff:
+//
+//	CORRAL_BENCH_ROWS=1000000 go test -run '^$' -bench PruneNothingDue ./handlers/store
+func BenchmarkPruneNothingDue(b *testing.B) {
+	rows := 200_000
+	if v := os.Getenv("CORRAL_BENCH_ROWS"); v != "" {
+		var err error
+		if rows, err = strconv.Atoi(v); err != nil {
+			b.Fatalf("CORRAL_BENCH_ROWS=%q: %v", v, err)
+		}
+	}
+	ctx := b.Context()
+	s, err := Open(ctx, "sqlite:"+filepath.Join(b.TempDir(), "server.db"), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Migrate(ctx); err != nil {
+		b.Fatal(err)
+	}
+	t := timeArg(time.Now())
+	if _, err := s.db.ExecContext(ctx, `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+INSERT INTO chats (id, agent_id, message, status, attempts, worker, pid, host, created_at, started_at, finished_at, reply)
+SELECT printf('c%08d', i), 'default', 'hello', 'completed', 1, 1, 1, 'h', ?, ?, ?, 'a reply' FROM n`, rows, t, t, t); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := s.db.ExecContext(ctx, `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+INSERT INTO activities (time, type, agent_id, chat_id, worker, pid, host)
+SELECT ?, 'chat.completed', 'default', printf('c%08d', i), 1, 1, 'h' FROM n`, rows, t); err != nil {
+		b.Fatal(err)
+	}
+	cutoff := time.Now().Add(-time.Hour)
+	for b.Loop() {
+		n, err := s.Prune(ctx, PruneOptions{Before: cutoff})
+		if err != nil || n != (Pruned{}) {
+			b.Fatalf("Prune() = %+v, %v, want nothing deleted", n, err)
+		}
+	}
+}
+
+// TestPruneReadsIndexes: on SQLite, the queries that find what a retention
+// batch deletes search an index (chats_finished, the activities' primary
+// key) rather than scan the table, which the batch's write transaction
+// would hold SQLite's lock for (BenchmarkPruneNothingDue).
+func TestPruneReadsIndexes(t *testing.T) {
+	s := newMigrated(t)
+	for query, want := range map[string]string{
+		pruneChats:      "SEARCH chats USING INDEX chats_finished (finished_at<?)",
+		pruneActivities: "SEARCH activities USING INTEGER PRIMARY KEY (rowid<?)",
+	} {
+		rows, err := s.db.QueryContext(t.Context(), "EXPLAIN QUERY PLAN "+query, 1, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var plan []string
+		for rows.Next() {
+			var id, parent, unused int
+			var detail string
+			if err := rows.Scan(&id, &parent, &unused, &detail); err != nil {
+				t.Fatal(err)
+			}
+			plan = append(plan, detail)
+		}
+		rows.Close()
+		scansTable := func(d string) bool { return strings.HasPrefix(d, "SCAN chats") || strings.HasPrefix(d, "SCAN activities") }
+		if !slices.Contains(plan, want) || slices.ContainsFunc(plan, scansTable) {
+			t.Errorf("plan of %s:\n%s\nwant %q and no scan of a table", query, strings.Join(plan, "\n"), want)
+		}
 	}
 }

@@ -164,6 +164,15 @@ CREATE TABLE chat_events (
 DROP INDEX chats_idem;
 CREATE UNIQUE INDEX chats_idem ON chats (idem_key) WHERE idem_key IS NOT NULL;
 `,
+	// 4: retention finds the chats it deletes through an index of finished
+	// chats (retention.go), instead of reading every chat; every finished
+	// chat has a finish time.
+	`
+UPDATE chats SET finished_at = created_at
+	WHERE finished_at IS NULL AND status IN ('completed', 'failed', 'cancelled');
+CREATE INDEX chats_finished ON chats (finished_at)
+	WHERE status IN ('completed', 'failed', 'cancelled');
+`,
 }
 
 // sqliteUnavailable reports whether err is one of SQLite's "not now" codes.
