@@ -257,7 +257,9 @@ func TestPruneReadsIndexes(t *testing.T) {
 			plan = append(plan, detail)
 		}
 		rows.Close()
-		scansTable := func(d string) bool { return strings.HasPrefix(d, "SCAN chats") || strings.HasPrefix(d, "SCAN activities") }
+		scansTable := func(d string) bool {
+			return strings.HasPrefix(d, "SCAN chats") || strings.HasPrefix(d, "SCAN activities")
+		}
 		if !slices.Contains(plan, want) || slices.ContainsFunc(plan, scansTable) {
 			t.Errorf("plan of %s:\n%s\nwant %q and no scan of a table", query, strings.Join(plan, "\n"), want)
 		}
