@@ -72,12 +72,17 @@ func (e *unavailableError) Error() string        { return e.err.Error() }
 func (e *unavailableError) Unwrap() error        { return e.err }
 func (e *unavailableError) Is(target error) bool { return target == ErrUnavailable }
 
-// wrap prefixes err with op and classifies it. A cancelled ctx wins over
-// whatever the driver said about being interrupted, so callers see
-// context.Canceled or context.DeadlineExceeded.
+// wrap prefixes err with op and classifies it. After Close every error is
+// ErrClosed. A cancelled ctx wins over whatever the driver said about being
+// interrupted, so callers see context.Canceled or context.DeadlineExceeded.
 func (s *Store) wrap(ctx context.Context, op string, err error) error {
 	if err == nil {
 		return nil
+	}
+	select {
+	case <-s.done: // database/sql's own "database is closed", and the like
+		return fmt.Errorf("%s: %w", op, ErrClosed)
+	default:
 	}
 	if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
 		return fmt.Errorf("%s: %w", op, cerr)

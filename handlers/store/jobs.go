@@ -431,27 +431,27 @@ func (s *Store) RequeueChat(ctx context.Context, chatID string, attempt int, r R
 	for k, v := range r.Data {
 		data[k] = v
 	}
-	if r.After > 0 {
+	fails := !r.Uncounted && r.MaxAttempts > 0 && attempt >= r.MaxAttempts
+	if r.After > 0 && !fails {
 		data["retry_at"] = now().Add(r.After).UTC().Format(time.RFC3339Nano)
 	}
 	detail, err := encodeData(data)
 	if err != nil {
 		return false, err
 	}
-	requeued := false
 	var act Activity
 	err = s.write(ctx, func(tx *sql.Tx) error {
 		t := now()
-		act = Activity{Time: t, ChatID: chatID, Data: data}
+		act = Activity{Time: t, ChatID: chatID, Data: data, Type: "chat.retried"}
 		query := `UPDATE chats SET status = 'queued', detail = ?, attempts = attempts - ? WHERE id = ? AND status = 'running' AND attempts = ?`
 		args := []any{detail, 0, chatID, attempt}
-		act.Type, requeued = "chat.retried", true
-		if r.Uncounted {
+		switch {
+		case r.Uncounted:
 			args[1] = 1
-		} else if r.MaxAttempts > 0 && attempt >= r.MaxAttempts {
+		case fails:
 			query = `UPDATE chats SET status = 'failed', detail = ?, finished_at = ? WHERE id = ? AND status = 'running' AND attempts = ?`
 			args[1] = timeArg(t)
-			act.Type, requeued = "chat.failed", false
+			act.Type = "chat.failed"
 		}
 		err := tx.QueryRowContext(ctx, s.q(query+` RETURNING agent_id, worker, pid`), args...).Scan(&act.AgentID, &act.Worker, &act.PID)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -466,7 +466,7 @@ func (s *Store) RequeueChat(ctx context.Context, chatID string, attempt int, r R
 		return false, s.wrap(ctx, "requeue chat "+chatID, err)
 	}
 	s.feed.advance(act.ID)
-	return requeued, nil
+	return !fails, nil
 }
 
 // HandBackChats hands back the background chats that process pid on this

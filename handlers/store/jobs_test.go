@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -213,4 +214,66 @@ func jobState(t *testing.T, st *Store, chatID string) string {
 		t.Fatalf("job state of %s: %v", chatID, err)
 	}
 	return state
+}
+
+// TestRequeueChatRetryAt: a chat handed back with a wait keeps the time of
+// its next attempt as retry_at in its activity and detail; one that has
+// had its last attempt fails without one.
+func TestRequeueChatRetryAt(t *testing.T) {
+	ctx := t.Context()
+	s := newMigrated(t)
+	act, err := s.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "m", Background: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	by := Origin{Worker: 1, PID: 1}
+	retryAt := func(detail string) (time.Time, bool) {
+		t.Helper()
+		var d map[string]any
+		if err := json.Unmarshal([]byte(detail), &d); err != nil {
+			t.Fatalf("detail %q: %v", detail, err)
+		}
+		v, ok := d["retry_at"].(string)
+		if !ok {
+			return time.Time{}, false
+		}
+		at, err := time.Parse(time.RFC3339Nano, v)
+		if err != nil {
+			t.Fatalf("retry_at %q: %v", v, err)
+		}
+		return at, true
+	}
+	for _, step := range []struct {
+		attempt int
+		status  string
+		retry   bool
+	}{{1, ChatQueued, true}, {2, ChatFailed, false}} {
+		if _, err := s.BeginAttempt(ctx, act.ChatID, by); err != nil {
+			t.Fatalf("BeginAttempt(%d) = %v", step.attempt, err)
+		}
+		before := time.Now()
+		requeued, err := s.RequeueChat(ctx, act.ChatID, step.attempt, Requeue{Reason: "upstream_429", MaxAttempts: 2, After: time.Minute})
+		if err != nil || requeued != step.retry {
+			t.Fatalf("RequeueChat(attempt %d) = %v, %v, want %v", step.attempt, requeued, err, step.retry)
+		}
+		c, err := s.ChatByID(ctx, act.ChatID)
+		if err != nil || c.Status != step.status {
+			t.Fatalf("chat after attempt %d = %+v, %v, want %s", step.attempt, c, err, step.status)
+		}
+		at, ok := retryAt(c.Detail)
+		switch {
+		case step.retry && (!ok || at.Before(before.Add(time.Minute-time.Second)) || at.After(time.Now().Add(time.Minute))):
+			t.Errorf("attempt %d: retry_at %v (present %v), want a minute after %v", step.attempt, at, ok, before)
+		case !step.retry && ok:
+			t.Errorf("attempt %d failed the chat, yet its detail has retry_at %v", step.attempt, at)
+		}
+		acts, err := s.Activities(ctx, Filter{AgentID: DefaultAgentID, Limit: MaxLimit})
+		if err != nil {
+			t.Fatal(err)
+		}
+		last := acts[len(acts)-1]
+		if _, ok := last.Data["retry_at"]; ok != step.retry {
+			t.Errorf("attempt %d: %s activity data %v, want retry_at %v", step.attempt, last.Type, last.Data, step.retry)
+		}
+	}
 }

@@ -248,6 +248,39 @@ func TestUnavailableErrors(t *testing.T) {
 	}
 }
 
+// TestClosedStoreSaysSo: after Close, reads and writes fail with ErrClosed
+// (database/sql's own "database is closed" is not something a caller can
+// test for), so that a background loop knows to stop.
+func TestClosedStoreSaysSo(t *testing.T) {
+	ctx := t.Context()
+	s, err := Open(ctx, "sqlite:"+filepath.Join(t.TempDir(), "server.db"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.LastActivityID(ctx)
+	if !errors.Is(err, ErrClosed) {
+		t.Errorf("LastActivityID after Close = %v, want ErrClosed", err)
+	}
+	_, err = s.Activities(ctx, Filter{Limit: 1})
+	if !errors.Is(err, ErrClosed) {
+		t.Errorf("Activities after Close = %v, want ErrClosed", err)
+	}
+	_, err = s.ChatByID(ctx, "c1")
+	if !errors.Is(err, ErrClosed) {
+		t.Errorf("ChatByID after Close = %v, want ErrClosed", err)
+	}
+	_, err = s.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "m"})
+	if !errors.Is(err, ErrClosed) {
+		t.Errorf("StartChat after Close = %v, want ErrClosed", err)
+	}
+}
+
 // TestReadOnlyFile: SQLite opens a file it may not write read-only without
 // saying so; Open must.
 func TestReadOnlyFile(t *testing.T) {

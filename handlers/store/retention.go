@@ -43,8 +43,9 @@ type Pruned struct {
 // Prune deletes the finished chats (completed, failed or cancelled; a
 // queued or running chat is never deleted), with their stored deltas,
 // finished before o.Before, and the activities written before it, in
-// transactions of at most o.Batch rows of a table, until none is left. The
-// newest activity is always kept, so activity ids stay increasing and
+// transactions of at most o.Batch rows of a table, until none is left (for
+// activities: until a batch, read in id order, has none). The newest
+// activity is always kept, so activity ids stay increasing and
 // never reused, and a cursor a client holds stays a valid place in the
 // feed. On PostgreSQL each batch takes an advisory lock for its
 // transaction; while another process holds it Prune returns ErrPruneBusy
@@ -56,7 +57,11 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 	}
 	var done Pruned
 	cutoff := timeArg(o.Before)
-	for first := true; ; first = false {
+	// Activities are read in id order, a batch at a time from after: the
+	// pass ends with the first batch that has none to delete.
+	var after int64
+	chatsLeft, actsLeft := true, true
+	for first := true; chatsLeft || actsLeft; first = false {
 		if !first && o.Pause > 0 {
 			select {
 			case <-ctx.Done():
@@ -65,6 +70,7 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 			}
 		}
 		var chats, acts int
+		last := after
 		busy := false
 		err := s.write(ctx, func(tx *sql.Tx) error {
 			if s.pg != nil {
@@ -75,15 +81,14 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 				}
 			}
 			var err error
-			if chats, err = s.deleteFinishedChats(ctx, tx, cutoff, o.Batch); err != nil {
-				return err
+			if chatsLeft {
+				if chats, err = s.deleteFinishedChats(ctx, tx, cutoff, o.Batch); err != nil {
+					return err
+				}
 			}
-			res, err := tx.ExecContext(ctx, s.q(`DELETE FROM activities WHERE id IN (`+pruneActivities+`)`), o.Batch, cutoff)
-			if err != nil {
-				return err
+			if actsLeft {
+				acts, last, err = s.deleteOldActivities(ctx, tx, cutoff, after, o.Batch)
 			}
-			n, err := res.RowsAffected()
-			acts = int(n)
 			return err
 		})
 		if err != nil {
@@ -99,10 +104,11 @@ func (s *Store) Prune(ctx context.Context, o PruneOptions) (Pruned, error) {
 		}
 		done.Chats += chats
 		done.Activities += acts
-		if chats < o.Batch && acts < o.Batch {
-			return done, nil
-		}
+		after = last
+		chatsLeft = chatsLeft && chats == o.Batch
+		actsLeft = actsLeft && acts > 0
 	}
+	return done, nil
 }
 
 // The queries that find what a batch deletes read an index, not the
@@ -114,19 +120,50 @@ const (
 	// use it.
 	pruneChats = `SELECT id FROM chats
 WHERE finished_at < ? AND status IN ('completed', 'failed', 'cancelled') ORDER BY finished_at LIMIT ?`
-	// pruneActivities takes a batch size and a cutoff: the oldest
-	// activities by id (the primary key) but the newest, and of those the
-	// ones written before the cutoff. Ids follow time, so an activity
-	// written out of time order (another host's clock) goes when the ones
-	// before it have.
-	pruneActivities = `SELECT id FROM (
-	SELECT id, time FROM activities WHERE id < (SELECT max(id) FROM activities) ORDER BY id LIMIT ?) oldest
-WHERE time < ?`
+	// pruneActivities takes a cutoff, an activity id and a batch size: the
+	// next activities by id (the primary key) after that one, the newest
+	// excepted, each with whether it was written before the cutoff.
+	pruneActivities = `SELECT id, time < ? FROM activities
+WHERE id > ? AND id < (SELECT max(id) FROM activities) ORDER BY id LIMIT ?`
 )
 
-// deleteFinishedChats deletes up to batch chats finished before cutoff, and their
-// deltas, in tx. Finished, not created: a chat queued or retried for long
-// keeps its result for the whole period after it ends.
+// deleteOldActivities deletes, of the next batch activities after id after
+// (the newest excepted), those written before cutoff, in tx, and returns
+// how many and the last id it read. Ids follow time, so the old ones come
+// first; one written out of time order (another host's clock) is passed
+// over until a later pass, and the pass ends early only at a whole batch
+// of them.
+func (s *Store) deleteOldActivities(ctx context.Context, tx *sql.Tx, cutoff string, after int64, batch int) (int, int64, error) {
+	rows, err := tx.QueryContext(ctx, s.q(pruneActivities), cutoff, after, batch)
+	if err != nil {
+		return 0, after, err
+	}
+	last := after
+	var ids []any
+	for rows.Next() {
+		var old bool
+		if err := rows.Scan(&last, &old); err != nil {
+			rows.Close()
+			return 0, after, err
+		}
+		if old {
+			ids = append(ids, last)
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil || len(ids) == 0 {
+		return 0, last, err
+	}
+	in := "(" + strings.Repeat("?, ", len(ids)-1) + "?)"
+	if _, err := tx.ExecContext(ctx, s.q(`DELETE FROM activities WHERE id IN `+in), ids...); err != nil {
+		return 0, after, err
+	}
+	return len(ids), last, nil
+}
+
+// deleteFinishedChats deletes up to batch chats finished before cutoff,
+// and their deltas, in tx. Finished, not created: a chat queued or retried
+// for long keeps its result for the whole period after it ends.
 func (s *Store) deleteFinishedChats(ctx context.Context, tx *sql.Tx, cutoff string, batch int) (int, error) {
 	rows, err := tx.QueryContext(ctx, s.q(pruneChats), cutoff, batch)
 	if err != nil {

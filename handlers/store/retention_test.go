@@ -239,11 +239,16 @@ SELECT ?, 'chat.completed', 'default', printf('c%08d', i), 1, 1, 'h' FROM n`, ro
 // would hold SQLite's lock for (BenchmarkPruneNothingDue).
 func TestPruneReadsIndexes(t *testing.T) {
 	s := newMigrated(t)
-	for query, want := range map[string]string{
-		pruneChats:      "SEARCH chats USING INDEX chats_finished (finished_at<?)",
-		pruneActivities: "SEARCH activities USING INTEGER PRIMARY KEY (rowid<?)",
+	for _, tc := range []struct {
+		query string
+		args  []any
+		want  string
+	}{
+		{pruneChats, []any{"", 1}, "SEARCH chats USING INDEX chats_finished (finished_at<?)"},
+		{pruneActivities, []any{"", 0, 1}, "SEARCH activities USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"},
 	} {
-		rows, err := s.db.QueryContext(t.Context(), "EXPLAIN QUERY PLAN "+query, 1, 1)
+		query, want := tc.query, tc.want
+		rows, err := s.db.QueryContext(t.Context(), "EXPLAIN QUERY PLAN "+query, tc.args...)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -263,5 +268,40 @@ func TestPruneReadsIndexes(t *testing.T) {
 		if !slices.Contains(plan, want) || slices.ContainsFunc(plan, scansTable) {
 			t.Errorf("plan of %s:\n%s\nwant %q and no scan of a table", query, strings.Join(plan, "\n"), want)
 		}
+	}
+}
+
+// TestPruneActivitiesOutOfTimeOrder: activities whose times do not follow
+// their ids (hosts whose clocks differ) do not end a pass early: every old
+// one but the newest activity goes in one pass, the young ones among them
+// stay.
+func TestPruneActivitiesOutOfTimeOrder(t *testing.T) {
+	ctx := t.Context()
+	s := newMigrated(t)
+	cutoff := time.Now().Add(-time.Hour)
+	oldAt, youngAt := timeArg(cutoff.Add(-time.Hour)), timeArg(time.Now())
+	// Old, but every third one young; the last (the newest) is old.
+	for i := range 20 {
+		at := oldAt
+		if i%3 == 0 {
+			at = youngAt
+		}
+		if _, err := s.db.ExecContext(ctx, `INSERT INTO activities (time, type, worker, pid, host) VALUES (?, 'agent.created', 1, 1, 'h')`, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n, err := s.Prune(ctx, PruneOptions{Before: cutoff, Batch: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var young, oldLeft int
+	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FILTER (WHERE time >= ?), count(*) FILTER (WHERE time < ?) FROM activities`,
+		timeArg(cutoff), timeArg(cutoff)).Scan(&young, &oldLeft); err != nil {
+		t.Fatal(err)
+	}
+	// 13 of the 20 are old, the newest of them kept; 7 are young, and so is
+	// the default agent's creation (Migrate).
+	if n.Activities != 12 || oldLeft != 1 || young != 8 {
+		t.Errorf("Prune() deleted %d activities and left %d old and %d young; want 12 deleted, the newest old one and 8 young left", n.Activities, oldLeft, young)
 	}
 }
