@@ -53,20 +53,22 @@ func (p *pruner) run(ctx context.Context) {
 		n, err := p.st.Prune(pctx, store.PruneOptions{Before: before, Pause: pruneBatchPause})
 		pcancel()
 		switch {
-		case ctx.Err() != nil:
-			return
 		case errors.Is(err, store.ErrPruneBusy):
 			p.log.Debug().Msg("another server is pruning; pass skipped")
-		case err != nil:
+		case err != nil && ctx.Err() == nil:
 			if !failing {
 				p.log.Warn().Err(err).Int("chats", n.Chats).Int("activities", n.Activities).Msg("retention pass failed")
 			}
 			failing = true
 		default:
+			// A pass cut short by the master's stop says what it did.
 			failing = false
 			if n.Chats > 0 || n.Activities > 0 {
 				p.log.Info().Int("chats", n.Chats).Int("activities", n.Activities).Time("before", before).Msg("deleted chats and activities past the retention period")
 			}
+		}
+		if ctx.Err() != nil {
+			return
 		}
 		select {
 		case <-ctx.Done():
