@@ -306,3 +306,52 @@ func TestPruneActivitiesOutOfTimeOrder(t *testing.T) {
 		t.Errorf("Prune() deleted %d activities and left %d old and %d young; want 12 deleted, the newest old one and 8 young left", n.Activities, oldLeft, young)
 	}
 }
+
+// TestPostgresPruneCanReadIndexes: on PostgreSQL, whose planner picks by
+// cost (a small table is read whole), the same queries can use the index:
+// with sequential scans priced out, with the values bound as parameters
+// (the partial index's condition must not depend on them), the plan reads
+// a range of chats_finished and of the activities' primary key.
+func TestPostgresPruneCanReadIndexes(t *testing.T) {
+	ctx := t.Context()
+	s := openPostgresTest(t, newPostgresDB(t).url, "")
+	if err := s.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := s.db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, `SET enable_seqscan = off`); err != nil {
+		t.Fatal(err)
+	}
+	cutoff := time.Now()
+	for query, c := range map[string]struct {
+		args []any
+		want []string
+	}{
+		pruneChats:      {[]any{cutoff, 1}, []string{"Index Scan using chats_finished on chats", "Index Cond: (finished_at < "}},
+		pruneActivities: {[]any{cutoff, 0, 1}, []string{"Index Scan using activities_pkey on activities", "Index Cond: ((id > "}},
+	} {
+		rows, err := conn.QueryContext(ctx, "EXPLAIN "+s.q(query), c.args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var plan []string
+		for rows.Next() {
+			var line string
+			if err := rows.Scan(&line); err != nil {
+				t.Fatal(err)
+			}
+			plan = append(plan, line)
+		}
+		rows.Close()
+		text := strings.Join(plan, "\n")
+		for _, want := range c.want {
+			if !strings.Contains(text, want) || strings.Contains(text, "Seq Scan") {
+				t.Errorf("plan of %s:\n%s\nwant %q and no Seq Scan", query, text, want)
+			}
+		}
+	}
+}
