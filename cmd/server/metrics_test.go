@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -220,4 +221,44 @@ func artifactDir(t *testing.T) string {
 	}
 	abs, _ := filepath.Abs(dir)
 	return abs
+}
+
+// TestStatusPanelShowsWhyAChatFailed: the status panel's reason column of a
+// chat.failed activity is the error code the client got and its message.
+func TestStatusPanelShowsWhyAChatFailed(t *testing.T) {
+	t.Parallel()
+	fake := newFakeLLM(t)
+	s := startServer(t, "WORKERS=1", "METRICS_ADDR=127.0.0.1:0", "LLM_BASE_URL="+fake.baseURL(), "LLM_TIMEOUT=30s")
+	base := s.metricsURL(t)
+	if r := s.chat(fresh, "503 please", false); r.err != nil || r.status != http.StatusBadGateway {
+		t.Fatalf("chat against an LLM answering 503 = %d, %v; want 502", r.status, r.err)
+	}
+	var row []string
+	waitFor(t, 10*time.Second, func() error {
+		code, body := get(t, base+"status.json", "")
+		var st struct {
+			Panel struct {
+				Columns []string   `json:"columns"`
+				Rows    [][]string `json:"rows"`
+			} `json:"panel"`
+		}
+		if err := json.Unmarshal([]byte(body), &st); err != nil || code != http.StatusOK {
+			return fmt.Errorf("GET /status.json = %d %v: %s", code, err, body)
+		}
+		for _, r := range st.Panel.Rows {
+			if len(r) == len(st.Panel.Columns) && r[2] == "chat.failed" {
+				row = r
+				return nil
+			}
+		}
+		return fmt.Errorf("no chat.failed row in the panel: %v", st.Panel.Rows)
+	})
+	p, err := s.activities("type=chat.failed")
+	if err != nil || len(p.Activities) != 1 {
+		t.Fatalf("chat.failed activities = %+v, %v; want one", p.Activities, err)
+	}
+	d := p.Activities[0].Data
+	if want := fmt.Sprintf("%v: %v", d["reason"], d["message"]); row[len(row)-1] != want || d["reason"] != "upstream_error" {
+		t.Errorf("panel reason of the failed chat = %q, want %q (the activity's reason and message, upstream_error)", row[len(row)-1], want)
+	}
 }
