@@ -107,6 +107,13 @@ type sseEvent struct{ id, name, data string }
 // the stream ends.
 func readEvents(t *testing.T, base, id, lastID string) []sseEvent {
 	t.Helper()
+	return readEventsUntil(t, base, id, lastID, nil)
+}
+
+// readEventsUntil is readEvents that hangs up after the first event for
+// which stop, if not nil, reports true.
+func readEventsUntil(t *testing.T, base, id, lastID string, stop func(sseEvent) bool) []sseEvent {
+	t.Helper()
 	req, _ := http.NewRequest("GET", base+"/api/chats/"+id+"/events", nil)
 	if lastID != "" {
 		req.Header.Set("Last-Event-ID", lastID)
@@ -128,6 +135,9 @@ func readEvents(t *testing.T, base, id, lastID string) []sseEvent {
 		case line == "":
 			if ev.name != "" {
 				evs = append(evs, ev)
+				if stop != nil && stop(ev) {
+					return evs
+				}
 			}
 			ev = sseEvent{}
 		case strings.HasPrefix(line, "id: "):
@@ -155,6 +165,46 @@ func replyOf(evs []sseEvent) string {
 		}
 	}
 	return b.String()
+}
+
+// TestBackgroundChatEventsLive: a client follows a running background
+// chat's events as they are written, hangs up after the first delta, and
+// resumes with Last-Event-ID while the chat still runs: the deltas of both
+// connections follow each other with no gap and no repeat and spell the
+// reply.
+func TestBackgroundChatEventsLive(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "WORKERS=2", "SIMULATED_LATENCY=8s")
+	base := strings.TrimSuffix(s.url(""), "/")
+	id := startBackground(t, base, "follow me as I go")
+	first := readEventsUntil(t, base, id, "", func(e sseEvent) bool { return e.name == "delta" })
+	if n := len(first); n == 0 || first[n-1].name != "delta" {
+		t.Fatalf("events until the first delta = %+v, want a delta", first)
+	}
+	if c, err := getChat(base, id, 0); err != nil || c.Status != "running" {
+		t.Fatalf("chat after its first delta arrived = %+v, %v; want still running (the events came live)", c, err)
+	}
+	lastID := first[len(first)-1].id
+	rest := readEvents(t, base, id, lastID)
+	if n := len(rest); n == 0 || rest[n-1].name != "done" {
+		t.Fatalf("events after Last-Event-ID %s = %+v, want deltas then done", lastID, rest)
+	}
+	all := append(first, rest...)
+	prev := 0
+	for _, e := range all {
+		if e.name != "delta" {
+			continue
+		}
+		n, err := strconv.Atoi(e.id)
+		if err != nil || n != prev+1 {
+			t.Fatalf("delta id %q after %d across the two connections, want %d: %+v", e.id, prev, prev+1, all)
+		}
+		prev = n
+	}
+	done, err := getChat(base, id, 30)
+	if err != nil || done.Status != "completed" || replyOf(all) != done.Reply {
+		t.Fatalf("chat = %+v, %v; want completed with the reply the deltas spell, %q", done, err, replyOf(all))
+	}
 }
 
 // TestBackgroundChatLifecycle: 202 and Location, a kill -9 of the worker
