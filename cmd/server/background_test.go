@@ -325,6 +325,47 @@ func TestBackgroundIdempotencyAndRetries(t *testing.T) {
 	if code, _, b := postJSON(t, base+"/api/chat", `{"agent_id":"default","message":"ok other"}`, "Idempotency-Key", "key-1"); code != 422 || !strings.Contains(string(b), "idempotency_key_reused") {
 		t.Fatalf("same key, other body = %d %s, want 422 idempotency_key_reused", code, b)
 	}
+	// The same key again while the first chat is still waiting on the LLM:
+	// the second call waits for that chat and answers it.
+	slow := `{"agent_id":"default","message":"slow-ok twice"}`
+	type answer struct {
+		code int
+		body []byte
+		err  error
+	}
+	firstDone := make(chan answer, 1)
+	go func() { // not postJSON: no t.Fatal off the test's goroutine
+		req, _ := http.NewRequest("POST", base+"/api/chat", strings.NewReader(slow))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", "key-3")
+		resp, err := fresh.Do(req)
+		if err != nil {
+			firstDone <- answer{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		firstDone <- answer{resp.StatusCode, b, err}
+	}()
+	waitFor(t, 10*time.Second, func() error {
+		if n := llm.attemptsFor("slow-ok twice"); n != 1 {
+			return fmt.Errorf("upstream calls = %d, want the first chat's", n)
+		}
+		return nil
+	})
+	code2, _, b2 = postJSON(t, base+"/api/chat", slow, "Idempotency-Key", "key-3")
+	a1 := <-firstDone
+	if a1.err != nil {
+		t.Fatalf("first call with key-3: %v", a1.err)
+	}
+	json.Unmarshal(a1.body, &r1)
+	json.Unmarshal(b2, &r2)
+	if a1.code != 200 || code2 != 200 || r1.ID == "" || r1 != r2 {
+		t.Fatalf("same key while the first chat runs = %d %s and %d %s, want the same chat twice", a1.code, a1.body, code2, b2)
+	}
+	if n := llm.attemptsFor("slow-ok twice"); n != 1 {
+		t.Fatalf("upstream calls for two concurrent calls with one key = %d, want 1", n)
+	}
 
 	bg := `{"agent_id":"default","message":"ok background","background":true}`
 	_, _, b1 = postJSON(t, base+"/api/chat", bg, "Idempotency-Key", "key-2")

@@ -190,6 +190,11 @@ func (f *fakeLLM) serve(c net.Conn) {
 	switch fault {
 	case "ok":
 		ok()
+	case "slow-ok":
+		// The reply after 2 s, for a request that must still be in flight.
+		if wait(2 * time.Second) {
+			ok()
+		}
 	case "first-byte-never":
 		// The request is read; the response never starts.
 		wait(time.Minute)
