@@ -3,7 +3,8 @@
 // /health and /api/activities p99 while 10,000 chats are queued and 1,000
 // run, the time from a worker's death to its chat running again, and the
 // latency (sync) and throughput (syncrate) of synchronous chats on this
-// build against another build, in alternated rounds (-rounds).
+// build against another build, and what streaming background chats cost
+// in stored rows and CPU (deltas), in alternated rounds (-rounds).
 //
 //	go run ./bench/jobbench -server ./server [-base ./server-before] [-pg postgres://...]
 //
@@ -17,6 +18,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,7 +37,7 @@ func main() {
 	server := flag.String("server", "./server", "the server binary to measure")
 	base := flag.String("base", "", "a baseline build for the synchronous chat latency (A/B)")
 	pg := flag.String("pg", "", "a PostgreSQL database URL (emptied first) for the PostgreSQL runs")
-	run := flag.String("run", "accept,load,death,sync,syncrate", "scenarios")
+	run := flag.String("run", "accept,load,death,sync,syncrate,deltas", "scenarios")
 	rounds := flag.Int("rounds", 3, "alternated rounds of the A/B scenarios (sync, syncrate)")
 	flag.Parse()
 	want := func(s string) bool { return slices.Contains(strings.Split(*run, ","), s) }
@@ -56,6 +58,9 @@ func main() {
 	}
 	if want("syncrate") && *base != "" {
 		syncRateAB(*server, *base, *rounds)
+	}
+	if want("deltas") && *base != "" {
+		deltasAB(*server, *base, *rounds)
 	}
 }
 
@@ -363,6 +368,118 @@ func syncRateAB(bin, base string, rounds int) {
 	}
 	med := func(v []float64) float64 { v = slices.Clone(v); slices.Sort(v); return v[len(v)/2] }
 	fmt.Printf("syncrate medians: before %.0f/s after %.0f/s ratio %.2f (%d rounds)\n", med(before), med(after), med(ratios), rounds)
+}
+
+// deltasAB: 200 background chats at once on 2 workers, each streaming 200
+// tokens from an OpenAI-style endpoint, one every 20 ms (4 s a chat), on
+// this build and on base, alternated: rows stored in chat_events per chat,
+// CPU of the server (master and workers) per chat, and /health p99 while
+// they stream.
+func deltasAB(bin, base string, rounds int) {
+	const chats, tokens, every = 200, 200, 20 * time.Millisecond
+	llm := streamingLLM(tokens, every)
+	defer llm.Close()
+	measure := func(b string) (rows float64, cpu time.Duration, p99 time.Duration) {
+		p := start(b, "WORKERS=2", "LLM_BASE_URL="+llm.URL+"/v1", "LLM_API_KEY=bench")
+		defer p.stop()
+		cpu0 := serverCPU(p.cmd.Process.Pid)
+		ids := make([]string, chats)
+		for i := range ids {
+			code, body, err := post(p.url("/api/chat"), fmt.Sprintf(`{"agent_id":"default","message":"stream %d","background":true}`, i))
+			if err != nil || code != http.StatusAccepted {
+				panic(fmt.Sprint("background chat: ", code, err, string(body)))
+			}
+			var c chat
+			json.Unmarshal(body, &c)
+			ids[i] = c.ID
+		}
+		probed := make(chan time.Duration, 1)
+		go func() {
+			_, p99, _ := probe(p.url("/health"), 3*time.Second, 20*time.Millisecond)
+			probed <- p99
+		}()
+		for _, id := range ids {
+			resp, err := client.Get(p.url("/api/chats/" + id + "?wait=60"))
+			check(err)
+			var c chat
+			json.NewDecoder(resp.Body).Decode(&c)
+			resp.Body.Close()
+			if c.Status != "completed" {
+				panic(fmt.Sprintf("chat %s: %s", id, c.Status))
+			}
+		}
+		cpu = serverCPU(p.cmd.Process.Pid) - cpu0
+		out, err := exec.Command("sqlite3", filepath.Join(p.dir, "server.db"), "SELECT count(*) FROM chat_events").Output()
+		check(err)
+		n, err := strconv.Atoi(strings.TrimSpace(string(out)))
+		check(err)
+		return float64(n) / chats, cpu / chats, <-probed
+	}
+	for round := range rounds {
+		for _, b := range []struct{ name, bin string }{{"base", base}, {"this", bin}} {
+			rows, cpu, p99 := measure(b.bin)
+			fmt.Printf("deltas round %d %s: %.1f rows per chat (%d tokens), CPU %v per chat, /health p99 %v\n",
+				round+1, b.name, rows, tokens, cpu.Round(10*time.Microsecond), p99.Round(10*time.Microsecond))
+		}
+	}
+}
+
+// streamingLLM serves POST /v1/chat/completions as OpenAI does with
+// "stream": true: tokens content deltas, one every every, then the finish
+// and usage chunks.
+func streamingLLM(tokens int, every time.Duration) *httptest.Server {
+	chunk := func(delta string, finish any, usage any) string {
+		choices := []any{map[string]any{"index": 0, "delta": map[string]any{"content": delta}, "finish_reason": finish}}
+		if usage != nil {
+			choices = []any{}
+		}
+		b, _ := json.Marshal(map[string]any{"id": "bench", "object": "chat.completion.chunk", "model": "bench-1", "choices": choices, "usage": usage})
+		return "data: " + string(b) + "\n\n"
+	}
+	return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		f := w.(http.Flusher)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for i := range tokens {
+			io.WriteString(w, chunk(fmt.Sprintf("token%d ", i), nil, nil))
+			f.Flush()
+			select {
+			case <-t.C:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		io.WriteString(w, chunk("", "stop", nil))
+		io.WriteString(w, chunk("", nil, map[string]int{"prompt_tokens": 5, "completion_tokens": tokens}))
+		io.WriteString(w, "data: [DONE]\n\n")
+	}))
+}
+
+// serverCPU is the user and system CPU time so far of process pid and its
+// children (the master and its workers).
+func serverCPU(pid int) time.Duration {
+	var ticks int64
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, f := range stats {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		// Fields after the command, which is in parentheses and may hold spaces.
+		i := strings.LastIndexByte(string(b), ')')
+		fields := strings.Fields(string(b[i+2:]))
+		self, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(f, "/proc/"), "/stat"))
+		ppid, _ := strconv.Atoi(fields[1])
+		if self != pid && ppid != pid {
+			continue
+		}
+		u, _ := strconv.ParseInt(fields[11], 10, 64)
+		s, _ := strconv.ParseInt(fields[12], 10, 64)
+		ticks += u + s
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond // USER_HZ is 100 on Linux
 }
 
 func check(err error) {
