@@ -430,6 +430,18 @@ func TestConfigLLMProvider(t *testing.T) {
 			t.Errorf("loadConfig(%q, %q) = provider %q, base %q, %v, want %q, %q, nil", tt.args, tt.env, c.LLMProvider, c.LLMBaseURL, err, tt.want, tt.wantBase)
 		}
 	}
+	// The key: the project's name beats OpenAI's.
+	for _, tt := range []struct {
+		env  []string
+		want string
+	}{
+		{[]string{"OPENAI_API_KEY", "sk-oai"}, "sk-oai"},
+		{[]string{"LLM_API_KEY", "sk-llm", "OPENAI_API_KEY", "sk-oai"}, "sk-llm"},
+	} {
+		if c, err := loadConfig(nil, fakeEnv(tt.env...)); err != nil || c.LLMAPIKey != tt.want {
+			t.Errorf("loadConfig(%q): key %q, %v; want %q", tt.env, c.LLMAPIKey, err, tt.want)
+		}
+	}
 }
 
 const (
