@@ -195,6 +195,26 @@ print(r.status, c.sock.version())
 			t.Errorf("curl with a client certificate: %v\n%s", err, out)
 		}
 	}
+	m.stop()
+
+	// Client certificates optional: none is fine, one is verified when
+	// given (one from another CA is refused).
+	other := newTestPKI(t)
+	strangerCert, err := tls.LoadX509KeyPair(other.issue(t, "stranger", "a stranger", true, ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := startServer(t, "WORKERS=1", "SSL_CERTFILE="+cert, "SSL_KEYFILE="+key, "SSL_KEYFILE_PASSWORD=k3y pass",
+		"SSL_CA_CERTS="+pki.caFile, "SSL_CERT_REQS=1")
+	url = "https://127.0.0.1:" + strconv.Itoa(o.port) + "/health"
+	for name, c := range map[string]*tls.Certificate{"no certificate": nil, "a certificate of the CA": &clientCert} {
+		if _, st, err := servedCN(pki.tlsClient(c, 0), url); err != nil || st != 200 {
+			t.Errorf("SSL_CERT_REQS=1, a client with %s: %d, %v; want 200", name, st, err)
+		}
+	}
+	if _, _, err := servedCN(pki.tlsClient(&strangerCert, 0), url); err == nil {
+		t.Error("SSL_CERT_REQS=1 served a client whose certificate another CA issued")
+	}
 }
 
 // TestTLSEncryptedPKCS8Key serves HTTPS with a key as `openssl genpkey
