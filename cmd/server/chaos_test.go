@@ -246,6 +246,26 @@ func TestChaos(t *testing.T) {
 		}
 	})
 
+	// runningBackground is the pid of the worker running the latest
+	// background chat, or 0.
+	base := strings.TrimSuffix(s.url(""), "/")
+	runningBackground := func() int {
+		bgMu.Lock()
+		var id string
+		if n := len(background); n > 0 {
+			id = background[n-1]
+		}
+		bgMu.Unlock()
+		if id == "" {
+			return 0
+		}
+		if c, err := getChat(base, id, 0); err == nil && c.Status == "running" {
+			return c.PID
+		}
+		return 0
+	}
+	bgVictim := 0
+
 	// ---- the chaos ----
 	var kills []kill
 	hups, ttin, ttou := 0, 0, 0
@@ -271,6 +291,13 @@ func TestChaos(t *testing.T) {
 			kills = append(kills, kill{pid: stopped, how: "SIGSTOP", from: time.Now()})
 		default:
 			victim := pids[rng.IntN(len(pids))]
+			// The first kill that can takes the worker of a running
+			// background chat, so that a retry is always seen.
+			if bgVictim == 0 {
+				if pid := runningBackground(); slices.Contains(pids, pid) {
+					victim, bgVictim = pid, pid
+				}
+			}
 			syscall.Kill(victim, syscall.SIGKILL)
 			kills = append(kills, kill{pid: victim, how: "SIGKILL", from: time.Now()})
 		}
@@ -325,7 +352,6 @@ func TestChaos(t *testing.T) {
 	// Every background chat ends: none stays queued or running, none is
 	// lost.
 	bgEnds := map[string]int{}
-	base := strings.TrimSuffix(s.url(""), "/")
 	for _, id := range background {
 		var c chatState
 		waitFor(t, 60*time.Second, func() error {
@@ -346,7 +372,10 @@ func TestChaos(t *testing.T) {
 	if len(background) == 0 {
 		t.Errorf("no background chat was accepted")
 	}
-	t.Logf("background chats: %d accepted, ends %v (retried: ran more than once)", len(background), bgEnds)
+	if bgVictim != 0 && bgEnds["retried"] == 0 {
+		t.Errorf("worker %d was killed under a background chat, yet no background chat ran more than once: %v", bgVictim, bgEnds)
+	}
+	t.Logf("background chats: %d accepted, ends %v (retried: ran more than once); worker killed under one: %d", len(background), bgEnds, bgVictim)
 	feed := s.allActivities(t)
 	s.stop()
 
