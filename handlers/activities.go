@@ -135,7 +135,7 @@ func (h *Handler) waitActivities(ctx *fasthttp.RequestCtx, q activityQuery) ([]s
 	defer cancel()
 	defer h.watcher.watch(ctx.Conn(), cancel)()
 	// A draining worker ends its long-polls so the drain is not held by them.
-	stopOnShutdown := context.AfterFunc(ctx, cancel)
+	stopOnShutdown := onShutdown(ctx, cancel)
 	defer stopOnShutdown()
 	for {
 		// The last id is read before the query, never after: an activity
@@ -189,7 +189,7 @@ func (h *Handler) activityStream(ctx *fasthttp.RequestCtx) {
 	sc, cancel := context.WithCancel(context.Background())
 	conn := ctx.Conn()
 	unwatch := h.watcher.watch(conn, cancel)
-	stopOnShutdown := context.AfterFunc(ctx, cancel)
+	stopOnShutdown := onShutdown(ctx, cancel)
 	interval := h.cfg.KeepAliveInterval
 	startSSE(ctx)
 	ctx.SetBodyStreamWriter(func(w *bufio.Writer) {

@@ -167,7 +167,7 @@ func (h *Handler) waitChat(ctx *fasthttp.RequestCtx, id string, wait time.Durati
 	defer cancel()
 	if wait > 0 {
 		defer h.watcher.watch(ctx.Conn(), cancel)()
-		defer context.AfterFunc(ctx, cancel)()
+		defer onShutdown(ctx, cancel)()
 	}
 	var release func()
 	for {
@@ -261,7 +261,7 @@ func (h *Handler) chatEvents(ctx *fasthttp.RequestCtx, id string, after int64) {
 	rc, cancel := context.WithCancel(context.Background())
 	conn := ctx.Conn()
 	unwatch := h.watcher.watch(conn, cancel)
-	stopOnShutdown := context.AfterFunc(ctx, cancel)
+	stopOnShutdown := onShutdown(ctx, cancel)
 	interval := h.cfg.KeepAliveInterval
 	ctx.Response.Header.Set("X-Chat-Id", c.ID)
 	startSSE(ctx)

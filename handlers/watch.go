@@ -7,6 +7,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/valyala/fasthttp"
 	"golang.org/x/sys/unix"
 )
 
@@ -226,4 +227,23 @@ func socketOf(c net.Conn) (syscall.Conn, bool) {
 		c = u.NetConn()
 	}
 	return nil, false
+}
+
+// onShutdown calls f when the server serving ctx shuts down, until stop is
+// called. It keeps the server's shutdown channel rather than ctx:
+// context.AfterFunc(ctx, f) would read ctx's values when the server shuts
+// down, and a stream or a wait can end at that moment while fasthttp
+// resets ctx for the connection's next request (a data race).
+func onShutdown(ctx *fasthttp.RequestCtx, f func()) (stop func()) {
+	shutdown := ctx.Done()
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-shutdown:
+			f()
+		case <-done:
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(done) }) }
 }
