@@ -69,16 +69,19 @@ func TestOversizeBodyReachesClientAs413(t *testing.T) {
 		}
 	}
 
-	python := fmt.Sprintf(`
+	// python sends the body with send (Python statements on connection c),
+	// tries times, and prints how many got status and the error code.
+	python := func(send string, status int, code string) string {
+		return fmt.Sprintf(`
 import http.client, json, sys
 ok = 0
 for i in range(%d):
     c = http.client.HTTPConnection("127.0.0.1", %d, timeout=20)
     try:
-        c.request("POST", "/api/chat", body=b"a" * %d, headers={"Content-Type": "application/json"})
+        %s
         r = c.getresponse()
         body = json.loads(r.read())
-        if r.status == 413 and body["error"]["code"] == "body_too_large":
+        if r.status == %d and body["error"]["code"] == %q:
             ok += 1
         else:
             print("try", i, r.status, body, file=sys.stderr)
@@ -87,32 +90,14 @@ for i in range(%d):
     finally:
         c.close()
 print(ok)
-`, tries, s.port, size)
+`, tries, s.port, send, status, code)
+	}
+	python413 := python(fmt.Sprintf(`c.request("POST", "/api/chat", body=b"a" * %d, headers={"Content-Type": "application/json"})`, size),
+		413, "body_too_large")
 	// A Content-Length the server cannot read: the same lingering close
 	// brings its 400 past the body the client still sends.
-	pythonBadLength := fmt.Sprintf(`
-import http.client, json, sys
-ok = 0
-for i in range(%d):
-    c = http.client.HTTPConnection("127.0.0.1", %d, timeout=20)
-    try:
-        c.putrequest("POST", "/api/chat")
-        c.putheader("Content-Type", "application/json")
-        c.putheader("Content-Length", "2MiB")
-        c.endheaders()
-        c.send(b"a" * %d)
-        r = c.getresponse()
-        body = json.loads(r.read())
-        if r.status == 400 and body["error"]["code"] == "bad_request":
-            ok += 1
-        else:
-            print("try", i, r.status, body, file=sys.stderr)
-    except Exception as e:
-        print("try", i, repr(e), file=sys.stderr)
-    finally:
-        c.close()
-print(ok)
-`, tries, s.port, size)
+	pythonBadLength := python(fmt.Sprintf(`c.putrequest("POST", "/api/chat"); c.putheader("Content-Type", "application/json"); `+
+		`c.putheader("Content-Length", "2MiB"); c.endheaders(); c.send(b"a" * %d)`, size), 400, "bad_request")
 	node := fmt.Sprintf(`
 let ok = 0;
 (async () => {
@@ -127,7 +112,7 @@ let ok = 0;
   console.log(ok);
 })();
 `, tries, s.port, size)
-	for _, c := range []struct{ name, prog, arg string }{{"python3", python, "-c"}, {"node", node, "-e"}, {"python3", pythonBadLength, "-c"}} {
+	for _, c := range []struct{ name, prog, arg string }{{"python3", python413, "-c"}, {"node", node, "-e"}, {"python3", pythonBadLength, "-c"}} {
 		if _, err := exec.LookPath(c.name); err != nil {
 			t.Logf("%s not installed: skipped", c.name)
 			continue
