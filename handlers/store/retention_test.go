@@ -234,6 +234,30 @@ SELECT ?, 'chat.completed', 'default', printf('c%08d', i), 1, 1, 'h' FROM n`, ro
 	}
 }
 
+// BenchmarkStartFinishChat times a chat's two writes on SQLite, its start
+// and its finish: what the index of finished chats (chats_finished) costs
+// every chat, with retention on or not.
+func BenchmarkStartFinishChat(b *testing.B) {
+	ctx := b.Context()
+	s, err := Open(ctx, "sqlite:"+filepath.Join(b.TempDir(), "server.db"), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Migrate(ctx); err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		act, err := s.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "m", Origin: Origin{Worker: 1, PID: 1}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := s.FinishChat(ctx, act.ChatID, ChatCompleted, nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // TestPruneReadsIndexes: on SQLite, the queries that find what a retention
 // batch deletes search an index (chats_finished, the activities' primary
 // key) rather than scan the table, which the batch's write transaction
