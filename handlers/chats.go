@@ -275,7 +275,25 @@ func (h *Handler) chatEvents(ctx *fasthttp.RequestCtx, id string, after int64) {
 		if sw.retry(time.Second) != nil {
 			return
 		}
+		readFailed := func(err error) {
+			if rc.Err() == nil {
+				h.log.Error().Err(err).Str("chat_id", id).Msg("chat event stream read failed")
+			}
+		}
+		// The attempt of the client's last delta: a resumed stream whose
+		// next delta is of a later attempt starts with "retry", as an
+		// unbroken one did.
 		attempt := 0
+		if after > 0 {
+			prev, err := h.cfg.Store.ChatEvents(rc, id, after-1, 1)
+			if err != nil {
+				readFailed(err)
+				return
+			}
+			if len(prev) == 1 && prev[0].Seq == after {
+				attempt = prev[0].Attempt
+			}
+		}
 		for {
 			last, err := h.cfg.Store.LastActivityID(rc)
 			if err == nil {
@@ -286,9 +304,7 @@ func (h *Handler) chatEvents(ctx *fasthttp.RequestCtx, id string, after int64) {
 				evs, err = h.cfg.Store.ChatEvents(rc, id, after, chatEventsPage)
 			}
 			if err != nil {
-				if rc.Err() == nil {
-					h.log.Error().Err(err).Str("chat_id", id).Msg("chat event stream read failed")
-				}
+				readFailed(err)
 				return
 			}
 			for _, e := range evs {

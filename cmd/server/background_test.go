@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -218,6 +219,8 @@ func TestBackgroundChatLifecycle(t *testing.T) {
 
 	id := startBackground(t, base, "survive a kill")
 	c := waitRunning(t, base, id, 0)
+	// The first attempt writes a delta before it dies.
+	readEventsUntil(t, base, id, "", func(e sseEvent) bool { return e.name == "delta" })
 	killed := time.Now()
 	if err := syscall.Kill(c.PID, syscall.SIGKILL); err != nil {
 		t.Fatalf("kill -9 %d: %v", c.PID, err)
@@ -250,6 +253,29 @@ func TestBackgroundChatLifecycle(t *testing.T) {
 			}
 			ids = append(ids, n)
 		}
+	}
+	// A client that had the first attempt's deltas resumes after the last
+	// of them: it is told of the retry before the new attempt's text, so
+	// what it holds spells the reply.
+	for i, e := range evs {
+		if e.name != "retry" {
+			continue
+		}
+		j := i - 1
+		for j >= 0 && evs[j].name != "delta" {
+			j--
+		}
+		if j < 0 {
+			t.Fatalf("events = %+v, want a delta of the first attempt before the retry", evs)
+		}
+		rest := readEvents(t, base, id, evs[j].id)
+		held := append(slices.Clone(evs[:j+1]), rest...)
+		if len(rest) == 0 || rest[0].name != "retry" || replyOf(held) != done.Reply {
+			t.Fatalf("events after Last-Event-ID %s (the first attempt's last delta) = %+v, want retry first and a reply of %q", evs[j].id, rest, done.Reply)
+		}
+	}
+	if !slices.ContainsFunc(evs, func(e sseEvent) bool { return e.name == "retry" }) {
+		t.Fatalf("events = %+v, want a retry event between the two attempts", evs)
 	}
 	mid := ids[len(ids)/2]
 	rest := readEvents(t, base, id, strconv.Itoa(mid))
