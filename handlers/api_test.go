@@ -342,8 +342,22 @@ func TestCORS(t *testing.T) {
 			t.Errorf("preflight %s = %q, want it to contain %q", h, got, want)
 		}
 	}
-	if !strings.Contains(r.header.Get("Access-Control-Allow-Headers"), "Content-Type") {
-		t.Errorf("preflight Access-Control-Allow-Headers = %q, want Content-Type", r.header.Get("Access-Control-Allow-Headers"))
+	// Every request header the API reads may be sent, and every response
+	// header its clients read (docs/api.md) may be read by the script.
+	for _, h := range []string{"Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer", "X-Request-ID"} {
+		if got := r.header.Get("Access-Control-Allow-Headers"); !strings.Contains(got, h) {
+			t.Errorf("preflight Access-Control-Allow-Headers = %q, want %s", got, h)
+		}
+	}
+	r = a.do(http.MethodPost, "/api/chat", []byte(`{"agent_id":"default","message":"hi"}`),
+		append(auth, "Origin", allowed, "Content-Type", "application/json")...)
+	for _, h := range []string{"Idempotent-Replayed", "Location", "Retry-After", "X-Chat-Id", "X-Request-ID"} {
+		if got := r.header.Get("Access-Control-Expose-Headers"); !strings.Contains(got, h) {
+			t.Errorf("POST /api/chat from an allowed origin: Access-Control-Expose-Headers = %q, want %s", got, h)
+		}
+	}
+	if r.header.Get("X-Chat-Id") == "" {
+		t.Errorf("POST /api/chat from an allowed origin = %d %s, want an X-Chat-Id to expose", r.status, r.body)
 	}
 
 	for _, origin := range []string{"https://evil.example.com", "http://app.example.com", "https://app.example.com.evil.net", "null"} {

@@ -63,6 +63,15 @@ func (h *Handler) modelRefused(what string) errorObject {
 		Message: fmt.Sprintf("%s is not allowed on this server; allowed: %s", what, strings.Join(h.cfg.Models, ", "))}
 }
 
+const (
+	// corsAllowHeaders are the request headers the API reads: a browser
+	// sends no other to another origin.
+	corsAllowHeaders = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID, Prefer, X-Request-ID"
+	// corsExposeHeaders are the response headers the API's clients read,
+	// beyond those a browser always shows a script.
+	corsExposeHeaders = "Idempotent-Replayed, Location, Retry-After, X-Chat-Id, X-Request-ID"
+)
+
 // cors adds the CORS headers for an allowed Origin and answers preflight
 // requests; it reports whether it answered. Origins not on the list get no
 // CORS headers, so browsers refuse them.
@@ -79,10 +88,11 @@ func (h *Handler) cors(ctx *fasthttp.RequestCtx) bool {
 	}
 	ctx.Response.Header.Set("Access-Control-Allow-Origin", origin)
 	if !ctx.IsOptions() || len(ctx.Request.Header.Peek("Access-Control-Request-Method")) == 0 {
+		ctx.Response.Header.Set("Access-Control-Expose-Headers", corsExposeHeaders)
 		return false
 	}
 	ctx.Response.Header.Set("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE")
-	ctx.Response.Header.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID")
+	ctx.Response.Header.Set("Access-Control-Allow-Headers", corsAllowHeaders)
 	ctx.Response.Header.Set("Access-Control-Max-Age", "600")
 	ctx.SetStatusCode(fasthttp.StatusNoContent)
 	return true
