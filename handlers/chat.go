@@ -263,6 +263,9 @@ func plural(n int, unit string) string {
 	return fmt.Sprintf("%d %ss", n, unit)
 }
 
+// restartedKey marks a request whose replay started the chat anew.
+type restartedKey struct{}
+
 // replayChat answers a request whose Idempotency-Key names chat id: a
 // background request gets the chat as it is now, a synchronous one waits
 // for it to end and gets its result (or, streaming, its events).
@@ -280,6 +283,16 @@ func (h *Handler) replayChat(ctx *fasthttp.RequestCtx, id string, req chatReques
 	c, err := h.waitChat(ctx, id, wait)
 	if err != nil {
 		h.chatFailed(ctx, id, "read chat", err)
+		return
+	}
+	if c.Unanswered() && ctx.UserValue(restartedKey{}) == nil {
+		// The first request's client left (or its worker died) while this
+		// retry waited: the key is free, and this request starts the chat
+		// anew, once.
+		ctx.SetUserValue(restartedKey{}, true)
+		ctx.Response.Header.Del("Idempotent-Replayed")
+		ctx.Response.Header.Del("X-Chat-Id")
+		h.chat(ctx)
 		return
 	}
 	if req.Background {

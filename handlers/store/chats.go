@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -75,6 +76,24 @@ type ChatRow struct {
 	// attempt while a chat waits for a retry; empty otherwise.
 	Detail string
 	JobID  int64 // the River job of a background chat
+}
+
+// unanswered are the reasons a synchronous chat ends without its caller
+// getting an answer: the client went away, or the process serving it did.
+var unanswered = map[string]bool{
+	"client_disconnected": true, "worker_died": true, "worker_stopping": true,
+	"server_restarted": true, "instance_lost": true,
+}
+
+// Unanswered reports whether c is a synchronous chat that ended without
+// its caller getting an answer. Its idempotency key is free: the caller's
+// retry with it starts a new chat.
+func (c ChatRow) Unanswered() bool {
+	var d struct {
+		Reason string `json:"reason"`
+	}
+	json.Unmarshal([]byte(c.Detail), &d) // no detail, no reason
+	return !c.Background && Final(c.Status) && unanswered[d.Reason]
 }
 
 // Final reports whether status is one a chat ends in.
@@ -170,26 +189,29 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
 }
 
 // checkIdemKeyTx returns a *DuplicateError or ErrKeyReused when key names a
-// chat younger than window at t, and frees an older chat's key.
+// chat younger than window at t, and frees the key of an older chat or of
+// a synchronous chat that ended unanswered.
 func (s *Store) checkIdemKeyTx(ctx context.Context, tx *sql.Tx, key, hash string, t time.Time, window time.Duration) error {
-	var id, prevHash string
-	var created time.Time
-	err := tx.QueryRowContext(ctx, s.q(`SELECT id, idem_hash, created_at FROM chats WHERE idem_key = ?`), key).
-		Scan(&id, &prevHash, dbTime{&created})
+	var c ChatRow
+	var prevHash string
+	var detail sql.NullString
+	err := tx.QueryRowContext(ctx, s.q(`SELECT id, idem_hash, created_at, background, status, detail FROM chats WHERE idem_key = ?`), key).
+		Scan(&c.ID, &prevHash, dbTime{&c.Created}, &c.Background, &c.Status, &detail)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	if t.Sub(created) >= window {
-		_, err := tx.ExecContext(ctx, s.q(`UPDATE chats SET idem_key = NULL WHERE id = ?`), id)
+	c.Detail = detail.String
+	if t.Sub(c.Created) >= window || c.Unanswered() {
+		_, err := tx.ExecContext(ctx, s.q(`UPDATE chats SET idem_key = NULL WHERE id = ?`), c.ID)
 		return err
 	}
 	if prevHash != hash {
-		return fmt.Errorf("chat %s: %w", id, ErrKeyReused)
+		return fmt.Errorf("chat %s: %w", c.ID, ErrKeyReused)
 	}
-	return &DuplicateError{ChatID: id}
+	return &DuplicateError{ChatID: c.ID}
 }
 
 // DuplicateError reports that an idempotency key already names a chat.
