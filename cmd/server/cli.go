@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -35,7 +36,7 @@ var commands = []command{
 	{"status", "[--json]", "show the master and every worker (--json: as JSON)"},
 	{"reload", "", "rolling restart of every worker (as SIGHUP)"},
 	{"scale", "N", "run N workers, 1 to 512"},
-	{"stop", "[--force]", "drain and stop (--force: kill the workers now)"},
+	{"stop", "[--force]", "drain and stop, and wait until the master has exited (--force: kill the workers now)"},
 	{"upgrade", "", "run the installed binary as a new master on the same sockets, then drain the old one (as SIGUSR2); waits until the new master serves"},
 }
 
@@ -119,6 +120,17 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(exitUsage, err)
 	}
+	master := 0
+	if name == "stop" {
+		// The master's pid, to wait for its exit: the stop answers at once.
+		st, err := callControl(path, supervisor.Request{Cmd: "status"})
+		if err != nil {
+			return fail(exitError, err)
+		}
+		if st.Status != nil {
+			master = st.Status.PID
+		}
+	}
 	resp, err := callControlWith(path, req, func(r supervisor.Response) {
 		fmt.Fprintf(stdout, "server upgrade: new master pid %d started; waiting up to %s for its workers\n",
 			r.Upgrade.NewPID, time.Duration(r.Upgrade.TimeoutS*float64(time.Second)))
@@ -135,12 +147,31 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, string(b))
 	case name == "status":
 		printStatus(stdout, resp.Status)
+	case name == "stop":
+		fmt.Fprintf(stdout, "server stop: master pid %d is stopping; waiting for it to exit\n", master)
+		start := time.Now()
+		for running(master) {
+			time.Sleep(50 * time.Millisecond)
+		}
+		fmt.Fprintf(stdout, "server stop: done: master pid %d exited after %s\n", master, time.Since(start).Round(time.Millisecond))
 	case name == "upgrade" && resp.Upgrade != nil:
 		fmt.Fprintf(stdout, "server upgrade: done: new master pid %d, version %s; the old one drains and exits\n", resp.Upgrade.NewPID, resp.Upgrade.NewVersion)
 	default:
 		fmt.Fprintf(stdout, "server %s: done\n", name)
 	}
 	return exitOK
+}
+
+// running reports whether process pid is alive: it exists and is not a
+// zombie waiting for its parent.
+func running(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the command name, which is in parentheses.
+	i := bytes.LastIndexByte(b, ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
 }
 
 // cliControlPath returns the control socket a subcommand talks to, found

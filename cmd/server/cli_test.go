@@ -77,7 +77,9 @@ func received(t *testing.T, reqs <-chan supervisor.Request) supervisor.Request {
 	}
 }
 
-var okStatus = supervisor.Response{OK: true, Status: &supervisor.Status{Version: "v-test", PID: 4242, State: "running"}}
+// okStatus names a master pid above Linux's largest (4194304): no process
+// has it, so server stop finds it gone at once.
+var okStatus = supervisor.Response{OK: true, Status: &supervisor.Status{Version: "v-test", PID: 5000000, State: "running"}}
 
 func TestCLIHelp(t *testing.T) {
 	cliEnv(t, "DATABASE_URL", "mysql://x") // help works whatever the environment holds
@@ -155,6 +157,9 @@ func TestCLIBooleans(t *testing.T) {
 			t.Errorf("server %q: exit %d %q, want 0", tt.args, code, errOut)
 			continue
 		}
+		if r := received(t, reqs); r.Cmd != "status" {
+			t.Errorf("server %q sent %+v first, want status (for the master's pid)", tt.args, r)
+		}
 		if r := received(t, reqs); r.Cmd != "stop" || r.Force != tt.want {
 			t.Errorf("server %q sent %+v, want stop with force %v", tt.args, r, tt.want)
 		}
@@ -162,12 +167,12 @@ func TestCLIBooleans(t *testing.T) {
 	for _, v := range []string{"on", "yes", "1", "TRUE"} {
 		code, out, errOut := runCLIOut("status", "--json="+v)
 		var st supervisor.Status
-		if err := json.Unmarshal([]byte(out), &st); code != exitOK || err != nil || st.PID != 4242 {
+		if err := json.Unmarshal([]byte(out), &st); code != exitOK || err != nil || st.PID != 5000000 {
 			t.Errorf("server status --json=%s: exit %d, %q %q, want 0 and the status as JSON", v, code, out, errOut)
 		}
 		received(t, reqs)
 	}
-	if code, out, _ := runCLIOut("status", "--json=off"); code != exitOK || !strings.HasPrefix(out, "server v-test  master 4242") {
+	if code, out, _ := runCLIOut("status", "--json=off"); code != exitOK || !strings.HasPrefix(out, "server v-test  master 5000000") {
 		t.Errorf("server status --json=off: exit %d, %q, want 0 and the table", code, out)
 	}
 	received(t, reqs)

@@ -246,7 +246,7 @@ func parseOrigin(t string) (string, bool) {
 }
 
 const usageHead = `Usage: server [flags]
-       server status|reload|scale N|stop [--control-socket PATH]
+       server status|reload|scale N|stop|upgrade [--control-socket PATH]
 
 Serves the Corral agent API from supervised worker processes. Each setting
 comes from its flag, else its environment variable, else its default; a

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -225,7 +227,7 @@ func cli(t *testing.T, args ...string) (int, string, string) {
 func TestControlSocket(t *testing.T) {
 	t.Parallel()
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
-	s := startServer(t, "WORKERS=2", "CONTROL_SOCKET="+sock)
+	s := startServer(t, "WORKERS=2", "CONTROL_SOCKET="+sock, "SIMULATED_LATENCY=2s")
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("control socket %s: %v, mode %v; want 0600", sock, err, fi.Mode().Perm())
 	}
@@ -284,8 +286,26 @@ func TestControlSocket(t *testing.T) {
 			t.Errorf("server %v: exit %d %q, want 2 with a message", bad, code, errOut)
 		}
 	}
-	if code, _, errOut := cli(t, "stop", "--control-socket", sock); code != 0 {
-		t.Fatalf("server stop: exit %d %s", code, errOut)
+	// server stop returns once the master has exited, after the chat it
+	// drains: the port is free for the next server.
+	chat := make(chan int, 1)
+	go func() { chat <- s.chat(&http.Client{Timeout: 30 * time.Second}, "drain me", false).status }()
+	waitFor(t, 10*time.Second, func() error {
+		p, err := s.activities("type=chat.started")
+		if err == nil && len(p.Activities) == 0 {
+			err = errors.New("no chat started yet")
+		}
+		return err
+	})
+	code, out, errOut := cli(t, "stop", "--control-socket", sock)
+	if code != 0 || !strings.Contains(out, "exited") {
+		t.Fatalf("server stop: exit %d %q %q, want 0 and the master's exit", code, out, errOut)
+	}
+	if running(s.cmd.Process.Pid) {
+		t.Errorf("server stop returned while the master %d still ran", s.cmd.Process.Pid)
+	}
+	if c := <-chat; c != 200 {
+		t.Errorf("chat in flight during server stop = %d, want 200", c)
 	}
 	if code, want := s.wait(15*time.Second), documentedExit(t, "`server stop`"); code != want {
 		t.Errorf("exit after server stop = %d, want %d", code, want)
@@ -293,7 +313,7 @@ func TestControlSocket(t *testing.T) {
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Errorf("control socket left behind after stop: %v", err)
 	}
-	code, _, errOut := cli(t, "status", "--control-socket", sock)
+	code, _, errOut = cli(t, "status", "--control-socket", sock)
 	if want := documentedExit(t, "control command that found no server"); code != want || !strings.Contains(errOut, "no server running") || !strings.Contains(errOut, sock) {
 		t.Errorf("server status with no server: exit %d %q, want %d naming the socket", code, errOut, want)
 	}
