@@ -296,7 +296,7 @@ func Run(in Info, cfg Config) error {
 		defer close(drainBeatDone)
 		w.drainHeartbeat(stopDrainBeat)
 	}()
-	w.drain(budget)
+	w.drain(budget, lifelineEOF, cfg.OrphanTimeout)
 	close(stopDrainBeat)
 	<-drainBeatDone
 	log.Info().Uint64("requests", w.requests.Load()).Msg("drain finished")
@@ -398,9 +398,33 @@ func watchLifeline(f *os.File, eof chan<- struct{}, stops chan<- protocol.Messag
 	io.Copy(io.Discard, f)
 }
 
-// drain stops accepting and waits for requests in flight, within budget.
-func (w *worker) drain(budget time.Duration) {
+// drain stops accepting and waits for requests in flight, within budget,
+// or within orphan once gone closes: a supervisor killed by SIGKILL can
+// reach its workers first as a SIGTERM (the parent-death signal of the
+// thread that started them) while getppid still names it, and only then
+// as the lifeline's end.
+func (w *worker) drain(budget time.Duration, gone <-chan struct{}, orphan time.Duration) {
 	deadline := time.Now().Add(budget)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	go func() {
+		if budget <= orphan {
+			return
+		}
+		select {
+		case <-gone:
+		case <-ctx.Done():
+			return
+		}
+		w.log.Warn().Dur("budget_ms", orphan).Msg("supervisor gone while draining: drain cut short")
+		t := time.NewTimer(orphan)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	w.draining.Store(true)
 	// Phase one: keep accepting but close every connection after its next
 	// response, so busy keep-alive clients move to the new worker cleanly.
@@ -408,8 +432,6 @@ func (w *worker) drain(budget time.Duration) {
 	for t := time.Now().Add(leadIn); time.Now().Before(t) && w.conns.Load() > 0; {
 		time.Sleep(10 * time.Millisecond) // a bounded wait for a count, not synchronization
 	}
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
-	defer cancel()
 	if err := w.srv.ShutdownWithContext(ctx); err != nil {
 		w.log.Warn().Int64("in_flight", w.inFlight.Load()).Msg("drain budget expired")
 	}

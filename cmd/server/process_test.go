@@ -396,13 +396,26 @@ func TestQuitIsImmediate(t *testing.T) {
 	}
 }
 
+// TestMasterKilledTakesWorkersDown: a master killed with SIGKILL takes its
+// workers down within the orphan's budget (1 s), also when they hold chats
+// that a graceful drain would wait for.
 func TestMasterKilledTakesWorkersDown(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, "WORKERS=3")
+	s := startServer(t, "WORKERS=3", "SIMULATED_LATENCY=60s")
 	workers := s.workerPIDs()
+	for range 6 {
+		go s.chat(&http.Client{Timeout: 70 * time.Second}, "held", false)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		p, err := s.activities("type=chat.started")
+		if err == nil && len(p.Activities) < 6 {
+			err = fmt.Errorf("%d chats started, want 6", len(p.Activities))
+		}
+		return err
+	})
 	s.cmd.Process.Signal(syscall.SIGKILL)
 	<-s.done
-	waitFor(t, 2*time.Second, func() error {
+	waitFor(t, 4*time.Second, func() error {
 		for _, p := range workers {
 			if alive(p) {
 				return fmt.Errorf("worker %d alive after the master was killed", p)
