@@ -252,6 +252,13 @@ func sameUser(c *net.UnixConn) error {
 
 // onControl runs a control request in the loop.
 func (s *Supervisor) onControl(ctl control) {
+	if s.handoff != nil && !s.booted && ctl.req.Cmd != "status" {
+		// Stopping a new master before it serves fails the upgrade and
+		// the old master serves on: not what the command asked.
+		ctl.reply <- Response{Error: fmt.Sprintf("an upgrade is under way: this new master (pid %d) is taking over from pid %d; retry once it serves (server status shows when)",
+			os.Getpid(), s.handoff.ParentPID)}
+		return
+	}
 	r := Response{OK: true}
 	switch ctl.req.Cmd {
 	case "status":
@@ -296,11 +303,14 @@ func (s *Supervisor) onControl(ctl control) {
 		s.up.waiters = append(s.up.waiters, ctl.reply)
 		return
 	case "stop":
-		if ctl.req.Force {
+		switch {
+		case ctl.req.Force:
 			s.kill("forced")
-			break
+		case !s.stopping:
+			s.onSignal(syscall.SIGTERM)
 		}
-		s.onSignal(syscall.SIGTERM)
+		// A second stop waits like the first: cutting the drain short
+		// takes --force (a second SIGTERM does it too).
 	default:
 		r = Response{Error: fmt.Sprintf("unknown command %q: want status, reload, scale, stop or upgrade", ctl.req.Cmd)}
 	}

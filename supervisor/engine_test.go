@@ -725,6 +725,47 @@ func TestShutdownDrainsThenKillsAndASecondSignalForces(t *testing.T) {
 	wantSignals(t, h.procs[0], syscall.SIGTERM, syscall.SIGKILL)
 }
 
+// TestASecondStopCommandWaits: server stop twice drains once; only
+// --force kills (a second SIGTERM does too, above).
+func TestASecondStopCommandWaits(t *testing.T) {
+	h := bootWith(t, Config{Workers: 1, GracefulTimeout: 10 * time.Second})
+	stop := func(force bool) {
+		t.Helper()
+		ctl := control{req: Request{Cmd: "stop", Force: force}, reply: make(chan Response, 1)}
+		h.s.onControl(ctl)
+		h.s.woke()
+		if r := <-ctl.reply; !r.OK {
+			t.Fatalf("stop (force %v) = %+v, want OK", force, r)
+		}
+	}
+	stop(false)
+	stop(false)
+	wantSignals(t, h.procs[0], syscall.SIGTERM)
+	stop(true)
+	wantSignals(t, h.procs[0], syscall.SIGTERM, syscall.SIGKILL)
+}
+
+// TestANewMasterTakingOverRefusesCommands: until its workers serve, a new
+// master of an upgrade answers status only; a stop would fail the upgrade
+// and leave the old master serving.
+func TestANewMasterTakingOverRefusesCommands(t *testing.T) {
+	h := bootWith(t, Config{Workers: 1})
+	h.s.handoff, h.s.booted = &Handoff{ParentPID: 4321}, false
+	for _, cmd := range []string{"stop", "reload", "scale", "upgrade"} {
+		ctl := control{req: Request{Cmd: cmd, Workers: 2}, reply: make(chan Response, 2)}
+		h.s.onControl(ctl)
+		if r := <-ctl.reply; r.OK || !strings.Contains(r.Error, "upgrade is under way") || !strings.Contains(r.Error, "4321") {
+			t.Errorf("%s while taking over = %+v, want refused, naming the old master", cmd, r)
+		}
+	}
+	wantSignals(t, h.procs[0])
+	ctl := control{req: Request{Cmd: "status"}, reply: make(chan Response, 1)}
+	h.s.onControl(ctl)
+	if r := <-ctl.reply; !r.OK || r.Status == nil || r.Status.Upgrade == nil || r.Status.Upgrade.State != "taking over" {
+		t.Errorf("status while taking over = %+v, want OK and the upgrade's state", r)
+	}
+}
+
 func TestDrainDelayKeepsServingThenShutsDown(t *testing.T) {
 	h := bootWith(t, Config{Workers: 1, DrainDelay: 3 * time.Second})
 	h.signal(syscall.SIGTERM)
