@@ -151,11 +151,15 @@ func (w *worker) guard(ctx *fasthttp.RequestCtx) {
 			return
 		}
 		w.panics.Add(1)
+		stack := debug.Stack()
+		if p, ok := ctx.UserValue(httpPanicKey{}).(httpPanic); ok {
+			v, stack = p.value, p.stack
+		}
 		w.log.Error().
 			Interface("panic", v).
 			Bytes("method", ctx.Method()).
 			Bytes("path", ctx.Path()).
-			Str("stack", string(debug.Stack())).
+			Str("stack", string(stack)).
 			Msg("handler panicked")
 		// fasthttp buffers the response until the handler returns, so
 		// whatever the handler had set can still be replaced.

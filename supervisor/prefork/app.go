@@ -199,12 +199,12 @@ func (a App) run(stdout, stderr io.Writer) int {
 	log := NewLogger(cfg, logOut)
 	switch role {
 	case protocol.RoleWorker:
-		setComm("worker")
+		setComm(a.name(), "worker")
 		return a.runWorker(cfg, log, stderr)
 	case "":
-		reexecMaster(cfg, args, log) // returns only if exec failed
+		reexecMaster(a.name(), cfg, args, log) // returns only if exec failed
 	}
-	setComm("master")
+	setComm(a.name(), "master")
 	return a.runMaster(cfg, args, log, stderr)
 }
 
@@ -281,19 +281,14 @@ func withoutEnv(env []string, hidden map[string]bool) []string {
 // holding only the master's title, so ps and htop read
 // "server: master [4 workers, 0.0.0.0:8000]". The title is padded so that
 // the supervisor can rewrite it in place when the worker count changes.
-func reexecMaster(cfg Config, args []string, log zerolog.Logger) {
-	exe, err := os.Executable()
-	if err != nil {
-		log.Debug().Err(err).Msg("no re-exec for the process title")
-		return
-	}
+func reexecMaster(name string, cfg Config, args []string, log zerolog.Logger) {
 	enc, _ := json.Marshal(args)
-	title := supervisor.MasterTitle(filepath.Base(exe), cfg.EffectiveWorkers(), cfg.Where())
+	title := supervisor.MasterTitle(name, cfg.EffectiveWorkers(), cfg.Where())
 	title += strings.Repeat(" ", 24)
 	env := append(os.Environ(), protocol.EnvRole+"="+protocol.RoleMaster, protocol.EnvArgs+"="+string(enc))
 	// /proc/self/exe is the file this process runs, even if another was
 	// installed at exe since.
-	err = syscall.Exec("/proc/self/exe", []string{title}, env)
+	err := syscall.Exec("/proc/self/exe", []string{title}, env)
 	log.Debug().Err(err).Msg("no re-exec for the process title")
 }
 
@@ -388,7 +383,7 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 		}
 	}
 	sc := cfg.SupervisorConfig()
-	sc.Args = args
+	sc.Name, sc.Args = a.name(), args
 	if cfg.MetricsOpen() {
 		sc.StatusNotes = append(sc.StatusNotes, "WARNING: metrics open to other hosts, no METRICS_TOKEN")
 	}
@@ -556,16 +551,10 @@ func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 }
 
 // setComm sets the short process name that ps -o comm, top and htop's
-// tree show: "server-master" or "server-worker" (15 bytes at most).
-func setComm(role string) {
-	exe, err := os.Executable()
-	if err != nil {
-		return
-	}
+// tree show: "NAME-master" or "NAME-worker" (15 bytes at most).
+func setComm(name, role string) {
 	// The kernel keeps 15 bytes; shorten the program name, never the role.
-	base := filepath.Base(exe)
-	base = base[:min(len(base), 15-1-len(role))]
-	name := base + "-" + role
+	name = name[:min(len(name), 15-1-len(role))] + "-" + role
 	// /proc/self/comm is the main thread's name, whichever thread writes it.
 	_ = os.WriteFile("/proc/self/comm", []byte(name), 0)
 }

@@ -40,13 +40,24 @@ func TestHelloLinksNoAgentAPI(t *testing.T) {
 // promises: three workers answering with their pid, a SIGHUP roll without
 // a failed request, a killed worker replaced, and SIGTERM exiting 0.
 func TestHelloProcessModel(t *testing.T) {
-	exe := filepath.Join(t.TempDir(), "hello")
+	// Another file name than the App's Name: the titles take the Name.
+	exe := filepath.Join(t.TempDir(), "hello-build")
 	if out, err := exec.Command("go", "build", "-o", exe, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	h := start(t, exe, "", "WORKERS=3")
 
 	pids := h.waitWorkers(t, 3, nil)
+	for pid, want := range map[int][2]string{
+		h.cmd.Process.Pid: {"hello: master [3 workers, 127.0.0.1:", "hello-master"},
+		pids[0]:           {"hello: worker ", "hello-worker"},
+	} {
+		args, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if !strings.HasPrefix(string(args), want[0]) || strings.TrimSpace(string(comm)) != want[1] {
+			t.Errorf("process %d: title %q, comm %q; want %q..., %q", pid, args, comm, want[0], want[1])
+		}
+	}
 	body := h.get(t)
 	if pid := pidIn(body); !slices.Contains(pids, pid) {
 		t.Errorf("GET / = %q, want a line naming one of the workers %v", body, pids)
