@@ -22,14 +22,19 @@ func (w *worker) heartbeat(stop <-chan struct{}) {
 		Dial:                func(string) (net.Conn, error) { return w.probeLn.Dial() },
 		MaxIdleConnDuration: time.Minute,
 	}
-	ready := false
+	ready, told := false, 0
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
 		// Ready needs an answer below 500 (an application without a /health
 		// route answers 404, which proves the serving path as well); a
 		// heartbeat needs any answer (a draining server's /health answers 503).
-		if st := w.probe(client, interval*2); st != 0 && st < fasthttp.StatusInternalServerError || ready && st != 0 {
+		st := w.probe(client, interval*2)
+		if !ready && st >= fasthttp.StatusInternalServerError && st != told {
+			told = st
+			w.log.Warn().Int("status", st).Msg("not ready: the worker's GET /health (its readiness probe) answered 500 or more")
+		}
+		if st != 0 && st < fasthttp.StatusInternalServerError || ready && st != 0 {
 			typ := protocol.TypeHeartbeat
 			if !ready {
 				typ, ready = protocol.TypeReady, true

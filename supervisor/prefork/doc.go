@@ -20,6 +20,12 @@
 // App.Worker hook into each role, for what must happen once per server
 // (migrations) or once per worker (opening a database).
 //
+// The application's GET /health is each worker's readiness and liveness
+// probe, sent by the worker to itself (worker.IsProbe tells it apart): a
+// worker is ready at its first answer below 500 and alive while it
+// answers at all. An application without that route answers 404, which
+// will do.
+//
 // Invariants.
 //   - The master and every worker parse the same arguments and
 //     environment, so they agree on every setting.
