@@ -156,6 +156,10 @@ func runCLI(name string, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "server stop: done: master pid %d exited after %s\n", master, time.Since(start).Round(time.Millisecond))
 	case name == "upgrade" && resp.Upgrade != nil:
 		fmt.Fprintf(stdout, "server upgrade: done: new master pid %d, version %s; the old one drains and exits\n", resp.Upgrade.NewPID, resp.Upgrade.NewVersion)
+	case name == "reload":
+		// The roll takes a while, and a worker that cannot start is retried
+		// while the old one serves on: the status tells how it goes.
+		fmt.Fprintln(stdout, "server reload: rolling restart started; server status shows its progress")
 	default:
 		fmt.Fprintf(stdout, "server %s: done\n", name)
 	}

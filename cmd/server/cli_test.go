@@ -177,8 +177,8 @@ func TestCLIBooleans(t *testing.T) {
 	}
 	received(t, reqs)
 	// --json=false is not --json, so it does not clash with reload.
-	if code, _, errOut := runCLIOut("reload", "--json=false"); code != exitOK {
-		t.Errorf("server reload --json=false: exit %d %q, want 0", code, errOut)
+	if code, out, errOut := runCLIOut("reload", "--json=false"); code != exitOK || !strings.Contains(out, "rolling restart started") {
+		t.Errorf("server reload --json=false: exit %d %q %q, want 0 and the roll started", code, out, errOut)
 	}
 	received(t, reqs)
 
