@@ -112,6 +112,14 @@ type harness struct {
 	// auto, when set, makes every fake ready as it starts and exit on
 	// SIGTERM, SIGQUIT or SIGKILL, for tests that run the real loop.
 	auto bool
+	// rss is every fake's resident memory; its default is 0.
+	rss sync.Map // pid -> uint64
+}
+
+func (h *harness) rssOf(pid int) uint64 {
+	v, _ := h.rss.Load(pid)
+	n, _ := v.(uint64)
+	return n
 }
 
 // newHarness creates a supervisor on fake processes and a fake clock and
@@ -123,7 +131,7 @@ func newHarness(t *testing.T, cfg Config) *harness {
 		cfg.Addr = "127.0.0.1:0"
 	}
 	cfg.Logger = zerolog.New(h.log)
-	s, err := newSupervisor(cfg, env{startProcess: h.start, now: func() time.Time { return h.now }})
+	s, err := newSupervisor(cfg, env{startProcess: h.start, now: func() time.Time { return h.now }, rss: h.rssOf})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -624,6 +632,33 @@ func TestMaxRequestsRecycle(t *testing.T) {
 	h.exit(old, "exit 0")
 	if l := h.log.lines("worker exited"); len(l) != 1 || l[0]["reason"] != "max_requests" {
 		t.Errorf("exit lines = %v, want one with reason max_requests", l)
+	}
+}
+
+// TestMaxMemory: a worker that grows past MaxMemory is recycled; one that
+// is over it as soon as it is ready is not (its replacement would be too),
+// and the log says so once.
+func TestMaxMemory(t *testing.T) {
+	const limit = 100 << 20
+	h := bootWith(t, Config{Workers: 1, MaxMemory: limit})
+	f := h.procs[0]
+	h.rss.Store(f.pid, uint64(limit+1))
+	h.beat(f)
+	wantStarted(t, h, 2)
+	if why := h.s.procs[h.procs[1].pid].why; why != "max_memory" {
+		t.Fatalf("replacement started for %q, want max_memory", why)
+	}
+
+	h = newHarness(t, Config{Workers: 1, MaxMemory: limit})
+	h.begin()
+	f = h.procs[0]
+	h.rss.Store(f.pid, uint64(2*limit))
+	h.ready(f)
+	h.beat(f)
+	h.beat(f)
+	wantStarted(t, h, 1)
+	if n := len(h.log.lines("a worker is over --limit-max-memory as soon as it is ready, so recycling cannot help and is not done: raise the limit")); n != 1 {
+		t.Errorf("%d lines saying the limit is below a fresh worker, want 1", n)
 	}
 }
 

@@ -21,6 +21,8 @@ type env struct {
 	startProcess func(cmd *exec.Cmd) (process, error)
 	// now is the clock of every deadline the loop keeps.
 	now func() time.Time
+	// rss is the resident memory of process pid, in bytes.
+	rss func(pid int) uint64
 }
 
 // process is a started child process.
@@ -37,7 +39,7 @@ type process interface {
 }
 
 // osEnv is the real thing.
-var osEnv = env{startProcess: startOSProcess, now: time.Now}
+var osEnv = env{startProcess: startOSProcess, now: time.Now, rss: readRSS}
 
 // osProcess is a process started by startOSProcess.
 type osProcess struct{ cmd *exec.Cmd }

@@ -31,7 +31,7 @@ func runAuto(t *testing.T, cfg Config) *running {
 	cfg.Logger = zerolog.New(h.log)
 	r := &running{h: h, sigs: make(chan os.Signal, 4), done: make(chan struct{})}
 	cfg.Signals = r.sigs
-	s, err := newSupervisor(cfg, env{startProcess: h.start, now: time.Now})
+	s, err := newSupervisor(cfg, env{startProcess: h.start, now: time.Now, rss: h.rssOf})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -69,6 +69,9 @@ func (s *Supervisor) onReady(p *proc) {
 	if p != sl.next || p.state != starting {
 		return
 	}
+	if s.cfg.MaxMemory > 0 {
+		p.readyRSS = s.env.rss(p.pid)
+	}
 	now := s.env.now()
 	p.state, p.readyAt, p.lastBeat = ready, now, now
 	old := sl.current

@@ -48,6 +48,7 @@ type proc struct {
 	deadline time.Time // draining/killing: SIGKILL at this time
 
 	requests uint64
+	readyRSS uint64 // its resident memory when it became ready, read only with MaxMemory
 	inFlight int64
 	accept   string // the last heartbeat's Accept: "" or protocol.AcceptFailing
 	metrics  []byte // the worker's last metrics text, when metrics are on

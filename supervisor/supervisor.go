@@ -231,9 +231,12 @@ type Supervisor struct {
 	rollAfter time.Time
 	rollSlot  *slot // the slot being rolled now
 	stopping  bool
-	exitErr   error
-	rng       *rand.Rand
-	reload    *reloadState // nil unless Config.Reload is set
+	// warnedMemory: the log said once that MaxMemory is below a fresh
+	// worker's size.
+	warnedMemory bool
+	exitErr      error
+	rng          *rand.Rand
+	reload       *reloadState // nil unless Config.Reload is set
 
 	started    time.Time
 	controls   chan control
@@ -763,12 +766,23 @@ func (s *Supervisor) sortedProcs() []*proc {
 	return ps
 }
 
-// checkMemory recycles p once its resident memory passes MaxMemory.
+// checkMemory recycles p once its resident memory passes MaxMemory, unless
+// it was over the limit already when it became ready: its replacement would
+// be too, and recycling would never end.
 func (s *Supervisor) checkMemory(p *proc) {
 	if s.cfg.MaxMemory == 0 || p != p.slot.current || p.slot.next != nil {
 		return
 	}
-	if rss := readRSS(p.pid); rss > s.cfg.MaxMemory {
+	rss := s.env.rss(p.pid)
+	switch {
+	case rss <= s.cfg.MaxMemory:
+	case p.readyRSS > s.cfg.MaxMemory:
+		if !s.warnedMemory {
+			s.warnedMemory = true
+			s.log.Error().Int("pid", p.pid).Uint64("rss_at_ready", p.readyRSS).Uint64("limit", s.cfg.MaxMemory).
+				Msg("a worker is over --limit-max-memory as soon as it is ready, so recycling cannot help and is not done: raise the limit")
+		}
+	default:
 		s.log.Warn().Int("pid", p.pid).Int("worker", p.slot.n).Uint64("rss", rss).Uint64("limit", s.cfg.MaxMemory).
 			Str("reason", "max_memory").Msg("recycling worker")
 		s.replace(p.slot, "max_memory")
