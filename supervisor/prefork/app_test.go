@@ -76,6 +76,23 @@ func TestAppOptions(t *testing.T) {
 	if _, err := greeter(&greeting).Load([]string{"stray"}, env()); !IsUsageError(err) {
 		t.Errorf("Load(stray) error = %v, want a usage error", err)
 	}
+
+	// An option that cannot work is an error naming it, not a panic.
+	set := func(Setting) error { return nil }
+	for _, tt := range []struct {
+		opt  Option
+		want string
+	}{
+		{Option{Flag: "color", Env: []string{"COLOR"}}, "option color has no Set"},
+		{Option{Flag: "port", Env: []string{"MY_PORT"}, Set: set}, "option port: --port is already a flag of the program"},
+		{Option{Flag: "help", Set: set}, "option help: --help is already a flag of the program"},
+		{Option{Set: set}, "an option has neither a flag nor a variable"},
+	} {
+		app := App{Name: "t", Options: []Option{tt.opt}}
+		if _, err := app.Load(nil, env()); err == nil || err.Error() != tt.want {
+			t.Errorf("Load with option %+v: %v, want %q", tt.opt, err, tt.want)
+		}
+	}
 }
 
 func TestAppUsage(t *testing.T) {

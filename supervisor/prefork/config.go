@@ -2,6 +2,7 @@ package prefork
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -238,6 +239,9 @@ func checkTLS(c Config, given map[string]Setting) error {
 func (a App) Load(args []string, lookupEnv func(string) (string, bool)) (Config, error) {
 	c := DefaultConfig()
 	opts := a.options(&c)
+	if err := checkOptions(opts); err != nil {
+		return Config{}, err
+	}
 	flags, version, err := parse(a.name(), args, opts)
 	if err != nil {
 		return Config{}, err
@@ -276,6 +280,28 @@ func (a App) Load(args []string, lookupEnv func(string) (string, bool)) (Config,
 		}
 	}
 	return c, nil
+}
+
+// checkOptions reports an App.Options entry that cannot work: one without
+// Set or without a name, or a flag another option (the process model's
+// included) already has.
+func checkOptions(opts []Option) error {
+	seen := map[string]bool{"help": true, "h": true, "version": true}
+	for _, o := range opts {
+		if o.Flag == "" && len(o.Env) == 0 {
+			return errors.New("an option has neither a flag nor a variable")
+		}
+		if o.Set == nil {
+			return fmt.Errorf("option %s has no Set", o.Name())
+		}
+		for _, f := range []string{o.Flag, o.NegFlag} {
+			if f != "" && seen[f] {
+				return fmt.Errorf("option %s: --%s is already a flag of the program", o.Name(), f)
+			}
+			seen[f] = true
+		}
+	}
+	return nil
 }
 
 // AllOptions returns every option a reads, the process model's first, in

@@ -45,7 +45,7 @@ type Option struct {
 	// holds them, so a worker, the process that parses untrusted input,
 	// never holds what it does not need.
 	Master bool
-	// Set checks s and stores its value. Its error names s.From, for
+	// Set (required) checks s and stores its value. Its error names s.From, for
 	// which Setting's Invalid methods word the message.
 	Set func(s Setting) error
 }
