@@ -332,15 +332,12 @@ WHERE id = ? AND (status = 'running'`
 // FailOrphanedChats fails every synchronous chat still running in process
 // pid on this Options.Host, each with a "chat.failed" activity whose data
 // is {"reason": reason}, and returns how many. The supervisor calls it when
-// a worker dies, so no chat stays running forever. (Background chats are
-// handed back instead: see HandBackChats.)
+// a worker dies (and logs the count), so no chat stays running forever.
+// (Background chats are handed back instead: see HandBackChats.)
 func (s *Store) FailOrphanedChats(ctx context.Context, pid int, reason string) (int, error) {
 	n, err := s.failStarted(ctx, reason, `pid = ?`, pid)
 	if err != nil {
 		return 0, s.wrap(ctx, fmt.Sprintf("fail chats of pid %d", pid), err)
-	}
-	if n > 0 {
-		s.log.Info().Int("pid", pid).Int("chats", n).Str("reason", reason).Msg("orphaned chats failed")
 	}
 	return n, nil
 }
@@ -353,9 +350,6 @@ func (s *Store) FailAllStarted(ctx context.Context, reason string) (int, error) 
 	n, err := s.failStarted(ctx, reason, "")
 	if err != nil {
 		return 0, s.wrap(ctx, "fail started chats", err)
-	}
-	if n > 0 {
-		s.log.Info().Int("chats", n).Str("reason", reason).Msg("chats of a previous run failed")
 	}
 	return n, nil
 }
