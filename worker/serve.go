@@ -37,8 +37,10 @@ type worker struct {
 	conns     atomic.Int64
 	panics    atomic.Uint64
 	draining  atomic.Bool
-	accept    acceptState
-	recycle   chan struct{} // one token once MaxRequests is reached
+	// healthDown: the supervisor announced its stop (Config.DrainHealth).
+	healthDown atomic.Bool
+	accept     acceptState
+	recycle    chan struct{} // one token once MaxRequests is reached
 }
 
 // ErrPanic is what the Error hook receives for a request whose handler
@@ -48,6 +50,14 @@ var ErrPanic = errors.New("worker: handler panicked")
 // ErrOverloaded is what the Error hook receives for a request refused by
 // the concurrency limit.
 var ErrOverloaded = errors.New("worker: too many requests in flight")
+
+// ErrMisdirected is what the Error hook receives for a request whose Host
+// Config.HostAllowed refused.
+var ErrMisdirected = errors.New("worker: this server does not answer for that host name")
+
+// ErrDraining is what the Error hook receives for GET /health once the
+// server is stopping (Config.DrainHealth).
+var ErrDraining = errors.New("worker: the server is stopping")
 
 // ErrFoldedHeader is what the Error hook receives, with status 400, for a
 // request whose headers use obsolete line folding (RFC 9112 section 5.2: a
@@ -76,6 +86,10 @@ func (w *worker) serve(ctx *fasthttp.RequestCtx) {
 		// on is read as a next request.
 		ctx.SetConnectionClose()
 		w.cfg.Error(ctx, fasthttp.StatusBadRequest, ErrFoldedHeader)
+	case w.cfg.HostAllowed != nil && !w.cfg.HostAllowed(string(ctx.Host())):
+		w.cfg.Error(ctx, fasthttp.StatusMisdirectedRequest, ErrMisdirected)
+	case w.healthDown.Load() && string(ctx.Path()) == "/health":
+		w.cfg.Error(ctx, fasthttp.StatusServiceUnavailable, ErrDraining)
 	case w.cfg.MaxConcurrency > 0 && n > int64(w.cfg.MaxConcurrency) && (w.cfg.Unlimited == nil || !w.cfg.Unlimited(ctx)):
 		ctx.Response.Header.Set("Retry-After", "1")
 		w.cfg.Error(ctx, fasthttp.StatusServiceUnavailable, ErrOverloaded)
@@ -199,6 +213,11 @@ func writeError(ctx *fasthttp.RequestCtx, status int, err error) {
 	switch status {
 	case fasthttp.StatusServiceUnavailable:
 		code = "overloaded"
+		if errors.Is(err, ErrDraining) {
+			code = "draining"
+		}
+	case fasthttp.StatusMisdirectedRequest:
+		code = "misdirected_request"
 	case fasthttp.StatusInternalServerError:
 		code = "internal"
 	}

@@ -95,6 +95,14 @@ type Config struct {
 	// OnMessage, if set, receives the supervisor's messages on the lifeline
 	// (such as the reload build status), from one goroutine, in order.
 	OnMessage func(protocol.Message)
+	// HostAllowed, if set, refuses with 421 a request whose Host it does
+	// not allow (the worker's own probe excepted).
+	HostAllowed func(host string) bool
+	// DrainHealth makes the worker answer GET /health with 503 itself once
+	// the supervisor announces its stop (--drain-delay), so that load
+	// balancers move away before the listeners close. An application
+	// whose /health says so on its own leaves it false.
+	DrainHealth bool
 }
 
 // Info identifies a worker process; Self reads it from the environment the
@@ -250,7 +258,18 @@ func Run(in Info, cfg Config) error {
 
 	lifelineEOF := make(chan struct{})
 	stopOrders := make(chan protocol.Message, 1)
-	go watchLifeline(lifeline, lifelineEOF, stopOrders, cfg.OnMessage, log)
+	onMessage := cfg.OnMessage
+	if cfg.DrainHealth {
+		onMessage = func(m protocol.Message) {
+			if m.Type == protocol.TypeDrain {
+				w.healthDown.Store(true)
+			}
+			if cfg.OnMessage != nil {
+				cfg.OnMessage(m)
+			}
+		}
+	}
+	go watchLifeline(lifeline, lifelineEOF, stopOrders, onMessage, log)
 
 	stopBeat := make(chan struct{})
 	beatDone := make(chan struct{})

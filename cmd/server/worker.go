@@ -105,6 +105,9 @@ func prepareWorker(cfg config, in worker.Info, log zerolog.Logger, wc *worker.Co
 		metrics.WriteProcessMetrics(w)
 		metrics.WriteFDMetrics(w)
 	}
+	// The handlers check the Host (sparing /health) and fail /health
+	// while draining themselves, with the API's own bodies.
+	wc.HostAllowed, wc.DrainHealth = nil, false
 	wc.OnMessage = func(m protocol.Message) {
 		switch m.Type {
 		case protocol.TypeReload:

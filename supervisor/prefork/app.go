@@ -347,6 +347,10 @@ func (c Config) WorkerConfig() worker.Config {
 		MaxBodySize:      c.LimitRequestBody,
 		MaxHeaderSize:    c.LimitRequestHead,
 		MaxConcurrency:   c.LimitConcurrency,
+		DrainHealth:      true,
+	}
+	if c.AllowedHosts.Given && !c.AllowedHosts.Any {
+		wc.HostAllowed = c.AllowedHosts.Allow
 	}
 	if c.ProxyHeaders {
 		p := c.ForwardedAllowIPs

@@ -24,7 +24,9 @@
 // probe, sent by the worker to itself (worker.IsProbe tells it apart): a
 // worker is ready at its first answer below 500 and alive while it
 // answers at all. An application without that route answers 404, which
-// will do.
+// will do. While the master delays its stop (--drain-delay), the worker
+// answers GET /health with 503 itself, so that load balancers move away;
+// with --allowed-hosts given, it answers 421 to any other Host name.
 //
 // Invariants.
 //   - The master and every worker parse the same arguments and

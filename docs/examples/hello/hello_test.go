@@ -129,6 +129,54 @@ func TestHelloProcessModel(t *testing.T) {
 	}
 }
 
+// TestHelloHostsAndDrainDelay: --allowed-hosts and --drain-delay hold for
+// an application of the library as for the server: a foreign Host gets
+// 421, and during the drain delay GET /health answers 503 while the
+// application still serves.
+func TestHelloHostsAndDrainDelay(t *testing.T) {
+	exe := filepath.Join(t.TempDir(), "hello")
+	if out, err := exec.Command("go", "build", "-o", exe, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	h := start(t, exe, "", "WORKERS=1", "ALLOWED_HOSTS=app.example.com", "DRAIN_DELAY=5s")
+	h.waitWorkers(t, 1, nil)
+	status := func(path, host string) int {
+		t.Helper()
+		req, _ := http.NewRequest("GET", strings.TrimSuffix(h.url, "/")+path, nil)
+		if host != "" {
+			req.Host = host
+		}
+		resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+		if err != nil {
+			t.Fatalf("GET %s (Host %q): %v", path, host, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for host, want := range map[string]int{"app.example.com": 200, "app.example.com:8000": 200, "evil.example.net": 421, "": 200} {
+		if got := status("/", host); got != want {
+			t.Errorf("GET / with Host %q = %d, want %d", host, got, want)
+		}
+	}
+	if got := status("/health", ""); got != 200 {
+		t.Errorf("GET /health before the stop = %d, want the application's 200 (its / route)", got)
+	}
+	h.signal(t, syscall.SIGTERM)
+	waitFor(t, 5*time.Second, func() error {
+		if got := status("/health", ""); got != http.StatusServiceUnavailable {
+			return fmt.Errorf("GET /health during the drain delay = %d, want 503", got)
+		}
+		return nil
+	})
+	if got := status("/", ""); got != 200 {
+		t.Errorf("GET / during the drain delay = %d, want 200", got)
+	}
+	if code := h.wait(t, 30*time.Second); code != 0 {
+		t.Errorf("exit status = %d, want 0", code)
+	}
+}
+
 // TestHelloReload runs RELOAD=true ./hello in a module of its own, edits
 // the source, and waits for the rebuilt program's answer.
 func TestHelloReload(t *testing.T) {
