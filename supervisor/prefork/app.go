@@ -135,6 +135,11 @@ func Main(a App) int { return a.run(os.Stdout, os.Stderr) }
 
 func (a App) run(stdout, stderr io.Writer) int {
 	name := a.name()
+	if a.Handler == nil && a.FastHandler == nil && a.Worker == nil {
+		// A bug of the program, said before anything binds.
+		fmt.Fprintf(stderr, "%s: prefork.App has no Handler, FastHandler or Worker to serve with\n", name)
+		return ExitBoot
+	}
 	role := os.Getenv(protocol.EnvRole)
 	logOut := stderr
 	if journalStream(stderr, os.Getenv("JOURNAL_STREAM")) {

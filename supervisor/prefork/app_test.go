@@ -3,6 +3,7 @@ package prefork
 import (
 	"bytes"
 	"errors"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -92,6 +93,13 @@ func TestAppOptions(t *testing.T) {
 		if _, err := app.Load(nil, env()); err == nil || err.Error() != tt.want {
 			t.Errorf("Load with option %+v: %v, want %q", tt.opt, err, tt.want)
 		}
+	}
+}
+
+func TestAppWithoutHandler(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := (App{Name: "t"}).run(io.Discard, &stderr); code != ExitBoot || !strings.Contains(stderr.String(), "no Handler, FastHandler or Worker") {
+		t.Errorf("run of an App without a handler = %d, %q; want ExitBoot and the reason", code, stderr.String())
 	}
 }
 
