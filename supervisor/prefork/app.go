@@ -152,8 +152,10 @@ func (a App) run(stdout, stderr io.Writer) int {
 		return ExitUsage
 	}
 	lookupEnv := os.LookupEnv
-	if path := envFileArg(args, os.LookupEnv); path != "" {
-		vars, err := ReadEnvFile(path)
+	envPath := envFileArg(args, os.LookupEnv)
+	var vars map[string]string
+	if envPath != "" {
+		vars, err = ReadEnvFile(envPath)
 		if err != nil {
 			fmt.Fprintf(stderr, "%s: %v\n", name, err)
 			return ExitUsage
@@ -176,6 +178,9 @@ func (a App) run(stdout, stderr io.Writer) int {
 		lookupEnv = withoutVars(lookupEnv, a.masterVars())
 	}
 	cfg, err := a.Load(args, lookupEnv)
+	if err != nil {
+		err = blameEnvFile(err, vars, envPath)
+	}
 	switch {
 	case errors.Is(err, ErrHelp):
 		a.Usage(stdout)

@@ -145,3 +145,15 @@ func withEnvFile(lookupEnv func(string) (string, bool), vars map[string]string) 
 		return v, ok
 	}
 }
+
+// blameEnvFile adds to err, a bad setting, the env file at path when the
+// variable it names came from the file (vars) rather than the process.
+func blameEnvFile(err error, vars map[string]string, path string) error {
+	msg := err.Error()
+	for name := range vars {
+		if _, set := os.LookupEnv(name); !set && strings.Contains(msg, " "+name+" ") {
+			return fmt.Errorf("%w (set in the env file %s)", err, path)
+		}
+	}
+	return err
+}

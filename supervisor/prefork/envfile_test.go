@@ -1,11 +1,14 @@
 package prefork
 
 import (
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/valyala/fasthttp"
 )
 
 func writeEnvFile(t *testing.T, text string) string {
@@ -81,5 +84,22 @@ func TestEnvFileArg(t *testing.T) {
 		if got := envFileArg(tc.args, env(tc.env)); got != tc.want {
 			t.Errorf("envFileArg(%q, ENV_FILE=%q) = %q, want %q", tc.args, tc.env, got, tc.want)
 		}
+	}
+}
+
+// TestBadValueInEnvFileNamesTheFile: a bad value that came from the env
+// file is reported with the file; one from the process environment is not.
+func TestBadValueInEnvFileNamesTheFile(t *testing.T) {
+	path := writeEnvFile(t, "WORKERS=abc\n")
+	t.Setenv("ENV_FILE", path)
+	app := App{Name: "t", FastHandler: func(*fasthttp.RequestCtx) {}}
+	var stderr strings.Builder
+	if code := app.run(io.Discard, &stderr); code != ExitUsage || !strings.Contains(stderr.String(), `invalid WORKERS "abc"`) || !strings.Contains(stderr.String(), "set in the env file "+path) {
+		t.Errorf("run with WORKERS=abc in the env file = %d, %q; want ExitUsage naming the value and the file", code, stderr.String())
+	}
+	t.Setenv("WORKERS", "xyz") // the process environment wins over the file
+	stderr.Reset()
+	if code := app.run(io.Discard, &stderr); code != ExitUsage || !strings.Contains(stderr.String(), `invalid WORKERS "xyz"`) || strings.Contains(stderr.String(), "env file") {
+		t.Errorf("run with WORKERS=xyz in the environment = %d, %q; want ExitUsage, not blaming the file", code, stderr.String())
 	}
 }
