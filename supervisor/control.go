@@ -255,7 +255,7 @@ func (s *Supervisor) onControl(ctl control) {
 	if s.handoff != nil && !s.booted && ctl.req.Cmd != "status" {
 		// Stopping a new master before it serves fails the upgrade and
 		// the old master serves on: not what the command asked.
-		ctl.reply <- Response{Error: fmt.Sprintf("an upgrade is under way: this new master (pid %d) is taking over from pid %d; retry once it serves (server status shows when)",
+		ctl.reply <- Response{Error: fmt.Sprintf("an upgrade is in progress: this new master (pid %d) is taking over from pid %d; retry once it serves (server status shows when)",
 			os.Getpid(), s.handoff.ParentPID)}
 		return
 	}

@@ -789,7 +789,7 @@ func TestANewMasterTakingOverRefusesCommands(t *testing.T) {
 	for _, cmd := range []string{"stop", "reload", "scale", "upgrade"} {
 		ctl := control{req: Request{Cmd: cmd, Workers: 2}, reply: make(chan Response, 2)}
 		h.s.onControl(ctl)
-		if r := <-ctl.reply; r.OK || !strings.Contains(r.Error, "upgrade is under way") || !strings.Contains(r.Error, "4321") {
+		if r := <-ctl.reply; r.OK || !strings.Contains(r.Error, "upgrade is in progress") || !strings.Contains(r.Error, "4321") {
 			t.Errorf("%s while taking over = %+v, want refused, naming the old master", cmd, r)
 		}
 	}

@@ -456,7 +456,7 @@ type UpgradeStatus struct {
 	Error    string  `json:"error,omitempty"`
 }
 
-// upgrading reports whether an upgrade is under way: a new master is
+// upgrading reports whether an upgrade is in progress: a new master is
 // starting, and has not failed.
 func (s *Supervisor) upgrading() bool { return s.up != nil && !s.up.stopping }
 
