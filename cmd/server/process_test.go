@@ -398,7 +398,10 @@ func TestQuitIsImmediate(t *testing.T) {
 
 // TestMasterKilledTakesWorkersDown: a master killed with SIGKILL takes its
 // workers down within the orphan's budget (1 s), also when they hold chats
-// that a graceful drain would wait for.
+// that a graceful drain would wait for, and also when the parent-death
+// SIGTERM reached them first, while the master still looked alive (the
+// kernel sends it when the thread that started them exits, which can be
+// before the rest of the master): here the test sends that SIGTERM itself.
 func TestMasterKilledTakesWorkersDown(t *testing.T) {
 	t.Parallel()
 	s := startServer(t, "WORKERS=3", "SIMULATED_LATENCY=60s")
@@ -406,16 +409,35 @@ func TestMasterKilledTakesWorkersDown(t *testing.T) {
 	for range 6 {
 		go s.chat(&http.Client{Timeout: 70 * time.Second}, "held", false)
 	}
+	var early int // a worker holding a chat
 	waitFor(t, 10*time.Second, func() error {
 		p, err := s.activities("type=chat.started")
 		if err == nil && len(p.Activities) < 6 {
 			err = fmt.Errorf("%d chats started, want 6", len(p.Activities))
 		}
+		if err == nil {
+			early = p.Activities[0].PID
+		}
 		return err
 	})
+	if err := syscall.Kill(early, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, func() error {
+		if len(s.logs.find("drain started", map[string]any{"pid": float64(early), "budget_ms": float64(10000)})) == 0 {
+			return fmt.Errorf("worker %d has not started its graceful drain", early)
+		}
+		return nil
+	})
 	s.cmd.Process.Signal(syscall.SIGKILL)
-	<-s.done
+	// Not s.done: it waits for the master's stderr, which the workers
+	// hold open until they exit.
 	waitFor(t, 4*time.Second, func() error {
+		// The workers' log still reaches the test: they write it to the
+		// stderr the master handed them.
+		if len(s.logs.find("drain finished", map[string]any{"pid": float64(early)})) == 0 {
+			return fmt.Errorf("worker %d, draining for 10 s when the master died, still drains", early)
+		}
 		for _, p := range workers {
 			if alive(p) {
 				return fmt.Errorf("worker %d alive after the master was killed", p)
