@@ -311,6 +311,24 @@ func TestAuth(t *testing.T) {
 	wantError(t, "GET /nope without a token", a.get("/nope"), http.StatusNotFound, "not_found")
 }
 
+// TestIdempotencyKeyHeader: a key that cannot be one is a 400 naming the
+// header, and so are two keys, where either guess would be wrong.
+func TestIdempotencyKeyHeader(t *testing.T) {
+	a := newAPI(t, Config{})
+	body := []byte(`{"agent_id":"default","message":"hi"}`)
+	for what, headers := range map[string][]string{
+		"empty":        {"Idempotency-Key", ""},
+		"too long":     {"Idempotency-Key", strings.Repeat("k", 256)},
+		"with a space": {"Idempotency-Key", "a b"},
+		"given twice":  {"Idempotency-Key", "one", "Idempotency-Key", "two"},
+		"twice, same":  {"Idempotency-Key", "one", "Idempotency-Key", "one"},
+	} {
+		wantError(t, "POST /api/chat, Idempotency-Key "+what, a.do(http.MethodPost, "/api/chat", body, headers...),
+			http.StatusBadRequest, "bad_request", "Idempotency-Key")
+	}
+	wantStatus(t, "POST /api/chat with one key", a.do(http.MethodPost, "/api/chat", body, "Idempotency-Key", "one"), http.StatusOK)
+}
+
 func TestCORS(t *testing.T) {
 	t.Parallel()
 	const allowed = "https://app.example.com"

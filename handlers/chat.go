@@ -226,10 +226,15 @@ func preferAsync(ctx *fasthttp.RequestCtx) bool {
 // ("" without one): with API tokens on, it is scoped to the caller's token,
 // so two clients never share a key.
 func (h *Handler) idempotencyKey(ctx *fasthttp.RequestCtx) (string, error) {
-	v := ctx.Request.Header.Peek("Idempotency-Key")
-	if v == nil {
+	vs := ctx.Request.Header.PeekAll("Idempotency-Key")
+	switch {
+	case len(vs) == 0:
 		return "", nil
+	case len(vs) > 1:
+		// Which one the client meant is a guess either way.
+		return "", badRequest("more than one Idempotency-Key header")
 	}
+	v := vs[0]
 	if len(v) == 0 || len(v) > maxIdemKeyLen || bytes.ContainsFunc(v, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
 		return "", badRequest(fmt.Sprintf("header Idempotency-Key: want 1 to %d visible ASCII characters", maxIdemKeyLen))
 	}

@@ -196,8 +196,15 @@ func (a *testAPI) do(method, path string, body []byte, headers ...string) respon
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	given := map[string]bool{}
 	for i := 0; i+1 < len(headers); i += 2 {
-		req.Header.Set(headers[i], headers[i+1])
+		// A header named twice is sent twice.
+		if given[headers[i]] {
+			req.Header.Add(headers[i], headers[i+1])
+		} else {
+			req.Header.Set(headers[i], headers[i+1])
+		}
+		given[headers[i]] = true
 	}
 	res, err := a.client.Do(req)
 	if err != nil {
