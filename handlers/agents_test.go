@@ -83,6 +83,15 @@ func TestAgentLifecycle(t *testing.T) {
 	if acts[0].Worker != testWorkerSlot || acts[0].PID != 4242 {
 		t.Errorf("agent.created by worker %d pid %d, want worker %d pid 4242", acts[0].Worker, acts[0].PID, testWorkerSlot)
 	}
+	// Once the default agent is gone, no message points at it.
+	if r := a.do(http.MethodDelete, "/api/agents/"+store.DefaultAgentID, nil); r.status != http.StatusNoContent {
+		t.Fatalf("DELETE the default agent = %d %s, want 204", r.status, r.body)
+	}
+	e := wantError(t, "chat with the deleted default agent", a.post("/api/chat", `{"agent_id":"default","message":"hi"}`), http.StatusNotFound, "not_found", `no agent "default" (it was deleted)`)
+	if strings.Contains(e.Error.Message, "the default one is") {
+		t.Errorf("404 for the deleted default agent = %q, still pointing at it", e.Error.Message)
+	}
+	wantError(t, "GET /api/agents/", a.get("/api/agents/"), http.StatusNotFound, "not_found", "no agent id given")
 }
 
 func TestCreateAgentModelIsOptional(t *testing.T) {

@@ -37,7 +37,14 @@ func noAgent(id string, err error) error {
 	if !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
-	return &requestError{fasthttp.StatusNotFound, fmt.Sprintf("no agent %q; GET /api/agents lists them (the default one is %q)", id, store.DefaultAgentID)}
+	msg := fmt.Sprintf("no agent %q; GET /api/agents lists them (the default one is %q)", id, store.DefaultAgentID)
+	switch id {
+	case "":
+		msg = "no agent id given; GET /api/agents lists them"
+	case store.DefaultAgentID:
+		msg = fmt.Sprintf("no agent %q (it was deleted); GET /api/agents lists them", id)
+	}
+	return &requestError{fasthttp.StatusNotFound, msg}
 }
 
 // codes names the error code of the JSON body for each status.
