@@ -70,7 +70,9 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 		fail(ctx, err)
 		return
 	}
-	if !req.Stream && preferAsync(ctx) {
+	// The body's own "background" wins over the header's preference.
+	preferred := !req.Stream && !req.BackgroundSet && preferAsync(ctx)
+	if preferred {
 		req.Background = true
 	}
 	idemKey, err := h.idempotencyKey(ctx)
@@ -136,6 +138,9 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	ctx.Response.Header.Set("X-Chat-Id", chat.ID)
 	if req.Background {
 		ctx.Response.Header.Set("Location", "/api/chats/"+chat.ID)
+		if preferred {
+			ctx.Response.Header.Set("Preference-Applied", "respond-async") // RFC 7240
+		}
 		writeJSON(ctx, fasthttp.StatusAccepted, chatView{ID: chat.ID, AgentID: agent.ID, Status: store.ChatQueued,
 			Background: true, Created: act.Time})
 		return

@@ -557,3 +557,19 @@ func TestLongCallsOutliveReadTimeout(t *testing.T) {
 		}
 	})
 }
+
+// TestPreferRespondAsync: the header queues a chat and says it was
+// applied; a body that says "background": false keeps the chat
+// synchronous, header or not.
+func TestPreferRespondAsync(t *testing.T) {
+	t.Parallel()
+	a := newAPI(t, Config{})
+	r := a.post("/api/chat", `{"agent_id":"default","message":"hi"}`, "Prefer", "respond-async, wait=5")
+	if r.status != http.StatusAccepted || r.header.Get("Preference-Applied") != "respond-async" {
+		t.Errorf("Prefer: respond-async = %d (Preference-Applied %q) %s, want 202 and the preference applied", r.status, r.header.Get("Preference-Applied"), r.body)
+	}
+	r = a.post("/api/chat", `{"agent_id":"default","message":"hi","background":false}`, "Prefer", "respond-async")
+	if r.status != http.StatusOK || r.header.Get("Preference-Applied") != "" {
+		t.Errorf(`"background": false with Prefer: respond-async = %d (Preference-Applied %q) %s, want 200, the body's choice`, r.status, r.header.Get("Preference-Applied"), r.body)
+	}
+}

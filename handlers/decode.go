@@ -28,6 +28,9 @@ type chatRequest struct {
 	Message    string
 	Stream     bool
 	Background bool
+	// BackgroundSet: the body has "background", which then overrides a
+	// Prefer: respond-async header.
+	BackgroundSet bool
 }
 
 // agentRequest is the body of POST /api/agents.
@@ -60,7 +63,7 @@ func decodeChat(body []byte) (chatRequest, error) {
 		r.Stream = *raw.Stream
 	}
 	if raw.Background != nil {
-		r.Background = *raw.Background
+		r.Background, r.BackgroundSet = *raw.Background, true
 	}
 	if r.Stream && r.Background {
 		return chatRequest{}, badRequest(`"stream" and "background" exclude each other: a background chat streams from GET /api/chats/{id}/events`)

@@ -121,13 +121,13 @@ func TestDecodeChat(t *testing.T) {
 		in   string
 		want chatRequest
 	}{
-		{`{"agent_id":"default","message":"hi"}`, chatRequest{"default", "hi", false, false}},
-		{` {"agent_id":" a ","message":"\thi\n","stream":true} ` + "\n", chatRequest{"a", "hi", true, false}},
-		{`{"agent_id":"a","message":"hi","stream":null,"future":{"x":[1,2]}}`, chatRequest{"a", "hi", false, false}},
-		{`{"agent_id":"a","message":"\u00e9\ud83d\ude00"}`, chatRequest{"a", "é😀", false, false}},
-		{`{"agent_id":"a","message":"line 1\r\n\tline 2\n"}`, chatRequest{"a", "line 1\r\n\tline 2", false, false}},
-		{`{"agent_id":"a","message":"hi","background":true}`, chatRequest{"a", "hi", false, true}},
-		{`{"agent_id":"a","message":"\u05e9\u05dc\u05d5\u05dd \u202e!"}`, chatRequest{"a", "שלום \u202e!", false, false}},
+		{`{"agent_id":"default","message":"hi"}`, chatRequest{"default", "hi", false, false, false}},
+		{` {"agent_id":" a ","message":"\thi\n","stream":true} ` + "\n", chatRequest{"a", "hi", true, false, false}},
+		{`{"agent_id":"a","message":"hi","stream":null,"future":{"x":[1,2]}}`, chatRequest{"a", "hi", false, false, false}},
+		{`{"agent_id":"a","message":"\u00e9\ud83d\ude00"}`, chatRequest{"a", "é😀", false, false, false}},
+		{`{"agent_id":"a","message":"line 1\r\n\tline 2\n"}`, chatRequest{"a", "line 1\r\n\tline 2", false, false, false}},
+		{`{"agent_id":"a","message":"hi","background":true}`, chatRequest{"a", "hi", false, true, true}},
+		{`{"agent_id":"a","message":"\u05e9\u05dc\u05d5\u05dd \u202e!"}`, chatRequest{"a", "שלום \u202e!", false, false, false}},
 	} {
 		got, err := decodeChat([]byte(tc.in))
 		if err != nil || got != tc.want {
