@@ -369,7 +369,7 @@ func TestCORS(t *testing.T) {
 	}
 	r = a.do(http.MethodPost, "/api/chat", []byte(`{"agent_id":"default","message":"hi"}`),
 		append(auth, "Origin", allowed, "Content-Type", "application/json")...)
-	for _, h := range []string{"Idempotent-Replayed", "Location", "Retry-After", "X-Chat-Id", "X-Request-ID"} {
+	for _, h := range []string{"Idempotent-Replayed", "Location", "Preference-Applied", "Retry-After", "X-Chat-Id", "X-Request-ID"} {
 		if got := r.header.Get("Access-Control-Expose-Headers"); !strings.Contains(got, h) {
 			t.Errorf("POST /api/chat from an allowed origin: Access-Control-Expose-Headers = %q, want %s", got, h)
 		}

@@ -69,7 +69,7 @@ const (
 	corsAllowHeaders = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID, Prefer, X-Request-ID"
 	// corsExposeHeaders are the response headers the API's clients read,
 	// beyond those a browser always shows a script.
-	corsExposeHeaders = "Idempotent-Replayed, Location, Retry-After, X-Chat-Id, X-Request-ID"
+	corsExposeHeaders = "Idempotent-Replayed, Location, Preference-Applied, Retry-After, X-Chat-Id, X-Request-ID"
 )
 
 // cors adds the CORS headers for an allowed Origin and answers preflight
