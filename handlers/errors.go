@@ -136,6 +136,11 @@ func WriteError(ctx *fasthttp.RequestCtx, status int, err error) {
 			msg = m
 		}
 	}
+	// The worker's size refusals carry their limit (worker.TooLargeError).
+	var limit interface{ Limit() int }
+	if errors.As(err, &limit) {
+		msg += ": the limit is " + sizeText(limit.Limit())
+	}
 	writeErrorObject(ctx, status, errorObject{Code: code(status), Message: msg})
 }
 
@@ -231,3 +236,15 @@ func writeErrorObject(ctx *fasthttp.RequestCtx, status int, obj errorObject) {
 }
 
 var errStreamClosed = errors.New("event stream closed")
+
+// sizeText says n bytes as the settings take sizes: "1 MiB", "16 KiB",
+// "1500 bytes".
+func sizeText(n int) string {
+	switch {
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d bytes", n)
+}

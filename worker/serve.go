@@ -3,6 +3,7 @@ package worker
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"runtime/debug"
@@ -58,6 +59,20 @@ var ErrMisdirected = errors.New("worker: this server does not answer for that ho
 // ErrDraining is what the Error hook receives for GET /health once the
 // server is stopping (Config.DrainHealth).
 var ErrDraining = errors.New("worker: the server is stopping")
+
+// TooLargeError is what the Error hook receives for a request over a size
+// limit: its body (413, Config.MaxBodySize) or its request line and
+// headers (431, Config.MaxHeaderSize).
+type TooLargeError struct {
+	Err error
+	Max int // the limit, in bytes
+}
+
+func (e *TooLargeError) Error() string { return fmt.Sprintf("%v (limit %d bytes)", e.Err, e.Max) }
+func (e *TooLargeError) Unwrap() error { return e.Err }
+
+// Limit is the limit the request passed, in bytes.
+func (e *TooLargeError) Limit() int { return e.Max }
 
 // ErrFoldedHeader is what the Error hook receives, with status 400, for a
 // request whose headers use obsolete line folding (RFC 9112 section 5.2: a
@@ -190,9 +205,11 @@ func (w *worker) serveError(ctx *fasthttp.RequestCtx, err error) {
 	switch {
 	case errors.Is(err, fasthttp.ErrBodyTooLarge):
 		status = fasthttp.StatusRequestEntityTooLarge
+		err = &TooLargeError{err, w.cfg.MaxBodySize}
 	case errors.As(err, &small):
 		// The request line or the headers do not fit the read buffer.
 		status = fasthttp.StatusRequestHeaderFieldsTooLarge
+		err = &TooLargeError{err, w.cfg.MaxHeaderSize}
 	case isTimeout(err):
 		status = fasthttp.StatusRequestTimeout
 	}

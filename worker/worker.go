@@ -44,7 +44,8 @@ type Config struct {
 	Handler fasthttp.RequestHandler
 	// Error writes an error response for the failures the worker answers
 	// itself (panic: 500, over the concurrency limit: 503, unreadable
-	// request: 400, 408 or 413). Nil writes a small JSON body.
+	// request: 400, 408, 413 or 431, the last two with a *TooLargeError).
+	// Nil writes a small JSON body.
 	Error func(ctx *fasthttp.RequestCtx, status int, err error)
 	// Logger receives the worker's events; the zero value discards them.
 	Logger zerolog.Logger

@@ -64,8 +64,8 @@ func TestOversizeBodyReachesClientAs413(t *testing.T) {
 
 	for i := range tries {
 		status, body, _, err := rawPost(addr, size)
-		if err != nil || status != 413 || !isErrorJSON(body, "body_too_large") {
-			t.Errorf("raw socket try %d: status %d body %q err %v, want 413 JSON", i+1, status, body, err)
+		if err != nil || status != 413 || !isErrorJSON(body, "body_too_large") || !strings.Contains(body, "the limit is 1 MiB") {
+			t.Errorf("raw socket try %d: status %d body %q err %v, want 413 JSON naming the limit", i+1, status, body, err)
 		}
 	}
 
@@ -184,8 +184,8 @@ func TestRequestHeaderLimit(t *testing.T) {
 	if st, body := get(s.port, 15000); st != 200 {
 		t.Errorf("15000-byte header: %d %s, want 200", st, body)
 	}
-	if st, body := get(s.port, 17000); st != 431 || !isErrorJSON(body, "headers_too_large") {
-		t.Errorf("17000-byte header: %d %s, want 431 JSON", st, body)
+	if st, body := get(s.port, 17000); st != 431 || !isErrorJSON(body, "headers_too_large") || !strings.Contains(body, "the limit is 16 KiB") {
+		t.Errorf("17000-byte header: %d %s, want 431 JSON naming the limit", st, body)
 	}
 	s.stop()
 	big := startServer(t, "WORKERS=1", "LIMIT_REQUEST_HEADERS=32KiB")
