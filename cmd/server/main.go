@@ -18,6 +18,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/corralhq/corral/handlers/llm"
 	"github.com/corralhq/corral/supervisor"
 	"github.com/corralhq/corral/supervisor/prefork"
 	"github.com/corralhq/corral/supervisor/protocol"
@@ -111,7 +112,7 @@ func describeLLM(cfg config) string {
 		if u, err := url.Parse(cfg.LLMBaseURL); err == nil {
 			host = u.Host
 		}
-		return "openai at " + host + " (model " + cmp.Or(cfg.LLMModel, "default") + ")"
+		return "openai at " + host + " (model " + cmp.Or(cfg.LLMModel, llm.DefaultOpenAIModel) + ")"
 	case cfg.SimulatedLatency > 0:
 		return "simulated (" + cfg.SimulatedLatency.String() + " per reply)"
 	}

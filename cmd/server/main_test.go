@@ -135,3 +135,20 @@ func testRoutes(ctx *fasthttp.RequestCtx) bool {
 	}
 	return true
 }
+
+// TestDescribeLLM: the status names the model chats are sent with, the
+// provider's default included.
+func TestDescribeLLM(t *testing.T) {
+	for _, tt := range []struct {
+		c    config
+		want string
+	}{
+		{config{LLMProvider: "openai", LLMBaseURL: "https://api.openai.com/v1"}, "openai at api.openai.com (model gpt-4o-mini)"},
+		{config{LLMProvider: "openai", LLMBaseURL: "http://127.0.0.1:11434/v1", LLMModel: "llama3"}, "openai at 127.0.0.1:11434 (model llama3)"},
+		{config{SimulatedLatency: 5 * time.Second}, "simulated (5s per reply)"},
+	} {
+		if got := describeLLM(tt.c); got != tt.want {
+			t.Errorf("describeLLM(%+v) = %q, want %q", tt.c, got, tt.want)
+		}
+	}
+}
