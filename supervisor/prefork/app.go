@@ -533,7 +533,9 @@ func (a App) runWorker(cfg Config, log zerolog.Logger, stderr io.Writer) int {
 // NewLogger builds the root logger: console lines on a terminal, JSON
 // otherwise, unless the configuration says which. Under systemd, when
 // stderr is the journal's stream, every line starts with its syslog
-// priority ("<3>" for an error), which journald records.
+// priority ("<3>" for an error), which journald records. It sets three of
+// zerolog's globals, for every logger of the program: times to the
+// millisecond, durations in milliseconds, floats to 3 decimals.
 func NewLogger(cfg Config, stderr io.Writer) zerolog.Logger {
 	var w io.Writer = stderr
 	f, isFile := stderr.(*os.File)
