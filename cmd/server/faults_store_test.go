@@ -139,6 +139,27 @@ func TestStoreFaults(t *testing.T) {
 			os.Remove(filler)
 		}, 300, "no space left on device", true)
 	})
+	t.Run("start on a full disk", func(t *testing.T) {
+		// SQLite says only "disk I/O error"; the message must say why.
+		dir := mountTmpfs(t, "4m")
+		f, err := os.Create(filepath.Join(dir, "filler"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for buf := make([]byte, 64<<10); ; {
+			if _, err := f.Write(buf); err != nil {
+				break
+			}
+		}
+		f.Close()
+		s := launch(t, "WORKERS=1", "DATABASE_URL=sqlite:"+filepath.Join(dir, "server.db"))
+		if code, want := s.wait(20*time.Second), documentedExit(t, "the store cannot be opened"); code != want {
+			t.Errorf("start on a full disk: exit %d, want %d", code, want)
+		}
+		if got := s.startFailure(t); !strings.Contains(got, "no space left on device") {
+			t.Errorf("start on a full disk said %q, want the full disk named", got)
+		}
+	})
 	t.Run("read-only and back", func(t *testing.T) {
 		// A FUSE filesystem that refuses changes with EROFS while switched,
 		// under the files SQLite holds open, and takes them again after.

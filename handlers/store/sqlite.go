@@ -280,6 +280,13 @@ func openSQLite(ctx context.Context, path string, maxConns int, createFolder boo
 			return nil, fmt.Errorf("open sqlite database %s: file and folder must be writable (SQLite keeps %s-wal and %s-shm next to it): %w",
 				path, filepath.Base(path), filepath.Base(path), err)
 		}
+		if sqliteDiskError(err) {
+			// SQLite says "disk I/O error" for a full disk too: the
+			// operating system's own answer names it.
+			if perr := probeWrite(filepath.Dir(path)); perr != nil {
+				err = fmt.Errorf("%w (a test write beside the database failed: %v)", err, perr)
+			}
+		}
 		return nil, fmt.Errorf("open sqlite database %s: %w", path, err)
 	}
 	return db, nil
