@@ -307,18 +307,10 @@ func procStat(pid int) (stat, error) {
 	return stat{state: f[0], ppid: ppid, pgid: pgid}, nil
 }
 
-// alive reports whether pid exists and one of its threads is not a
-// zombie: a process whose first thread has exited (the state /proc/PID/stat
-// shows) may still run on its others.
+// alive reports whether pid exists and is not a zombie.
 func alive(pid int) bool {
-	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
-	for _, task := range tasks {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
-		if i := bytes.LastIndexByte(b, ')'); err == nil && i > 0 && i+2 < len(b) && b[i+2] != 'Z' {
-			return true
-		}
-	}
-	return false
+	st, err := procStat(pid)
+	return err == nil && st.state != "Z"
 }
 
 // pidsServing asks /health n times on new connections and returns the pids
