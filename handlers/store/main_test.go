@@ -30,7 +30,7 @@ func TestMain(m *testing.M) {
 
 // openSQLiteTest opens the database at path with host and closes it when
 // the test ends.
-func openSQLiteTest(t *testing.T, path, host string) *Store {
+func openSQLiteTest(t testing.TB, path, host string) *Store {
 	t.Helper()
 	s, err := Open(t.Context(), "sqlite:"+path, Options{Host: host})
 	if err != nil {
@@ -45,7 +45,7 @@ func openSQLiteTest(t *testing.T, path, host string) *Store {
 }
 
 // newMigrated returns a migrated store on a new file in t.TempDir().
-func newMigrated(t *testing.T) *Store {
+func newMigrated(t testing.TB) *Store {
 	t.Helper()
 	s := openSQLiteTest(t, filepath.Join(t.TempDir(), "data", "server.db"), "test-host")
 	if err := s.Migrate(t.Context()); err != nil {

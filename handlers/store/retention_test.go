@@ -206,14 +206,7 @@ func BenchmarkPruneNothingDue(b *testing.B) {
 		}
 	}
 	ctx := b.Context()
-	s, err := Open(ctx, "sqlite:"+filepath.Join(b.TempDir(), "server.db"), Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Close()
-	if err := s.Migrate(ctx); err != nil {
-		b.Fatal(err)
-	}
+	s := newMigrated(b)
 	t := timeArg(time.Now())
 	if _, err := s.db.ExecContext(ctx, `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
 INSERT INTO chats (id, agent_id, message, status, attempts, worker, pid, host, created_at, started_at, finished_at, reply)
@@ -239,14 +232,7 @@ SELECT ?, 'chat.completed', 'default', printf('c%08d', i), 1, 1, 'h' FROM n`, ro
 // every chat, with retention on or not.
 func BenchmarkStartFinishChat(b *testing.B) {
 	ctx := b.Context()
-	s, err := Open(ctx, "sqlite:"+filepath.Join(b.TempDir(), "server.db"), Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Close()
-	if err := s.Migrate(ctx); err != nil {
-		b.Fatal(err)
-	}
+	s := newMigrated(b)
 	for b.Loop() {
 		act, err := s.StartChat(ctx, Chat{AgentID: DefaultAgentID, Message: "m", Origin: Origin{Worker: 1, PID: 1}})
 		if err != nil {
