@@ -779,7 +779,7 @@ func (s *Supervisor) checkMemory(p *proc) {
 	case p.readyRSS > s.cfg.MaxMemory:
 		if !s.warnedMemory {
 			s.warnedMemory = true
-			s.log.Error().Int("pid", p.pid).Uint64("rss_at_ready", p.readyRSS).Uint64("limit", s.cfg.MaxMemory).
+			s.log.Error().Int("pid", p.pid).Int("worker", p.slot.n).Uint64("rss_at_ready", p.readyRSS).Uint64("limit", s.cfg.MaxMemory).
 				Msg("a worker is over --limit-max-memory as soon as it is ready, so recycling cannot help and is not done: raise the limit")
 		}
 	default:
