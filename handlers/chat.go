@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -61,14 +62,74 @@ type chatCall struct {
 // reply as server-sent events when asked), record exactly one finish. A
 // background chat ("background": true or Prefer: respond-async) is queued
 // instead and answered 202 at once.
+//
+// A synchronous chat waits on its LLM on the goroutine that serves the
+// connection, for seconds or minutes, and thousands may wait at once. What
+// comes before and after the wait (decoding, the store's SQLite calls,
+// encoding) runs on short-lived goroutines of its own, so that the waiting
+// goroutine's stack is never grown past what waiting needs
+// (docs/benchmarks.md, "Memory per chat in flight").
 func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
-	if !requireJSON(ctx) {
+	var w *chatWait
+	onOwnStack(func() { w = h.startChat(ctx) })
+	if w == nil {
+		return // answered, or streaming
+	}
+	resp, err := h.cfg.LLM.Complete(w.ctx, w.call.req, nil)
+	onOwnStack(func() { w.answer(ctx, resp, err) })
+}
+
+// chatWait is a synchronous chat started and waiting for its LLM.
+type chatWait struct {
+	call *chatCall
+	ctx  context.Context // the LLM call's
+	end  func()          // ends the chat's watch, deadline and cancellation
+}
+
+// answer records how the chat ended and answers it.
+func (w *chatWait) answer(ctx *fasthttp.RequestCtx, resp llm.Response, err error) {
+	defer w.end()
+	res, err := w.call.finish(resp, err, w.ctx.Err() == context.Canceled)
+	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			ctx.SetConnectionClose() // the client is gone; nothing to answer
+			return
+		}
+		fail(ctx, err)
 		return
+	}
+	writeJSON(ctx, fasthttp.StatusOK, res)
+}
+
+// onOwnStack runs f on a goroutine of its own and waits for it. A panic in f
+// is raised again here, with f's stack, for the worker's panic boundary.
+func onOwnStack(f func()) {
+	done := make(chan string, 1)
+	go func() {
+		defer func() {
+			if v := recover(); v != nil {
+				done <- fmt.Sprintf("%v\n\n%s", v, debug.Stack())
+			}
+			close(done)
+		}()
+		f()
+	}()
+	if p, ok := <-done; ok {
+		panic(p)
+	}
+}
+
+// startChat answers a chat that is refused, replayed, queued or streamed,
+// and returns nil; it returns a synchronous chat started, for its caller
+// to wait on.
+func (h *Handler) startChat(ctx *fasthttp.RequestCtx) *chatWait {
+	if !requireJSON(ctx) {
+		return nil
 	}
 	req, err := decodeChat(ctx.PostBody())
 	if err != nil {
 		fail(ctx, err)
-		return
+		return nil
 	}
 	// The body's own "background" wins over the header's preference.
 	preferred := !req.Stream && !req.BackgroundSet && preferAsync(ctx)
@@ -78,19 +139,19 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	idemKey, err := h.idempotencyKey(ctx)
 	if err != nil {
 		fail(ctx, err)
-		return
+		return nil
 	}
 	sc, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	agent, err := h.cfg.Store.Agent(sc, req.AgentID)
 	if err != nil {
 		h.storeFailed(ctx, "read agent", noAgent(req.AgentID, err))
-		return
+		return nil
 	}
 	// An agent created before the allow-list changed.
 	if !h.modelAllowed(agent.Model) {
 		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, h.modelRefused(fmt.Sprintf("agent %q names model %q, which", agent.ID, agent.Model)))
-		return
+		return nil
 	}
 	// The worker gives every request one valid id; it follows the chat to
 	// its activities and the upstream request.
@@ -112,27 +173,27 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 		if unregister, err = h.cancels.register(chat.ID, cancelBase); err != nil {
 			unregister = func() {}
 			h.storeFailed(ctx, "follow cancellations", err)
-			return
+			return nil
 		}
 	}
 	act, err := h.cfg.Store.StartChat(sc, chat)
 	if dup, ok := errors.AsType[*store.DuplicateError](err); ok {
 		h.replayChat(ctx, dup.ChatID, req)
-		return
+		return nil
 	}
 	switch {
 	case errors.Is(err, store.ErrKeyReused):
 		writeErrorObject(ctx, fasthttp.StatusUnprocessableEntity, errorObject{Code: "idempotency_key_reused",
 			Message: "this Idempotency-Key was used with another request in the last " + windowText(h.cfg.IdempotencyWindow)})
-		return
+		return nil
 	case errors.Is(err, store.ErrQueueFull):
 		ctx.Response.Header.Set("Retry-After", "5")
 		writeErrorObject(ctx, fasthttp.StatusServiceUnavailable, errorObject{Code: "queue_full",
 			Message: fmt.Sprintf("%d background chats are queued, the most this server holds; retry later", h.cfg.ChatQueueMax)})
-		return
+		return nil
 	case err != nil:
 		h.storeFailed(ctx, "start chat", err)
-		return
+		return nil
 	}
 	h.m.activity(act.Type)
 	ctx.Response.Header.Set("X-Chat-Id", chat.ID)
@@ -143,7 +204,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 		}
 		writeJSON(ctx, fasthttp.StatusAccepted, chatView{ID: chat.ID, AgentID: agent.ID, Status: store.ChatQueued,
 			Background: true, Created: act.Time})
-		return
+		return nil
 	}
 	h.m.chatStarted()
 	call := &chatCall{
@@ -163,28 +224,15 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	callCtx, stop := context.WithTimeout(base, h.cfg.LLMTimeout)
 	conn := ctx.Conn()
 	unwatch := h.watcher.watch(conn, stop)
+	// The caller's wait, or the stream writer that runs after this handler
+	// returns, owns the cancellation from here on.
+	keep := release
+	release = func() {}
 	if !req.Stream {
-		defer stop()
-		defer unwatch()
-		resp, err := h.cfg.LLM.Complete(callCtx, call.req, nil)
-		res, err := call.finish(resp, err, callCtx.Err() == context.Canceled)
-		if err != nil {
-			if errors.Is(err, context.Canceled) {
-				ctx.SetConnectionClose() // the client is gone; nothing to answer
-				return
-			}
-			fail(ctx, err)
-			return
-		}
-		writeJSON(ctx, fasthttp.StatusOK, res)
-		return
+		return &chatWait{call: call, ctx: callCtx, end: func() { unwatch(); stop(); keep() }}
 	}
 	startSSE(ctx)
 	interval := h.cfg.KeepAliveInterval
-	// The stream writer runs after this handler returns: it owns the
-	// cancellation from here on.
-	keep := release
-	release = func() {}
 	ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
 		defer keep()
 		defer stop()
@@ -211,6 +259,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 		b, _ := json.Marshal(res)
 		sw.event(0, "done", b)
 	})
+	return nil
 }
 
 // preferAsync reports whether the request carries Prefer: respond-async

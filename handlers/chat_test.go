@@ -573,3 +573,19 @@ func TestPreferRespondAsync(t *testing.T) {
 		t.Errorf(`"background": false with Prefer: respond-async = %d (Preference-Applied %q) %s, want 200, the body's choice`, r.status, r.header.Get("Preference-Applied"), r.body)
 	}
 }
+
+// A panic in a chat's work on its own goroutine is raised again on the
+// goroutine serving the request, where the worker's panic boundary turns
+// it into a 500, and carries the stack where it happened.
+func TestOnOwnStackPanic(t *testing.T) {
+	defer func() {
+		p, _ := recover().(string)
+		if !strings.HasPrefix(p, "boom\n") || !strings.Contains(p, "handlers.explode") {
+			t.Fatalf("panic = %q, want boom and the stack through explode", p)
+		}
+	}()
+	onOwnStack(explode)
+	t.Fatal("onOwnStack returned after a panic")
+}
+
+func explode() { panic("boom") }

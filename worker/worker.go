@@ -216,9 +216,13 @@ func Run(in Info, cfg Config) error {
 		// WriteTimeout stays 0: it would cut streamed chat replies.
 		MaxRequestBodySize: cfg.MaxBodySize,
 		ReadBufferSize:     cfg.MaxHeaderSize,
-		// ReduceMemoryUsage stays off: it would hand an idle connection's
-		// buffers back to the pool, but it costs a keep-alive request an
-		// extra read system call (docs/benchmarks.md has the figures).
+		// A connection holds its read buffer (MaxHeaderSize) only while it
+		// reads a request, not while its handler runs or while it waits
+		// idle: thousands of chats waiting on an LLM, or of keep-alive
+		// connections, then cost a few KB each rather than 16 KiB more.
+		// The price is a read system call more per keep-alive request
+		// (docs/benchmarks.md, "Memory per chat in flight").
+		ReduceMemoryUsage:            true,
 		CloseOnShutdown:              true,
 		DisablePreParseMultipartForm: true,
 		Logger:                       fasthttpLogger{log},
