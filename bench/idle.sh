@@ -3,7 +3,7 @@
 # on a server built at BIN with LIMIT_REQUEST_HEADERS=HEADERS, one worker.
 set -u
 d=$(mktemp -d); port=$((19000 + RANDOM % 900))
-go build -o "$d/idleconns" "$(dirname "$0")/idleconns"
+go build -o "$d/idleconns" "$(cd "$(dirname "$0")" && pwd)/idleconns"
 WORKERS=1 TIMEOUT_KEEP_ALIVE=120 ACCESS_LOG=false LIMIT_REQUEST_HEADERS=$2 PORT=$port HOST=127.0.0.1 \
   LOG_FORMAT=json DATABASE_URL=sqlite:$d/s.db CONTROL_SOCKET=$d/c.sock "$(realpath "$1")" >/dev/null 2>"$d/log" &
 pid=$!

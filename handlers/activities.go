@@ -77,6 +77,27 @@ func parseActivityQuery(args *fasthttp.Args) (activityQuery, error) {
 	return q, nil
 }
 
+// repeatedParam refuses a query parameter given more than once: every
+// parameter of the API takes one value, and which of two would count is
+// not for the server to guess.
+func repeatedParam(args *fasthttp.Args) error {
+	if args.Len() < 2 {
+		return nil
+	}
+	seen := make(map[string]int, args.Len())
+	dup := ""
+	args.VisitAll(func(k, _ []byte) {
+		seen[string(k)]++
+		if dup == "" && seen[string(k)] == 2 {
+			dup = string(k)
+		}
+	})
+	if dup == "" {
+		return nil
+	}
+	return badRequest(fmt.Sprintf("parameter %q is given %d times: give it once", dup, seen[dup]))
+}
+
 // parseLimit reads ?limit=, a page size from 1 to max; def when absent.
 func parseLimit(args *fasthttp.Args, def, max int) (int, error) {
 	v := args.Peek("limit")

@@ -193,6 +193,16 @@ func TestActivitiesQueryValidation(t *testing.T) {
 				"parameter type=", "agent.created, agent.deleted, chat.queued, chat.started, chat.retried, chat.completed, chat.failed, chat.cancelled")
 		}
 	}
+	// A parameter given twice is refused, naming it, whichever value
+	// would have counted; on every route.
+	for _, tc := range []struct{ path, want string }{
+		{"/api/activities?limit=1&after=0&limit=2", `parameter "limit" is given 2 times`},
+		{"/api/activities/stream?wait=1&wait=1", `parameter "wait" is given 2 times`},
+		{"/api/agents?after=a&after=b&after=c", `parameter "after" is given 3 times`},
+		{"/api/chats/0123456789abcdef?wait=0&wait=1", `parameter "wait" is given 2 times`},
+	} {
+		wantError(t, tc.path, a.get(tc.path), http.StatusBadRequest, "bad_request", tc.want)
+	}
 	wantError(t, "stream with Last-Event-ID: x", a.get("/api/activities/stream", "Last-Event-ID", "x"),
 		http.StatusBadRequest, "bad_request", "Last-Event-ID")
 	for _, ok := range []string{"after=0", "limit=1", "limit=500", "wait=0", "wait=0.05", "agent_id=&type="} {

@@ -224,6 +224,10 @@ func (h *Handler) serve(ctx *fasthttp.RequestCtx) {
 	if !h.authorized(ctx) {
 		return
 	}
+	if err := repeatedParam(ctx.QueryArgs()); err != nil {
+		fail(ctx, err)
+		return
+	}
 	switch {
 	case path == "/api/chat":
 		if allow(ctx, "POST") {
