@@ -65,8 +65,8 @@ type chatCall struct {
 //
 // A synchronous chat waits on its LLM on the goroutine that serves the
 // connection, for seconds or minutes, and thousands may wait at once. What
-// comes before and after the wait (decoding, the store's SQLite calls,
-// encoding) runs on short-lived goroutines of its own, so that the waiting
+// comes before and after the wait (decoding, the store's calls, encoding)
+// runs on short-lived goroutines of its own, so that the waiting
 // goroutine's stack is never grown past what waiting needs
 // (docs/benchmarks.md, "Memory per chat in flight").
 func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
@@ -75,6 +75,7 @@ func (h *Handler) chat(ctx *fasthttp.RequestCtx) {
 	if w == nil {
 		return // answered, or streaming
 	}
+	defer w.end()
 	resp, err := h.cfg.LLM.Complete(w.ctx, w.call.req, nil)
 	onOwnStack(func() { w.answer(ctx, resp, err) })
 }
@@ -88,7 +89,6 @@ type chatWait struct {
 
 // answer records how the chat ended and answers it.
 func (w *chatWait) answer(ctx *fasthttp.RequestCtx, resp llm.Response, err error) {
-	defer w.end()
 	res, err := w.call.finish(resp, err, w.ctx.Err() == context.Canceled)
 	if err != nil {
 		if errors.Is(err, context.Canceled) {
