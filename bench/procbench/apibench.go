@@ -213,7 +213,7 @@ func probe(addr string, count int) probeSet {
 	return ps
 }
 
-var activitiesRequest = []byte("GET /api/activities HTTP/1.1\r\nHost: bench\r\nUser-Agent: procbench\r\nConnection: close\r\n\r\n")
+var activitiesRequest = []byte("GET /api/activities HTTP/1.1\r\nHost: localhost\r\nUser-Agent: procbench\r\nConnection: close\r\n\r\n")
 
 // chatWave is n chats sent at once, each on its own connection, whose
 // answers are collected as they arrive.
@@ -300,7 +300,7 @@ func (w *chatWave) chat(addr string, req []byte, timeout time.Duration, written 
 // connection closed after the answer.
 func chatRequest(i int) []byte {
 	body := `{"agent_id":"default","message":"procbench chat ` + strconv.Itoa(i) + `: how long is a piece of string?"}`
-	return []byte("POST /api/chat HTTP/1.1\r\nHost: bench\r\nUser-Agent: procbench\r\nContent-Type: application/json\r\nContent-Length: " +
+	return []byte("POST /api/chat HTTP/1.1\r\nHost: localhost\r\nUser-Agent: procbench\r\nContent-Type: application/json\r\nContent-Length: " +
 		strconv.Itoa(len(body)) + "\r\nConnection: close\r\n\r\n" + body)
 }
 
