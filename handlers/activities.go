@@ -86,12 +86,12 @@ func repeatedParam(args *fasthttp.Args) error {
 	}
 	seen := make(map[string]int, args.Len())
 	dup := ""
-	args.VisitAll(func(k, _ []byte) {
+	for k := range args.All() {
 		seen[string(k)]++
 		if dup == "" && seen[string(k)] == 2 {
 			dup = string(k)
 		}
-	})
+	}
 	if dup == "" {
 		return nil
 	}
