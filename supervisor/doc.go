@@ -36,8 +36,9 @@
 //     prints its goroutine stacks), then SIGKILL after DefaultKillGrace;
 //     time during which the master itself did not run is not counted.
 //   - A worker of the first generation that dies before it is ready stops
-//     the whole server with a BootError; later deaths back off per slot,
-//     from 100 ms doubling to 10 s, reset after a minute of stability.
+//     the whole server with a BootError (workers still starting are
+//     killed, ready ones drain); later deaths back off per slot, from
+//     100 ms doubling to 10 s, reset after a minute of stability.
 //
 // Operations. Signals arrive on Config.Signals: the caller wires them with
 // signal.Notify, so tests can send them on a channel. A second SIGINT or

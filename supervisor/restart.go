@@ -311,13 +311,15 @@ func minTime(a, b time.Time) time.Time {
 }
 
 // bootFailed stops the server because a first-generation worker could not
-// start: the error is Run's result.
+// start: the error is Run's result. Workers still starting are killed;
+// those already ready may be serving, and drain as at any stop, running
+// their stop hooks.
 func (s *Supervisor) bootFailed(err *BootError) {
 	if s.exitErr == nil {
 		s.exitErr = err
 	}
 	s.log.Error().Int("worker", err.Slot).Int("pid", err.PID).Str("status", err.Status).Msg("worker failed to boot, stopping")
-	s.kill("boot_failed")
+	s.shutdown("boot_failed")
 }
 
 // roll replaces the next slot of a rolling restart, one at a time.
