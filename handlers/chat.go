@@ -371,14 +371,7 @@ func (h *Handler) replayChat(ctx *fasthttp.RequestCtx, id string, req chatReques
 		}
 		writeJSON(ctx, fasthttp.StatusOK, res)
 	case store.ChatFailed:
-		status := fasthttp.StatusBadGateway
-		var d struct {
-			Status int `json:"status"`
-		}
-		if json.Unmarshal([]byte(c.Detail), &d) == nil && d.Status >= 400 {
-			status = d.Status
-		}
-		writeErrorObject(ctx, status, *v.Error)
+		fail(ctx, failedChat(c))
 	case store.ChatCancelled:
 		fail(ctx, errChatCancelled)
 	default:
@@ -386,6 +379,20 @@ func (h *Handler) replayChat(ctx *fasthttp.RequestCtx, id string, req chatReques
 		ctx.Response.Header.Set("Location", "/api/chats/"+id)
 		writeJSON(ctx, fasthttp.StatusAccepted, v)
 	}
+}
+
+// failedChat is the answer to a chat the store holds as failed: the
+// status recorded with the failure (502 when none was, as for a dead
+// worker) and its error object.
+func failedChat(c store.ChatRow) error {
+	status := fasthttp.StatusBadGateway
+	var d struct {
+		Status int `json:"status"`
+	}
+	if json.Unmarshal([]byte(c.Detail), &d) == nil && d.Status >= 400 {
+		status = d.Status
+	}
+	return &recordedError{status, *viewChat(c).Error}
 }
 
 // newChatID returns 16 random hex characters, as the store would.
@@ -434,9 +441,17 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 		h.m.activity(act.Type)
 	} else {
 		if errors.Is(err, store.ErrChatFinished) {
-			if cur, rerr := h.cfg.Store.ChatByID(sc, c.id); rerr == nil && cur.Status == store.ChatCancelled {
+			cur, rerr := h.cfg.Store.ChatByID(sc, c.id)
+			switch {
+			case rerr == nil && cur.Status == store.ChatCancelled:
 				// Cancelled just as it ended.
 				return chatResult{}, errChatCancelled
+			case rerr == nil && cur.Status == store.ChatFailed:
+				// Failed by another process first: a master that took this
+				// worker for dead. The client gets what the store holds,
+				// as a retry with its Idempotency-Key would.
+				h.log.Warn().Str("chat_id", c.id).Str("chat_status", status).Str("recorded", cur.Status).Msg("chat ended after another process recorded its failure")
+				return chatResult{}, failedChat(cur)
 			}
 		}
 		h.m.storeError("finish chat")

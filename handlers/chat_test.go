@@ -589,3 +589,30 @@ func TestOnOwnStackPanic(t *testing.T) {
 }
 
 func explode() { panic("boom") }
+
+// A synchronous chat whose failure another process recorded first (a new
+// master that took its worker for dead) answers that failure, as a retry
+// with its Idempotency-Key would, not a 500 for an end it could not record.
+func TestChatFailedElsewhereAnswersTheFailure(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		<-release
+		reply(w, "too", " late")
+	})
+	const pid = 4343
+	a := newAPI(t, Config{LLM: up.client(0), Worker: Worker{Slot: testWorkerSlot, Generation: 1, PID: pid, Started: time.Now()}})
+	answered := make(chan response, 1)
+	go func() { answered <- a.post("/api/chat", `{"agent_id": "default", "message": "hello"}`) }()
+	waitFor(t, 5*time.Second, func() error {
+		if up.requests() == 0 {
+			return fmt.Errorf("upstream has no request, want the chat's")
+		}
+		return nil
+	})
+	if n, err := a.st.FailOrphanedChats(t.Context(), pid, "worker_died"); err != nil || n != 1 {
+		t.Fatalf("FailOrphanedChats = %d, %v, want the one chat", n, err)
+	}
+	close(release)
+	wantError(t, "a chat failed elsewhere first", <-answered, http.StatusBadGateway, "worker_died", "the worker running the chat died")
+}

@@ -31,6 +31,15 @@ func (e *requestError) Error() string { return e.msg }
 
 func badRequest(msg string) error { return &requestError{fasthttp.StatusBadRequest, msg} }
 
+// recordedError is an outcome the store already holds, answered as
+// recorded: a chat that failed (failedChat).
+type recordedError struct {
+	status int
+	obj    errorObject
+}
+
+func (e *recordedError) Error() string { return e.obj.Message }
+
 // noAgent returns err, or, when err says that no agent has id, an error
 // whose message names id and tells the client how to find the real ones.
 func noAgent(id string, err error) error {
@@ -75,6 +84,9 @@ type errorObject struct {
 // may read. This is the only place where errors become HTTP statuses.
 // Upstream and store details are logged by the caller, never echoed.
 func statusOf(err error) (int, errorObject) {
+	if rec, ok := errors.AsType[*recordedError](err); ok {
+		return rec.status, rec.obj
+	}
 	var re *requestError
 	var le *store.AgentLimitError
 	var status int
