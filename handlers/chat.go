@@ -446,10 +446,10 @@ func (c *chatCall) finish(resp llm.Response, callErr error, clientGone bool) (ch
 			case rerr == nil && cur.Status == store.ChatCancelled:
 				// Cancelled just as it ended.
 				return chatResult{}, errChatCancelled
-			case rerr == nil && cur.Status == store.ChatFailed:
+			case rerr == nil && cur.Status == store.ChatFailed && !clientGone:
 				// Failed by another process first: a master that took this
 				// worker for dead. The client gets what the store holds,
-				// as a retry with its Idempotency-Key would.
+				// as GET /api/chats/{id} shows it.
 				h.log.Warn().Str("chat_id", c.id).Str("chat_status", status).Str("recorded", cur.Status).Msg("chat ended after another process recorded its failure")
 				return chatResult{}, failedChat(cur)
 			}

@@ -313,12 +313,19 @@ func minTime(a, b time.Time) time.Time {
 // bootFailed stops the server because a first-generation worker could not
 // start: the error is Run's result. Workers still starting are killed;
 // those already ready may be serving, and drain as at any stop, running
-// their stop hooks.
+// their stop hooks (except in an upgrade's new master, which must fail
+// the upgrade at once).
 func (s *Supervisor) bootFailed(err *BootError) {
 	if s.exitErr == nil {
 		s.exitErr = err
 	}
 	s.log.Error().Int("worker", err.Slot).Int("pid", err.PID).Str("status", err.Status).Msg("worker failed to boot, stopping")
+	if s.handoff != nil {
+		// The new master of an upgrade: the old one still serves and waits
+		// for this verdict, which goes out once every worker is reaped.
+		s.kill("boot_failed")
+		return
+	}
 	s.shutdown("boot_failed")
 }
 
