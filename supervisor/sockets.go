@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -31,6 +32,9 @@ func (e *AddrError) Error() string {
 		return "address " + e.Addr + ": permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
 	case errors.Is(e.Err, syscall.EADDRNOTAVAIL):
 		return "address " + e.Addr + ": not an address of this machine"
+	}
+	if dns, ok := errors.AsType[*net.DNSError](e.Err); ok {
+		return "address " + e.Addr + ": host name " + strconv.Quote(dns.Name) + " does not resolve (" + dns.Err + ")"
 	}
 	return "address " + e.Addr + ": " + e.Err.Error()
 }

@@ -59,6 +59,24 @@ func TestSecondCopySameDatabaseNamesThePort(t *testing.T) {
 	}
 }
 
+// TestHostThatDoesNotResolve: a well-formed host name that does not
+// resolve fails at start with one error naming the setting and the name
+// (".invalid" never resolves, RFC 6761).
+func TestHostThatDoesNotResolve(t *testing.T) {
+	t.Parallel()
+	s := launch(t, "WORKERS=1", "HOST=no-such-host.invalid")
+	if code, want := s.wait(60*time.Second), documentedExit(t, "address is in use"); code != want {
+		t.Errorf("unresolvable HOST: exit %d, want %d", code, want)
+	}
+	got := s.startFailure(t)
+	if want := `--host (HOST): address no-such-host.invalid:`; !strings.HasPrefix(got, want) {
+		t.Errorf("error = %q, want it to start with %q", got, want)
+	}
+	if want := `: host name "no-such-host.invalid" does not resolve (`; !strings.Contains(got, want) {
+		t.Errorf("error = %q, want it to contain %q", got, want)
+	}
+}
+
 // TestMissingDatabaseFolder: a folder the user named is never created; the
 // error names it. The default data/ folder is created.
 func TestMissingDatabaseFolder(t *testing.T) {

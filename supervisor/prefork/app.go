@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -441,6 +442,9 @@ func (a App) runMaster(cfg Config, args []string, log zerolog.Logger, stderr io.
 		// and database must hear about the port, not about what App.Master
 		// found the first copy holding.
 		if err := supervisor.CheckAddr(sc); err != nil {
+			if _, ok := errors.AsType[*net.DNSError](err); ok {
+				err = fmt.Errorf("--host (HOST): %w", err)
+			}
 			log.Error().Err(err).Msg("cannot start")
 			return ExitError
 		}
